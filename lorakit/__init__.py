@@ -1,0 +1,31 @@
+"""lorakit: LoRA fine-tuning for PyTorch / transformers models, PEFT-compatible.
+
+    import lorakit as lk
+    cfg = lk.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"])
+    lk.inject(model, cfg)
+    lk.save_adapter(model, "out/")
+"""
+
+from .adapters import active_adapters, delete_adapter, disable_adapters, list_adapters, merged_adapters, set_adapter
+from .checkpoint import adapter_state_dict, load_adapter, read_adapter, save_adapter
+from .config import PRESET_TARGET_MODULES, LoraConfig
+from .errors import (AdapterFileError, AdapterMismatchError, AdapterNotFoundError, ConfigError, LoraError,
+                     MergeStateError, TargetNotFoundError)
+from .injection import inject
+from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from .merging import add_weighted_adapter, merge, unload, unmerge
+from .mixed import mixed_batch
+from .report import ParameterReport, trainable_parameters
+from .state import BASE
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig", "PRESET_TARGET_MODULES", "inject", "trainable_parameters", "ParameterReport",
+    "save_adapter", "load_adapter", "read_adapter", "adapter_state_dict",
+    "set_adapter", "delete_adapter", "list_adapters", "active_adapters", "merged_adapters", "disable_adapters",
+    "merge", "unmerge", "unload", "add_weighted_adapter", "mixed_batch", "BASE",
+    "LoraLayer", "LoraLinear", "LoraEmbedding", "ModulesToSave",
+    "LoraError", "ConfigError", "TargetNotFoundError", "AdapterNotFoundError", "AdapterMismatchError",
+    "AdapterFileError", "MergeStateError",
+]

@@ -1,0 +1,210 @@
+"""Save and load adapters in PEFT's format (adapter_config.json + adapter_model.safetensors).
+
+Key translation, both ways (the adapter name never appears in the file):
+  <path>.lora_A.<name>.weight           <->  base_model.model.<path>.lora_A.weight
+  <path>.lora_embedding_A.<name>        <->  base_model.model.<path>.lora_embedding_A
+  <path>.modules_to_save.<name>.<param> <->  base_model.model.<path>.<param>
+  base bias <path>.bias                 <->  base_model.model.<path>.bias   (bias="all"/"lora_only")
+Loading also accepts PEFT's base_model.model.<path>.base_layer.weight (a saved embedding table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import LoraConfig
+from .errors import AdapterFileError, AdapterMismatchError, ConfigError
+from .injection import apply_plan, plan_injection
+from .layers import LoraEmbedding, LoraLayer, ModulesToSave
+from .state import apply_trainability, check_names, lora_layers, registry, saved_modules
+from .targeting import iter_base_modules, unwrap
+
+PREFIX = "base_model.model."
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+LEGACY_WEIGHTS_FILE = "adapter_model.bin"
+
+
+def pair_keys(path: str, layer: LoraLayer) -> tuple[str, str]:
+    if isinstance(layer, LoraEmbedding):
+        return f"{PREFIX}{path}.lora_embedding_A", f"{PREFIX}{path}.lora_embedding_B"
+    return f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's keys."""
+    check_names(model, adapter_name)
+    config = registry(model).configs[adapter_name]
+    state: dict[str, torch.Tensor] = {}
+    for path, layer in lora_layers(model):
+        if adapter_name in layer.adapter_names:
+            for key, tensor in zip(pair_keys(path, layer), layer.lora_pair(adapter_name)):
+                state[key] = tensor
+            bias = getattr(layer.base_layer, "bias", None)
+            if config.bias == "lora_only" and bias is not None:
+                state[f"{PREFIX}{path}.bias"] = bias
+    for path, wrapper in saved_modules(model):
+        if adapter_name in wrapper.adapter_names:
+            for param, tensor in wrapper.modules_to_save[adapter_name].state_dict().items():
+                state[f"{PREFIX}{path}.{param}"] = tensor
+    if config.bias == "all":
+        for path, module in iter_base_modules(model):
+            bias = getattr(unwrap(module), "bias", None)
+            if isinstance(bias, torch.Tensor) and not isinstance(module, ModulesToSave):
+                state[f"{PREFIX}{path}.bias"] = bias
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Write ``adapter_name`` as a PEFT adapter directory; files appear complete or not at all."""
+    state = adapter_state_dict(model, adapter_name)
+    config = registry(model).configs[adapter_name]
+    data = config.to_peft_dict()
+    data["inference_mode"] = True  # as PEFT writes it: a saved adapter loads for inference by default
+    if any(getattr(layer, "fan_in_fan_out", False) for _, layer in lora_layers(model)
+           if adapter_name in layer.adapter_names):
+        data["fan_in_fan_out"] = True  # GPT-2 Conv1D stores weights in×out; PEFT reads this flag
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp", dir=directory.parent))
+    try:
+        save_file(state, staging / WEIGHTS_FILE, metadata={"format": "pt"})
+        (staging / CONFIG_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        if not directory.exists():
+            staging.rename(directory)  # the whole adapter appears at once
+        else:  # keep other files in the directory; replace ours one atomic rename each
+            for name in (WEIGHTS_FILE, CONFIG_FILE):
+                os.replace(staging / name, directory / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Read and check an adapter directory without touching any model."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise AdapterFileError(f"{config_path} not found; an adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE}.")
+    try:
+        config = LoraConfig.from_peft_dict(json.loads(config_path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise AdapterFileError(f"{config_path} is not valid JSON ({exc}); the file is corrupt.") from None
+    except TypeError as exc:
+        raise ConfigError(f"{config_path} has an invalid field: {exc}") from None
+    weights = directory / WEIGHTS_FILE
+    if weights.is_file():
+        try:
+            tensors = load_file(weights)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise AdapterFileError(
+                f"{weights} is corrupt or truncated ({exc}); save the adapter again or copy it whole."
+            ) from None
+    elif (directory / LEGACY_WEIGHTS_FILE).is_file():
+        try:
+            tensors = torch.load(directory / LEGACY_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle errors come in many types
+            raise AdapterFileError(f"{directory / LEGACY_WEIGHTS_FILE} cannot be read ({exc}).") from None
+    else:
+        raise AdapterFileError(f"{directory} has no {WEIGHTS_FILE}; the adapter is incomplete.")
+    return config, tensors
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
+                 is_trainable: bool = False) -> nn.Module:
+    """Load a PEFT/lorakit adapter into a plain or already adapted model.
+
+    Into a plain model the adapter becomes active; into an adapted one it is added inactive
+    (``lk.set_adapter`` it), as in PEFT. is_trainable=False loads it frozen. Every check runs before
+    the model is modified, so a failed load leaves the model as it was.
+    """
+    config, tensors = read_adapter(directory)
+    config = dataclasses.replace(config, inference_mode=not is_trainable)
+    plan = plan_injection(model, config, adapter_name, strict=False)
+    assignments = _match_tensors(model, plan, tensors, Path(directory))
+    apply_plan(model, plan, adapter_name)
+    with torch.no_grad():
+        for (owner, attr), tensor in assignments:
+            target = _resolve(model, owner, attr, adapter_name)
+            target.copy_(tensor.to(dtype=target.dtype, device=target.device))
+    apply_trainability(model)
+    return model
+
+
+def _match_tensors(model, plan, tensors, directory):
+    """Pair every tensor in the file with the parameter it fills; raise on any mismatch."""
+    config = plan.config
+    remaining = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
+    if len(remaining) != len(tensors) and any(not k.startswith(PREFIX) for k in tensors):
+        raise AdapterFileError(f"{directory}: mixed key prefixes; expected every key to start with {PREFIX!r}.")
+    assignments = []
+
+    def take(key: str, shape: tuple[int, ...], owner: str, attr: str) -> None:
+        if key not in remaining:
+            raise AdapterMismatchError(
+                f"{directory} has no tensor {PREFIX}{key}, which its config targets in this model; "
+                f"the adapter was made for another base model (it says {config.base_model_name_or_path!r})."
+            )
+        tensor = remaining.pop(key)
+        if tuple(tensor.shape) != shape:
+            raise AdapterMismatchError(
+                f"{PREFIX}{key} has shape {tuple(tensor.shape)} in the adapter but the model needs {shape}; "
+                f"the adapter was made for another base model (it says {config.base_model_name_or_path!r})."
+            )
+        assignments.append(((owner, attr), tensor))
+
+    for path in plan.targets:
+        base = unwrap(model.get_submodule(path))
+        r = config.rank_for(path)
+        if isinstance(base, nn.Embedding):
+            num, dim = base.weight.shape
+            take(f"{path}.lora_embedding_A", (r, num), path, "A")
+            take(f"{path}.lora_embedding_B", (dim, r), path, "B")
+        else:
+            out_dim, in_dim = (base.out_features, base.in_features) if isinstance(base, nn.Linear) \
+                else tuple(reversed(base.weight.shape))
+            take(f"{path}.lora_A.weight", (r, in_dim), path, "A")
+            take(f"{path}.lora_B.weight", (out_dim, r), path, "B")
+        # PEFT also saves the full embedding table when it adapts an embedding (it may have been
+        # resized for new tokens); like PEFT, load it into the base layer.
+        if f"{path}.base_layer.weight" in remaining:
+            take(f"{path}.base_layer.weight", tuple(base.weight.shape), path, "base_weight")
+    for path in plan.modules_to_save:
+        for param, value in unwrap(model.get_submodule(path)).state_dict().items():
+            take(f"{path}.{param}", tuple(value.shape), path, f"save:{param}")
+    for key in [k for k in remaining if k.endswith(".bias")]:
+        path = key.removesuffix(".bias")
+        try:
+            bias = getattr(unwrap(model.get_submodule(path)), "bias", None)
+        except AttributeError:
+            bias = None
+        if isinstance(bias, torch.Tensor):
+            take(key, tuple(bias.shape), path, "bias")
+    if remaining:
+        key = next(iter(remaining))
+        raise AdapterMismatchError(
+            f"{directory} holds {PREFIX}{key}, which matches nothing this model would adapt "
+            f"({len(remaining)} such tensors); the adapter was made for another base model."
+        )
+    return assignments
+
+
+def _resolve(model: nn.Module, path: str, attr: str, adapter_name: str) -> torch.Tensor:
+    module = model.get_submodule(path)
+    if attr in ("A", "B"):
+        return module.lora_pair(adapter_name)[attr == "B"]
+    if attr == "bias":
+        return unwrap(module).bias
+    if attr == "base_weight":
+        return unwrap(module).weight
+    return module.modules_to_save[adapter_name].state_dict(keep_vars=True)[attr.removeprefix("save:")]

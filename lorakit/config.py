@@ -1,0 +1,163 @@
+"""LoraConfig: what to adapt and how, with PEFT's field names and defaults.
+
+The dataclass is frozen: the library never edits a config behind the caller's back. Values that
+depend on the model (the preset targets when ``target_modules`` is None) are resolved into a new
+config with ``dataclasses.replace``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+# Default targets when target_modules is None, keyed by transformers' config.model_type.
+# Same choices as PEFT (query/value attention projections), so a PEFT user gets what they expect.
+PRESET_TARGET_MODULES: dict[str, list[str]] = {
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "camembert"], ["query", "value"]),
+    **dict.fromkeys(
+        ["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "opt", "gptj", "bart", "olmo", "phi3"],
+        ["q_proj", "v_proj"],
+    ),
+    "gpt2": ["c_attn"],
+    **dict.fromkeys(["gpt_neox", "falcon", "bloom"], ["query_key_value"]),
+    "distilbert": ["q_lin", "v_lin"],
+    "t5": ["q", "v"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+}
+
+# Heads that PEFT trains alongside the adapter for sequence classification.
+CLASSIFIER_HEAD_NAMES = ("classifier", "score")
+
+# PEFT features that change the forward pass and that lorakit does not implement: loading an
+# adapter that uses one must fail loudly instead of silently computing something else.
+UNSUPPORTED_PEFT_FEATURES = (
+    "use_dora", "lora_bias", "target_parameters", "layer_replication", "trainable_token_indices",
+    "use_qalora", "alora_invocation_tokens", "use_bdlora",
+)
+
+BiasMode = Literal["none", "all", "lora_only"]
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Configuration of one LoRA adapter (field names and meaning as in PEFT's LoraConfig).
+
+    target_modules: a list of module names or dotted suffixes ("query", "attention.output.dense"),
+    a regex string matched against the full module path, "all-linear" (every linear layer except
+    the output head), or None for the model family's preset.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    bias: BiasMode = "none"
+    modules_to_save: list[str] | None = None
+    use_rslora: bool = False
+    init_lora_weights: bool | Literal["gaussian"] = True
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ConfigError(f"r must be a positive integer, got {self.r!r}; typical values are 4 to 16.")
+        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise ConfigError(f"lora_alpha must be > 0, got {self.lora_alpha!r}; a common choice is r or 2*r.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ConfigError(
+                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}."
+            )
+        for pattern, rank in self.rank_pattern.items():
+            if not isinstance(rank, int) or rank <= 0:
+                raise ConfigError(f"rank_pattern[{pattern!r}] must be a positive integer, got {rank!r}.")
+        for pattern, alpha in self.alpha_pattern.items():
+            if alpha <= 0:
+                raise ConfigError(f"alpha_pattern[{pattern!r}] must be > 0, got {alpha!r}.")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            try:
+                re.compile(self.target_modules)
+            except re.error as exc:
+                raise ConfigError(f"target_modules regex {self.target_modules!r} does not compile: {exc}") from None
+        if not isinstance(self.target_modules, (list, tuple, set, str, type(None))):
+            raise ConfigError(
+                f"target_modules must be a list of names, a regex string, 'all-linear' or None; "
+                f"got {type(self.target_modules).__name__}."
+            )
+
+    # --- per-module values -------------------------------------------------------------------
+    def rank_for(self, module_name: str) -> int:
+        return _pattern_value(self.rank_pattern, module_name, self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        return _pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
+
+    def scaling_for(self, module_name: str) -> float:
+        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    # --- PEFT adapter_config.json --------------------------------------------------------------
+    def to_peft_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if isinstance(data["target_modules"], (set, tuple)):
+            data["target_modules"] = sorted(data["target_modules"])
+        data.update(peft_type="LORA", use_dora=False, revision=None)
+        return data
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any]) -> "LoraConfig":
+        peft_type = data.get("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise ConfigError(f"adapter has peft_type {peft_type!r}; lorakit loads LoRA adapters only.")
+        for feature in UNSUPPORTED_PEFT_FEATURES:
+            if data.get(feature):
+                raise ConfigError(
+                    f"adapter uses PEFT's {feature}={data[feature]!r}, which lorakit does not implement; "
+                    "load it with PEFT, or retrain without that option."
+                )
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known and v is not None}
+        if kwargs.get("init_lora_weights") not in (True, False, "gaussian"):
+            # Other PEFT init schemes (pissa, olora, ...) only matter before training; saved weights win.
+            kwargs["init_lora_weights"] = True
+        if isinstance(kwargs.get("target_modules"), (set, tuple)):
+            kwargs["target_modules"] = sorted(kwargs["target_modules"])
+        return cls(**kwargs)
+
+
+def _pattern_value(patterns: dict, module_name: str, default):
+    """PEFT's rule: a pattern applies when it matches the end of the module path at a dot boundary."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module_name):
+            return value
+    return default
+
+
+def resolve_target_modules(config: LoraConfig, model_type: str | None) -> LoraConfig:
+    """Fill in the preset targets (and classifier heads to save) from the model family."""
+    updates: dict[str, Any] = {}
+    if config.target_modules is None:
+        if model_type not in PRESET_TARGET_MODULES:
+            known = ", ".join(sorted(PRESET_TARGET_MODULES))
+            raise ConfigError(
+                f"no preset target_modules for model type {model_type!r}; pass target_modules explicitly "
+                f"(a list of names, a regex or 'all-linear'). Presets exist for: {known}."
+            )
+        updates["target_modules"] = list(PRESET_TARGET_MODULES[model_type])
+    return dataclasses.replace(config, **updates) if updates else config

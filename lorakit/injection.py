@@ -1,0 +1,100 @@
+"""Put LoRA into a model: plan (no side effects, all checks) and then apply.
+
+Planning first means every bad-input error is raised before the model is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import CLASSIFIER_HEAD_NAMES, LoraConfig, resolve_target_modules
+from .errors import ConfigError, LoraError
+from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from .state import apply_trainability, ensure_registry, has_adapters, registry
+from .targeting import find_modules_to_save, find_targets, iter_base_modules, minimal_suffixes, unwrap
+
+
+@dataclass(frozen=True)
+class InjectionPlan:
+    config: LoraConfig  # resolved: presets filled in, "all-linear" written out as names
+    targets: list[str]
+    modules_to_save: list[str]
+
+
+def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str, strict: bool = True) -> InjectionPlan:
+    """Resolve ``config`` against ``model``; strict=False (loading a saved adapter) tolerates
+    modules_to_save entries that the model lacks."""
+    if not isinstance(config, LoraConfig):
+        raise ConfigError(f"expected a lorakit.LoraConfig, got {type(config).__name__}.")
+    if not adapter_name or adapter_name == "__base__" or "." in adapter_name:
+        raise ConfigError(f"invalid adapter name {adapter_name!r}: use a non-empty name without dots.")
+    if has_adapters(model) and adapter_name in registry(model).configs:
+        raise LoraError(
+            f"adapter {adapter_name!r} already exists; pick another adapter_name or lk.delete_adapter it first."
+        )
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    config = resolve_target_modules(config, model_type)
+    if config.task_type == "SEQ_CLS" and config.modules_to_save is None:
+        heads = [n for n in CLASSIFIER_HEAD_NAMES if any(p == n for p, _ in iter_base_modules(model))]
+        config = dataclasses.replace(config, modules_to_save=heads or None)
+    targets = find_targets(model, config)
+    if config.target_modules == "all-linear":
+        config = dataclasses.replace(config, target_modules=minimal_suffixes(model, targets))
+    save = find_modules_to_save(model, config.modules_to_save, strict=strict)
+    for path in targets:
+        if isinstance(model.get_submodule(path), ModulesToSave):
+            raise LoraError(f"{path!r} is trained in full by another adapter (modules_to_save); it cannot also get LoRA.")
+    for path in save:
+        if isinstance(model.get_submodule(path), LoraLayer):
+            raise LoraError(f"{path!r} already has LoRA from another adapter; it cannot also be in modules_to_save.")
+    if config.base_model_name_or_path is None:
+        name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        config = dataclasses.replace(config, base_model_name_or_path=name)
+    return InjectionPlan(config=config, targets=targets, modules_to_save=save)
+
+
+def apply_plan(model: nn.Module, plan: InjectionPlan, adapter_name: str) -> None:
+    config = plan.config
+    for path in plan.targets:
+        is_embedding = isinstance(unwrap(model.get_submodule(path)), nn.Embedding)
+        layer = _wrap(model, path, LoraEmbedding if is_embedding else LoraLinear)
+        layer.add_adapter(adapter_name, config.rank_for(path), config.scaling_for(path),
+                          config.lora_dropout, config.init_lora_weights)
+    for path in plan.modules_to_save:
+        _wrap(model, path, ModulesToSave).add_adapter(adapter_name)
+    reg = ensure_registry(model)
+    reg.configs[adapter_name] = config
+    if not reg.active:
+        set_active(model, [adapter_name])
+    else:
+        apply_trainability(model)
+
+
+def set_active(model: nn.Module, names: list[str]) -> None:
+    registry(model).active = list(names)
+    for _, module in model.named_modules():
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            module.active_adapters = [n for n in names if n in module.adapter_names]
+    apply_trainability(model)
+
+
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
+    """Add a LoRA adapter to ``model`` in place and freeze the base; returns the model.
+
+    The first adapter becomes active; later ones are added inactive (``lk.set_adapter`` them).
+    """
+    apply_plan(model, plan_injection(model, config, adapter_name), adapter_name)
+    return model
+
+
+def _wrap(model: nn.Module, path: str, wrapper_cls: type) -> nn.Module:
+    module = model.get_submodule(path)
+    if isinstance(module, wrapper_cls):
+        return module
+    wrapper = wrapper_cls(module)
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, wrapper)
+    return wrapper

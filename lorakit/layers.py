@@ -1,0 +1,347 @@
+"""LoRA layers: a frozen base module plus any number of named low-rank adapters.
+
+h = W0·x + s·B(A(dropout(x)))  with A: r×in, B: out×r and s = alpha/r (alpha/sqrt(r) for rsLoRA).
+
+The wrapper keeps the original module as ``base_layer`` and the adapters in ``lora_A`` / ``lora_B``
+(``lora_embedding_A`` / ``lora_embedding_B`` for embeddings), the same attribute layout as PEFT,
+so state-dict keys translate one-to-one to PEFT's adapter format.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def conv1d_class():
+    """transformers' GPT-2 Conv1D (weight stored in×out), imported lazily."""
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, conv1d_class()))
+
+
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    # Train LoRA in fp32 on a 16-bit base: the update is tiny and would drown in bf16 rounding.
+    return torch.float32 if weight.dtype in LOW_PRECISION or not weight.is_floating_point() else weight.dtype
+
+
+@dataclass
+class MixedRows:
+    """Per-row adapter choice for one layer during ``lk.mixed_batch``.
+
+    slot_of_row[i] indexes the stacked adapters; slot 0 is the base model (all zeros).
+    A_stack: slots×r_max×in, B_stack: slots×out×r_max with each adapter's scaling folded in.
+    """
+
+    slot_of_row: torch.Tensor
+    A_stack: torch.Tensor
+    B_stack: torch.Tensor
+    dropout_of_slot: torch.Tensor
+
+    def rows_for(self, batch: int) -> torch.Tensor:
+        n = self.slot_of_row.numel()
+        if batch == n:
+            return self.slot_of_row
+        if batch % n == 0:  # generate() repeats each row for beams / num_return_sequences
+            return self.slot_of_row.repeat_interleave(batch // n)
+        from .errors import LoraError
+
+        raise LoraError(
+            f"mixed_batch got {n} adapter names but the batch has {batch} rows; pass one name per row."
+        )
+
+
+class LoraLayer(nn.Module):
+    """Common state of a LoRA-wrapped module: adapters, which are active, which are merged."""
+
+    # True where the base weight is stored transposed relative to B@A (out×in).
+    transpose_delta = False
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.mixed: MixedRows | None = None
+
+    # --- to implement per layer type ---------------------------------------------------------
+    def lora_pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (A, B) parameters of adapter ``name``: A is r×in, B is out×r."""
+        raise NotImplementedError
+
+    def create_pair(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def adapter_containers(self) -> tuple[nn.Module, nn.Module]:
+        raise NotImplementedError
+
+    @property
+    def adapter_names(self) -> list[str]:
+        raise NotImplementedError
+
+    # --- shared behaviour --------------------------------------------------------------------
+    @property
+    def base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init) -> None:
+        weight = self.base_weight
+        self.create_pair(name, r, adapter_dtype(weight), weight.device)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[name] = scaling
+        self.reset_adapter(name, init)
+
+    def remove_adapter(self, name: str) -> None:
+        for container in (*self.adapter_containers(), self.lora_dropout):
+            del container[name]
+        del self.scaling[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def rank(self, name: str) -> int:
+        return self.lora_pair(name)[0].shape[0]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s·B·A in the base weight's own layout and dtype."""
+        A, B = self.lora_pair(name)
+        delta = (B @ A) * self.scaling[name]
+        delta = delta.T if self.transpose_delta else delta
+        return delta.to(self.base_weight.dtype)
+
+    def merge(self, names: list[str]) -> None:
+        with torch.no_grad():
+            for name in names:
+                self.base_weight.add_(self.delta_weight(name))
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        with torch.no_grad():
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                self.base_weight.sub_(self.delta_weight(name))
+
+    def unmerged_active(self) -> list[str]:
+        names = self.adapter_names
+        return [a for a in self.active_adapters if a in names and a not in self.merged_adapters]
+
+    def mixed_stacks(self, slot_names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stack the adapters for mixed batches: slot 0 = base (zeros); ranks padded to the largest."""
+        present = [n for n in slot_names if n in self.adapter_names]
+        r_max = max((self.rank(n) for n in present), default=1)
+        A0, B0 = self.lora_pair(present[0]) if present else (None, None)
+        in_dim, out_dim = (A0.shape[1], B0.shape[0]) if present else (1, 1)
+        dtype = A0.dtype if present else torch.float32
+        device = self.base_weight.device
+        A_stack = torch.zeros(len(slot_names) + 1, r_max, in_dim, dtype=dtype, device=device)
+        B_stack = torch.zeros(len(slot_names) + 1, out_dim, r_max, dtype=dtype, device=device)
+        dropout = torch.zeros(len(slot_names) + 1, dtype=dtype, device=device)
+        with torch.no_grad():
+            for slot, name in enumerate(slot_names, start=1):
+                if name not in present:
+                    continue
+                A, B = self.lora_pair(name)
+                A_stack[slot, : A.shape[0]] = A
+                B_stack[slot, :, : B.shape[1]] = B * self.scaling[name]
+                drop = self.lora_dropout[name]
+                dropout[slot] = drop.p if isinstance(drop, nn.Dropout) else 0.0
+        return A_stack, B_stack, dropout
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        if self.mixed is not None:
+            return self.add_mixed(result, x)
+        for name in self.unmerged_active():
+            result = self.add_lora(result, x, name)
+        return result
+
+
+class LoraLinear(LoraLayer):
+    """LoRA around ``nn.Linear`` or GPT-2's ``Conv1D`` (whose weight is stored in×out)."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.fan_in_fan_out = isinstance(base_layer, conv1d_class())
+        self.transpose_delta = self.fan_in_fan_out
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+
+    def adapter_containers(self):
+        return self.lora_A, self.lora_B
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def lora_pair(self, name):
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def create_pair(self, name, r, dtype, device):
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device=device)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, dtype=dtype, device=device)
+
+    def reset_adapter(self, name: str, init) -> None:
+        A, B = self.lora_pair(name)
+        with torch.no_grad():
+            if init is True:
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+                nn.init.zeros_(B)
+            elif init == "gaussian":
+                nn.init.normal_(A, std=1 / A.shape[0])
+                nn.init.zeros_(B)
+            # init False keeps nn.Linear's random init for both: a non-identity start, for tests.
+
+    def add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        A, B = self.lora_pair(name)
+        # Scale the r-wide intermediate rather than the out-wide result: same math, less work.
+        h = F.linear(self.lora_dropout[name](x.to(A.dtype)), A) * self.scaling[name]
+        if h.dtype != result.dtype:
+            return result + F.linear(h, B).to(result.dtype)
+        # addmm accumulates B·h into the base output inside the GEMM: no extra pass over the output.
+        flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), B.t())
+        return flat.view(result.shape)
+
+    def add_mixed(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        mixed = self.mixed
+        batch = x.shape[0]
+        rows = mixed.rows_for(batch)
+        A_rows = mixed.A_stack.index_select(0, rows)  # batch×r×in
+        B_rows = mixed.B_stack.index_select(0, rows)  # batch×out×r
+        x3 = x.reshape(batch, -1, x.shape[-1]).to(A_rows.dtype)
+        if self.training and bool(mixed.dropout_of_slot.any()):
+            p = mixed.dropout_of_slot.index_select(0, rows).view(batch, 1, 1)
+            x3 = x3 * (torch.rand_like(x3) >= p) / (1 - p)
+        h = torch.bmm(x3, A_rows.transpose(1, 2))
+        result3 = result.reshape(batch, -1, result.shape[-1])
+        if result3.dtype == h.dtype:
+            out = torch.baddbmm(result3, h, B_rows.transpose(1, 2))
+        else:
+            out = result3 + torch.bmm(h, B_rows.transpose(1, 2)).to(result3.dtype)
+        return out.view(result.shape)
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA around ``nn.Embedding``: A (r×num_embeddings) is looked up, B (dim×r) projects."""
+
+    transpose_delta = True  # the embedding table is num_embeddings×dim, B@A is dim×num_embeddings
+
+    def __init__(self, base_layer: nn.Embedding):
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def adapter_containers(self):
+        return self.lora_embedding_A, self.lora_embedding_B
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_embedding_A.keys())
+
+    def lora_pair(self, name):
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def create_pair(self, name, r, dtype, device):
+        num, dim = self.base_layer.weight.shape
+        self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, num, dtype=dtype, device=device))
+        self.lora_embedding_B[name] = nn.Parameter(torch.empty(dim, r, dtype=dtype, device=device))
+
+    def reset_adapter(self, name: str, init) -> None:
+        A, B = self.lora_pair(name)
+        with torch.no_grad():
+            if init is False:
+                nn.init.normal_(A)
+                nn.init.normal_(B)
+            else:  # as PEFT: the lookup side starts at zero, the projection random
+                nn.init.zeros_(A)
+                nn.init.normal_(B)
+
+    def _lookup(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return F.embedding(ids, table, base.padding_idx, base.max_norm, base.norm_type,
+                           base.scale_grad_by_freq, base.sparse)
+
+    def add_lora(self, result, x, name):
+        A, B = self.lora_pair(name)
+        h = self._lookup(x, A.T) * self.scaling[name]
+        return result + (h @ B.T).to(result.dtype)
+
+    def add_mixed(self, result, x):
+        mixed = self.mixed
+        batch = x.shape[0]
+        rows = mixed.rows_for(batch)
+        ids = x.reshape(batch, -1)
+        # slots×num×r table; pick each token's row from its own adapter's table.
+        h = mixed.A_stack.transpose(1, 2)[rows.unsqueeze(1), ids]
+        B_rows = mixed.B_stack.index_select(0, rows)
+        out = torch.bmm(h, B_rows.transpose(1, 2)).to(result.dtype)
+        return result + out.view(result.shape)
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full beside the adapters (e.g. a classifier head): one copy per adapter.
+
+    ``original_module`` stays frozen; ``modules_to_save[name]`` is the adapter's trainable copy.
+    """
+
+    def __init__(self, original_module: nn.Module):
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+        self.mixed_names: list[str] | None = None  # per-row adapter names during lk.mixed_batch
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save.keys())
+
+    def add_adapter(self, name: str) -> None:
+        import copy
+
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def remove_adapter(self, name: str) -> None:
+        del self.modules_to_save[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def module_for(self, name: str | None) -> nn.Module:
+        if self.disabled or name not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[name]
+
+    def forward(self, x, *args, **kwargs):
+        if self.mixed_names is not None and not self.disabled:
+            return self._forward_mixed(x, *args, **kwargs)
+        active = self.active_adapters[0] if self.active_adapters else None
+        return self.module_for(active)(x, *args, **kwargs)
+
+    def _forward_mixed(self, x, *args, **kwargs):
+        # Heads are small and arbitrary modules: run each distinct copy once on its own rows.
+        names = self.mixed_names
+        repeat = x.shape[0] // len(names)
+        row_names = [n for n in names for _ in range(repeat)]
+        out = None
+        for name in dict.fromkeys(row_names):
+            rows = torch.tensor([i for i, n in enumerate(row_names) if n == name], device=x.device)
+            part = self.module_for(name)(x.index_select(0, rows), *args, **kwargs)
+            if out is None:
+                out = part.new_empty((x.shape[0], *part.shape[1:]))
+            out[rows] = part
+        return out

@@ -1,0 +1,91 @@
+"""The model-level record of adapters: their configs and which ones are active.
+
+Stored on the model object itself so the functional API (``lk.inject(model, ...)``) needs no
+wrapper class; per-layer state lives in the layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .config import LoraConfig
+from .errors import AdapterNotFoundError, LoraError
+from .layers import LoraLayer, ModulesToSave
+
+BASE = "__base__"  # the pseudo-adapter name meaning "no adapter" in mixed batches
+_ATTR = "_lorakit_registry"
+
+
+@dataclass
+class AdapterRegistry:
+    configs: dict[str, LoraConfig] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+
+
+def registry(model: nn.Module) -> AdapterRegistry:
+    """The model's adapter registry; raises a clear error if LoRA was never injected."""
+    found = model.__dict__.get(_ATTR)
+    if found is None:
+        raise LoraError("the model has no LoRA adapters; call lk.inject(model, config) or lk.load_adapter first.")
+    return found
+
+
+def ensure_registry(model: nn.Module) -> AdapterRegistry:
+    if _ATTR not in model.__dict__:
+        model.__dict__[_ATTR] = AdapterRegistry()
+    return model.__dict__[_ATTR]
+
+
+def drop_registry(model: nn.Module) -> None:
+    model.__dict__.pop(_ATTR, None)
+
+
+def has_adapters(model: nn.Module) -> bool:
+    return bool(model.__dict__.get(_ATTR)) and bool(model.__dict__[_ATTR].configs)
+
+
+def check_names(model: nn.Module, names, allow_base: bool = False) -> list[str]:
+    names = [names] if isinstance(names, str) else list(names)
+    known = registry(model).configs
+    for name in names:
+        if name not in known and not (allow_base and name == BASE):
+            extra = f" (or {BASE!r} for the base model)" if allow_base else ""
+            raise AdapterNotFoundError(f"unknown adapter {name!r}; the model has {sorted(known)}{extra}.")
+    return names
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def saved_modules(model: nn.Module) -> list[tuple[str, ModulesToSave]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSave)]
+
+
+def apply_trainability(model: nn.Module) -> None:
+    """Only active adapters train (unless loaded for inference); the base stays frozen."""
+    reg = registry(model)
+    trainable = {n for n in reg.active if not reg.configs[n].inference_mode}
+    for pname, p in model.named_parameters():
+        if "lora_" not in pname and ".modules_to_save." not in pname:
+            p.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        for name in layer.adapter_names:
+            for p in layer.lora_pair(name):
+                p.requires_grad_(name in trainable)
+    for _, wrapper in saved_modules(model):
+        wrapper.original_module.requires_grad_(False)
+        for name, copy in wrapper.modules_to_save.items():
+            copy.requires_grad_(name in trainable)
+    bias_modes = {reg.configs[n].bias for n in trainable}
+    if "all" in bias_modes:
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias") and "lora_" not in pname and ".modules_to_save." not in pname:
+                p.requires_grad_(True)
+    elif "lora_only" in bias_modes:
+        for _, layer in lora_layers(model):
+            bias = getattr(layer.base_layer, "bias", None)
+            if bias is not None and set(layer.adapter_names) & trainable:
+                bias.requires_grad_(True)
