@@ -30,7 +30,8 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool =
     already = merged_adapters(model)
     if already:
         raise MergeStateError(f"adapters {already} are already merged; call lk.unmerge(model) before merging again.")
-    layers = [(path, layer) for path, layer in lora_layers(model)]
+    layers = [(path, layer) for path, layer in lora_layers(model) if set(names) & set(layer.adapter_names)]
+    _refuse_tied_weights(model, layers)
     if safe:
         for path, layer in layers:
             candidate = layer.base_weight.detach().clone()
@@ -44,6 +45,22 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool =
     for _, layer in layers:
         layer.merge([n for n in names if n in layer.adapter_names])
     return model
+
+
+def _refuse_tied_weights(model: nn.Module, layers) -> None:
+    """A weight shared with another module (a tied embedding / output head) cannot take a merge
+    without silently changing that other module too."""
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(p.data_ptr(), []).append(pname)
+    for path, layer in layers:
+        others = [o for o in owners.get(layer.base_weight.data_ptr(), []) if not o.startswith(f"{path}.")]
+        if others:
+            raise MergeStateError(
+                f"{path!r} shares its weight with {others[0]!r} (tied embeddings), so merging would change "
+                "both; keep this adapter unmerged, or untie the weights (clone the output head's weight and "
+                "set config.tie_word_embeddings=False) before merging."
+            )
 
 
 _merge_into_weights = merge  # unload's `merge` flag shadows the function name

@@ -101,7 +101,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     if not matched:
         raise TargetNotFoundError(_no_match_message(spec, modules))
     if isinstance(spec, (list, tuple)):
-        unused = [e for e in spec if not any(p == e or p.endswith(f".{e}") for p in matched)]
+        unused = [e for e in spec if not any(p == e or p.endswith(f".{e}") for p, _ in modules)]
         if unused:
             warnings.warn(f"target_modules entries matched no module: {unused}", stacklevel=3)
     return matched
