@@ -10,7 +10,7 @@ import sys
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    summary = run_demo(output=args.output, steps=args.steps, seed=args.seed)
+    summary = run_demo(output=args.output, steps=args.steps, seed=args.seed, eval_examples=args.eval_examples)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="lorakit-demo", help="directory for the log, adapter and merged model")
     demo.add_argument("--steps", type=int, default=300, help="training steps (batch 32)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--eval-examples", type=int, default=None, help="evaluate on the first N test examples only")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     demo.set_defaults(func=_demo)
     return parser

@@ -58,11 +58,12 @@ def accuracy(model, tokenizer, examples, seq_len=64, batch_size=64) -> tuple[flo
 
 
 def run_demo(output: str = "lorakit-demo", steps: int = 300, batch_size: int = 32, lr: float = 5e-4,
-             seq_len: int = 64, seed: int = 0) -> dict:
+             seq_len: int = 64, seed: int = 0, eval_examples: int | None = None) -> dict:
     torch.manual_seed(seed)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     data = rotten_tomatoes(seed=seed)
+    data["test"] = data["test"][:eval_examples] if eval_examples else data["test"]
     model, tokenizer = load_minilm()
     config = lk.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="SEQ_CLS")
     lk.inject(model, config)

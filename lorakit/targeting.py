@@ -14,7 +14,7 @@ from typing import Iterator
 
 from torch import nn
 
-from .config import LoraConfig
+from .config import CLASSIFIER_HEAD_NAMES, LoraConfig
 from .errors import TargetNotFoundError
 from .layers import LoraLayer, ModulesToSave, is_linear_like
 
@@ -58,12 +58,12 @@ def layer_index(path: str, patterns) -> int | None:
     return None
 
 
-def output_head_name(model: nn.Module) -> str | None:
+def output_head_names(model: nn.Module) -> list[str]:
+    """The LM head (output embeddings) and classification heads, which "all-linear" leaves alone."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    if head is None:
-        return None
-    return next((name for name, module in iter_base_modules(model) if unwrap(module) is head), None)
+    names = [name for name, module in iter_base_modules(model) if head is not None and unwrap(module) is head]
+    return names + [name for name, _ in model.named_children() if name in CLASSIFIER_HEAD_NAMES]
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -71,13 +71,13 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     spec = config.target_modules
     modules = list(iter_base_modules(model))
     save_spec = list(config.modules_to_save or [])
-    head = output_head_name(model)
+    heads = output_head_names(model)
     matched: list[str] = []
     for path, module in modules:
         if save_spec and name_matches(path, save_spec):
             continue
         if spec == "all-linear":
-            if not is_linear_like(unwrap(module)) or path == head:
+            if not is_linear_like(unwrap(module)) or any(path == h or path.startswith(f"{h}.") for h in heads):
                 continue
         elif not name_matches(path, spec):
             continue

@@ -1,0 +1,111 @@
+import pytest
+import torch
+
+import lorakit as lk
+from tests.conftest import FAMILIES, logits, randomize_lora, tiny_bert, tiny_llama
+
+
+def three_adapters(family):
+    make, targets = FAMILIES[family]
+    model = make()
+    lk.inject(model, lk.LoraConfig(r=4, lora_alpha=8, target_modules=targets), "a")
+    lk.inject(model, lk.LoraConfig(r=2, lora_alpha=4, target_modules=targets[:2]), "b")
+    lk.inject(model, lk.LoraConfig(r=8, lora_alpha=8, target_modules=targets[1:]), "c")
+    return randomize_lora(model, scale=0.3)
+
+
+def per_adapter(model, ids, name):
+    if name == lk.BASE:
+        with lk.disable_adapters(model):
+            return logits(model, ids)
+    lk.set_adapter(model, name)
+    return logits(model, ids)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_row_equals_running_its_adapter_alone(family, ids):
+    model = three_adapters(family)
+    names = ["a", "b", lk.BASE, "c"]
+    with lk.mixed_batch(model, names):
+        mixed = logits(model, ids)
+    for row, name in enumerate(names):
+        alone = per_adapter(model, ids, name)
+        assert torch.allclose(mixed[row], alone[row], atol=1e-5), (family, name)
+
+
+def test_mixed_batch_has_no_python_loop_over_adapters(ids, monkeypatch):
+    """The LoRA layers make exactly two batched matmuls however many adapters are mixed."""
+    model = three_adapters("llama")
+    calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(1) or real_bmm(*a, **k))
+    with lk.mixed_batch(model, ["a", "b", "c", "a"]):
+        logits(model, ids)
+    n_layers = sum(1 for m in model.modules() if isinstance(m, lk.LoraLayer))
+    assert len(calls) == n_layers  # one bmm per layer (x·A; B is fused into baddbmm), not one per adapter
+
+
+def test_mixed_generate_matches_single_adapter_generate():
+    model = three_adapters("llama")
+    prompt = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]])
+    names = ["a", lk.BASE, "c"]
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=1)
+    with lk.mixed_batch(model, names), torch.no_grad():
+        mixed = model.generate(prompt, **kwargs)
+    for row, name in enumerate(names):
+        if name == lk.BASE:
+            with lk.disable_adapters(model), torch.no_grad():
+                alone = model.generate(prompt[row:row + 1], **kwargs)
+        else:
+            lk.set_adapter(model, name)
+            with torch.no_grad():
+                alone = model.generate(prompt[row:row + 1], **kwargs)
+        assert torch.equal(mixed[row], alone[0])
+
+
+def test_beams_repeat_rows():
+    model = three_adapters("llama")
+    prompt = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with lk.mixed_batch(model, ["a", "c"]), torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=1)
+    assert out.shape == (2, 7)
+
+
+def test_mixed_classifier_heads_per_row(ids):
+    model = tiny_bert()
+    for name in ("a", "b"):
+        lk.inject(model, lk.LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"), name)
+    randomize_lora(model)
+    with torch.no_grad():
+        model.classifier.modules_to_save["b"].weight.mul_(-3)
+    names = ["b", "a", "a", "b"]
+    with lk.mixed_batch(model, names):
+        mixed = logits(model, ids)
+    for row, name in enumerate(names):
+        assert torch.allclose(mixed[row], per_adapter(model, ids, name)[row], atol=1e-5)
+
+
+def test_bad_mixed_batches():
+    model = three_adapters("llama")
+    ids = torch.randint(2, 90, (4, 5))
+    with pytest.raises(lk.LoraError, match="3 adapter names but the batch has 4 rows"):
+        with lk.mixed_batch(model, ["a", "b", "c"]):
+            logits(model, ids)
+    with pytest.raises(lk.AdapterNotFoundError, match="unknown adapter 'zzz'"):
+        with lk.mixed_batch(model, ["a", "zzz", "c", "a"]):
+            pass
+    lk.merge(model)
+    with pytest.raises(lk.MergeStateError, match="unmerge"):
+        with lk.mixed_batch(model, ["a", "b", "c", "a"]):
+            pass
+
+
+def test_state_is_restored_after_the_block(ids):
+    model = three_adapters("llama")
+    before = logits(model, ids)
+    try:
+        with lk.mixed_batch(model, ["b", "b", "b", "b"]):
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert torch.equal(logits(model, ids), before)
