@@ -10,7 +10,7 @@ so state-dict keys translate one-to-one to PEFT's adapter format.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,7 @@ class MixedRows:
     A_stack: torch.Tensor
     B_stack: torch.Tensor
     dropout_of_slot: torch.Tensor
+    _per_batch: dict = field(default_factory=dict)
 
     def rows_for(self, batch: int) -> torch.Tensor:
         n = self.slot_of_row.numel()
@@ -59,6 +60,16 @@ class MixedRows:
         raise LoraError(
             f"mixed_batch got {n} adapter names but the batch has {batch} rows; pass one name per row."
         )
+
+    def row_pairs(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's Aᵀ (batch×in×r) and Bᵀ (batch×r×out), gathered once per block and batch size
+        (the rows do not change inside the block, e.g. across generate's decoding steps)."""
+        if batch not in self._per_batch:
+            rows = self.rows_for(batch)
+            A_rows = self.A_stack.index_select(0, rows).transpose(1, 2).contiguous()
+            B_rows = self.B_stack.index_select(0, rows).transpose(1, 2).contiguous()
+            self._per_batch[batch] = (A_rows, B_rows, self.dropout_of_slot.index_select(0, rows))
+        return self._per_batch[batch]
 
 
 class LoraLayer(nn.Module):
@@ -208,33 +219,38 @@ class LoraLinear(LoraLayer):
                 nn.init.zeros_(B)
             # init False keeps nn.Linear's random init for both: a non-identity start, for tests.
 
+    def accumulates_in_place(self, result: torch.Tensor) -> bool:
+        # nn.Linear / Conv1D do not keep their output for backward, so the LoRA term can be added
+        # into it inside the GEMM (beta=1): no extra pass over the output, no extra tensor.
+        return type(self.base_layer) in (nn.Linear, conv1d_class()) and result.is_contiguous()
+
     def add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         A, B = self.lora_pair(name)
         # Scale the r-wide intermediate rather than the out-wide result: same math, less work.
         h = F.linear(self.lora_dropout[name](x.to(A.dtype)), A) * self.scaling[name]
         if h.dtype != result.dtype:
             return result + F.linear(h, B).to(result.dtype)
-        # addmm accumulates B·h into the base output inside the GEMM: no extra pass over the output.
-        flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), B.t())
-        return flat.view(result.shape)
+        h2 = h.reshape(-1, h.shape[-1])
+        if self.accumulates_in_place(result):
+            result.view(-1, result.shape[-1]).addmm_(h2, B.t())
+            return result
+        return torch.addmm(result.reshape(-1, result.shape[-1]), h2, B.t()).view(result.shape)
 
     def add_mixed(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        mixed = self.mixed
         batch = x.shape[0]
-        rows = mixed.rows_for(batch)
-        A_rows = mixed.A_stack.index_select(0, rows)  # batch×r×in
-        B_rows = mixed.B_stack.index_select(0, rows)  # batch×out×r
+        A_rows, B_rows, p = self.mixed.row_pairs(batch)
         x3 = x.reshape(batch, -1, x.shape[-1]).to(A_rows.dtype)
-        if self.training and bool(mixed.dropout_of_slot.any()):
-            p = mixed.dropout_of_slot.index_select(0, rows).view(batch, 1, 1)
+        if self.training and bool(p.any()):
+            p = p.view(batch, 1, 1)
             x3 = x3 * (torch.rand_like(x3) >= p) / (1 - p)
-        h = torch.bmm(x3, A_rows.transpose(1, 2))
-        result3 = result.reshape(batch, -1, result.shape[-1])
-        if result3.dtype == h.dtype:
-            out = torch.baddbmm(result3, h, B_rows.transpose(1, 2))
-        else:
-            out = result3 + torch.bmm(h, B_rows.transpose(1, 2)).to(result3.dtype)
-        return out.view(result.shape)
+        h = torch.bmm(x3, A_rows)
+        if result.dtype != h.dtype:
+            return result + torch.bmm(h, B_rows).view(result.shape).to(result.dtype)
+        result3 = result.view(batch, -1, result.shape[-1]) if result.is_contiguous() else None
+        if result3 is not None and self.accumulates_in_place(result):
+            result3.baddbmm_(h, B_rows)
+            return result
+        return torch.baddbmm(result.reshape(batch, -1, result.shape[-1]), h, B_rows).view(result.shape)
 
 
 class LoraEmbedding(LoraLayer):
@@ -283,15 +299,12 @@ class LoraEmbedding(LoraLayer):
         return result + (h @ B.T).to(result.dtype)
 
     def add_mixed(self, result, x):
-        mixed = self.mixed
         batch = x.shape[0]
-        rows = mixed.rows_for(batch)
-        ids = x.reshape(batch, -1)
+        rows = self.mixed.rows_for(batch)
+        _, B_rows, _ = self.mixed.row_pairs(batch)
         # slots×num×r table; pick each token's row from its own adapter's table.
-        h = mixed.A_stack.transpose(1, 2)[rows.unsqueeze(1), ids]
-        B_rows = mixed.B_stack.index_select(0, rows)
-        out = torch.bmm(h, B_rows.transpose(1, 2)).to(result.dtype)
-        return result + out.view(result.shape)
+        h = self.mixed.A_stack.transpose(1, 2)[rows.unsqueeze(1), x.reshape(batch, -1)]
+        return result + torch.bmm(h, B_rows).view(result.shape).to(result.dtype)
 
 
 class ModulesToSave(nn.Module):

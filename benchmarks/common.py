@@ -1,0 +1,50 @@
+"""Shared pieces of the benchmarks: model shapes, interleaved timing, printing."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# SmolLM2-135M's shape (30 layers, hidden 576, GQA 9/3 heads) and a larger Llama.
+SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152),
+    "llama-1024x12": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
+                          num_key_value_heads=4, vocab_size=32000),
+    "llama-768x6": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=12,
+                        num_key_value_heads=4, vocab_size=32000),
+}
+
+
+def build_llama(shape: str, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=512, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def interleaved(cases: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each case, running the cases round-robin so that machine noise
+    hits them all alike."""
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def print_table(title: str, rows: list[tuple], headers: tuple) -> None:
+    print(f"\n{title}")
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    print("  ".join(str(h).ljust(w) for h, w in zip(headers, widths)))
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
