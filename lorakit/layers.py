@@ -114,12 +114,14 @@ class LoraLayer(nn.Module):
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = scaling
         self.reset_adapter(name, init)
+        self.__dict__.pop("_mixed_cache", None)
 
     def remove_adapter(self, name: str) -> None:
         for container in (*self.adapter_containers(), self.lora_dropout):
             del container[name]
         del self.scaling[name]
         self.active_adapters = [a for a in self.active_adapters if a != name]
+        self.__dict__.pop("_mixed_cache", None)
 
     def rank(self, name: str) -> int:
         return self.lora_pair(name)[0].shape[0]
@@ -148,8 +150,21 @@ class LoraLayer(nn.Module):
         return [a for a in self.active_adapters if a in names and a not in self.merged_adapters]
 
     def mixed_stacks(self, slot_names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Stack the adapters for mixed batches: slot 0 = base (zeros); ranks padded to the largest."""
+        """Stack the adapters for mixed batches: slot 0 = base (zeros); ranks padded to the largest.
+
+        Cached across blocks; the key holds each parameter's version counter, so any in-place update
+        (an optimizer step, a load) rebuilds the stacks.
+        """
         present = [n for n in slot_names if n in self.adapter_names]
+        key = (tuple(slot_names),
+               tuple((n, self.scaling[n], *(p._version for p in self.lora_pair(n))) for n in present))
+        cached = self.__dict__.get("_mixed_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self._build_stacks(slot_names, present))
+            self.__dict__["_mixed_cache"] = cached
+        return cached[1]
+
+    def _build_stacks(self, slot_names, present):
         r_max = max((self.rank(n) for n in present), default=1)
         A0, B0 = self.lora_pair(present[0]) if present else (None, None)
         in_dim, out_dim = (A0.shape[1], B0.shape[0]) if present else (1, 1)

@@ -94,3 +94,26 @@ def test_low_precision_base_keeps_fp32_adapters():
     assert A.dtype == torch.float32
     out = layer(torch.randn(2, 16, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16
+
+
+def test_gradients_of_a_and_b_equal_peft_for_the_same_init():
+    import peft
+
+    from tests.conftest import tiny_llama
+
+    ids = torch.randint(2, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+    targets = ["q_proj", "v_proj", "down_proj"]
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                               init_lora_weights=False))
+    ours = lk.inject(tiny_llama(), lk.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    ours_params = dict(ours.named_parameters())
+    with torch.no_grad():  # same A and B in both
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                ours_params[name.removeprefix("base_model.model.")].copy_(p)
+    for model in (ours, theirs):
+        model(input_ids=ids, labels=ids).loss.backward()
+    for name, p in theirs.named_parameters():
+        if "lora_" in name:
+            mine = ours_params[name.removeprefix("base_model.model.")].grad
+            assert torch.allclose(mine, p.grad, rtol=1e-5, atol=1e-7), name

@@ -109,3 +109,21 @@ def test_state_is_restored_after_the_block(ids):
     except RuntimeError:
         pass
     assert torch.equal(logits(model, ids), before)
+
+
+def test_stacks_follow_weight_updates_and_readded_adapters(ids):
+    model = three_adapters("llama")
+    names = ["a", "a", "b", "b"]
+    with lk.mixed_batch(model, names):
+        first = logits(model, ids)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.lora_B["a"].weight.add_(1.0)  # an optimizer-like update
+    with lk.mixed_batch(model, names):
+        second = logits(model, ids)
+    assert not torch.allclose(first[0], second[0]) and torch.allclose(first[2], second[2])
+    assert torch.allclose(second[0], per_adapter(model, ids, "a")[0], atol=1e-5)
+    lk.delete_adapter(model, "b")
+    lk.inject(model, lk.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj"]), "b")
+    with lk.mixed_batch(model, names):
+        third = logits(model, ids)
+    assert torch.allclose(third[2], per_adapter(model, ids, "b")[2], atol=1e-5)
