@@ -40,7 +40,7 @@ class MixedRows:
     """Per-row adapter choice for one layer during ``lk.mixed_batch``.
 
     slot_of_row[i] indexes the stacked adapters; slot 0 is the base model (all zeros).
-    A_stack: slots×r_max×in, B_stack: slots×out×r_max with each adapter's scaling folded in.
+    A_stack: slots×in×r_max (Aᵀ), B_stack: slots×r_max×out (s·Bᵀ, the scaling folded in).
     """
 
     slot_of_row: torch.Tensor
@@ -62,12 +62,12 @@ class MixedRows:
         )
 
     def row_pairs(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each row's Aᵀ (batch×in×r) and Bᵀ (batch×r×out), gathered once per block and batch size
+        """Each row's Aᵀ (batch×in×r) and s·Bᵀ (batch×r×out), gathered once per block and batch size
         (the rows do not change inside the block, e.g. across generate's decoding steps)."""
         if batch not in self._per_batch:
             rows = self.rows_for(batch)
-            A_rows = self.A_stack.index_select(0, rows).transpose(1, 2).contiguous()
-            B_rows = self.B_stack.index_select(0, rows).transpose(1, 2).contiguous()
+            A_rows = self.A_stack.index_select(0, rows)
+            B_rows = self.B_stack.index_select(0, rows)
             self._per_batch[batch] = (A_rows, B_rows, self.dropout_of_slot.index_select(0, rows))
         return self._per_batch[batch]
 
@@ -127,23 +127,23 @@ class LoraLayer(nn.Module):
         return self.lora_pair(name)[0].shape[0]
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """s·B·A in the base weight's own layout and dtype."""
+        """s·B·A in the base weight's layout, in the adapter's (fp32 for a 16-bit base) precision."""
         A, B = self.lora_pair(name)
         delta = (B @ A) * self.scaling[name]
-        delta = delta.T if self.transpose_delta else delta
-        return delta.to(self.base_weight.dtype)
+        return delta.T if self.transpose_delta else delta
 
     def merge(self, names: list[str]) -> None:
+        weight = self.base_weight
         with torch.no_grad():
             for name in names:
-                self.base_weight.add_(self.delta_weight(name))
+                weight.copy_(weight + self.delta_weight(name))  # summed in fp32, rounded once
                 self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
+        weight = self.base_weight
         with torch.no_grad():
             while self.merged_adapters:
-                name = self.merged_adapters.pop()
-                self.base_weight.sub_(self.delta_weight(name))
+                weight.copy_(weight - self.delta_weight(self.merged_adapters.pop()))
 
     def unmerged_active(self) -> list[str]:
         names = self.adapter_names
@@ -165,21 +165,22 @@ class LoraLayer(nn.Module):
         return cached[1]
 
     def _build_stacks(self, slot_names, present):
+        # Stored pre-transposed (Aᵀ: in×r, s·Bᵀ: r×out) so a row gather is a plain index_select.
         r_max = max((self.rank(n) for n in present), default=1)
         A0, B0 = self.lora_pair(present[0]) if present else (None, None)
         in_dim, out_dim = (A0.shape[1], B0.shape[0]) if present else (1, 1)
         dtype = A0.dtype if present else torch.float32
         device = self.base_weight.device
-        A_stack = torch.zeros(len(slot_names) + 1, r_max, in_dim, dtype=dtype, device=device)
-        B_stack = torch.zeros(len(slot_names) + 1, out_dim, r_max, dtype=dtype, device=device)
+        A_stack = torch.zeros(len(slot_names) + 1, in_dim, r_max, dtype=dtype, device=device)
+        B_stack = torch.zeros(len(slot_names) + 1, r_max, out_dim, dtype=dtype, device=device)
         dropout = torch.zeros(len(slot_names) + 1, dtype=dtype, device=device)
         with torch.no_grad():
             for slot, name in enumerate(slot_names, start=1):
                 if name not in present:
                     continue
                 A, B = self.lora_pair(name)
-                A_stack[slot, : A.shape[0]] = A
-                B_stack[slot, :, : B.shape[1]] = B * self.scaling[name]
+                A_stack[slot, :, : A.shape[0]] = A.T
+                B_stack[slot, : B.shape[1]] = (B * self.scaling[name]).T
                 drop = self.lora_dropout[name]
                 dropout[slot] = drop.p if isinstance(drop, nn.Dropout) else 0.0
         return A_stack, B_stack, dropout
@@ -316,9 +317,9 @@ class LoraEmbedding(LoraLayer):
     def add_mixed(self, result, x):
         batch = x.shape[0]
         rows = self.mixed.rows_for(batch)
-        _, B_rows, _ = self.mixed.row_pairs(batch)
-        # slots×num×r table; pick each token's row from its own adapter's table.
-        h = self.mixed.A_stack.transpose(1, 2)[rows.unsqueeze(1), x.reshape(batch, -1)]
+        B_rows = self.mixed.B_stack.index_select(0, rows)
+        # A_stack is slots×num_embeddings×r: pick each token's row from its own adapter's table.
+        h = self.mixed.A_stack[rows.unsqueeze(1), x.reshape(batch, -1)]
         return result + torch.bmm(h, B_rows).view(result.shape).to(result.dtype)
 
 

@@ -90,3 +90,14 @@ def test_merging_into_a_tied_embedding_is_refused(ids):
     with pytest.raises(lk.MergeStateError, match="'transformer.wte' shares its weight with 'lm_head.weight'"):
         lk.merge(model)
     assert lk.merged_adapters(model) == [] and torch.equal(logits(model, ids), adapted)
+
+
+def test_merge_on_a_bf16_base_adds_in_fp32_and_rounds_once():
+    model = tiny_bert().to(torch.bfloat16)
+    lk.inject(model, lk.LoraConfig(r=4, target_modules=["query"]))
+    randomize_lora(model, scale=0.01)
+    layer = model.bert.encoder.layer[0].attention.self.query
+    assert layer.lora_pair("default")[0].dtype == torch.float32
+    want = (layer.base_weight.float() + layer.delta_weight("default")).to(torch.bfloat16)
+    lk.merge(model)
+    assert layer.base_weight.dtype == torch.bfloat16 and torch.equal(layer.base_weight, want)
