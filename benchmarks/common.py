@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 
@@ -27,15 +28,17 @@ def build_llama(shape: str, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def interleaved(cases: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each case, running the cases round-robin so that machine noise
-    hits them all alike."""
+def interleaved(cases: dict, repeats: int, warmup: int = 1, seed: int = 0) -> dict[str, float]:
+    """Median seconds per call of each case, running the cases round-robin (in a shuffled order
+    each round) so that machine noise and order effects hit them all alike."""
     for fn in cases.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in cases}
+    order = list(cases.items())
     for _ in range(repeats):
-        for name, fn in cases.items():
+        random.Random(seed + _).shuffle(order)
+        for name, fn in order:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

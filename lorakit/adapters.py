@@ -11,7 +11,7 @@ from .errors import MergeStateError
 from .injection import set_active
 from .layers import LoraLayer, ModulesToSave
 from .merging import drop_empty_wrappers
-from .state import check_names, drop_registry, registry
+from .state import check_names, drop_registry, merged_adapters, registry
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -50,14 +50,6 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         return
     remaining = [a for a in reg.active if a != name]
     set_active(model, remaining or [next(iter(reg.configs))])
-
-
-def merged_adapters(model: nn.Module) -> list[str]:
-    merged: list[str] = []
-    for _, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            merged += [n for n in module.merged_adapters if n not in merged]
-    return merged
 
 
 @contextlib.contextmanager

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import LoraError
+
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -47,6 +49,7 @@ class MixedRows:
     A_stack: torch.Tensor
     B_stack: torch.Tensor
     dropout_of_slot: torch.Tensor
+    buffers: dict = field(default_factory=dict)  # the layer's, reused across blocks
     _per_batch: dict = field(default_factory=dict)
 
     def rows_for(self, batch: int) -> torch.Tensor:
@@ -55,8 +58,6 @@ class MixedRows:
             return self.slot_of_row
         if batch % n == 0:  # generate() repeats each row for beams / num_return_sequences
             return self.slot_of_row.repeat_interleave(batch // n)
-        from .errors import LoraError
-
         raise LoraError(
             f"mixed_batch got {n} adapter names but the batch has {batch} rows; pass one name per row."
         )
@@ -66,10 +67,22 @@ class MixedRows:
         (the rows do not change inside the block, e.g. across generate's decoding steps)."""
         if batch not in self._per_batch:
             rows = self.rows_for(batch)
-            A_rows = self.A_stack.index_select(0, rows)
-            B_rows = self.B_stack.index_select(0, rows)
+            A_rows, B_rows = self._outputs(batch)
+            torch.index_select(self.A_stack, 0, rows, out=A_rows)
+            torch.index_select(self.B_stack, 0, rows, out=B_rows)
             self._per_batch[batch] = (A_rows, B_rows, self.dropout_of_slot.index_select(0, rows))
         return self._per_batch[batch]
+
+    def _outputs(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Fresh multi-MB tensors on every block cost page faults, so they are kept and reused;
+        # not under autograd, whose graph may still hold the previous block's rows.
+        shape_a, shape_b = (batch, *self.A_stack.shape[1:]), (batch, *self.B_stack.shape[1:])
+        if torch.is_grad_enabled():
+            return self.A_stack.new_empty(shape_a), self.B_stack.new_empty(shape_b)
+        key = (shape_a, shape_b, self.A_stack.dtype, self.A_stack.device)
+        if key not in self.buffers:
+            self.buffers[key] = (self.A_stack.new_empty(shape_a), self.B_stack.new_empty(shape_b))
+        return self.buffers[key]
 
 
 class LoraLayer(nn.Module):
@@ -114,14 +127,22 @@ class LoraLayer(nn.Module):
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = scaling
         self.reset_adapter(name, init)
-        self.__dict__.pop("_mixed_cache", None)
+        self.clear_mixed_cache()
 
     def remove_adapter(self, name: str) -> None:
         for container in (*self.adapter_containers(), self.lora_dropout):
             del container[name]
         del self.scaling[name]
         self.active_adapters = [a for a in self.active_adapters if a != name]
+        self.clear_mixed_cache()
+
+    def clear_mixed_cache(self) -> None:
+        """Drop the stacked adapters and row buffers kept for mixed batches."""
         self.__dict__.pop("_mixed_cache", None)
+        self.__dict__.pop("_row_buffers", None)
+
+    def row_buffers(self) -> dict:
+        return self.__dict__.setdefault("_row_buffers", {})
 
     def rank(self, name: str) -> int:
         return self.lora_pair(name)[0].shape[0]

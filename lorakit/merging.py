@@ -14,7 +14,7 @@ from torch import nn
 
 from .errors import ConfigError, LoraError, MergeStateError
 from .layers import LoraLayer, ModulesToSave
-from .state import check_names, drop_registry, lora_layers, registry, saved_modules
+from .state import check_names, drop_registry, lora_layers, merged_adapters, registry, saved_modules
 
 
 def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool = False) -> nn.Module:
@@ -25,8 +25,6 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool =
     """
     reg = registry(model)
     names = check_names(model, adapter_names if adapter_names is not None else reg.active)
-    from .adapters import merged_adapters
-
     already = merged_adapters(model)
     if already:
         raise MergeStateError(f"adapters {already} are already merged; call lk.unmerge(model) before merging again.")
@@ -81,8 +79,6 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     stays merged); modules_to_save keep the active adapter's copy. merge=False restores the base.
     """
     reg = registry(model)
-    from .adapters import merged_adapters
-
     if merge and not merged_adapters(model):
         _merge_into_weights(model, reg.active)
     if not merge:

@@ -13,10 +13,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .adapters import merged_adapters
 from .errors import MergeStateError
 from .layers import MixedRows
-from .state import BASE, check_names, lora_layers, saved_modules
+from .state import BASE, check_names, lora_layers, merged_adapters, saved_modules
 
 
 @contextlib.contextmanager
@@ -39,7 +38,7 @@ def mixed_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.Modul
     for _, layer in layers:
         A_stack, B_stack, dropout = layer.mixed_stacks(distinct)
         rows = torch.tensor([slot[n] for n in names], device=A_stack.device)
-        layer.mixed = MixedRows(rows, A_stack, B_stack, dropout)
+        layer.mixed = MixedRows(rows, A_stack, B_stack, dropout, buffers=layer.row_buffers())
     for _, head in heads:
         head.mixed_names = names
     try:

@@ -60,6 +60,14 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
+def merged_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters currently folded into the base weights."""
+    merged: list[str] = []
+    for _, layer in lora_layers(model):
+        merged += [n for n in layer.merged_adapters if n not in merged]
+    return merged
+
+
 def saved_modules(model: nn.Module) -> list[tuple[str, ModulesToSave]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSave)]
 
