@@ -28,7 +28,23 @@ def randomize(model, seed=1):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
 
 
-def run(shape: str, repeats: int, batch: int, seq: int, rank: int, n_adapters: int) -> list[tuple]:
+def fwd_of(model, ids, **kw):
+    return lambda: model(input_ids=ids, use_cache=False, **kw)
+
+
+def mixed_fwd(model, ids, names):
+    with lk.mixed_batch(model, names):
+        model(input_ids=ids, use_cache=False)
+
+
+def _rows(shape: str, t: dict) -> list[tuple]:
+    b = t["base"]
+    return [(shape, case, f"{sec * 1000:.0f}", f"{sec / b:.3f}") for case, sec in t.items()] + [
+        (shape, "lorakit mixed / lorakit unmerged", "", f"{t['lorakit mixed'] / t['lorakit unmerged']:.3f}")]
+
+
+def run(shape: str, repeats: int, batch: int, seq: int, rank: int, n_adapters: int,
+        isolated: bool = False) -> list[tuple]:
     base = build_llama(shape)
     ids = torch.randint(0, base.config.vocab_size, (batch, seq))
     names = [f"a{i}" for i in range(n_adapters)]
@@ -38,9 +54,14 @@ def run(shape: str, repeats: int, batch: int, seq: int, rank: int, n_adapters: i
     for i, name in enumerate(names):
         lk.inject(ours, lk.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=SEVEN), name)
     randomize(ours)
+    if isolated:  # only base and lorakit in the process: see BENCHMARKS.md on interference
+        with torch.inference_mode():
+            t = interleaved({"base": fwd_of(base, ids), "lorakit unmerged": fwd_of(ours, ids),
+                             "lorakit mixed": lambda: mixed_fwd(ours, ids, rows_names)}, repeats=repeats)
+        return _rows(shape, t)
+
     ours_merged = copy.deepcopy(ours)
     lk.merge(ours_merged, ["a0"])
-
     cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=SEVEN)
     theirs = peft.get_peft_model(copy.deepcopy(base), cfg, adapter_name="a0")
     for name in names[1:]:
@@ -52,11 +73,10 @@ def run(shape: str, repeats: int, batch: int, seq: int, rank: int, n_adapters: i
     theirs_merged.merge_adapter(["a0"])
 
     def fwd(model, **kw):
-        return lambda: model(input_ids=ids, use_cache=False, **kw)
+        return fwd_of(model, ids, **kw)
 
     def ours_mixed():
-        with lk.mixed_batch(ours, rows_names):
-            ours(input_ids=ids, use_cache=False)
+        mixed_fwd(ours, ids, rows_names)
 
     with torch.inference_mode():
         # correctness first: mixed rows equal single-adapter rows
@@ -74,8 +94,7 @@ def run(shape: str, repeats: int, batch: int, seq: int, rank: int, n_adapters: i
             "peft merged": fwd(theirs_merged),
         }, repeats=repeats)
     b = t["base"]
-    return [(shape, case, f"{sec * 1000:.0f}", f"{sec / b:.3f}") for case, sec in t.items()] + [
-        (shape, "lorakit mixed / lorakit unmerged", "", f"{t['lorakit mixed'] / t['lorakit unmerged']:.3f}"),
+    return _rows(shape, t) + [
         (shape, "lorakit overhead / peft overhead (mixed)", "",
          f"{(t['lorakit mixed'] - b) / max(t['peft mixed'] - b, 1e-9):.2f}"),
         (shape, "lorakit overhead / peft overhead (unmerged)", "",
@@ -92,11 +111,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--isolated", action="store_true", help="only base and lorakit models in the process")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for shape in args.shapes:
-        rows += run(shape, args.repeats, args.batch, args.seq, args.rank, args.adapters)
+        rows += run(shape, args.repeats, args.batch, args.seq, args.rank, args.adapters, args.isolated)
     print_table(f"inference, batch {args.batch}x{args.seq}, r={args.rank} on 7 projections, "
                 f"{args.threads} threads, interleaved medians of {args.repeats}",
                 rows, ("model", "case", "ms", "x base"))
