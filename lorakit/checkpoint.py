@@ -74,12 +74,17 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     if any(getattr(layer, "fan_in_fan_out", False) for _, layer in lora_layers(model)
            if adapter_name in layer.adapter_names):
         data["fan_in_fan_out"] = True  # GPT-2 Conv1D stores weights in×out; PEFT reads this flag
+    return write_adapter(directory, data, state)
+
+
+def write_adapter(directory: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors; files appear complete or not at all."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp", dir=directory.parent))
     try:
-        save_file(state, staging / WEIGHTS_FILE, metadata={"format": "pt"})
-        (staging / CONFIG_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if not directory.exists():
             staging.rename(directory)  # the whole adapter appears at once
         else:  # keep other files in the directory; replace ours one atomic rename each

@@ -10,11 +10,12 @@ import sys
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    summary = run_demo(output=args.output, steps=args.steps, seed=args.seed, eval_examples=args.eval_examples)
+    summary = run_demo(output=args.output, steps=args.steps, seed=args.seed, eval_examples=args.eval_examples,
+                       r=args.r, alpha=args.alpha)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"\nLoRA r=8 on Q,K,V,O of MiniLM: {summary['lora_params']:,} LoRA params "
+        print(f"\nLoRA r={summary['r']} on Q,K,V,O of MiniLM: {summary['lora_params']:,} LoRA params "
               f"({summary['trainable_params']:,} trainable incl. classifier head, "
               f"{100 * summary['trainable_params'] / summary['total_params']:.2f}% of {summary['total_params']:,})")
         print(f"trained {summary['steps']} steps in {summary['train_seconds']} s")
@@ -26,6 +27,107 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from . import estimate as est
+
+    targets = args.targets
+    if targets and len(targets) == 1 and (targets[0] == "all-linear" or set(targets[0]) & set("*+?|()[]^$\\")):
+        targets = targets[0]  # "all-linear" or a regex, as LoraConfig takes them
+    if args.linear:
+        out_dim, in_dim = (int(v) for v in args.linear.lower().split("x"))
+        lora, base, pct = est.single_projection(out_dim, in_dim, args.r)
+        result = {"projection": args.linear, "r": args.r, "lora_params": lora, "base_params": base, "percent": pct}
+        print(json.dumps(result, indent=2) if args.json else
+              f"{args.linear} projection, r={args.r}: {lora:,} LoRA params vs {base:,} ({pct:.2f}%, "
+              f"{base / lora:.0f}x fewer)")
+        return 0
+    config = est.load_config(args.preset, args.config, args.model)
+    result = est.estimate(config, r=args.r, targets=targets, lora_alpha=args.alpha, dtype=args.dtype,
+                          optimizer=args.optimizer, batch_size=args.batch_size, seq_len=args.seq_len,
+                          grad_checkpointing=args.grad_checkpointing, name=args.preset or args.config or args.model)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    print(f"{result.model}: {result.model_params:,} parameters; LoRA r={args.r}")
+    for target, count in result.per_target.items():
+        print(f"  {target:<24} {count:>14,}")
+    print(f"  {'total':<24} {result.lora_params:>14,}  ({result.percent:.3f}% of all parameters; "
+          f"{result.per_layer:,} per layer)")
+    print(f"adapter file: {_gb(result.adapter_bytes_fp32)} in fp32, {_gb(result.adapter_bytes_fp16)} in fp16")
+    print(f"\nmemory ({args.dtype} weights, {args.optimizer}, batch {args.batch_size} x {args.seq_len}"
+          f"{', gradient checkpointing' if args.grad_checkpointing else ''}):")
+    print(f"  {'method':<8}{'weights':>12}{'gradients':>12}{'optimizer':>12}{'activations':>13}{'total':>12}")
+    for row in result.memory:
+        if row.method == "qlora" and not args.qlora:
+            continue
+        print(f"  {row.method:<8}{_gb(row.weights):>12}{_gb(row.gradients):>12}{_gb(row.optimizer):>12}"
+              f"{_gb(row.activations):>13}{_gb(row.total):>12}")
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from . import analysis
+
+    if args.compare:
+        grids = analysis.compare(args.adapter, args.compare)
+        result = {path: grid.tolist() for path, grid in grids.items()}
+        plots = []
+        if args.plot:
+            from .plots import similarity_heatmaps
+
+            plots = [str(p) for p in similarity_heatmaps(grids, args.plot, labels=(args.adapter, args.compare))]
+        if args.json:
+            print(json.dumps({"phi": result, "plots": plots}))
+            return 0
+        print(f"subspace similarity phi(i, j) of {args.adapter} vs {args.compare} "
+              f"(right-singular vectors of A; 1 = same directions)")
+        for path, grid in grids.items():
+            print(f"  {path}: phi(1,1)={grid[0, 0]:.3f}  phi(1,{grid.shape[1]})={grid[0, -1]:.3f}  "
+                  f"phi({min(grid.shape)},{min(grid.shape)})={grid[min(grid.shape) - 1, min(grid.shape) - 1]:.3f}")
+        for p in plots:
+            print(f"plot: {p}")
+        return 0
+    report = analysis.analyze(args.adapter)
+    if args.plot:
+        from .plots import spectrum_plots
+
+        report["plots"] = [str(p) for p in spectrum_plots(report, args.plot)]
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{args.adapter}: r={report['r']}, lora_alpha={report['lora_alpha']}, base {report['base_model']}")
+    print(f"  {'module':<60}{'norm':>10}{'rank90':>8}{'rank99':>8}  top singular values")
+    for row in report["modules"]:
+        top = ", ".join(f"{v:.3g}" for v in row["singular_values"][:3])
+        print(f"  {row['path']:<60}{row['norm']:>10.4f}{row['effective_rank_90']:>8}{row['effective_rank_99']:>8}  {top}")
+    for kind, summary in report["summary"].items():
+        print(f"  {kind}: {summary['modules']} modules, mean norm {summary['mean_norm']:.4f}, mean effective rank "
+              f"{summary['mean_effective_rank_90']:.1f} (90%) / {summary['mean_effective_rank_99']:.1f} (99%)")
+    print(report["recommendation"]["text"])
+    for p in report.get("plots", []):
+        print(f"plot: {p}")
+    return 0
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from . import analysis
+
+    result = analysis.compress(args.adapter, args.output, rank=args.rank, energy=args.energy)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for row in result["modules"]:
+        print(f"  {row['module']:<60} r {row['rank']:>3} -> {row['new_rank']:>3}  "
+              f"relative error {row['relative_error']:.4f}")
+    print(f"wrote {result['output']} (r={result['new_rank']}); max relative error {result['max_relative_error']:.4f}")
+    print(result["recommendation"]["text"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning toolkit (PEFT-compatible).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,9 +136,48 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="lorakit-demo", help="directory for the log, adapter and merged model")
     demo.add_argument("--steps", type=int, default=300, help="training steps (batch 32)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--r", type=int, default=8, help="LoRA rank")
+    demo.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 2*r)")
     demo.add_argument("--eval-examples", type=int, default=None, help="evaluate on the first N test examples only")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     demo.set_defaults(func=_demo)
+
+    estimate = sub.add_parser("estimate", help="LoRA parameter counts and training memory, from a config alone",
+                              description="Counts are exact (model built on the meta device, no weights).")
+    source = estimate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="a transformers config.json (or its directory)")
+    source.add_argument("--model", help="a model directory (only its config.json is read)")
+    source.add_argument("--preset", help="bert-base-uncased, roberta-base, llama-7b, llama-3.1-8b, gpt3-175b, "
+                                         "minilm, smollm2-135m")
+    source.add_argument("--linear", metavar="OUTxIN", help="a single projection, e.g. 4096x4096")
+    estimate.add_argument("--r", type=int, default=8)
+    estimate.add_argument("--alpha", type=float, default=None)
+    estimate.add_argument("--targets", nargs="+", default=None,
+                          help="module names/suffixes, a regex, or all-linear (default: attention q,k,v,o)")
+    estimate.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    estimate.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "sgd"])
+    estimate.add_argument("--batch-size", type=int, default=1)
+    estimate.add_argument("--seq-len", type=int, default=512)
+    estimate.add_argument("--grad-checkpointing", action="store_true")
+    estimate.add_argument("--qlora", action="store_true", help="add QLoRA (NF4 base, 4.127 bits/weight) to the table")
+    estimate.add_argument("--json", action="store_true")
+    estimate.set_defaults(func=_estimate)
+
+    analyze = sub.add_parser("analyze", help="spectra and effective rank of an adapter; --compare for subspace similarity")
+    analyze.add_argument("adapter", help="adapter directory (PEFT format)")
+    analyze.add_argument("--compare", metavar="OTHER", help="a second adapter on the same base model")
+    analyze.add_argument("--plot", metavar="DIR", help="write PNG plots to DIR")
+    analyze.add_argument("--json", action="store_true")
+    analyze.set_defaults(func=_analyze)
+
+    compress = sub.add_parser("compress", help="SVD-truncate an adapter to a lower rank (PEFT-compatible output)")
+    compress.add_argument("adapter")
+    how = compress.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rank", type=int, help="keep K singular directions in every module")
+    how.add_argument("--energy", type=float, help="keep this share of each module's update energy, e.g. 0.99")
+    compress.add_argument("--output", required=True)
+    compress.add_argument("--json", action="store_true")
+    compress.set_defaults(func=_compress)
     return parser
 
 

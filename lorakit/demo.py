@@ -58,14 +58,16 @@ def accuracy(model, tokenizer, examples, seq_len=64, batch_size=64) -> tuple[flo
 
 
 def run_demo(output: str = "lorakit-demo", steps: int = 300, batch_size: int = 32, lr: float = 5e-4,
-             seq_len: int = 64, seed: int = 0, eval_examples: int | None = None) -> dict:
+             seq_len: int = 64, seed: int = 0, eval_examples: int | None = None, r: int = 8,
+             alpha: float | None = None) -> dict:
     torch.manual_seed(seed)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     data = rotten_tomatoes(seed=seed)
     data["test"] = data["test"][:eval_examples] if eval_examples else data["test"]
     model, tokenizer = load_minilm()
-    config = lk.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="SEQ_CLS")
+    config = lk.LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=0.05, target_modules=TARGETS,
+                           task_type="SEQ_CLS")
     lk.inject(model, config)
     report = lk.trainable_parameters(model)
     print(report)
@@ -108,7 +110,7 @@ def run_demo(output: str = "lorakit-demo", steps: int = 300, batch_size: int = 3
     tokenizer.save_pretrained(out / "merged")
 
     summary = {
-        "model": "all-MiniLM-L6-v2", "data": "rotten-tomatoes (split by movie)",
+        "model": "all-MiniLM-L6-v2", "r": r, "lora_alpha": config.lora_alpha, "data": "rotten-tomatoes (split by movie)",
         "train_examples": len(data["train"]), "test_examples": len(data["test"]),
         "steps": steps, "train_seconds": round(train_seconds, 1),
         "trainable_params": report.trainable, "lora_params": report.lora, "total_params": report.total,
