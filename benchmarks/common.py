@@ -17,15 +17,20 @@ SHAPES = {
                          num_key_value_heads=3, vocab_size=49152),
     "llama-1024x12": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
                           num_key_value_heads=4, vocab_size=32000),
+    "llama-512x4": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+                        num_key_value_heads=8, vocab_size=32000),
     "llama-768x6": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=12,
                         num_key_value_heads=4, vocab_size=32000),
 }
 
 
+def llama_config(shape: str) -> LlamaConfig:
+    return LlamaConfig(**SHAPES[shape], max_position_embeddings=512, tie_word_embeddings=False)
+
+
 def build_llama(shape: str, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=512, tie_word_embeddings=False)
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(llama_config(shape)).eval()
 
 
 def interleaved(cases: dict, repeats: int, warmup: int = 1, seed: int = 0) -> dict[str, float]:

@@ -11,7 +11,8 @@ Optimizer states are kept in the training dtype (2 × 2 bytes for Adam in 16-bit
 LLaMA-7B breakdown); LoRA parameters and their states are fp32. Activations per transformer layer
 follow Korthikanti et al. (2022): s·b·h·(34 + 5·a·s/h) bytes in 16-bit, the attention-score
 term dropped for fused (SDPA / flash) attention; with gradient checkpointing only each layer's
-input (2·s·b·h) plus one layer's full activations are kept. Logits add b·s·vocab in fp32 twice.
+input (2·s·b·h) plus one layer's full activations are kept. The loss head adds 4·b·s·vocab fp32
+values (logits, log-softmax and their gradients, alive together when backward starts).
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def build_on_meta(config) -> torch.nn.Module:
 
 def estimate(config, r: int = 8, targets: list[str] | str | None = None, lora_alpha: float | None = None,
              dtype: str = "bf16", optimizer: str = "adamw", batch_size: int = 1, seq_len: int = 512,
-             grad_checkpointing: bool = False, name: str | None = None) -> Estimate:
+             grad_checkpointing: bool = False, name: str | None = None, attention: str = "eager") -> Estimate:
     """Parameter counts and memory for LoRA on the model described by ``config`` (no weights loaded)."""
     if dtype not in DTYPE_BYTES:
         raise ConfigError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}.")
@@ -157,8 +158,10 @@ def estimate(config, r: int = 8, targets: list[str] | str | None = None, lora_al
         index = re.search(r"\.(\d+)\.", row.module)
         if index:
             per_layer[int(index.group(1))] = per_layer.get(int(index.group(1)), 0) + row.trainable
+    if attention not in ("eager", "sdpa"):
+        raise ConfigError(f"attention must be 'eager' (scores kept for backward) or 'sdpa' (fused), got {attention!r}.")
     memory = memory_table(config, model_params, linear_params, report.lora, len(report.rows), DTYPE_BYTES[dtype],
-                          optimizer, batch_size, seq_len, grad_checkpointing, r)
+                          optimizer, batch_size, seq_len, grad_checkpointing, r, attention == "eager")
     return Estimate(
         model=name or getattr(config, "_name_or_path", "") or config.model_type,
         model_params=model_params, lora_params=report.lora, per_target=per_target,
@@ -167,25 +170,26 @@ def estimate(config, r: int = 8, targets: list[str] | str | None = None, lora_al
     )
 
 
-def activation_bytes(config, batch: int, seq: int, bytes_per: int, checkpointing: bool) -> int:
+def activation_bytes(config, batch: int, seq: int, bytes_per: int, checkpointing: bool, scores: bool = True) -> int:
     h = config.hidden_size
     layers = config.num_hidden_layers
     heads = config.num_attention_heads
-    per_layer_16bit = seq * batch * h * (34 + 5 * heads * seq / h)
+    per_layer_16bit = seq * batch * h * (34 + (5 * heads * seq / h if scores else 0))
     per_layer = per_layer_16bit * bytes_per / 2
     if checkpointing:
         layers_total = layers * 2 * seq * batch * h * bytes_per / 2 + per_layer
     else:
         layers_total = layers * per_layer
-    logits = 2 * batch * seq * config.vocab_size * 4
+    # At the start of backward the fp32 logits, their log-softmax and both gradients coexist.
+    logits = 4 * batch * seq * config.vocab_size * 4
     return int(layers_total + logits)
 
 
 def memory_table(config, model_params, linear_params, lora_params, adapted_layers, bytes_per, optimizer,
-                 batch, seq, checkpointing, r) -> list[MemoryRow]:
+                 batch, seq, checkpointing, r, scores=True) -> list[MemoryRow]:
     states = OPTIMIZER_STATES[optimizer]
     state_bytes = 1 if optimizer == "adamw8bit" else bytes_per
-    acts = activation_bytes(config, batch, seq, bytes_per, checkpointing)
+    acts = activation_bytes(config, batch, seq, bytes_per, checkpointing, scores)
     lora_acts = adapted_layers * batch * seq * r * 4  # each adapted layer's fp32 r-wide intermediate
     lora_states = lora_params * 4 * states  # LoRA trains in fp32: fp32 optimizer states
     nf4_weights = int(linear_params * NF4_BITS_PER_WEIGHT / 8) + (model_params - linear_params) * bytes_per
