@@ -61,10 +61,10 @@ def _estimate(args: argparse.Namespace) -> int:
     print(f"\nmemory ({args.dtype} weights, {args.optimizer}, batch {args.batch_size} x {args.seq_len}"
           f"{', gradient checkpointing' if args.grad_checkpointing else ''}):")
     print(f"  {'method':<8}{'weights':>12}{'gradients':>12}{'optimizer':>12}{'activations':>13}{'total':>12}")
+    planned = "qlora" if args.qlora else "lora"
     for row in result.memory:
-        if row.method == "qlora" and not args.qlora:
-            continue
-        print(f"  {row.method:<8}{_gb(row.weights):>12}{_gb(row.gradients):>12}{_gb(row.optimizer):>12}"
+        mark = "*" if row.method == planned else " "
+        print(f" {mark}{row.method:<8}{_gb(row.weights):>12}{_gb(row.gradients):>12}{_gb(row.optimizer):>12}"
               f"{_gb(row.activations):>13}{_gb(row.total):>12}")
     return 0
 
@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--batch-size", type=int, default=1)
     estimate.add_argument("--seq-len", type=int, default=512)
     estimate.add_argument("--grad-checkpointing", action="store_true")
-    estimate.add_argument("--qlora", action="store_true", help="add QLoRA (NF4 base, 4.127 bits/weight) to the table")
+    estimate.add_argument("--qlora", action="store_true",
+                          help="plan QLoRA (NF4 base, 4.127 bits/weight): marks that row of the memory table")
     estimate.add_argument("--json", action="store_true")
     estimate.set_defaults(func=_estimate)
 
