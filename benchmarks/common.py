@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import random
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -56,3 +59,10 @@ def print_table(title: str, rows: list[tuple], headers: tuple) -> None:
     print("  ".join(str(h).ljust(w) for h, w in zip(headers, widths)))
     for row in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+
+
+def run_child(module: str, *args: str) -> dict:
+    """Run ``python -m module *args`` in a fresh process (so its peak RSS is its own) and return the
+    JSON object it prints last."""
+    out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])

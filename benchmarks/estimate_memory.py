@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 
-from .common import llama_config, print_table
+from .common import llama_config, print_table, run_child
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -62,9 +60,8 @@ def main() -> None:
                                                            dtype="fp32", batch_size=args.batch, seq_len=args.seq,
                                                            attention="sdpa").memory}
         for method in ("lora", "full"):
-            cmd = [sys.executable, "-m", "benchmarks.estimate_memory", "--child", f"{shape}:{method}",
-                   f"--batch={args.batch}", f"--seq={args.seq}", f"--rank={args.rank}", f"--steps={args.steps}"]
-            measured = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split("\n")[-2])
+            measured = run_child("benchmarks.estimate_memory", "--child", f"{shape}:{method}", f"--batch={args.batch}",
+                                 f"--seq={args.seq}", f"--rank={args.rank}", f"--steps={args.steps}")
             m, p = measured["peak_bytes"], predicted[method]
             rows.append((shape, method, f"{p / 1e6:.0f}", f"{m / 1e6:.0f}", f"{(p - m) / m * 100:+.1f}%"))
     print_table(f"estimated vs measured peak training memory, fp32, AdamW, batch {args.batch}x{args.seq}, "

@@ -13,11 +13,9 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
 
-from .common import SEVEN, print_table
+from .common import SEVEN, print_table, run_child
 
 
 def child(impl: str, shape: str, batch: int, seq: int, rank: int, dropout: float, steps: int, threads: int) -> dict:
@@ -80,12 +78,10 @@ def main() -> None:
     results: dict = {case: [] for case in cases}
     for _ in range(args.repeats):
         for impl, dropout in cases:
-            cmd = [sys.executable, "-m", "benchmarks.train_step", "--child", f"{impl}:{dropout}",
-                   *(f"--{k}={v}" for k, v in [("shape", args.shape), ("batch", args.batch), ("seq", args.seq),
-                                                ("rank", args.rank), ("steps", args.steps),
-                                                ("threads", args.threads)])]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            results[(impl, dropout)].append(json.loads(out.strip().splitlines()[-1]))
+            results[(impl, dropout)].append(run_child(
+                "benchmarks.train_step", "--child", f"{impl}:{dropout}",
+                *(f"--{k}={v}" for k, v in [("shape", args.shape), ("batch", args.batch), ("seq", args.seq),
+                                             ("rank", args.rank), ("steps", args.steps), ("threads", args.threads)])))
     med = {c: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for c, runs in results.items()}
     full = med[("full", 0.0)]["step_s"]
     rows = []
