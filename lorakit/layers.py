@@ -256,6 +256,34 @@ class LoraLinear(LoraLayer):
                 nn.init.zeros_(B)
             # init False keeps nn.Linear's random init for both: a non-identity start, for tests.
 
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        fused = self.fused_adapter(x, args, kwargs)
+        if fused is None:
+            return super().forward(x, *args, **kwargs)
+        from .kernels import FusedLoraLinear
+
+        A, B = self.lora_pair(fused)
+        drop = self.lora_dropout[fused]
+        p = drop.p if isinstance(drop, nn.Dropout) and self.training else 0.0
+        base = self.base_layer
+        return FusedLoraLinear.apply(x, base.weight, base.bias, A, B, self.scaling[fused], p, self.fan_in_fan_out)
+
+    def fused_adapter(self, x: torch.Tensor, args, kwargs) -> str | None:
+        """The adapter to run through the fused autograd path, or None for the general path: used
+        when training one unmerged adapter on a frozen plain Linear/Conv1D in a single dtype."""
+        if args or kwargs or self.disabled or self.mixed is not None or not torch.is_grad_enabled():
+            return None
+        active = self.unmerged_active()
+        if len(active) != 1 or type(self.base_layer) not in (nn.Linear, conv1d_class()):
+            return None
+        A, B = self.lora_pair(active[0])
+        weight = self.base_layer.weight
+        if weight.requires_grad or not (A.requires_grad or B.requires_grad) or torch.is_autocast_enabled(x.device.type):
+            return None
+        if not (x.dtype == weight.dtype == A.dtype == B.dtype):
+            return None
+        return active[0]
+
     def accumulates_in_place(self, result: torch.Tensor) -> bool:
         # nn.Linear / Conv1D do not keep their output for backward, so the LoRA term can be added
         # into it inside the GEMM (beta=1): no extra pass over the output, no extra tensor.

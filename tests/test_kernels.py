@@ -1,0 +1,103 @@
+"""The fused autograd path gives the general path's outputs and gradients."""
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import lorakit as lk
+from lorakit.kernels import FusedLoraLinear
+from tests.conftest import randomize_lora, tiny_llama
+
+
+def layer_pair(base, dropout=0.0, bias="none"):
+    model = nn.Sequential(base)
+    lk.inject(model, lk.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["0"], bias=bias))
+    randomize_lora(model, scale=0.2)
+    return model
+
+
+def grads(model, x):
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    named = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), x.grad, named
+
+
+@pytest.mark.parametrize("base", [nn.Linear(12, 6), Conv1D(6, 12)], ids=["linear", "conv1d"])
+def test_fused_equals_general_path(base, monkeypatch):
+    model = layer_pair(base, bias="lora_only")
+    x = torch.randn(3, 5, 12)
+    calls = []
+    real = FusedLoraLinear.apply
+    monkeypatch.setattr(FusedLoraLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    fused = grads(model, x)
+    assert calls, "the fused path was not taken"
+    monkeypatch.setattr(type(model[0]), "fused_adapter", lambda self, *a: None)
+    general = grads(model, x)
+    for got, want in zip(fused[:2], general[:2]):
+        assert torch.allclose(got, want, atol=1e-6)
+    assert fused[2].keys() == general[2].keys() and "0.base_layer.bias" in fused[2]
+    for name in fused[2]:
+        assert torch.allclose(fused[2][name], general[2][name], atol=1e-6), name
+
+
+def test_dropout_uses_a_mask_on_the_lora_branch_only(monkeypatch):
+    torch.manual_seed(0)
+    model = layer_pair(nn.Linear(12, 6), dropout=0.3).train()
+    layer = model[0]
+    x = torch.randn(4, 12, requires_grad=True)
+    u = torch.rand(4, 12)
+    monkeypatch.setattr(torch, "rand_like", lambda t: u)
+    out = model(x)
+    out.sum().backward()
+    A, B = (p.detach().clone().requires_grad_(True) for p in layer.lora_pair("default"))
+    x_ref = x.detach().clone().requires_grad_(True)
+    W, b = layer.base_layer.weight, layer.base_layer.bias
+    ref = x_ref @ W.T + b + 2.0 * ((x_ref * (u >= 0.3) / 0.7) @ A.T) @ B.T
+    ref.sum().backward()
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-6)
+    assert torch.allclose(layer.lora_A["default"].weight.grad, A.grad, atol=1e-6)
+    assert torch.allclose(layer.lora_B["default"].weight.grad, B.grad, atol=1e-6)
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def lora_llama():
+    model = lk.inject(tiny_llama(), lk.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    return randomize_lora(model, scale=0.1).train()
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    ids = torch.randint(2, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = lora_llama()
+    eager = loss_and_grads(model, ids)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = loss_and_grads(model, ids)
+    assert torch.allclose(eager[0], checkpointed[0], atol=1e-6)
+    assert eager[1].keys() == checkpointed[1].keys() and eager[1]
+    for name, grad in eager[1].items():
+        assert torch.allclose(grad, checkpointed[1][name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_gives_the_same_loss_and_gradients(backend):
+    ids = torch.randint(2, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = lora_llama()
+    eager = loss_and_grads(model, ids)
+    compiled = torch.compile(model, backend=backend)  # graph capture incl. the autograd.Function
+    model.zero_grad(set_to_none=True)
+    loss = compiled(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.allclose(eager[0], loss.detach(), atol=1e-5)
+    for name, param in model.named_parameters():
+        if name in eager[1]:
+            assert torch.allclose(eager[1][name], param.grad, atol=1e-5), name
