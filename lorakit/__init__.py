@@ -13,7 +13,7 @@ from .errors import (AdapterFileError, AdapterMismatchError, AdapterNotFoundErro
                      MergeStateError, TargetNotFoundError)
 from .injection import inject
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
-from .merging import add_weighted_adapter, merge, unload, unmerge
+from .merging import add_weighted_adapter, cast_base, merge, unload, unmerge
 from .mixed import mixed_batch
 from .report import ParameterReport, trainable_parameters
 from .state import BASE
@@ -24,7 +24,7 @@ __all__ = [
     "LoraConfig", "PRESET_TARGET_MODULES", "inject", "trainable_parameters", "ParameterReport",
     "save_adapter", "load_adapter", "read_adapter", "adapter_state_dict",
     "set_adapter", "delete_adapter", "list_adapters", "active_adapters", "merged_adapters", "disable_adapters",
-    "merge", "unmerge", "unload", "add_weighted_adapter", "mixed_batch", "BASE",
+    "merge", "unmerge", "unload", "add_weighted_adapter", "cast_base", "mixed_batch", "BASE",
     "LoraLayer", "LoraLinear", "LoraEmbedding", "ModulesToSave",
     "LoraError", "ConfigError", "TargetNotFoundError", "AdapterNotFoundError", "AdapterMismatchError",
     "AdapterFileError", "MergeStateError",

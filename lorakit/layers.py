@@ -408,7 +408,8 @@ class ModulesToSave(nn.Module):
         if self.mixed_names is not None and not self.disabled:
             return self._forward_mixed(x, *args, **kwargs)
         active = self.active_adapters[0] if self.active_adapters else None
-        return self.module_for(active)(x, *args, **kwargs)
+        module = self.module_for(active)
+        return module(_in_dtype_of(module, x), *args, **kwargs)
 
     def _forward_mixed(self, x, *args, **kwargs):
         # Heads are small and arbitrary modules: run each distinct copy once on its own rows.
@@ -418,8 +419,17 @@ class ModulesToSave(nn.Module):
         out = None
         for name in dict.fromkeys(row_names):
             rows = torch.tensor([i for i, n in enumerate(row_names) if n == name], device=x.device)
-            part = self.module_for(name)(x.index_select(0, rows), *args, **kwargs)
+            module = self.module_for(name)
+            part = module(_in_dtype_of(module, x.index_select(0, rows)), *args, **kwargs)
             if out is None:
                 out = part.new_empty((x.shape[0], *part.shape[1:]))
             out[rows] = part
         return out
+
+
+def _in_dtype_of(module: nn.Module, x):
+    """A trained fp32 copy on a 16-bit base (lk.cast_base) takes its input in fp32."""
+    weight = next(module.parameters(), None)
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and weight is not None and weight.dtype != x.dtype:
+        return x.to(weight.dtype)
+    return x

@@ -183,3 +183,16 @@ def _combine_into(layer: LoraLayer, names, weights, new_name, combination, new_r
         k = min(new_rank, S.numel())
         B_new[:, :k] = (U[:, :k] * S[:k]).to(B_new.dtype)
         A_new[:k] = Vh[:k].to(A_new.dtype)
+
+
+def cast_base(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Store the frozen base in ``dtype`` (bf16/fp16) and keep every trainable parameter (LoRA A/B,
+    modules_to_save copies, trained biases) in fp32, so updates and optimizer state stay exact."""
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ConfigError(f"cast_base takes torch.bfloat16, torch.float16 or torch.float32, got {dtype}.")
+    registry(model)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.data = param.data.to(torch.float32 if param.requires_grad else dtype)
+    return model

@@ -101,3 +101,19 @@ def test_merge_on_a_bf16_base_adds_in_fp32_and_rounds_once():
     want = (layer.base_weight.float() + layer.delta_weight("default")).to(torch.bfloat16)
     lk.merge(model)
     assert layer.base_weight.dtype == torch.bfloat16 and torch.equal(layer.base_weight, want)
+
+
+def test_cast_base_keeps_trainable_params_fp32_and_trains(ids):
+    model = lk.inject(tiny_bert(), lk.LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    lk.cast_base(model, torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n or ".modules_to_save." in n)
+    assert dtypes["bert.encoder.layer.0.attention.self.query.base_layer.weight"] == torch.bfloat16
+    assert dtypes["bert.embeddings.word_embeddings.weight"] == torch.bfloat16
+    model.train()
+    loss = model(input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.dtype == torch.float32 for g in grads)
+    with pytest.raises(lk.ConfigError, match="cast_base takes"):
+        lk.cast_base(model, torch.int8)
