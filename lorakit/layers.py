@@ -112,6 +112,10 @@ class LoraLayer(nn.Module):
     def adapter_containers(self) -> tuple[nn.Module, nn.Module]:
         raise NotImplementedError
 
+    def lora_dims(self) -> tuple[int, int]:
+        """(k, d) with A: r×k and B: d×r."""
+        raise NotImplementedError
+
     @property
     def adapter_names(self) -> list[str]:
         raise NotImplementedError
@@ -187,10 +191,10 @@ class LoraLayer(nn.Module):
 
     def _build_stacks(self, slot_names, present):
         # Stored pre-transposed (Aᵀ: in×r, s·Bᵀ: r×out) so a row gather is a plain index_select.
+        # A layer may hold none of the block's adapters: its stacks are then all zeros (base only).
         r_max = max((self.rank(n) for n in present), default=1)
-        A0, B0 = self.lora_pair(present[0]) if present else (None, None)
-        in_dim, out_dim = (A0.shape[1], B0.shape[0]) if present else (1, 1)
-        dtype = A0.dtype if present else torch.float32
+        in_dim, out_dim = self.lora_dims()
+        dtype = self.lora_pair(present[0])[0].dtype if present else adapter_dtype(self.base_weight)
         device = self.base_weight.device
         A_stack = torch.zeros(len(slot_names) + 1, in_dim, r_max, dtype=dtype, device=device)
         B_stack = torch.zeros(len(slot_names) + 1, r_max, out_dim, dtype=dtype, device=device)
@@ -233,6 +237,9 @@ class LoraLinear(LoraLayer):
 
     def adapter_containers(self):
         return self.lora_A, self.lora_B
+
+    def lora_dims(self):
+        return self.in_features, self.out_features
 
     @property
     def adapter_names(self) -> list[str]:
@@ -331,6 +338,9 @@ class LoraEmbedding(LoraLayer):
     def adapter_containers(self):
         return self.lora_embedding_A, self.lora_embedding_B
 
+    def lora_dims(self):
+        return tuple(self.base_layer.weight.shape)  # num_embeddings, embedding_dim
+
     @property
     def adapter_names(self) -> list[str]:
         return list(self.lora_embedding_A.keys())
@@ -339,7 +349,7 @@ class LoraEmbedding(LoraLayer):
         return self.lora_embedding_A[name], self.lora_embedding_B[name]
 
     def create_pair(self, name, r, dtype, device):
-        num, dim = self.base_layer.weight.shape
+        num, dim = self.lora_dims()
         self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, num, dtype=dtype, device=device))
         self.lora_embedding_B[name] = nn.Parameter(torch.empty(dim, r, dtype=dtype, device=device))
 

@@ -127,3 +127,12 @@ def test_stacks_follow_weight_updates_and_readded_adapters(ids):
     with lk.mixed_batch(model, names):
         third = logits(model, ids)
     assert torch.allclose(third[2], per_adapter(model, ids, "b")[2], atol=1e-5)
+
+
+def test_layers_without_any_of_the_blocks_adapters_stay_base(ids):
+    model = three_adapters("llama")  # "b" adapts only q_proj and k_proj, "c" everything but q_proj
+    names = ["b", lk.BASE, "b", "b"]  # v_proj, o_proj, gate_proj, embed_tokens hold no "b"
+    with lk.mixed_batch(model, names):
+        mixed = logits(model, ids)
+    for row, name in enumerate(names):
+        assert torch.allclose(mixed[row], per_adapter(model, ids, name)[row], atol=1e-5)
