@@ -149,9 +149,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
 def _match_tensors(model, plan, tensors, directory):
     """Pair every tensor in the file with the parameter it fills; raise on any mismatch."""
     config = plan.config
-    remaining = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
-    if len(remaining) != len(tensors) and any(not k.startswith(PREFIX) for k in tensors):
+    prefixed = {k.startswith(PREFIX) for k in tensors}
+    if len(prefixed) > 1:
         raise AdapterFileError(f"{directory}: mixed key prefixes; expected every key to start with {PREFIX!r}.")
+    remaining = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
     assignments = []
 
     def take(key: str, shape: tuple[int, ...], owner: str, attr: str) -> None:

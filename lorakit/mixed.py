@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .errors import MergeStateError
+from .errors import LoraError, MergeStateError
 from .layers import MixedRows
 from .state import BASE, check_names, lora_layers, merged_adapters, saved_modules
 
@@ -27,7 +27,7 @@ def mixed_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.Modul
     """
     names = check_names(model, adapter_names, allow_base=True)
     if not names:
-        raise MergeStateError("mixed_batch needs one adapter name per batch row; got an empty list.")
+        raise LoraError("mixed_batch needs one adapter name per batch row; got an empty list.")
     merged = merged_adapters(model)
     if merged:
         raise MergeStateError(f"adapters {merged} are merged into the weights; call lk.unmerge(model) before mixed_batch.")

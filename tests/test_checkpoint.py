@@ -132,6 +132,17 @@ def test_unexpected_tensor_is_refused(tmp_path):
         lk.load_adapter(tiny_llama(), tmp_path)
 
 
+def test_mixed_key_prefixes_are_refused(tmp_path):
+    lk.save_adapter(lk.inject(tiny_llama(), lk.LoraConfig(target_modules=["q_proj"])), tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(iter(tensors))
+    tensors[key.removeprefix("base_model.model.")] = tensors.pop(key)
+    save_file(tensors, path)
+    with pytest.raises(lk.AdapterFileError, match="mixed key prefixes"):
+        lk.load_adapter(tiny_llama(), tmp_path)
+
+
 def test_a_crash_while_saving_leaves_no_half_written_adapter(tmp_path, monkeypatch):
     model = lk.inject(tiny_llama(), lk.LoraConfig(target_modules=["q_proj"]))
     import lorakit.checkpoint as ckpt

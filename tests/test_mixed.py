@@ -91,6 +91,10 @@ def test_bad_mixed_batches():
     with pytest.raises(lk.LoraError, match="3 adapter names but the batch has 4 rows"):
         with lk.mixed_batch(model, ["a", "b", "c"]):
             logits(model, ids)
+    with pytest.raises(lk.LoraError, match="one adapter name per batch row; got an empty list") as empty:
+        with lk.mixed_batch(model, []):
+            pass
+    assert not isinstance(empty.value, lk.MergeStateError)
     with pytest.raises(lk.AdapterNotFoundError, match="unknown adapter 'zzz'"):
         with lk.mixed_batch(model, ["a", "zzz", "c", "a"]):
             pass
