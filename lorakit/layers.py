@@ -230,6 +230,9 @@ class LoraLinear(LoraLayer):
         self.lora_B = nn.ModuleDict()
         self.fan_in_fan_out = isinstance(base_layer, conv1d_class())
         self.transpose_delta = self.fan_in_fan_out
+        # Exactly nn.Linear / Conv1D (not a subclass with its own forward): their output is not kept
+        # for backward, and their weight is all the fused path needs.
+        self.plain_base = type(base_layer) in (nn.Linear, conv1d_class())
         if self.fan_in_fan_out:
             self.in_features, self.out_features = base_layer.weight.shape
         else:
@@ -281,7 +284,7 @@ class LoraLinear(LoraLayer):
         if args or kwargs or self.disabled or self.mixed is not None or not torch.is_grad_enabled():
             return None
         active = self.unmerged_active()
-        if len(active) != 1 or type(self.base_layer) not in (nn.Linear, conv1d_class()):
+        if len(active) != 1 or not self.plain_base:
             return None
         A, B = self.lora_pair(active[0])
         weight = self.base_layer.weight
@@ -294,7 +297,7 @@ class LoraLinear(LoraLayer):
     def accumulates_in_place(self, result: torch.Tensor) -> bool:
         # nn.Linear / Conv1D do not keep their output for backward, so the LoRA term can be added
         # into it inside the GEMM (beta=1): no extra pass over the output, no extra tensor.
-        return type(self.base_layer) in (nn.Linear, conv1d_class()) and result.is_contiguous()
+        return self.plain_base and result.is_contiguous()
 
     def add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         A, B = self.lora_pair(name)
@@ -318,9 +321,8 @@ class LoraLinear(LoraLayer):
         h = torch.bmm(x3, A_rows)
         if result.dtype != h.dtype:
             return result + torch.bmm(h, B_rows).view(result.shape).to(result.dtype)
-        result3 = result.view(batch, -1, result.shape[-1]) if result.is_contiguous() else None
-        if result3 is not None and self.accumulates_in_place(result):
-            result3.baddbmm_(h, B_rows)
+        if self.accumulates_in_place(result):
+            result.view(batch, -1, result.shape[-1]).baddbmm_(h, B_rows)
             return result
         return torch.baddbmm(result.reshape(batch, -1, result.shape[-1]), h, B_rows).view(result.shape)
 
