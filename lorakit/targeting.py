@@ -101,7 +101,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     if not matched:
         raise TargetNotFoundError(_no_match_message(spec, modules))
     if isinstance(spec, (list, tuple)):
-        unused = [e for e in spec if not any(p == e or p.endswith(f".{e}") for p, _ in modules)]
+        unused = [e for e in spec if not any(name_matches(p, [e]) for p, _ in modules)]
         if unused:
             warnings.warn(f"target_modules entries matched no module: {unused}", stacklevel=3)
     return matched
@@ -114,7 +114,7 @@ def find_modules_to_save(model: nn.Module, names: list[str] | None, strict: bool
         return []
     modules = list(iter_base_modules(model))
     found = [path for path, _ in modules if name_matches(path, list(names))]
-    missing = [n for n in names if not any(p == n or p.endswith(f".{n}") for p in found)]
+    missing = [n for n in names if not any(name_matches(p, [n]) for p in found)]
     if missing and strict:
         all_names = sorted({p.rsplit(".", 1)[-1] for p, _ in modules})
         close = difflib.get_close_matches(missing[0], all_names, n=5)
@@ -128,13 +128,14 @@ def find_modules_to_save(model: nn.Module, names: list[str] | None, strict: bool
 
 def minimal_suffixes(model: nn.Module, chosen: list[str]) -> list[str]:
     """The shortest dotted suffixes that match exactly ``chosen`` (for writing "all-linear" out)."""
-    others = [p for p, _ in iter_base_modules(model) if p not in set(chosen)]
+    chosen_set = set(chosen)
+    others = [p for p, _ in iter_base_modules(model) if p not in chosen_set]
     result = set()
     for path in chosen:
         parts = path.split(".")
         for k in range(1, len(parts) + 1):
             suffix = ".".join(parts[-k:])
-            if not any(o == suffix or o.endswith(f".{suffix}") for o in others):
+            if not any(name_matches(o, [suffix]) for o in others):
                 result.add(suffix)
                 break
     return sorted(result)
