@@ -145,6 +145,8 @@ def estimate(config, r: int = 8, targets: list[str] | str | None = None, lora_al
         raise ConfigError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}.")
     if optimizer not in OPTIMIZER_STATES:
         raise ConfigError(f"optimizer must be one of {sorted(OPTIMIZER_STATES)}, got {optimizer!r}.")
+    if attention not in ("eager", "sdpa"):
+        raise ConfigError(f"attention must be 'eager' (scores kept for backward) or 'sdpa' (fused), got {attention!r}.")
     model = build_on_meta(config)
     model_params = sum(p.numel() for p in model.parameters())
     linear_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -154,12 +156,12 @@ def estimate(config, r: int = 8, targets: list[str] | str | None = None, lora_al
     per_target: dict[str, int] = {}
     per_layer: dict[int, int] = {}
     for row in report.rows:
-        per_target[row.module.rsplit(".", 1)[-1]] = per_target.get(row.module.rsplit(".", 1)[-1], 0) + row.trainable
-        index = re.search(r"\.(\d+)\.", row.module)
-        if index:
-            per_layer[int(index.group(1))] = per_layer.get(int(index.group(1)), 0) + row.trainable
-    if attention not in ("eager", "sdpa"):
-        raise ConfigError(f"attention must be 'eager' (scores kept for backward) or 'sdpa' (fused), got {attention!r}.")
+        target = row.module.rsplit(".", 1)[-1]
+        per_target[target] = per_target.get(target, 0) + row.trainable
+        found = re.search(r"\.(\d+)\.", row.module)
+        if found:
+            layer = int(found.group(1))
+            per_layer[layer] = per_layer.get(layer, 0) + row.trainable
     memory = memory_table(config, model_params, linear_params, report.lora, len(report.rows), DTYPE_BYTES[dtype],
                           optimizer, batch_size, seq_len, grad_checkpointing, r, attention == "eager")
     return Estimate(
