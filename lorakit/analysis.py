@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import PREFIX, read_adapter, write_adapter
+from .checkpoint import PREFIX, pair_keys, read_adapter, write_adapter
 from .config import LoraConfig
 from .errors import AdapterMismatchError, ConfigError
 
@@ -75,7 +75,7 @@ def load_updates(directory: str | os.PathLike) -> tuple[LoraConfig, list[ModuleU
     for path, pair in pairs.items():
         if set(pair) != {"A", "B"}:
             raise AdapterMismatchError(f"{directory}: module {path!r} has only lora_{''.join(pair)}; the file is incomplete.")
-        embedding = f"{PREFIX}{path}.lora_embedding_A" in tensors
+        embedding = pair_keys(path, True)[0] in tensors
         updates.append(ModuleUpdate(path, pair["A"], pair["B"], config.scaling_for(path), embedding))
     return config, updates, others
 
@@ -176,9 +176,9 @@ def compress(directory: str | os.PathLike, output: str | os.PathLike, rank: int 
         k = rank if rank is not None else max(1, energy_rank(S, energy))
         k = min(k, update.rank)
         B, A = (U[:, :k] * S[:k]), V[:, :k].T
-        names = ("lora_embedding_A", "lora_embedding_B") if update.embedding else ("lora_A.weight", "lora_B.weight")
-        tensors[f"{PREFIX}{update.path}.{names[0]}"] = A.to(update.A.dtype).contiguous()
-        tensors[f"{PREFIX}{update.path}.{names[1]}"] = B.to(update.B.dtype).contiguous()
+        key_a, key_b = pair_keys(update.path, update.embedding)
+        tensors[key_a] = A.to(update.A.dtype).contiguous()
+        tensors[key_b] = B.to(update.B.dtype).contiguous()
         ranks[update.path] = k
         total = float((S ** 2).sum())
         error = (float((S[k:] ** 2).sum()) / total) ** 0.5 if total else 0.0

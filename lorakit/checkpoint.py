@@ -25,7 +25,7 @@ from torch import nn
 from .config import LoraConfig
 from .errors import AdapterFileError, AdapterMismatchError, ConfigError
 from .injection import apply_plan, plan_injection
-from .layers import LoraEmbedding, LoraLayer, ModulesToSave
+from .layers import LoraEmbedding, ModulesToSave, lora_dims_of
 from .state import apply_trainability, check_names, lora_layers, registry, saved_modules
 from .targeting import iter_base_modules, unwrap
 
@@ -35,10 +35,11 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 LEGACY_WEIGHTS_FILE = "adapter_model.bin"
 
 
-def pair_keys(path: str, layer: LoraLayer) -> tuple[str, str]:
-    if isinstance(layer, LoraEmbedding):
-        return f"{PREFIX}{path}.lora_embedding_A", f"{PREFIX}{path}.lora_embedding_B"
-    return f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
+def pair_keys(path: str, embedding: bool, prefix: str = PREFIX) -> tuple[str, str]:
+    """PEFT's keys of a module's (A, B) in the adapter file."""
+    if embedding:
+        return f"{prefix}{path}.lora_embedding_A", f"{prefix}{path}.lora_embedding_B"
+    return f"{prefix}{path}.lora_A.weight", f"{prefix}{path}.lora_B.weight"
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -48,7 +49,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     state: dict[str, torch.Tensor] = {}
     for path, layer in lora_layers(model):
         if adapter_name in layer.adapter_names:
-            for key, tensor in zip(pair_keys(path, layer), layer.lora_pair(adapter_name)):
+            for key, tensor in zip(pair_keys(path, isinstance(layer, LoraEmbedding)), layer.lora_pair(adapter_name)):
                 state[key] = tensor
             bias = getattr(layer.base_layer, "bias", None)
             if config.bias == "lora_only" and bias is not None:
@@ -172,15 +173,10 @@ def _match_tensors(model, plan, tensors, directory):
     for path in plan.targets:
         base = unwrap(model.get_submodule(path))
         r = config.rank_for(path)
-        if isinstance(base, nn.Embedding):
-            num, dim = base.weight.shape
-            take(f"{path}.lora_embedding_A", (r, num), path, "A")
-            take(f"{path}.lora_embedding_B", (dim, r), path, "B")
-        else:
-            out_dim, in_dim = (base.out_features, base.in_features) if isinstance(base, nn.Linear) \
-                else tuple(reversed(base.weight.shape))
-            take(f"{path}.lora_A.weight", (r, in_dim), path, "A")
-            take(f"{path}.lora_B.weight", (out_dim, r), path, "B")
+        k, d = lora_dims_of(base)
+        key_a, key_b = pair_keys(path, isinstance(base, nn.Embedding), prefix="")
+        take(key_a, (r, k), path, "A")
+        take(key_b, (d, r), path, "B")
         # PEFT also saves the full embedding table when it adapts an embedding (it may have been
         # resized for new tokens); like PEFT, load it into the base layer.
         if f"{path}.base_layer.weight" in remaining:

@@ -32,6 +32,13 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, conv1d_class()))
 
 
+def lora_dims_of(base: nn.Module) -> tuple[int, int]:
+    """(k, d) of a base layer's LoRA pair, A: r×k and B: d×r."""
+    if isinstance(base, nn.Embedding) or isinstance(base, conv1d_class()):
+        return tuple(base.weight.shape)  # num_embeddings×dim, or Conv1D's in×out
+    return base.in_features, base.out_features
+
+
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     # Train LoRA in fp32 on a 16-bit base: the update is tiny and would drown in bf16 rounding.
     return torch.float32 if weight.dtype in LOW_PRECISION or not weight.is_floating_point() else weight.dtype
@@ -233,10 +240,7 @@ class LoraLinear(LoraLayer):
         # Exactly nn.Linear / Conv1D (not a subclass with its own forward): their output is not kept
         # for backward, and their weight is all the fused path needs.
         self.plain_base = type(base_layer) in (nn.Linear, conv1d_class())
-        if self.fan_in_fan_out:
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = lora_dims_of(base_layer)
 
     def adapter_containers(self):
         return self.lora_A, self.lora_B
@@ -341,7 +345,7 @@ class LoraEmbedding(LoraLayer):
         return self.lora_embedding_A, self.lora_embedding_B
 
     def lora_dims(self):
-        return tuple(self.base_layer.weight.shape)  # num_embeddings, embedding_dim
+        return lora_dims_of(self.base_layer)
 
     @property
     def adapter_names(self) -> list[str]:
