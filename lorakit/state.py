@@ -76,21 +76,21 @@ def apply_trainability(model: nn.Module) -> None:
     """Only active adapters train (unless loaded for inference); the base stays frozen."""
     reg = registry(model)
     trainable = {n for n in reg.active if not reg.configs[n].inference_mode}
-    for pname, p in model.named_parameters():
-        if "lora_" not in pname and ".modules_to_save." not in pname:
-            p.requires_grad_(False)
+    base = {pname: p for pname, p in model.named_parameters()
+            if "lora_" not in pname and ".modules_to_save." not in pname}
+    for p in base.values():
+        p.requires_grad_(False)
     for _, layer in lora_layers(model):
         for name in layer.adapter_names:
             for p in layer.lora_pair(name):
                 p.requires_grad_(name in trainable)
     for _, wrapper in saved_modules(model):
-        wrapper.original_module.requires_grad_(False)
         for name, copy in wrapper.modules_to_save.items():
             copy.requires_grad_(name in trainable)
     bias_modes = {reg.configs[n].bias for n in trainable}
     if "all" in bias_modes:
-        for pname, p in model.named_parameters():
-            if pname.endswith("bias") and "lora_" not in pname and ".modules_to_save." not in pname:
+        for pname, p in base.items():
+            if pname.endswith("bias"):
                 p.requires_grad_(True)
     elif "lora_only" in bias_modes:
         for _, layer in lora_layers(model):
