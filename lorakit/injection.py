@@ -14,7 +14,8 @@ from .config import CLASSIFIER_HEAD_NAMES, LoraConfig, resolve_target_modules
 from .errors import ConfigError, LoraError
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .state import apply_trainability, ensure_registry, has_adapters, registry
-from .targeting import find_modules_to_save, find_targets, iter_base_modules, minimal_suffixes, unwrap
+from .targeting import (find_modules_to_save, find_targets, iter_base_modules, minimal_suffixes, replace_module,
+                        unwrap)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,5 @@ def _wrap(model: nn.Module, path: str, wrapper_cls: type) -> nn.Module:
     if isinstance(module, wrapper_cls):
         return module
     wrapper = wrapper_cls(module)
-    parent_path, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent_path) if parent_path else model, child, wrapper)
+    replace_module(model, path, wrapper)
     return wrapper

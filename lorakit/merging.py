@@ -14,6 +14,7 @@ from torch import nn
 
 from .errors import ConfigError, LoraError, MergeStateError
 from .layers import LoraLayer, ModulesToSave
+from .targeting import replace_module
 from .state import check_names, drop_registry, lora_layers, merged_adapters, registry, saved_modules
 
 
@@ -98,8 +99,7 @@ def _replace_wrappers(model: nn.Module, keep_copy: str | None, only_empty: bool 
         else:
             plain = module.module_for(keep_copy) if keep_copy else module.original_module
         plain.requires_grad_(False)
-        parent_path, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent_path) if parent_path else model, child, plain)
+        replace_module(model, path, plain)
 
 
 def drop_empty_wrappers(model: nn.Module) -> None:

@@ -39,6 +39,12 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
+def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at ``path`` (a dotted module path) inside ``model``."""
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
+
+
 def is_supported(module: nn.Module) -> bool:
     base = unwrap(module)
     return is_linear_like(base) or isinstance(base, nn.Embedding)
