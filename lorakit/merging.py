@@ -14,8 +14,8 @@ from torch import nn
 
 from .errors import ConfigError, LoraError, MergeStateError
 from .layers import LoraLayer, ModulesToSave
-from .targeting import replace_module
 from .state import check_names, drop_registry, lora_layers, merged_adapters, registry, saved_modules
+from .targeting import replace_module
 
 
 def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool = False) -> nn.Module:
