@@ -18,17 +18,22 @@ import torch
 
 import lorakit as lk
 from lorakit import analysis
-from lorakit.datasets import rotten_tomatoes
-from lorakit.demo import accuracy, load_minilm
+from lorakit.training.data import encode, load_splits
+from lorakit.training.evaluation import evaluate
+from lorakit.training.models import load_model
 from lorakit.plots import similarity_heatmaps
 
 from .common import print_table
 
 
+LABELS = ["negative", "positive"]
+
+
 def test_accuracy(adapter: Path, test) -> float:
-    model, tokenizer = load_minilm()
+    model, tokenizer = load_model("minilm", "classify", LABELS)
     lk.load_adapter(model, adapter)
-    return accuracy(model, tokenizer, test)[0]
+    examples = encode(test, tokenizer, "classify", 64, "test", labels=LABELS)
+    return evaluate(model, examples, "classify", tokenizer.pad_token_id, LABELS)["accuracy"]
 
 
 def main() -> None:
@@ -55,7 +60,7 @@ def main() -> None:
 
     compressed = args.out / f"r64_to_r{args.rank}"
     result = analysis.compress(args.large, compressed, rank=args.rank)
-    test = rotten_tomatoes()["test"]
+    test = load_splits("rotten-tomatoes")["test"]
     accs = {name: test_accuracy(path, test) for name, path in
             [("r=8 trained", args.small), ("r=64 trained", args.large), (f"r=64 compressed to r={args.rank}", compressed)]}
     print_table(f"rotten-tomatoes test accuracy ({len(test)} reviews)",

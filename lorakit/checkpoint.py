@@ -83,8 +83,10 @@ def write_adapter(directory: str | os.PathLike, config: dict, tensors: dict[str,
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp", dir=directory.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; an adapter is meant to be shared
     try:
         save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
+        (staging / WEIGHTS_FILE).chmod(0o644)
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if not directory.exists():
             staging.rename(directory)  # the whole adapter appears at once

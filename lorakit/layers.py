@@ -311,7 +311,8 @@ class LoraLinear(LoraLayer):
             return result + F.linear(h, B).to(result.dtype)
         h2 = h.reshape(-1, h.shape[-1])
         if self.accumulates_in_place(result):
-            result.view(-1, result.shape[-1]).addmm_(h2, B.t())
+            # in-place ops escape autocast: under it h is 16-bit while B stays fp32
+            result.view(-1, result.shape[-1]).addmm_(h2, B.t().to(h2.dtype))
             return result
         return torch.addmm(result.reshape(-1, result.shape[-1]), h2, B.t()).view(result.shape)
 

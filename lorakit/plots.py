@@ -74,3 +74,39 @@ def similarity_heatmaps(grids: dict[str, torch.Tensor], directory: str | Path, l
         plt.close(fig)
         written.append(path)
     return written
+
+
+def loss_curve(log_path: str | Path, png_path: str | Path) -> Path:
+    """Training loss per step (and validation metrics, when the log has them) from a JSONL log."""
+    import json
+
+    plt = _pyplot()
+    train, evals = [], []
+    for line in Path(log_path).read_text().splitlines():
+        entry = json.loads(line)
+        if "loss" in entry:
+            train.append((entry["step"], entry["loss"]))
+        elif "eval" in entry:
+            evals.append((entry["step"], entry["eval"]))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, lw=0.8, alpha=0.5, label="train loss")
+        window = max(1, len(losses) // 30)
+        smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+                  for i in range(len(losses))]
+        ax.plot(steps, smooth, lw=1.6, label=f"train loss (mean of {window})")
+    ax.set(xlabel="step", ylabel="loss", title="training")
+    if evals:
+        key = "accuracy" if "accuracy" in evals[0][1] else "loss"
+        other = ax.twinx() if key == "accuracy" else ax
+        other.plot([s for s, _ in evals], [m[key] for _, m in evals], "o-", color="C3", label=f"validation {key}")
+        if key == "accuracy":
+            other.set_ylabel("validation accuracy")
+            other.legend(loc="upper right")
+    ax.legend(loc="upper left" if evals else "best")
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path

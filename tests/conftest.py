@@ -62,3 +62,7 @@ def randomize_lora(model, scale=0.5, seed=7):
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
     return model
+
+
+# tiny models saved on disk and small data files, for the training and CLI tests
+from saved_models import causal_dir, classifier_dir, reviews_csv, sft_jsonl, text_file  # noqa: E402,F401

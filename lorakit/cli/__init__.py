@@ -1,0 +1,32 @@
+"""The ``lorakit`` command line: one sub-command per job, each with --help."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from . import adapter_tools, training
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning toolkit (PEFT-compatible).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    training.add_commands(sub)
+    adapter_tools.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # the CLI's warnings are messages for the user (e.g. truncated rows), not for a developer's traceback
+    warnings.formatwarning = lambda message, category, *_, **__: f"warning: {message}\n"
+    try:
+        return args.func(args)
+    except ValueError as exc:  # lorakit's errors are ValueErrors with a readable message
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""CLI commands around training: train, eval, predict, generate, merge, sweep, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+# flags that map onto TrainOptions fields; every default is None so a YAML value is not overridden
+TRAIN_FLAGS = [
+    ("--model", str, "embedded name (minilm, smollm2-135m), a model directory or a .gguf file"),
+    ("--data", str, "embedded name (rotten-tomatoes, bbc-news, hamlet), a CSV/JSONL/parquet/text file, or a "
+                    "directory with train.*/validation.*/test.*"),
+    ("--task", str, "classify | sft | lm"),
+    ("--output", str, "run directory (log, checkpoint, adapter, loss curve)"),
+    ("--r", int, "LoRA rank"), ("--alpha", float, "lora_alpha (default 2*r)"), ("--dropout", float, "lora_dropout"),
+    ("--epochs", float, "passes over the train split"), ("--max-steps", int, "optimizer steps (overrides --epochs)"),
+    ("--lr", float, "peak learning rate (linear warm-up and decay)"), ("--warmup-steps", int, None),
+    ("--weight-decay", float, None),
+    ("--batch-size", int, "examples per step per process"), ("--grad-accum", int, "micro-batches per step"),
+    ("--seq-len", int, "tokens per example (longer rows are truncated with a warning)"),
+    ("--seed", int, None), ("--eval-steps", int, "evaluate on validation every N steps (default: each epoch)"),
+    ("--eval-examples", int, "use only the first N validation/test examples"),
+    ("--early-stopping-patience", int, "stop after N evaluations without improvement"),
+    ("--save-steps", int, "write a resumable checkpoint every N steps"),
+    ("--text-column", str, None), ("--label-column", str, None),
+    ("--prompt-template", str, "sft: format a row into the user turn, e.g. 'Review: {text}'"),
+    ("--response-template", str, "sft: format the answer, e.g. '{label}'"),
+    ("--log-every", int, None),
+]
+TRAIN_SWITCHES = [("--bf16", "frozen base in bf16 + autocast; LoRA weights stay fp32"),
+                  ("--qlora", "frozen base quantized to 4-bit NF4"), ("--full", "full fine-tuning, for comparison"),
+                  ("--resume", "continue the run in --output from its checkpoint"),
+                  ("--overwrite", "replace a previous run in --output")]
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML file of options (flags override it)")
+    for flag, kind, text in TRAIN_FLAGS:
+        parser.add_argument(flag, type=kind, default=None, help=text)
+    parser.add_argument("--targets", nargs="+", default=None,
+                        help="modules to adapt: names/suffixes, a regex, or all-linear (default: the model's preset)")
+    for flag, text in TRAIN_SWITCHES:
+        parser.add_argument(flag, action="store_true", default=None, help=text)
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def options_from(args: argparse.Namespace):
+    from ..training.options import resolve_options
+
+    overrides = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, *_ in TRAIN_FLAGS}
+    overrides.update({flag[2:]: getattr(args, flag[2:]) for flag, _ in TRAIN_SWITCHES})
+    targets = args.targets
+    if targets and len(targets) == 1 and (targets[0] == "all-linear" or set(targets[0]) & set("*+?|()[]^$\\")):
+        targets = targets[0]
+    overrides["targets"] = targets
+    return resolve_options(args.config, overrides)
+
+
+def _print_metrics(metrics: dict | None, indent: str = "  ") -> None:
+    if not metrics:
+        return
+    for key in ("accuracy", "macro_f1", "answer_accuracy", "loss", "perplexity", "examples"):
+        if key in metrics:
+            value = metrics[key]
+            print(f"{indent}{key:<16} {value:.4f}" if isinstance(value, float) else f"{indent}{key:<16} {value}")
+    if "confusion_matrix" in metrics:
+        labels = metrics["labels"]
+        width = max(8, *(len(label) for label in labels)) + 1
+        print(f"{indent}confusion matrix (rows: true, columns: predicted)")
+        print(f"{indent}{'':>{width}}" + "".join(f"{label:>{width}}" for label in labels))
+        for label, row in zip(labels, metrics["confusion_matrix"]):
+            print(f"{indent}{label:>{width}}" + "".join(f"{v:>{width}}" for v in row))
+    if "sample_replies" in metrics:
+        print(f"{indent}sample replies: {metrics['sample_replies'][:3]}")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ..training.loop import train
+
+    summary = train(options_from(args))
+    if not summary.get("is_main", True):
+        return 0  # under torchrun only rank 0 reports
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    elif not summary.get("interrupted"):
+        print(f"\n{summary['method']} on {summary['model']} / {summary['data']}: {summary['steps']} steps in "
+              f"{summary['train_seconds']} s; {summary['trainable_params']:,} trainable of {summary['total_params']:,}")
+        if summary.get("test"):
+            print(f"test (weights from step {summary['best_step'] or summary['steps']}):")
+            _print_metrics(summary["test"])
+        print(f"saved: {summary['artifact']}\nloss curve: {summary['loss_curve']}")
+    return 130 if summary.get("interrupted") else 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ..training.inference import evaluate_run
+
+    metrics = evaluate_run(args.run, args.data, args.split, model_name=args.model, task=args.task, seed=args.seed,
+                           limit=args.limit, batch_size=args.batch_size, bf16=args.bf16)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return 0
+    print(f"{args.run or args.model} on {metrics['data']} [{args.split}]:")
+    _print_metrics(metrics)
+    return 0
+
+
+def _read_texts(args) -> list[str]:
+    texts = list(args.text or [])
+    if args.input:
+        from ..training.data import load_splits
+
+        rows = load_splits(args.input)
+        rows = rows["train"] + rows["validation"] + rows["test"]  # a single file: keep every row
+        texts += [str(row[args.text_column]) for row in rows] if rows and args.text_column in rows[0] else []
+        if rows and args.text_column not in rows[0]:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"column {args.text_column!r} not in {args.input}; available: {', '.join(rows[0])}")
+    if not texts:
+        from ..errors import ConfigError
+
+        raise ConfigError("nothing to predict: give --text TEXT (repeatable) or --input FILE")
+    return texts
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from ..training.inference import predict
+
+    results = predict(args.run, _read_texts(args), max_new_tokens=args.max_new_tokens)
+    for row in results:
+        print(json.dumps(row) if args.json else
+              (f"{row['label']:>12}  {max(row['probabilities'].values()):.3f}  {row['text'][:90]}" if "label" in row
+               else f"{row['text'][:60]!r} -> {row['reply']!r}"))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from ..training.inference import generate, load_for_eval
+
+    model, tokenizer, record = load_for_eval(args.run, args.model, "sft" if args.chat else "lm", None)
+    replies = generate(model, tokenizer, args.prompt, record, args.max_new_tokens, args.temperature)
+    for prompt, reply in zip(args.prompt, replies):
+        print(json.dumps({"prompt": prompt, "reply": reply}) if args.json else reply)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from ..training.inference import merge_run
+
+    target = merge_run(args.run, args.output, dtype=args.dtype, overwrite=args.overwrite)
+    print(json.dumps({"merged": str(target)}) if args.json else
+          f"merged model written to {target} (loads with transformers' from_pretrained, no lorakit needed)")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from ..training.sweep import sweep
+
+    ranks = [int(v) for v in args.ranks.split(",")]
+    seeds = [int(v) for v in args.seeds.split(",")]
+    result = sweep(options_from(args), ranks, seeds)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"\n{'r':>4} {'trainable':>12} {'lora params':>12}  test {result['rows'][0]['metric']} (mean ± std over {len(seeds)} seed(s))")
+    for row in result["rows"]:
+        mean = "n/a" if row["mean"] is None else f"{row['mean']:.4f} ± {row['std']:.4f}"
+        print(f"{row['r']:>4} {row['trainable_params']:>12,} {row['lora_params']:>12,}  {mean}")
+    print(f"plot: {result['plot']}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ..demo import run_demo
+
+    s = run_demo(output=args.output, steps=args.steps, seed=args.seed, eval_examples=args.eval_examples,
+                 r=args.r, alpha=args.alpha)
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    print(f"\nLoRA r={s['r']} on Q,K,V,O of MiniLM: {s['lora_params']:,} LoRA params ({s['trainable_params']:,} "
+          f"trainable incl. classifier head, {100 * s['trainable_params'] / s['total_params']:.2f}% of "
+          f"{s['total_params']:,})")
+    print(f"trained {s['steps']} steps in {s['train_seconds']} s; loss curve {s['loss_curve']}")
+    print(f"test accuracy {s['test_accuracy']:.4f}, macro-F1 {s['test_macro_f1']:.4f} (reloaded adapter "
+          f"{s['reloaded_accuracy']:.4f}, merged model {s['merged_accuracy']:.4f}; max |logit diff| "
+          f"{s['max_abs_diff_merged']:.2e})")
+    print(f"adapter ({s['adapter_bytes']:,} bytes): {s['adapter_dir']}\nmerged plain transformers model: {s['merged_dir']}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    train = sub.add_parser("train", help="fine-tune with LoRA (or --full) on a classify, sft or lm task",
+                           description="Options come from an optional YAML file, overridden by flags. Run with "
+                                       "`torchrun --nproc_per_node N -m lorakit train ...` for multi-process DDP.")
+    add_train_flags(train)
+    train.set_defaults(func=_train)
+
+    evaluate = sub.add_parser("eval", help="accuracy / macro-F1 / confusion matrix, or loss / perplexity")
+    evaluate.add_argument("run", nargs="?", help="a run directory (or its adapter/ or model/ folder)")
+    evaluate.add_argument("--model", help="evaluate a base model without adapter (zero-shot), with --task")
+    evaluate.add_argument("--task", choices=["sft", "lm"], help="task for --model")
+    evaluate.add_argument("--data", help="data to evaluate on (default: the run's)")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--limit", type=int, help="first N examples only")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--seed", type=int, default=0, help="the split seed the run used")
+    evaluate.add_argument("--bf16", action="store_true")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(func=_eval)
+
+    predict = sub.add_parser("predict", help="labels (classify) or replies (sft/lm) for new texts")
+    predict.add_argument("run")
+    predict.add_argument("--text", action="append", help="a text to predict (repeatable)")
+    predict.add_argument("--input", help="a CSV/JSONL/parquet/text file of texts")
+    predict.add_argument("--text-column", default="text")
+    predict.add_argument("--max-new-tokens", type=int, default=64)
+    predict.add_argument("--json", action="store_true", help="one JSON object per line")
+    predict.set_defaults(func=_predict)
+
+    generate = sub.add_parser("generate", help="generate text with a trained run or a base model")
+    generate.add_argument("run", nargs="?")
+    generate.add_argument("--model", help="a base model instead of a run")
+    generate.add_argument("--prompt", action="append", required=True, help="repeatable")
+    generate.add_argument("--chat", action="store_true", help="wrap prompts in the chat template (with --model)")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    generate.add_argument("--json", action="store_true")
+    generate.set_defaults(func=_generate)
+
+    merge = sub.add_parser("merge", help="fold the adapter into the base and save a plain transformers model")
+    merge.add_argument("run")
+    merge.add_argument("--output", required=True)
+    merge.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    merge.add_argument("--overwrite", action="store_true")
+    merge.add_argument("--json", action="store_true")
+    merge.set_defaults(func=_merge)
+
+    sweep = sub.add_parser("sweep", help="train at several ranks (and seeds): table and plot of metric vs rank")
+    add_train_flags(sweep)
+    sweep.add_argument("--ranks", default="4,8,16,32", help="comma-separated ranks")
+    sweep.add_argument("--seeds", default="0", help="comma-separated seeds; the table averages them")
+    sweep.set_defaults(func=_sweep)
+
+    demo = sub.add_parser("demo", help="fine-tune MiniLM on rotten-tomatoes with LoRA, evaluate, save, merge",
+                          description="The embedded default job; runs offline in a few minutes on a CPU.")
+    demo.add_argument("--output", default="lorakit-demo", help="directory for the log, adapter and merged model")
+    demo.add_argument("--steps", type=int, default=300, help="training steps (batch 32)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--r", type=int, default=8, help="LoRA rank")
+    demo.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 2*r)")
+    demo.add_argument("--eval-examples", type=int, default=None, help="evaluate on the first N test examples only")
+    demo.add_argument("--json", action="store_true", help="print the summary as JSON")
+    demo.set_defaults(func=_demo)
+
+
+__all__ = ["add_commands"]

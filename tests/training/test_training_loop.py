@@ -1,0 +1,117 @@
+import json
+import signal
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import lorakit as lk
+from lorakit.errors import ConfigError
+from lorakit.training.loop import Trainer, train
+from lorakit.training.options import resolve_options
+
+
+def options(model, data, output, **kw):
+    base = dict(model=model, data=data, output=str(output), task="classify", max_steps=6, batch_size=8, lr=5e-3,
+                seq_len=32, warmup_steps=1, eval_steps=3)
+    base.update(kw)
+    return resolve_options(None, base)
+
+
+def losses(output):
+    entries = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+    return [entry["loss"] for entry in entries if "loss" in entry]
+
+
+def test_classify_run_writes_log_curve_adapter_and_learns(classifier_dir, reviews_csv, tmp_path):
+    summary = train(options(classifier_dir, reviews_csv, tmp_path / "run", max_steps=60, eval_steps=30,
+                               lr=1e-2, targets="all-linear"), quiet=True)
+    out = tmp_path / "run"
+    assert {"train_log.jsonl", "loss_curve.png", "summary.json", "train_config.yaml", "adapter", "checkpoint"} <= {
+        p.name for p in out.iterdir()}
+    assert len(losses(out)) == 60 and summary["test"]["accuracy"] > 0.9  # the words give the label away
+    assert json.loads((out / "adapter" / "lorakit_run.json").read_text())["labels"] == ["negative", "positive"]
+    # the adapter is a PEFT adapter: PEFT loads it onto the same base and predicts the same
+    base = AutoModelForSequenceClassification.from_pretrained(classifier_dir, num_labels=2)
+    peft_model = PeftModel.from_pretrained(base, out / "adapter").eval()
+    ours, _, _ = __import__("lorakit.training.artifacts", fromlist=["x"]).load_trained(out)
+    ids = torch.tensor([[2, 10, 20, 30, 3]])
+    torch.testing.assert_close(peft_model(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_after_ctrl_c_gives_the_same_loss_curve(classifier_dir, reviews_csv, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    train(options(classifier_dir, reviews_csv, straight, max_steps=10, eval_steps=4), quiet=True)
+
+    broken = tmp_path / "broken"
+    original = Trainer.micro_batch
+
+    def interrupt_at_step_5(self, micro):
+        if micro == 5:  # a real SIGINT, delivered during step 6 as if the user pressed Ctrl-C
+            signal.raise_signal(signal.SIGINT)
+        return original(self, micro)
+
+    monkeypatch.setattr(Trainer, "micro_batch", interrupt_at_step_5)
+    result = train(options(classifier_dir, reviews_csv, broken, max_steps=10, eval_steps=4), quiet=True)
+    assert result["interrupted"] and result["step"] == 6 and not (broken / "adapter").exists()
+    monkeypatch.setattr(Trainer, "micro_batch", original)
+    resumed = train(options(classifier_dir, reviews_csv, broken, max_steps=10, eval_steps=4, resume=True), quiet=True)
+    assert losses(broken) == losses(straight)
+    assert resumed["best_step"] == json.loads((straight / "summary.json").read_text())["best_step"]
+    a = lk.read_adapter(straight / "adapter")[1]
+    b = lk.read_adapter(broken / "adapter")[1]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_different_plan(classifier_dir, reviews_csv, tmp_path):
+    train(options(classifier_dir, reviews_csv, tmp_path / "r", max_steps=4), quiet=True)
+    with pytest.raises(ConfigError, match="checkpoint was made for 4 steps"):
+        train(options(classifier_dir, reviews_csv, tmp_path / "r", max_steps=8, resume=True), quiet=True)
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train(options(classifier_dir, reviews_csv, tmp_path / "fresh", resume=True), quiet=True)
+
+
+def test_output_directory_must_be_empty_unless_overwrite(classifier_dir, reviews_csv, tmp_path):
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty; pass --overwrite"):
+        train(options(classifier_dir, reviews_csv, tmp_path / "used"), quiet=True)
+    assert train(options(classifier_dir, reviews_csv, tmp_path / "used", overwrite=True), quiet=True)["steps"] == 6
+
+
+def test_early_stopping_and_best_checkpoint(classifier_dir, reviews_csv, tmp_path):
+    summary = train(options(classifier_dir, reviews_csv, tmp_path / "es", max_steps=60, eval_steps=2, lr=0.0,
+                            warmup_steps=0, early_stopping_patience=2), quiet=True)
+    assert summary["steps"] == 6 and summary["best_step"] == 2  # lr 0: nothing improves after the first eval
+
+
+def test_full_fine_tune_saves_a_plain_model(classifier_dir, reviews_csv, tmp_path):
+    summary = train(options(classifier_dir, reviews_csv, tmp_path / "full", full=True), quiet=True)
+    assert summary["method"] == "full" and summary["trainable_params"] == summary["total_params"]
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "full" / "model")
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+
+
+def test_sft_and_lm_runs(causal_dir, sft_jsonl, text_file, tmp_path):
+    sft = train(options(causal_dir, sft_jsonl, tmp_path / "sft", task="sft", max_steps=30, lr=2e-2), quiet=True)
+    assert sft["test"]["answer_accuracy"] is not None and sft["test"]["loss"] < losses(tmp_path / "sft")[0]
+    lm = train(options(causal_dir, text_file, tmp_path / "lm", task="lm", max_steps=10, seq_len=16, batch_size=4,
+                       targets=["q_proj", "v_proj"]), quiet=True)
+    assert lm["test"]["perplexity"] > 1 and lm["lora_params"] == 2 * 2 * 8 * (32 + 32) - 2 * 8 * 16
+    merged_ok = AutoModelForCausalLM.from_pretrained(causal_dir)
+    assert merged_ok.config.vocab_size > 0
+
+
+def test_bf16_base_trains_fp32_adapters(classifier_dir, reviews_csv, tmp_path):
+    trainer = Trainer(options(classifier_dir, reviews_csv, tmp_path / "bf16", bf16=True), quiet=True)
+    dtypes = {n: p.dtype for n, p in trainer.model.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
+    assert any(d == torch.bfloat16 for n, d in dtypes.items() if "lora_" not in n)
+    summary = trainer.run()
+    assert summary["steps"] == 6 and all(l == l for l in losses(tmp_path / "bf16"))
+
+
+def test_too_little_data_for_one_step(classifier_dir, reviews_csv, tmp_path):
+    with pytest.raises(ConfigError, match="fewer than one step"):
+        train(options(classifier_dir, reviews_csv, tmp_path / "x", batch_size=200), quiet=True)
