@@ -15,6 +15,7 @@ from .injection import inject
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .merging import add_weighted_adapter, cast_base, merge, unload, unmerge
 from .mixed import mixed_batch
+from .quantization import Linear4bit, dequantize, load_quantized, quantize, save_quantized
 from .report import ParameterReport, trainable_parameters
 from .state import BASE
 
@@ -25,6 +26,7 @@ __all__ = [
     "save_adapter", "load_adapter", "read_adapter", "adapter_state_dict",
     "set_adapter", "delete_adapter", "list_adapters", "active_adapters", "merged_adapters", "disable_adapters",
     "merge", "unmerge", "unload", "add_weighted_adapter", "cast_base", "mixed_batch", "BASE",
+    "quantize", "dequantize", "save_quantized", "load_quantized", "Linear4bit",
     "LoraLayer", "LoraLinear", "LoraEmbedding", "ModulesToSave",
     "LoraError", "ConfigError", "TargetNotFoundError", "AdapterNotFoundError", "AdapterMismatchError",
     "AdapterFileError", "MergeStateError",

@@ -29,7 +29,9 @@ def conv1d_class():
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, conv1d_class()))
+    from .quantization import Linear4bit
+
+    return isinstance(module, (nn.Linear, conv1d_class(), Linear4bit))
 
 
 def lora_dims_of(base: nn.Module) -> tuple[int, int]:
@@ -129,11 +131,26 @@ class LoraLayer(nn.Module):
 
     # --- shared behaviour --------------------------------------------------------------------
     @property
+    def quantized(self) -> bool:
+        from .quantization import Linear4bit
+
+        return isinstance(self.base_layer, Linear4bit)
+
+    @property
     def base_weight(self) -> torch.Tensor:
+        """The base weight (for a 4-bit base: a dequantized fp32 copy, read-only in effect)."""
+        if self.quantized:
+            return self.base_layer.dequantized_weight(torch.float32)
+        return self.base_layer.weight
+
+    def reference(self) -> torch.Tensor:
+        """A tensor with the base's compute dtype and device, which new adapters follow."""
+        if self.quantized:
+            return self.base_layer.packed.new_empty(0, dtype=self.base_layer.compute_dtype)
         return self.base_layer.weight
 
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init) -> None:
-        weight = self.base_weight
+        weight = self.reference()
         self.create_pair(name, r, adapter_dtype(weight), weight.device)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = scaling
@@ -165,6 +182,11 @@ class LoraLayer(nn.Module):
         return delta.T if self.transpose_delta else delta
 
     def merge(self, names: list[str]) -> None:
+        if self.quantized:  # lossy: the caller (lk.merge(requantize=True)) has warned
+            with torch.no_grad():
+                self.base_layer.set_weight(self.base_weight + sum(self.delta_weight(n) for n in names))
+            self.merged_adapters.extend(names)
+            return
         weight = self.base_weight
         with torch.no_grad():
             for name in names:
@@ -172,6 +194,11 @@ class LoraLayer(nn.Module):
                 self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
+        if self.quantized and self.merged_adapters:
+            with torch.no_grad():
+                self.base_layer.set_weight(self.base_weight - sum(self.delta_weight(n) for n in self.merged_adapters))
+            self.merged_adapters.clear()
+            return
         weight = self.base_weight
         with torch.no_grad():
             while self.merged_adapters:
@@ -201,8 +228,8 @@ class LoraLayer(nn.Module):
         # A layer may hold none of the block's adapters: its stacks are then all zeros (base only).
         r_max = max((self.rank(n) for n in present), default=1)
         in_dim, out_dim = self.lora_dims()
-        dtype = self.lora_pair(present[0])[0].dtype if present else adapter_dtype(self.base_weight)
-        device = self.base_weight.device
+        dtype = self.lora_pair(present[0])[0].dtype if present else adapter_dtype(self.reference())
+        device = self.reference().device
         A_stack = torch.zeros(len(slot_names) + 1, in_dim, r_max, dtype=dtype, device=device)
         B_stack = torch.zeros(len(slot_names) + 1, r_max, out_dim, dtype=dtype, device=device)
         dropout = torch.zeros(len(slot_names) + 1, dtype=dtype, device=device)

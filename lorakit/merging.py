@@ -18,11 +18,13 @@ from .state import check_names, drop_registry, lora_layers, merged_adapters, reg
 from .targeting import replace_module
 
 
-def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool = False) -> nn.Module:
+def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool = False,
+          requantize: bool = False) -> nn.Module:
     """Add the adapters' updates (default: the active ones) into the base weights.
 
     safe=True first computes every merged weight on a copy and refuses (model untouched) if any
-    holds NaN or Inf.
+    holds NaN or Inf. A 4-bit (NF4) base is only merged into with requantize=True, which warns:
+    the merged weight is rounded back to 4 bits. ``lk.dequantize(model)`` first keeps the update.
     """
     reg = registry(model)
     names = check_names(model, adapter_names if adapter_names is not None else reg.active)
@@ -30,7 +32,17 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool =
     if already:
         raise MergeStateError(f"adapters {already} are already merged; call lk.unmerge(model) before merging again.")
     layers = [(path, layer) for path, layer in lora_layers(model) if set(names) & set(layer.adapter_names)]
-    _refuse_tied_weights(model, layers)
+    quantized = [path for path, layer in layers if layer.quantized]
+    if quantized and not requantize:
+        raise MergeStateError(
+            f"{quantized[0]!r} has a 4-bit base; merging would round the update back to NF4 and lose most of "
+            "it. Call lk.dequantize(model) first to merge into a 16/32-bit copy (what lk.unload and "
+            "`lorakit merge` do), or pass requantize=True to accept the loss.")
+    if quantized:
+        from .quantization import requantize_warning
+
+        requantize_warning()
+    _refuse_tied_weights(model, [(path, layer) for path, layer in layers if not layer.quantized])
     if safe:
         for path, layer in layers:
             candidate = layer.base_weight.detach().clone()
@@ -80,6 +92,10 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     stays merged); modules_to_save keep the active adapter's copy. merge=False restores the base.
     """
     reg = registry(model)
+    if merge and any(layer.quantized for _, layer in lora_layers(model)) and not merged_adapters(model):
+        from .quantization import dequantize
+
+        dequantize(model)  # merge into a 32-bit copy of the 4-bit base, never back into 4 bits
     if merge and not merged_adapters(model):
         _merge_into_weights(model, reg.active)
     if not merge:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -44,12 +45,16 @@ class ParameterReport:
 
 
 def trainable_parameters(model: nn.Module) -> ParameterReport:
-    """Count trainable vs all parameters (LoRA included in the total, as PEFT counts them)."""
+    """Count trainable vs all parameters (LoRA included in the total, as PEFT counts them; a 4-bit
+    layer counts its weights, which it holds as packed buffers rather than parameters)."""
+    from .quantization import Linear4bit
+
     total = sum(p.numel() for p in model.parameters())
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rows, lora = [], 0
     for path, layer in lora_layers(model):
-        base = layer.base_weight.numel()
+        base = math.prod(layer.lora_dims())
         for name in layer.adapter_names:
             count = sum(p.numel() for p in layer.lora_pair(name))
             lora += count

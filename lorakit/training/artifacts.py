@@ -43,8 +43,10 @@ def load_trained(path: str | Path, base_model: str | None = None):
         model, tokenizer = load_model(str(directory), record["task"], record["labels"])
     else:
         model, tokenizer = load_model(base_model or record["model"], record["task"], record["labels"])
-        if record.get("qlora"):
-            lk.quantize(model)
+        if record.get("qlora"):  # the adapter was trained on the 4-bit base: evaluate on the same one
+            import torch
+
+            lk.quantize(model, compute_dtype=torch.bfloat16 if record.get("bf16") else torch.float32)
         lk.load_adapter(model, directory)
     model.eval()
     return model, tokenizer, record

@@ -115,3 +115,10 @@ def test_bf16_base_trains_fp32_adapters(classifier_dir, reviews_csv, tmp_path):
 def test_too_little_data_for_one_step(classifier_dir, reviews_csv, tmp_path):
     with pytest.raises(ConfigError, match="fewer than one step"):
         train(options(classifier_dir, reviews_csv, tmp_path / "x", batch_size=200), quiet=True)
+
+
+def test_qlora_run_trains_on_a_4bit_base_and_evaluates_on_it(causal_dir, sft_jsonl, tmp_path):
+    summary = train(options(causal_dir, sft_jsonl, tmp_path / "q", task="sft", qlora=True, max_steps=4), quiet=True)
+    assert summary["method"] == "qlora"
+    model, _, record = __import__("lorakit.training.artifacts", fromlist=["x"]).load_trained(tmp_path / "q")
+    assert record["qlora"] and any(type(m).__name__ == "Linear4bit" for m in model.modules())
