@@ -39,6 +39,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, type=kind, default=None, help=text)
     parser.add_argument("--targets", nargs="+", default=None,
                         help="modules to adapt: names/suffixes, a regex, or all-linear (default: the model's preset)")
+    parser.add_argument("--modules-to-save", nargs="+", default=None,
+                        help="modules trained in full besides the adapters (classify always adds its head)")
     for flag, text in TRAIN_SWITCHES:
         parser.add_argument(flag, action="store_true", default=None, help=text)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -53,6 +55,7 @@ def options_from(args: argparse.Namespace):
     if targets and len(targets) == 1 and (targets[0] == "all-linear" or set(targets[0]) & set("*+?|()[]^$\\")):
         targets = targets[0]
     overrides["targets"] = targets
+    overrides["modules_to_save"] = args.modules_to_save
     return resolve_options(args.config, overrides)
 
 

@@ -193,7 +193,7 @@ def encode(rows: list[dict], tokenizer, task: str, seq_len: int, split: str, *, 
         if unknown:
             raise ConfigError(f"label(s) {', '.join(unknown[:10])} of the {split} split were not seen in training "
                               f"(known: {', '.join(index)})")
-        ids = tokenizer([str(r[text_column]) for r in rows], add_special_tokens=True)["input_ids"]
+        ids = tokenizer([str(r[text_column]) for r in rows], add_special_tokens=True, verbose=False)["input_ids"]
         examples = [{"input_ids": cut.cut(i), "labels": index[str(r[label_column])]} for i, r in zip(ids, rows)]
     elif task == "sft":
         examples = []
@@ -208,7 +208,7 @@ def encode(rows: list[dict], tokenizer, task: str, seq_len: int, split: str, *, 
         require_columns(rows, [text_column], split, hint=" (set --text-column)")
         stream: list[int] = []
         separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        for ids in tokenizer([str(r[text_column]) for r in rows], add_special_tokens=False)["input_ids"]:
+        for ids in tokenizer([str(r[text_column]) for r in rows], add_special_tokens=False, verbose=False)["input_ids"]:
             stream += ids + separator
         examples = [{"input_ids": stream[i:i + seq_len], "labels": stream[i:i + seq_len]}
                     for i in range(0, len(stream) - 1, seq_len) if len(stream[i:i + seq_len]) > 1]

@@ -20,6 +20,7 @@ class TrainOptions:
     alpha: float | None = None          # lora_alpha; None means 2 * r
     dropout: float = 0.05
     targets: list[str] | str | None = None  # None: the preset for the model type
+    modules_to_save: list[str] | None = None  # trained in full besides the adapters (classify adds its head)
     full: bool = False                  # full fine-tuning with the same loop, for comparison
     qlora: bool = False
     bf16: bool = False

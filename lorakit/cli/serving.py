@@ -1,0 +1,34 @@
+"""CLI command: lorakit serve."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ..serving.engine import Limits
+    from ..serving.server import build_engine, parse_adapter_specs, serve
+
+    limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_tokens_limit,
+                    max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
+    engine = build_engine(args.model, parse_adapter_specs(args.adapter or []), args.adapter_dir, limits)
+    print(f"serving {engine.base_name} with adapters {engine.adapters or '(none)'} on http://{args.host}:{args.port}")
+    serve(engine, args.host, args.port)
+    return 0
+
+
+def add_commands(sub) -> None:
+    serve = sub.add_parser("serve", help="HTTP server: one base model, many adapters, mixed-adapter batching",
+                           description="OpenAI-style /v1/completions, /v1/chat/completions (stream: true for SSE), "
+                                       "/v1/classify, /v1/models, /v1/adapters, /health, /metrics.")
+    serve.add_argument("--model", required=True, help="embedded name (smollm2-135m, minilm), model dir or .gguf")
+    serve.add_argument("--adapter", action="append", metavar="NAME=PATH", help="an adapter to load at start (repeatable)")
+    serve.add_argument("--adapter-dir", help="directory POST /v1/adapters may load adapters from (by name only)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    serve.add_argument("--max-queue", type=int, default=128, help="waiting requests before 429")
+    serve.add_argument("--max-prompt-tokens", type=int, default=1024)
+    serve.add_argument("--max-tokens-limit", type=int, default=256, help="largest max_tokens a request may ask")
+    serve.add_argument("--max-body-bytes", type=int, default=256_000)
+    serve.set_defaults(func=_serve)

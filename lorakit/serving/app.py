@@ -1,0 +1,208 @@
+"""The HTTP API (FastAPI): OpenAI-style completions and chat, classification, adapter management.
+
+Every handler validates its input into a 4xx with a message; only the engine's own failures are
+5xx. Bodies are read and size-checked before parsing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Literal
+
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .engine import Engine, Request, ServingError
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class CompletionBody(_Body):
+    model: str
+    prompt: str
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0, le=5)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    seed: int | None = Field(None, ge=0, lt=2**63)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value):
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > 4 or any(len(s) > 64 for s in stops):
+            raise ValueError("stop takes at most 4 strings of at most 64 characters")
+        return stops
+
+
+class Message(_Body):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatBody(CompletionBody):
+    prompt: str = ""
+    messages: list[Message] = Field(min_length=1)
+
+
+class ClassifyBody(_Body):
+    model: str
+    input: str | list[str]
+
+
+class AdapterBody(_Body):
+    name: str
+
+
+async def parse(request: HttpRequest, schema: type[BaseModel], limit: int):
+    declared = request.headers.get("content-length", "0")
+    if declared.isdigit() and int(declared) > limit:  # refuse before reading it
+        raise ServingError(f"request body of {declared} bytes exceeds the limit of {limit}", 413)
+    raw = await request.body()
+    if len(raw) > limit:
+        raise ServingError(f"request body of {len(raw)} bytes exceeds the limit of {limit}", 413)
+    try:
+        return schema.model_validate_json(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
+        raise ServingError(f"invalid request: {problems}", 400) from None
+
+
+def create_app(engine: Engine) -> FastAPI:
+    app = FastAPI(title="lorakit serve", description="One base model, many LoRA adapters.")
+    limit = engine.limits.max_body_bytes
+
+    @app.exception_handler(ServingError)
+    async def _serving_error(_, exc: ServingError):
+        return JSONResponse({"error": {"message": str(exc), "code": exc.status}}, status_code=exc.status)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok" if engine.running else "stopping", "adapters": len(engine.adapters)}
+
+    @app.get("/metrics")
+    async def metrics():
+        return engine.metrics()
+
+    @app.get("/v1/models")
+    async def models():
+        ids = [engine.base_name, *engine.adapters]
+        return {"object": "list", "data": [{"id": i, "object": "model", "owned_by": "lorakit",
+                                            "parent": None if i == engine.base_name else engine.base_name} for i in ids]}
+
+    async def run(request: Request) -> asyncio.Queue:
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        request.sink = lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+        engine.submit(request)
+        return events
+
+    async def final(events: asyncio.Queue):
+        while True:
+            kind, value = await events.get()
+            if kind == "done":
+                return value
+            if kind == "error":
+                raise value
+
+    def generation_request(body: CompletionBody, prompt_ids: list[int]) -> Request:
+        return Request(kind="generate", adapter=engine.check_model(body.model), prompt_ids=prompt_ids, sink=None,
+                       max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+                       stop=body.stop or [], seed=body.seed)
+
+    def completion_ids(body: CompletionBody) -> list[int]:
+        if not body.prompt:
+            raise ServingError("prompt must not be empty")
+        return engine.tokenizer(body.prompt)["input_ids"]
+
+    def chat_ids(body: ChatBody) -> list[int]:
+        if not engine.tokenizer.chat_template:
+            raise ServingError("this model has no chat template; use /v1/completions")
+        text = engine.tokenizer.apply_chat_template([m.model_dump() for m in body.messages],
+                                                    add_generation_prompt=True, tokenize=False)
+        return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    async def respond(body, prompt_ids: list[int], chat: bool):
+        if engine.labels is not None:
+            raise ServingError("this server hosts a classifier; use /v1/classify")
+        events = await run(generation_request(body, prompt_ids))
+        ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
+        kind = "chat.completion" if chat else "text_completion"
+
+        def choice(text: str | None, finish: str | None, delta: bool):
+            if not chat:
+                return {"index": 0, "text": text or "", "finish_reason": finish}
+            key, content = ("delta", {"content": text} if text is not None else {}) if delta else \
+                ("message", {"role": "assistant", "content": text})
+            return {"index": 0, key: content, "finish_reason": finish}
+
+        if not body.stream:
+            result = await final(events)
+            return {"id": ident, "object": kind, "created": created, "model": body.model,
+                    "choices": [choice(result["text"], result["finish_reason"], False)],
+                    "usage": {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
+                              "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}}
+
+        async def stream():
+            chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+            while True:
+                event, value = await events.get()
+                if event == "error":
+                    yield f"data: {json.dumps({'error': {'message': str(value), 'code': value.status}})}\n\n"
+                    break
+                text, finish = (value, None) if event == "delta" else (None, value["finish_reason"])
+                chunk = {"id": ident, "object": chunk_kind, "created": created, "model": body.model,
+                         "choices": [choice(text, finish, True)]}
+                yield f"data: {json.dumps(chunk)}\n\n"
+                if event == "done":
+                    break
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: HttpRequest):
+        body = await parse(request, CompletionBody, limit)
+        return await respond(body, completion_ids(body), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HttpRequest):
+        body = await parse(request, ChatBody, limit)
+        return await respond(body, chat_ids(body), chat=True)
+
+    @app.post("/v1/classify")
+    async def classify(request: HttpRequest):
+        body = await parse(request, ClassifyBody, limit)
+        if engine.labels is None:
+            raise ServingError("this server hosts a generative model; /v1/classify needs a classifier")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts or len(texts) > engine.limits.max_batch or any(not t for t in texts):
+            raise ServingError(f"input must hold 1 to {engine.limits.max_batch} non-empty texts")
+        adapter = engine.check_model(body.model)
+        queues = []
+        for text in texts:
+            ids = engine.tokenizer(text, truncation=True, max_length=engine.limits.max_prompt_tokens)["input_ids"]
+            queues.append(await run(Request(kind="classify", adapter=adapter, prompt_ids=ids, sink=None)))
+        results = [await final(q) for q in queues]
+        return {"object": "list", "model": body.model,
+                "data": [{"index": i, **r} for i, r in enumerate(results)]}
+
+    @app.post("/v1/adapters")
+    async def load_adapter(request: HttpRequest):
+        body = await parse(request, AdapterBody, limit)
+        await asyncio.to_thread(engine.load_adapter, body.name)
+        return {"loaded": body.name, "adapters": engine.adapters}
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(name: str):
+        await asyncio.to_thread(engine.unload_adapter, name)
+        return {"unloaded": name, "adapters": engine.adapters}
+
+    return app

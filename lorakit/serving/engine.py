@@ -1,0 +1,210 @@
+"""The serving engine: one base model, many adapters, requests batched across adapters.
+
+A worker thread takes queued requests in batches (dynamic batching: whatever arrived within a
+short window, up to max_batch) and runs them together: every row uses its own adapter through
+``lk.mixed_batch``, decoding step by step with a KV cache; rows stop on their own (EOS, stop
+string, max_tokens). The HTTP layer (app.py) only validates and hands requests over.
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import lorakit as lk
+
+from ..errors import LoraError
+from ..state import BASE
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ServingError(LoraError):
+    """A request the engine refuses; ``status`` is the HTTP status the API answers with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_tokens: int = 1024
+    max_new_tokens: int = 256
+    max_batch: int = 16
+    max_queue: int = 128
+    max_body_bytes: int = 256_000
+    batch_window_s: float = 0.01
+
+
+@dataclass
+class Request:
+    kind: str                       # "generate" or "classify"
+    adapter: str                    # an adapter name or BASE
+    prompt_ids: list[int]
+    sink: Callable[[str, object], None]  # sink("delta", text) / ("done", result) / ("error", ServingError)
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, base_name: str = "base", adapter_dir: str | None = None,
+                 labels: list[str] | None = None, limits: Limits = Limits()):
+        self.model, self.tokenizer, self.base_name, self.labels, self.limits = model.eval(), tokenizer, base_name, labels, limits
+        self.adapter_dir = Path(adapter_dir).resolve() if adapter_dir else None
+        self.queue: queue.Queue[Request] = queue.Queue()
+        self.model_lock = threading.Lock()       # held while a batch runs and while adapters change
+        self.in_use: dict[str, int] = {}
+        self.draining: set[str] = set()
+        self.idle = threading.Condition()
+        self.stats = {"requests": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0, "batches": 0,
+                      "batched_rows": 0}
+        self.latencies: deque[float] = deque(maxlen=2000)
+        self.running = True
+        self.worker = threading.Thread(target=self._work, name="lorakit-engine", daemon=True)
+        self.worker.start()
+
+    # --- adapters ------------------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        try:
+            return [n for n in lk.list_adapters(self.model) if n not in self.draining]
+        except LoraError:
+            return []
+
+    def resolve_adapter_path(self, name: str) -> Path:
+        """An adapter directory strictly inside the configured adapter dir (no paths, no `..`, no
+        symlinks pointing out)."""
+        if self.adapter_dir is None:
+            raise ServingError("this server has no --adapter-dir; adapters cannot be loaded at run time", 403)
+        if not ADAPTER_NAME.match(name) or ".." in name:
+            raise ServingError(f"invalid adapter name {name!r}: use letters, digits, '_', '-', '.' (no paths)")
+        path = (self.adapter_dir / name).resolve()
+        if path.parent != self.adapter_dir:
+            raise ServingError(f"adapter {name!r} resolves outside the adapter directory; refused", 403)
+        if not (path / "adapter_config.json").is_file():
+            raise ServingError(f"no adapter named {name!r} in the adapter directory", 404)
+        return path
+
+    def load_adapter(self, name: str, path: str | Path | None = None) -> None:
+        if not ADAPTER_NAME.match(name) or name == BASE:
+            raise ServingError(f"invalid adapter name {name!r}")
+        if name in self.adapters or name == self.base_name:
+            raise ServingError(f"adapter {name!r} is already loaded", 409)
+        path = Path(path) if path is not None else self.resolve_adapter_path(name)
+        with self.model_lock:
+            try:
+                lk.load_adapter(self.model, path, adapter_name=name)
+            except LoraError as exc:
+                raise ServingError(f"adapter {name!r} cannot be loaded: {exc}", 422) from None
+
+    def unload_adapter(self, name: str, timeout: float = 60.0) -> None:
+        """Stop accepting requests for ``name``, wait for its running ones, then drop it."""
+        if name not in self.adapters:
+            raise ServingError(f"unknown adapter {name!r}", 404)
+        self.draining.add(name)
+        try:
+            with self.idle:
+                if not self.idle.wait_for(lambda: self.in_use.get(name, 0) == 0, timeout=timeout):
+                    raise ServingError(f"adapter {name!r} is still busy after {timeout:.0f} s; try again", 503)
+            with self.model_lock:
+                lk.delete_adapter(self.model, name)
+        finally:
+            self.draining.discard(name)
+
+    # --- requests ------------------------------------------------------------------------------
+    def check_model(self, name: str) -> str:
+        if name in (self.base_name, BASE):
+            return BASE
+        if name in self.adapters:
+            return name
+        raise ServingError(f"unknown model {name!r}; available: {', '.join([self.base_name, *self.adapters])}", 404)
+
+    def submit(self, request: Request) -> None:
+        if not self.running:
+            raise ServingError("the server is shutting down", 503)
+        if self.queue.qsize() >= self.limits.max_queue:
+            raise ServingError(f"the queue is full ({self.limits.max_queue} requests waiting); retry later", 429)
+        if len(request.prompt_ids) > self.limits.max_prompt_tokens:
+            raise ServingError(f"the prompt has {len(request.prompt_ids)} tokens; the limit is "
+                               f"{self.limits.max_prompt_tokens}")
+        if request.kind == "generate" and not 1 <= request.max_new_tokens <= self.limits.max_new_tokens:
+            raise ServingError(f"max_tokens must be between 1 and {self.limits.max_new_tokens}")
+        with self.idle:
+            if request.adapter in self.draining:
+                raise ServingError(f"adapter {request.adapter!r} is being unloaded", 404)
+            self.in_use[request.adapter] = self.in_use.get(request.adapter, 0) + 1
+        self.stats["requests"] += 1
+        self.queue.put(request)
+
+    def _release(self, request: Request) -> None:
+        with self.idle:
+            self.in_use[request.adapter] -= 1
+            self.idle.notify_all()
+        self.latencies.append(time.perf_counter() - request.submitted)
+
+    def close(self) -> None:
+        self.running = False
+        self.queue.put(None)  # wakes the worker
+        self.worker.join(timeout=10)
+
+    def metrics(self) -> dict:
+        ordered = sorted(self.latencies)
+        pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4) if ordered else None  # noqa: E731
+        return {**self.stats, "queue_length": self.queue.qsize(), "adapters": len(self.adapters),
+                "mean_batch_size": round(self.stats["batched_rows"] / max(1, self.stats["batches"]), 2),
+                "latency_s": {"p50": pick(0.5), "p95": pick(0.95), "count": len(ordered)}}
+
+    # --- the worker ----------------------------------------------------------------------------
+    def _take_batch(self) -> list[Request]:
+        first = self.queue.get()
+        if first is None:
+            return []
+        batch = [first]
+        deadline = time.perf_counter() + self.limits.batch_window_s
+        while len(batch) < self.limits.max_batch:
+            try:
+                item = self.queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                break
+            if item is None:
+                self.queue.put(None)
+                break
+            batch.append(item)
+        return batch
+
+    def _work(self) -> None:
+        from .decoding import classify_batch, generate_batch
+
+        while self.running:
+            batch = self._take_batch()
+            if not batch:
+                continue
+            self.stats["batches"] += 1
+            self.stats["batched_rows"] += len(batch)
+            for kind, run in (("generate", generate_batch), ("classify", classify_batch)):
+                group = [r for r in batch if r.kind == kind]
+                if not group:
+                    continue
+                try:
+                    with self.model_lock, torch.inference_mode():
+                        run(self, group)
+                except Exception as exc:  # a failed batch fails its requests, never the server
+                    self.stats["failed"] += len(group)
+                    for request in group:
+                        request.sink("error", ServingError(f"generation failed: {exc}", 500))
+                finally:
+                    for request in group:
+                        self._release(request)

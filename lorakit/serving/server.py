@@ -1,0 +1,91 @@
+"""Build a serving engine from command-line style arguments and run it with uvicorn."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from pathlib import Path
+
+from ..errors import ConfigError
+from .engine import Engine, Limits
+
+
+def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
+    adapters = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter takes NAME=PATH, got {spec!r}")
+        if name in adapters:
+            raise ConfigError(f"adapter name {name!r} given twice")
+        adapters[name] = Path(path)
+    return adapters
+
+
+def build_engine(model_name: str, adapters: dict[str, Path], adapter_dir: str | None = None,
+                 limits: Limits = Limits()) -> Engine:
+    """Load the base model once (a classifier when the adapters were trained with task classify)
+    and every --adapter onto it."""
+    from ..training.artifacts import RUN_FILE
+    from ..training.models import load_model
+
+    labels = None
+    for path in adapters.values():
+        if (path / RUN_FILE).is_file():
+            record = json.loads((path / RUN_FILE).read_text())
+            if record.get("task") == "classify":
+                labels = record["labels"]
+    if adapter_dir is not None and not Path(adapter_dir).is_dir():
+        raise ConfigError(f"--adapter-dir {adapter_dir} is not a directory")
+    model, tokenizer = load_model(model_name, "classify" if labels else "lm", labels)
+    engine = Engine(model, tokenizer, base_name=Path(model_name).name or model_name, adapter_dir=adapter_dir,
+                    labels=labels, limits=limits)
+    for name, path in adapters.items():
+        engine.load_adapter(name, path)
+    return engine
+
+
+class BackgroundServer:
+    """uvicorn on a loopback socket in a thread (tests and benchmarks); `.url` once started."""
+
+    def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        from .app import create_app
+
+        self.engine = engine
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((host, port))
+        self.url = f"http://{host}:{self.socket.getsockname()[1]}"
+        config = uvicorn.Config(create_app(engine), log_level="warning", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    def __enter__(self) -> "BackgroundServer":
+        import time
+
+        self.thread.start()
+        for _ in range(500):
+            if self.server.started:
+                return self
+            time.sleep(0.01)
+        raise RuntimeError("the server did not start")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.engine.close()
+        self.socket.close()
+
+
+def serve(engine: Engine, host: str, port: int) -> None:
+    import uvicorn
+
+    from .app import create_app
+
+    try:
+        uvicorn.run(create_app(engine), host=host, port=port, log_level="info")
+    finally:
+        engine.close()
