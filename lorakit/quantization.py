@@ -157,10 +157,10 @@ def quantize(model: nn.Module, compute_dtype: torch.dtype = torch.float32, skip:
     Embeddings, norms and the output head stay as they are (as in QLoRA); ``skip`` names more
     modules (or suffixes) to leave alone. Call before ``lk.inject``.
     """
-    from .state import has_registry
+    from .state import has_adapters
     from .targeting import name_matches, output_head_names
 
-    if has_registry(model):
+    if has_adapters(model):
         raise ConfigError("quantize the base before injecting LoRA: lk.quantize(model) then lk.inject(model, config)")
     if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ConfigError(f"compute_dtype must be torch.float32, bfloat16 or float16, got {compute_dtype}")
@@ -201,15 +201,15 @@ def requantize_warning() -> None:
 QUANT_FILE = "model_nf4.safetensors"
 
 
-def save_quantized(model: nn.Module, directory) -> "Path":
+def save_quantized(model: nn.Module, directory):
     """Write a quantized model's whole state (4-bit codes and constants included) to one safetensors
     file, with the 4-bit layers' shapes in its metadata; written to a temporary name and renamed."""
     import json
-    import os
-    import tempfile
     from pathlib import Path
 
     from safetensors.torch import save_file
+
+    from .atomic import staged_file
 
     layers = {path: [m.in_features, m.out_features, m.bias is not None, str(m.compute_dtype).removeprefix("torch.")]
               for path, m in model.named_modules() if isinstance(m, Linear4bit)}
@@ -218,11 +218,8 @@ def save_quantized(model: nn.Module, directory) -> "Path":
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{QUANT_FILE}-")
-    os.close(fd)
-    save_file(state, tmp, metadata={"lorakit_nf4": json.dumps(layers)})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, directory / QUANT_FILE)
+    with staged_file(directory / QUANT_FILE) as tmp:
+        save_file(state, tmp, metadata={"lorakit_nf4": json.dumps(layers)})
     return directory / QUANT_FILE
 
 

@@ -32,10 +32,6 @@ def registry(model: nn.Module) -> AdapterRegistry:
     return found
 
 
-def has_registry(model: nn.Module) -> bool:
-    return _ATTR in model.__dict__
-
-
 def ensure_registry(model: nn.Module) -> AdapterRegistry:
     if _ATTR not in model.__dict__:
         model.__dict__[_ATTR] = AdapterRegistry()

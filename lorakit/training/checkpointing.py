@@ -7,15 +7,13 @@ write never leaves a half checkpoint where `--resume` would read it.
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import staged_directory
 from ..errors import AdapterFileError
 
 CHECKPOINT = "checkpoint"
@@ -39,28 +37,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def replace_dir(staging: Path, target: Path) -> None:
-    """Swap a fully written directory into place; the old one is removed only after the swap."""
-    old = target.with_name(f".{target.name}.old")
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_checkpoint(output: Path, model, optimizer, scheduler, progress: dict, name: str = CHECKPOINT) -> Path:
-    staging = Path(tempfile.mkdtemp(dir=output, prefix=f".{name}-"))
-    staging.chmod(0o755)
-    try:
+    with staged_directory(output / name) as staging:
         save_file(trainable_state(model), str(staging / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
                    staging / "training_state.pt")
         (staging / "progress.json").write_text(json.dumps(progress, indent=2))
-        replace_dir(staging, output / name)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output / name
 
 

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 import lorakit as lk
 
+from ..atomic import staged_directory
 from ..errors import ConfigError
-from .artifacts import RUN_FILE, load_trained
-from .data import EMBEDDED_SFT_TEMPLATES, SPLITS, encode, label_names, load_splits, prompt_text, require_rows
+from .artifacts import load_trained
+from .data import EMBEDDED_SFT_TEMPLATES, SPLITS, encode, load_splits, prompt_text, require_rows
 from .evaluation import answer_accuracy, evaluate
 from .models import load_model
 
@@ -119,15 +117,7 @@ def merge_run(run: str, output: str, dtype: str = "fp32", overwrite: bool = Fals
     if record.get("qlora"):
         lk.dequantize(model)  # merge into a 16/32-bit copy of the base, never back into 4 bits
     merged = lk.unload(model, merge=True).to(dtypes[dtype])
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    staging.chmod(0o755)
-    try:
+    with staged_directory(target) as staging:
         merged.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import signal
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -25,9 +23,10 @@ from tqdm.auto import tqdm
 
 import lorakit as lk
 
+from ..atomic import staged_directory, staged_file
 from ..errors import ConfigError
 from .artifacts import RUN_FILE, run_record
-from .checkpointing import find_checkpoint, load_checkpoint, replace_dir, save_checkpoint, trainable_state
+from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint, trainable_state
 from .data import EMBEDDED_SFT_TEMPLATES, collate, encode, label_names, load_splits, require_rows
 from .distributed import Distributed
 from .evaluation import answer_accuracy, evaluate
@@ -303,9 +302,7 @@ class Trainer:
         """output/adapter (PEFT format) or output/model (full fine-tune), with the tokenizer and the run
         record, staged and renamed into place as a whole."""
         target = self.output / ("model" if self.options.full else "adapter")
-        staging = Path(tempfile.mkdtemp(dir=self.output, prefix=f".{target.name}-"))
-        staging.chmod(0o755)  # mkdtemp makes it private; the artifact is meant to be shared
-        try:
+        with staged_directory(target) as staging:
             if self.options.full:
                 self.model.save_pretrained(staging)
             else:
@@ -313,21 +310,12 @@ class Trainer:
             self.tokenizer.save_pretrained(staging)
             record = run_record(self.options, self.labels, self.seq_len, *self.templates)
             (staging / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
-            replace_dir(staging, target)
-        except BaseException:
-            import shutil
-
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return target
 
 
 def _atomic_save(tensors: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    os.close(fd)
-    os.chmod(tmp, 0o644)
-    save_file({k: v.cpu() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
+    with staged_file(path) as tmp:
+        save_file({k: v.cpu() for k, v in tensors.items()}, tmp)
 
 
 def _fmt(metrics: dict) -> str:

@@ -8,8 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import lorakit as lk
 from lorakit.serving import BackgroundServer, Limits, build_engine
@@ -182,5 +181,3 @@ def test_classifier_server(classifier_dir, tmp_path):
         assert [set(d["probabilities"]) for d in reply["data"]] == [{"neg", "pos"}] * 2
         assert httpx.post(f"{running.url}/v1/completions", json={"model": "senti", "prompt": "x"}).status_code == 400
 
-
-from transformers import AutoModelForSequenceClassification  # noqa: E402

@@ -1,0 +1,129 @@
+"""Load test of `lorakit serve` on loopback: 64 concurrent requests over 8 adapters (issue 7).
+
+    python -m benchmarks.serving [--requests 64 --adapters 8 --max-tokens 32]
+
+Three ways to answer the same 64 greedy requests, on SmolLM2-135M-Instruct:
+  mixed   - one server, 8 LoRA adapters, all requests concurrent (mixed-adapter batches);
+  serial  - the same server, the requests one at a time;
+  merged  - a server whose base has one adapter merged in, all requests concurrent to it.
+Every mixed reply is checked against offline `model.generate` with its adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import torch
+
+import lorakit as lk
+from lorakit.serving import BackgroundServer, Engine, Limits
+from lorakit.training.data import load_splits
+from lorakit.training.models import load_model
+
+from .common import print_table
+
+
+def make_adapters(base, directory: Path, count: int) -> list[str]:
+    names = []
+    for i in range(count):
+        model = copy.deepcopy(base)
+        lk.inject(model, lk.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:  # a visible but sane change of behaviour per adapter
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        names.append(f"adapter{i}")
+        lk.save_adapter(model, directory / names[-1])
+    return names
+
+
+def ask(url: str, model: str, messages: list[dict], max_tokens: int) -> dict:
+    reply = httpx.post(f"{url}/v1/chat/completions", timeout=600,
+                       json={"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0})
+    reply.raise_for_status()
+    return reply.json()
+
+
+def run(url: str, jobs: list[tuple[str, list[dict]]], max_tokens: int, concurrent: bool) -> tuple[float, list[dict]]:
+    start = time.perf_counter()
+    if concurrent:
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            replies = list(pool.map(lambda job: ask(url, job[0], job[1], max_tokens), jobs))
+    else:
+        replies = [ask(url, model, messages, max_tokens) for model, messages in jobs]
+    return time.perf_counter() - start, replies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=Path("bench-out/serving.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    base, tokenizer = load_model("smollm2-135m", "lm")
+    base.eval()
+    reviews = load_splits("rotten-tomatoes")["test"][: args.requests]
+    limits = Limits(max_batch=args.max_batch, max_queue=4 * args.requests, max_new_tokens=args.max_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        names = make_adapters(base, Path(tmp), args.adapters)
+        jobs = [(names[i % len(names)], [{"role": "user", "content": f"Summarise this review in a few words: {r['text']}"}])
+                for i, r in enumerate(reviews)]
+        engine = Engine(copy.deepcopy(base), tokenizer, base_name="smollm2-135m", adapter_dir=tmp, limits=limits)
+        for name in names:
+            engine.load_adapter(name)
+        with BackgroundServer(engine) as server:
+            run(server.url, jobs[:4], 4, concurrent=True)  # warm-up
+            mixed_s, mixed = run(server.url, jobs, args.max_tokens, concurrent=True)
+            batches = engine.metrics()["mean_batch_size"]
+            serial_s, _ = run(server.url, jobs, args.max_tokens, concurrent=False)
+
+        merged_model = lk.load_adapter(copy.deepcopy(base), Path(tmp) / names[0])
+        merged_model = lk.unload(merged_model, merge=True)
+        merged_engine = Engine(merged_model, tokenizer, base_name="merged", limits=limits)
+        with BackgroundServer(merged_engine) as server:
+            run(server.url, [("merged", m) for _, m in jobs[:4]], 4, concurrent=True)
+            merged_s, merged = run(server.url, [("merged", m) for _, m in jobs], args.max_tokens, concurrent=True)
+
+        # correctness: every mixed reply equals offline generate with its adapter
+        correct = 0
+        offline = {name: lk.load_adapter(copy.deepcopy(base), Path(tmp) / name) for name in names}
+        for (name, messages), reply in zip(jobs, mixed):
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            enc = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+            with torch.no_grad():
+                out = offline[name].generate(**enc, max_new_tokens=args.max_tokens, do_sample=False,
+                                             pad_token_id=tokenizer.pad_token_id)
+            expected = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            correct += int(reply["choices"][0]["message"]["content"] == expected)
+
+    tokens = lambda replies: sum(r["usage"]["completion_tokens"] for r in replies)  # noqa: E731
+    rows = {"mixed (8 adapters, concurrent)": (mixed_s, tokens(mixed)),
+            "serial (one at a time)": (serial_s, tokens(mixed)),
+            "merged single adapter (concurrent)": (merged_s, tokens(merged))}
+    print_table(f"{args.requests} chat requests, max_tokens {args.max_tokens}, greedy, SmolLM2-135M on 2 CPU cores",
+                [(k, f"{s:.1f}", n, f"{n / s:.1f}") for k, (s, n) in rows.items()],
+                ("mode", "wall s", "tokens", "tokens/s"))
+    mixed_tps = rows["mixed (8 adapters, concurrent)"][1] / mixed_s
+    merged_tps = rows["merged single adapter (concurrent)"][1] / merged_s
+    print(f"answered {len(mixed)}/{args.requests}; equal to offline generate: {correct}/{args.requests}; "
+          f"mean batch {batches}")
+    print(f"mixed / merged throughput = {mixed_tps / merged_tps:.2f} (target >= 0.85); "
+          f"mixed / serial = {serial_s / mixed_s:.2f}x")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"rows": rows, "correct": correct, "answered": len(mixed),
+                                    "mixed_over_merged": mixed_tps / merged_tps, "mean_batch": batches}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
