@@ -27,7 +27,7 @@ TARGETS = ["query", "key", "value", "attention.output.dense"]  # Q, K, V, O as i
 def run_demo(output: str = "lorakit-demo", steps: int = 300, seed: int = 0, eval_examples: int | None = None,
              r: int = 8, alpha: float | None = None, overwrite: bool = True) -> dict:
     options = resolve_options(None, dict(model="minilm", data="rotten-tomatoes", task="classify", output=output,
-                                         max_steps=steps, batch_size=32, lr=5e-4, seq_len=64, seed=seed, r=r,
+                                         max_steps=steps, batch_size=32, lr=3e-3, seq_len=64, seed=seed, r=r,
                                          alpha=alpha, eval_examples=eval_examples, overwrite=overwrite,
                                          targets=TARGETS))
     summary = train(options)
