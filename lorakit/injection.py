@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import CLASSIFIER_HEAD_NAMES, LoraConfig, resolve_target_modules
 from .errors import ConfigError, LoraError
+from .kernels import link_shared_inputs
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .state import apply_trainability, ensure_registry, has_adapters, registry
 from .targeting import (find_modules_to_save, find_targets, iter_base_modules, minimal_suffixes, replace_module,
@@ -68,6 +69,7 @@ def apply_plan(model: nn.Module, plan: InjectionPlan, adapter_name: str) -> None
         _wrap(model, path, ModulesToSave).add_adapter(adapter_name)
     reg = ensure_registry(model)
     reg.configs[adapter_name] = config
+    link_shared_inputs(model)
     if not reg.active:
         set_active(model, [adapter_name])
     else:

@@ -16,38 +16,142 @@ import torch.nn.functional as F
 
 
 class FusedLoraLinear(torch.autograd.Function):
+    """The whole layer in ``dtype`` (x's dtype, or autocast's): a 16-bit base with fp32 LoRA
+    weights runs its LoRA matmuls in 16 bits too, as autocast would, and returns fp32 gradients."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scaling: float, p: float, transposed: bool):
-        base_weight = weight.T if transposed else weight  # Conv1D stores in×out
-        out = F.linear(x, base_weight, bias)
-        mask = torch.rand_like(x) >= p if p > 0 else None
-        x_d = x * mask / (1 - p) if mask is not None else x
-        h = F.linear(x_d, A) * scaling
-        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.t())
-        ctx.save_for_backward(x, weight, A, B, mask, h)
-        ctx.scaling, ctx.p, ctx.transposed = scaling, p, transposed
+    def forward(ctx, x, weight, bias, A, B, scaling: float, p: float, transposed: bool, dtype: torch.dtype):
+        with torch.autocast(x.device.type, enabled=False):  # the casts below are the autocast ones
+            xc, Ac, Bc = x.to(dtype), A.to(dtype), B.to(dtype)
+            base_weight = weight.T if transposed else weight  # Conv1D stores in×out
+            out = F.linear(xc, base_weight.to(dtype), None if bias is None else bias.to(dtype))
+            mask = dropout_mask(xc, p) if p > 0 else None
+            x_d = xc * mask / (1 - p) if mask is not None else xc
+            h = F.linear(x_d, Ac) * scaling
+            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), Bc.t())
+        ctx.save_for_backward(xc, weight, A, B, mask, h)
+        ctx.scaling, ctx.p, ctx.transposed, ctx.x_dtype = scaling, p, transposed, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, A, B, mask, h = ctx.saved_tensors
-        s, p = ctx.scaling, ctx.p
-        dy = grad_out.reshape(-1, grad_out.shape[-1])
-        dh = (dy @ B) * s  # N×r
+        s, p, dtype = ctx.scaling, ctx.p, x.dtype
+        dy = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+        dh = (dy @ B.to(dtype)) * s  # N×r
         grad_x = grad_bias = grad_A = grad_B = None
         if ctx.needs_input_grad[4]:
-            grad_B = dy.t() @ h.reshape(-1, h.shape[-1])
+            grad_B = (dy.t() @ h.reshape(-1, h.shape[-1])).to(B.dtype)
         if ctx.needs_input_grad[3]:
             x2 = x.reshape(-1, x.shape[-1])
             x_d = x2 * mask.reshape(x2.shape) / (1 - p) if mask is not None else x2
-            grad_A = dh.t() @ x_d
+            grad_A = (dh.t() @ x_d).to(A.dtype)
         if ctx.needs_input_grad[0]:
-            grad_x = dy @ (weight.T if ctx.transposed else weight)
+            grad_x = dy @ (weight.T if ctx.transposed else weight).to(dtype)
             if mask is None:
-                grad_x.addmm_(dh, A)
+                grad_x.addmm_(dh, A.to(dtype))
             else:
-                grad_x.addcmul_(dh @ A, mask.reshape(grad_x.shape), value=1 / (1 - p))
-            grad_x = grad_x.view(x.shape)
+                grad_x.addcmul_(dh @ A.to(dtype), mask.reshape(grad_x.shape), value=1 / (1 - p))
+            grad_x = grad_x.view(x.shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
-            grad_bias = dy.sum(0)
-        return grad_x, None, grad_bias, grad_A, grad_B, None, None, None
+            grad_bias = dy.sum(0).to(ctx.bias_dtype)
+        return grad_x, None, grad_bias, grad_A, grad_B, None, None, None, None
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer computes in: autocast's when it is on, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Bool keep-mask, drawn straight into 1-byte storage (2-3x cheaper than rand_like(x) >= p)."""
+    return torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+
+
+class SharedLoraProjection(torch.autograd.Function):
+    """h = (m⊙x/(1-p))·A_catᵀ, column-scaled: the A-projections of every adapter reading the same
+    input in one GEMM, with one dropout mask. Backward: dA_cat and dx only."""
+
+    @staticmethod
+    def forward(ctx, x, A_cat, scales, p: float, dtype: torch.dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            xc = x.to(dtype)
+            mask = dropout_mask(xc, p) if p > 0 else None
+            x_d = xc * mask / (1 - p) if mask is not None else xc
+            h = F.linear(x_d, A_cat.to(dtype)) * scales.to(dtype)
+        ctx.save_for_backward(xc, A_cat, scales, mask)
+        ctx.p, ctx.x_dtype = p, x.dtype
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        x, A_cat, scales, mask = ctx.saved_tensors
+        p, dtype = ctx.p, x.dtype
+        dh = (grad_h.to(dtype) * scales.to(dtype)).reshape(-1, grad_h.shape[-1])
+        grad_x = grad_A = None
+        if ctx.needs_input_grad[1]:
+            x2 = x.reshape(-1, x.shape[-1])
+            grad_A = (dh.t() @ (x2 * mask.reshape(x2.shape) / (1 - p) if mask is not None else x2)).to(A_cat.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_x = dh @ A_cat.to(dtype)
+            if mask is not None:
+                grad_x.mul_(mask.reshape(grad_x.shape)).div_(1 - p)
+            grad_x = grad_x.view(x.shape).to(ctx.x_dtype)
+        return grad_x, grad_A, None, None, None
+
+
+# Projections that read the same input tensor in common architectures (Llama/Mistral/Qwen, BERT).
+SHARED_INPUT_SETS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
+
+
+class SharedInputGroup:
+    """Sibling LoRA layers fed the same x: the first one called computes every member's r-wide
+    projection at once; the others take their slice. Keyed by the identity of x, so a member
+    called with another tensor simply recomputes."""
+
+    def __init__(self, layers: list):
+        self.layers = layers
+        self._x = self._h = None
+        self._taken: set[int] = set()
+
+    def usable(self, name: str, x: torch.Tensor) -> bool:
+        ps = set()
+        for layer in self.layers:
+            if layer.fused_adapter(x, (), {}) != name:
+                return False
+            drop = layer.lora_dropout[name]
+            ps.add(drop.p if isinstance(drop, torch.nn.Dropout) and layer.training else 0.0)
+        return len(ps) == 1 and not torch.compiler.is_compiling()
+
+    def slice_for(self, layer, name: str, x: torch.Tensor) -> torch.Tensor:
+        index = self.layers.index(layer)
+        if self._x is not x or index in self._taken:
+            A_cat = torch.cat([m.lora_A[name].weight for m in self.layers])
+            scales = torch.cat([A_cat.new_full((m.rank(name),), m.scaling[name]) for m in self.layers])
+            drop = layer.lora_dropout[name]
+            p = drop.p if isinstance(drop, torch.nn.Dropout) and layer.training else 0.0
+            self._x, self._taken = x, set()
+            self._h = SharedLoraProjection.apply(x, A_cat, scales, p, compute_dtype(x))
+        start = sum(m.rank(name) for m in self.layers[:index])
+        h = self._h[..., start:start + layer.rank(name)]
+        self._taken.add(index)
+        if len(self._taken) == len(self.layers):
+            self._x = self._h = None  # every member has its slice: drop the references
+        return h
+
+
+def link_shared_inputs(model: torch.nn.Module) -> None:
+    """Group sibling LoRA linear layers that read the same input (see SHARED_INPUT_SETS)."""
+    from .layers import LoraLinear
+
+    for parent in model.modules():
+        children = dict(parent.named_children())
+        for names in SHARED_INPUT_SETS:
+            members = [children[n] for n in names if isinstance(children.get(n), LoraLinear)
+                       and not children[n].fan_in_fan_out]
+            group = SharedInputGroup(members) if len(members) > 1 else None
+            for member in members:
+                member.__dict__["shared_input"] = group

@@ -301,13 +301,23 @@ class LoraLinear(LoraLayer):
         fused = self.fused_adapter(x, args, kwargs)
         if fused is None:
             return super().forward(x, *args, **kwargs)
-        from .kernels import FusedLoraLinear
+        from .kernels import FusedLoraLinear, compute_dtype
+
+        group = self.__dict__.get("shared_input")
+        if group is not None and group.usable(fused, x):
+            # q/k/v (gate/up) share one A-projection GEMM and one dropout mask
+            h = group.slice_for(self, fused, x)
+            result = self.base_layer(x)
+            B = self.lora_B[fused].weight.to(result.dtype)
+            result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]).to(result.dtype), B.t())
+            return result
 
         A, B = self.lora_pair(fused)
         drop = self.lora_dropout[fused]
         p = drop.p if isinstance(drop, nn.Dropout) and self.training else 0.0
         base = self.base_layer
-        return FusedLoraLinear.apply(x, base.weight, base.bias, A, B, self.scaling[fused], p, self.fan_in_fan_out)
+        return FusedLoraLinear.apply(x, base.weight, base.bias, A, B, self.scaling[fused], p, self.fan_in_fan_out,
+                                     compute_dtype(x))
 
     def fused_adapter(self, x: torch.Tensor, args, kwargs) -> str | None:
         """The adapter to run through the fused autograd path, or None for the general path: used
@@ -319,9 +329,11 @@ class LoraLinear(LoraLayer):
             return None
         A, B = self.lora_pair(active[0])
         weight = self.base_layer.weight
-        if weight.requires_grad or not (A.requires_grad or B.requires_grad) or torch.is_autocast_enabled(x.device.type):
+        if weight.requires_grad or not (A.requires_grad or B.requires_grad) or A.dtype != B.dtype:
             return None
-        if not (x.dtype == weight.dtype == A.dtype == B.dtype):
+        # one compute dtype: autocast's, or x's when x and the base weight agree (a 16-bit base with
+        # fp32 LoRA weights computes its LoRA matmuls in 16 bits, as autocast does)
+        if not torch.is_autocast_enabled(x.device.type) and x.dtype != weight.dtype:
             return None
         return active[0]
 

@@ -6,6 +6,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorakit as lk
+from lorakit import kernels
 from lorakit.kernels import FusedLoraLinear
 from tests.conftest import randomize_lora, tiny_llama
 
@@ -50,7 +51,7 @@ def test_dropout_uses_a_mask_on_the_lora_branch_only(monkeypatch):
     layer = model[0]
     x = torch.randn(4, 12, requires_grad=True)
     u = torch.rand(4, 12)
-    monkeypatch.setattr(torch, "rand_like", lambda t: u)
+    monkeypatch.setattr(kernels, "dropout_mask", lambda t, p: u >= p)
     out = model(x)
     out.sum().backward()
     A, B = (p.detach().clone().requires_grad_(True) for p in layer.lora_pair("default"))
@@ -101,3 +102,56 @@ def test_torch_compile_gives_the_same_loss_and_gradients(backend):
     for name, param in model.named_parameters():
         if name in eager[1]:
             assert torch.allclose(eager[1][name], param.grad, atol=1e-5), name
+
+
+def test_shared_input_groups_compute_q_k_v_and_gate_up_together(monkeypatch):
+    """The grouped path gives the per-layer results (outputs and every gradient) and draws one
+    dropout mask per shared input: 4 per Llama block (q/k/v, o, gate/up, down) instead of 7."""
+    ids = torch.randint(2, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    grouped = lora_llama()
+    q_proj = grouped.model.layers[0].self_attn.q_proj
+    assert q_proj.shared_input is grouped.model.layers[0].self_attn.v_proj.shared_input
+    assert getattr(grouped.model.layers[0].self_attn.o_proj, "shared_input", None) is None
+    separate = lora_llama()
+    for module in separate.modules():
+        module.__dict__.pop("shared_input", None)
+    loss_a, grads_a = loss_and_grads(grouped, ids)
+    loss_b, grads_b = loss_and_grads(separate, ids)
+    assert torch.allclose(loss_a, loss_b, atol=1e-6) and grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5), name
+
+    draws = []
+    real = kernels.dropout_mask
+    monkeypatch.setattr(kernels, "dropout_mask", lambda x, p: draws.append(x.shape) or real(x, p))
+    dropped = lk.inject(tiny_llama(), lk.LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear")).train()
+    dropped(input_ids=ids, labels=ids).loss.backward()
+    assert len(draws) == 4 * len(dropped.model.layers)
+
+
+@pytest.mark.parametrize("mode", ["autocast", "bf16 base"])
+def test_fused_path_in_bf16_matches_the_general_path(mode, monkeypatch):
+    """bf16 autocast over an fp32 model, or a bf16 base with fp32 LoRA weights: the fused and
+    grouped paths give the general path's loss and (fp32) LoRA gradients to bf16 precision."""
+    ids = torch.randint(2, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def run(fused: bool):
+        model = lora_llama()
+        if mode == "bf16 base":
+            lk.cast_base(model, torch.bfloat16)
+        if not fused:
+            monkeypatch.setattr(lk.LoraLinear, "fused_adapter", lambda *a, **k: None)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        monkeypatch.undo()
+        return loss.detach().float(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_fused, grads_fused = run(True)
+    loss_general, grads_general = run(False)
+    assert abs(loss_fused - loss_general) < 2e-2 * abs(loss_general)
+    assert grads_fused.keys() == grads_general.keys()
+    for name, grad in grads_fused.items():
+        assert grad.dtype == torch.float32, name
+        ref = grads_general[name]
+        assert (grad - ref).norm() <= 0.05 * ref.norm() + 1e-6, name
