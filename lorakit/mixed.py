@@ -8,14 +8,62 @@ matmuls, with no Python loop over adapters or sub-batches.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from .errors import LoraError, MergeStateError
-from .layers import MixedRows
 from .state import BASE, check_names, lora_layers, merged_adapters, saved_modules
+
+
+@dataclass
+class MixedRows:
+    """Per-row adapter choice for one layer during ``lk.mixed_batch``.
+
+    slot_of_row[i] indexes the stacked adapters; slot 0 is the base model (all zeros).
+    A_stack: slots×in×r_max (Aᵀ), B_stack: slots×r_max×out (s·Bᵀ, the scaling folded in).
+    """
+
+    slot_of_row: torch.Tensor
+    A_stack: torch.Tensor
+    B_stack: torch.Tensor
+    dropout_of_slot: torch.Tensor
+    buffers: dict = field(default_factory=dict)  # the layer's, reused across blocks
+    _per_batch: dict = field(default_factory=dict)
+
+    def rows_for(self, batch: int) -> torch.Tensor:
+        n = self.slot_of_row.numel()
+        if batch == n:
+            return self.slot_of_row
+        if batch % n == 0:  # generate() repeats each row for beams / num_return_sequences
+            return self.slot_of_row.repeat_interleave(batch // n)
+        raise LoraError(
+            f"mixed_batch got {n} adapter names but the batch has {batch} rows; pass one name per row."
+        )
+
+    def row_pairs(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's Aᵀ (batch×in×r) and s·Bᵀ (batch×r×out), gathered once per block and batch size
+        (the rows do not change inside the block, e.g. across generate's decoding steps)."""
+        if batch not in self._per_batch:
+            rows = self.rows_for(batch)
+            A_rows, B_rows = self._outputs(batch)
+            torch.index_select(self.A_stack, 0, rows, out=A_rows)
+            torch.index_select(self.B_stack, 0, rows, out=B_rows)
+            self._per_batch[batch] = (A_rows, B_rows, self.dropout_of_slot.index_select(0, rows))
+        return self._per_batch[batch]
+
+    def _outputs(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Fresh multi-MB tensors on every block cost page faults, so they are kept and reused;
+        # not under autograd, whose graph may still hold the previous block's rows.
+        shape_a, shape_b = (batch, *self.A_stack.shape[1:]), (batch, *self.B_stack.shape[1:])
+        if torch.is_grad_enabled():
+            return self.A_stack.new_empty(shape_a), self.B_stack.new_empty(shape_b)
+        key = (shape_a, shape_b, self.A_stack.dtype, self.A_stack.device)
+        if key not in self.buffers:
+            self.buffers[key] = (self.A_stack.new_empty(shape_a), self.B_stack.new_empty(shape_b))
+        return self.buffers[key]
 
 
 @contextlib.contextmanager
