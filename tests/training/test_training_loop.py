@@ -26,7 +26,7 @@ def losses(output):
 
 def test_classify_run_writes_log_curve_adapter_and_learns(classifier_dir, reviews_csv, tmp_path):
     summary = train(options(classifier_dir, reviews_csv, tmp_path / "run", max_steps=60, eval_steps=30,
-                               lr=1e-2, targets="all-linear"), quiet=True)
+                               lr=1e-2, targets="all-linear", dropout=0.0), quiet=True)
     out = tmp_path / "run"
     assert {"train_log.jsonl", "loss_curve.png", "summary.json", "train_config.yaml", "adapter", "checkpoint"} <= {
         p.name for p in out.iterdir()}
