@@ -94,7 +94,8 @@ def _eos_ids(engine) -> set[int]:
 
 def generate_batch(engine, requests) -> None:
     model, tokenizer = engine.model, engine.tokenizer
-    rows = [_Row(r, tokenizer, _eos_ids(engine)) for r in requests]
+    eos_ids = _eos_ids(engine)
+    rows = [_Row(r, tokenizer, eos_ids) for r in requests]
     ids, mask = _left_pad([r.prompt_ids for r in requests], tokenizer.pad_token_id or 0)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     device = next(model.parameters()).device

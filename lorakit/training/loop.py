@@ -100,8 +100,8 @@ class Trainer:
                         for split, rows in splits.items()}
         self.model = prepare_model(model, options).to(self.dist.device)
         self.report = lk.trainable_parameters(self.model)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=options.lr, weight_decay=options.weight_decay)
         per_micro = options.batch_size * self.dist.world_size
         self.micro_per_epoch = len(self.encoded["train"]) // per_micro
         if self.micro_per_epoch < options.grad_accum:
@@ -199,9 +199,8 @@ class Trainer:
                 loss.backward()
             loss_sum += float(loss.detach())
             tokens += int(batch["attention_mask"].sum())
-        params = [p for p in self.model.parameters() if p.requires_grad]
         if o.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
