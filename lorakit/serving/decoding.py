@@ -20,13 +20,16 @@ def _adapter_block(engine, names: list[str]):
     return lk.mixed_batch(engine.model, names)
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids and attention mask; decoders pad on the left (every row ends at the last position),
+    encoders on the right (positions start at 0)."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row)
+        mask[i, span] = 1
     return ids, mask
 
 
@@ -96,7 +99,7 @@ def generate_batch(engine, requests) -> None:
     model, tokenizer = engine.model, engine.tokenizer
     eos_ids = _eos_ids(engine)
     rows = [_Row(r, tokenizer, eos_ids) for r in requests]
-    ids, mask = _left_pad([r.prompt_ids for r in requests], tokenizer.pad_token_id or 0)
+    ids, mask = _pad([r.prompt_ids for r in requests], tokenizer.pad_token_id or 0, left=True)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     device = next(model.parameters()).device
     ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
@@ -125,11 +128,8 @@ def generate_batch(engine, requests) -> None:
 
 def classify_batch(engine, requests) -> None:
     model, tokenizer = engine.model, engine.tokenizer
-    ids, mask = _left_pad([r.prompt_ids for r in requests], tokenizer.pad_token_id or 0)
-    if tokenizer.padding_side == "right":  # encoders expect right padding (position ids from 0)
-        ids, mask = ids.flip(1), mask.flip(1)
-        for i, r in enumerate(requests):
-            ids[i, :len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
+    ids, mask = _pad([r.prompt_ids for r in requests], tokenizer.pad_token_id or 0,
+                     left=tokenizer.padding_side == "left")
     with _adapter_block(engine, [r.adapter for r in requests]):
         probs = model(input_ids=ids, attention_mask=mask).logits.float().softmax(-1)
     labels = engine.labels or [str(i) for i in range(probs.shape[-1])]

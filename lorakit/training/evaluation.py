@@ -104,3 +104,14 @@ def answer_accuracy(model, tokenizer, rows: list[dict], prompt_template=None, re
         tokenizer.padding_side = side
     return {"answer_accuracy": correct / len(pairs), "examples": len(pairs), "candidates": candidates,
             "sample_replies": replies[:5]}
+
+
+def split_metrics(model, tokenizer, task: str, examples: list[dict], rows: list[dict], labels, templates,
+                  batch_size: int = 32, bf16: bool = False) -> dict:
+    """evaluate(), plus answer accuracy for sft sets whose answers are a few labels."""
+    metrics = evaluate(model, examples, task, tokenizer.pad_token_id, labels, batch_size, bf16)
+    if task == "sft":
+        answers = answer_accuracy(model, tokenizer, rows, *templates, bf16=bf16)
+        if answers:
+            metrics.update(answers)
+    return metrics

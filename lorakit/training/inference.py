@@ -12,7 +12,7 @@ from ..atomic import staged_directory
 from ..errors import ConfigError
 from .artifacts import load_trained
 from .data import EMBEDDED_SFT_TEMPLATES, SPLITS, encode, load_splits, prompt_text, require_rows
-from .evaluation import answer_accuracy, evaluate
+from .evaluation import split_metrics
 from .models import load_model
 
 
@@ -53,11 +53,8 @@ def evaluate_run(run: str | None = None, data: str | None = None, split: str = "
     examples = encode(rows, tokenizer, record["task"], record["seq_len"], split, text_column=text_column,
                       label_column=label_column, labels=record["labels"], prompt_template=templates[0],
                       response_template=templates[1])
-    metrics = evaluate(model, examples, record["task"], tokenizer.pad_token_id, record["labels"], batch_size, bf16)
-    if record["task"] == "sft":
-        answers = answer_accuracy(model, tokenizer, rows, *templates, bf16=bf16)
-        if answers:
-            metrics.update(answers)
+    metrics = split_metrics(model, tokenizer, record["task"], examples, rows, record["labels"], templates,
+                            batch_size, bf16)
     metrics.update({"run": run, "model": record["model"], "data": data, "split": split, "task": record["task"]})
     return metrics
 
@@ -89,17 +86,13 @@ def generate(model, tokenizer, prompts: list[str], record: dict, max_new_tokens:
                  for p in prompts]
     else:
         texts = prompts
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        replies = []
-        for text in texts:  # one at a time: no padding, so results do not depend on batch mates
-            enc = tokenizer(text, return_tensors="pt", add_special_tokens=record["task"] != "sft")
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                                 temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
-                                 pad_token_id=tokenizer.pad_token_id)
-            replies.append(tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = side
+    replies = []
+    for text in texts:  # one at a time: no padding, so results do not depend on batch mates
+        enc = tokenizer(text, return_tensors="pt", add_special_tokens=record["task"] != "sft")
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                             temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
+                             pad_token_id=tokenizer.pad_token_id)
+        replies.append(tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
     return replies
 
 

@@ -29,7 +29,7 @@ from .artifacts import RUN_FILE, run_record
 from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint, trainable_state
 from .data import EMBEDDED_SFT_TEMPLATES, collate, encode, label_names, load_splits, require_rows
 from .distributed import Distributed
-from .evaluation import answer_accuracy, evaluate
+from .evaluation import evaluate, split_metrics
 from .models import load_model
 from .options import TrainOptions, save_options
 
@@ -287,15 +287,10 @@ class Trainer:
         examples = self.encoded.get("test")
         if not examples:
             return None
-        metrics = evaluate(self.model, examples, self.options.task, self.tokenizer.pad_token_id, self.labels,
-                           bf16=self.options.bf16)
-        if self.options.task == "sft":
-            cap = self.options.eval_examples
-            rows = self.rows["test"][:cap] if cap else self.rows["test"]
-            answers = answer_accuracy(self.model, self.tokenizer, rows, *self.templates, bf16=self.options.bf16)
-            if answers:
-                metrics.update(answers)
-        return metrics
+        cap = self.options.eval_examples
+        rows = self.rows["test"][:cap] if cap else self.rows["test"]
+        return split_metrics(self.model, self.tokenizer, self.options.task, examples, rows, self.labels,
+                             self.templates, bf16=self.options.bf16)
 
     def _write_artifact(self) -> Path:
         """output/adapter (PEFT format) or output/model (full fine-tune), with the tokenizer and the run
