@@ -53,7 +53,7 @@ def child(impl: str, shape: str, batch: int, seq: int, rank: int, dropout: float
     model = build_llama(shape).train()
     matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     bf16 = dtype == "bf16"
-    if impl == "lorakit":
+    if impl.startswith("lorakit"):
         import lorakit as lk
 
         lk.inject(model, lk.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=SEVEN))
@@ -72,7 +72,10 @@ def child(impl: str, shape: str, batch: int, seq: int, rank: int, dropout: float
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            if impl == "lorakit":  # lorakit's training step: fused LoRA layers + the chunked loss
+                loss = lk.causal_lm_loss(model, ids, ids)
+            else:  # PEFT, full fine-tuning and "lorakit-layers" (the fused layers alone): transformers' loss
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -101,6 +104,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--impls", nargs="+", default=["peft", "lorakit-layers", "lorakit"],
+                        choices=["peft", "lorakit-layers", "lorakit"])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     common = [f"--{k}={v}" for k, v in [("shape", args.shape), ("batch", args.batch), ("seq", args.seq),
@@ -114,7 +119,7 @@ def main() -> None:
                                args.threads, dtype)))
         return
     cases = [(impl, d, dt) for dt in args.dtypes for impl, d in
-             [("gemm", 0.0), ("full", 0.0)] + [(impl, d) for d in args.dropouts for impl in ("peft", "lorakit")]]
+             [("gemm", 0.0), ("full", 0.0)] + [(impl, d) for d in args.dropouts for impl in args.impls]]
     results: dict = {case: [] for case in cases}
     for repeat in range(args.repeats):
         order = list(cases)
@@ -131,7 +136,7 @@ def main() -> None:
         peft_m = med.get(("peft", dropout, dtype))
         ratio = lambda a, b: f"{a / b:.2f}" if b > 0 else "n/a"  # noqa: E731
         vs_peft = (ratio(m["step_s"], peft_m["step_s"]), ratio(m["peak_mb"], peft_m["peak_mb"])) \
-            if impl == "lorakit" else ("", "")
+            if impl.startswith("lorakit") else ("", "")
         tokens = args.batch * args.seq
         rows.append((impl, dtype, dropout, f"{int(m['trainable']):,}", f"{m['step_s'] * 1000:.0f}",
                      f"{tokens / m['step_s']:.0f}", f"{m['step_s'] / full:.2f}", f"{m['peak_mb']:.0f}",

@@ -13,6 +13,7 @@ from .errors import (AdapterFileError, AdapterMismatchError, AdapterNotFoundErro
                      MergeStateError, TargetNotFoundError)
 from .injection import inject
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from .losses import ChunkedLossLM, causal_lm_loss, linear_cross_entropy
 from .merging import add_weighted_adapter, cast_base, merge, unload, unmerge
 from .mixed import mixed_batch
 from .quantization import Linear4bit, dequantize, load_quantized, quantize, save_quantized
@@ -27,6 +28,7 @@ __all__ = [
     "set_adapter", "delete_adapter", "list_adapters", "active_adapters", "merged_adapters", "disable_adapters",
     "merge", "unmerge", "unload", "add_weighted_adapter", "cast_base", "mixed_batch", "BASE",
     "quantize", "dequantize", "save_quantized", "load_quantized", "Linear4bit",
+    "causal_lm_loss", "linear_cross_entropy", "ChunkedLossLM",
     "LoraLayer", "LoraLinear", "LoraEmbedding", "ModulesToSave",
     "LoraError", "ConfigError", "TargetNotFoundError", "AdapterNotFoundError", "AdapterMismatchError",
     "AdapterFileError", "MergeStateError",

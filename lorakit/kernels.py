@@ -6,7 +6,7 @@ Backward: only what training needs — dA, dB and dx (and db if the bias trains)
     dA = s·(dy·B)ᵀ·x_d              (x_d rebuilt from x and the mask)
     dx = dy·W0 + m⊙(s·(dy·B)·A)/(1-p)
 What it saves for backward: x (usually alive anyway, shared by q/k/v), the r-wide h, and for
-dropout a bool mask (1 byte per element) instead of a dropped float copy of x.
+dropout a byte mask (1 byte per element) instead of a dropped float copy of x.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ class FusedLoraLinear(torch.autograd.Function):
             base_weight = weight.T if transposed else weight  # Conv1D stores in×out
             out = F.linear(xc, base_weight.to(dtype), None if bias is None else bias.to(dtype))
             mask = dropout_mask(xc, p) if p > 0 else None
-            x_d = xc * mask / (1 - p) if mask is not None else xc
-            h = F.linear(x_d, Ac) * scaling
+            x_kept = xc * mask if mask is not None else xc
+            h = F.linear(x_kept, Ac) * (scaling / (1 - p))  # the 1/(1-p) of dropout folded into the scaling
             out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), Bc.t())
         ctx.save_for_backward(xc, weight, A, B, mask, h)
         ctx.scaling, ctx.p, ctx.transposed, ctx.x_dtype = scaling, p, transposed, x.dtype
@@ -45,8 +45,8 @@ class FusedLoraLinear(torch.autograd.Function):
             grad_B = (dy.t() @ h.reshape(-1, h.shape[-1])).to(B.dtype)
         if ctx.needs_input_grad[3]:
             x2 = x.reshape(-1, x.shape[-1])
-            x_d = x2 * mask.reshape(x2.shape) / (1 - p) if mask is not None else x2
-            grad_A = (dh.t() @ x_d).to(A.dtype)
+            x_kept = x2 * mask.reshape(x2.shape) if mask is not None else x2
+            grad_A = (dh.t() @ x_kept).mul_(1 / (1 - p)).to(A.dtype)
         if ctx.needs_input_grad[0]:
             grad_x = dy @ (weight.T if ctx.transposed else weight).to(dtype)
             if mask is None:
@@ -67,8 +67,16 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Bool keep-mask, drawn straight into 1-byte storage (2-3x cheaper than rand_like(x) >= p)."""
-    return torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+    """Keep-mask of 0/1 bytes with P(keep) = 1 - p, p rounded to a multiple of 1/65536.
+
+    Each element compares 16 random bits with a threshold, and the bits come 64 at a time from one
+    int64 draw: on CPU 4-5x faster than bernoulli_, whose per-element draw was most of dropout's cost.
+    uint8 rather than bool: `x * mask` then takes a vectorised path, 3-4x faster than bool's.
+    """
+    count = x.numel()
+    words = torch.randint(-2**63, 2**63 - 1, ((count + 3) // 4,), dtype=torch.int64, device=x.device)
+    bits = words.view(torch.int16)[:count].view(x.shape)
+    return torch.ge(bits, round(p * 65536) - 32768, out=torch.empty_like(bits, dtype=torch.uint8))
 
 
 class SharedLoraProjection(torch.autograd.Function):
@@ -80,8 +88,8 @@ class SharedLoraProjection(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(dtype)
             mask = dropout_mask(xc, p) if p > 0 else None
-            x_d = xc * mask / (1 - p) if mask is not None else xc
-            h = F.linear(x_d, A_cat.to(dtype)) * scales.to(dtype)
+            x_kept = xc * mask if mask is not None else xc
+            h = F.linear(x_kept, A_cat.to(dtype)) * (scales / (1 - p)).to(dtype)
         ctx.save_for_backward(xc, A_cat, scales, mask)
         ctx.p, ctx.x_dtype = p, x.dtype
         return h
@@ -90,15 +98,15 @@ class SharedLoraProjection(torch.autograd.Function):
     def backward(ctx, grad_h):
         x, A_cat, scales, mask = ctx.saved_tensors
         p, dtype = ctx.p, x.dtype
-        dh = (grad_h.to(dtype) * scales.to(dtype)).reshape(-1, grad_h.shape[-1])
+        dh = (grad_h.to(dtype) * (scales / (1 - p)).to(dtype)).reshape(-1, grad_h.shape[-1])
         grad_x = grad_A = None
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, x.shape[-1])
-            grad_A = (dh.t() @ (x2 * mask.reshape(x2.shape) / (1 - p) if mask is not None else x2)).to(A_cat.dtype)
+            grad_A = (dh.t() @ (x2 * mask.reshape(x2.shape) if mask is not None else x2)).to(A_cat.dtype)
         if ctx.needs_input_grad[0]:
             grad_x = dh @ A_cat.to(dtype)
             if mask is not None:
-                grad_x.mul_(mask.reshape(grad_x.shape)).div_(1 - p)
+                grad_x.mul_(mask.reshape(grad_x.shape))
             grad_x = grad_x.view(x.shape).to(ctx.x_dtype)
         return grad_x, grad_A, None, None, None
 

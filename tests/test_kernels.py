@@ -51,7 +51,7 @@ def test_dropout_uses_a_mask_on_the_lora_branch_only(monkeypatch):
     layer = model[0]
     x = torch.randn(4, 12, requires_grad=True)
     u = torch.rand(4, 12)
-    monkeypatch.setattr(kernels, "dropout_mask", lambda t, p: u >= p)
+    monkeypatch.setattr(kernels, "dropout_mask", lambda t, p: (u >= p).to(torch.uint8))
     out = model(x)
     out.sum().backward()
     A, B = (p.detach().clone().requires_grad_(True) for p in layer.lora_pair("default"))
@@ -155,3 +155,17 @@ def test_fused_path_in_bf16_matches_the_general_path(mode, monkeypatch):
         assert grad.dtype == torch.float32, name
         ref = grads_general[name]
         assert (grad - ref).norm() <= 0.05 * ref.norm() + 1e-6, name
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_dropout_mask_keeps_one_minus_p_in_every_position(p):
+    """16 random bits per element come 4 to an int64 draw: every one of the 4 positions must be fair."""
+    torch.manual_seed(0)
+    mask = kernels.dropout_mask(torch.empty(4000, 256), p)
+    assert mask.dtype == torch.uint8 and mask.shape == (4000, 256) and set(mask.unique().tolist()) == {0, 1}
+    by_position = mask.reshape(-1, 4).float().mean(0)
+    assert torch.allclose(by_position, torch.full((4,), 1 - p), atol=0.003), by_position
+    torch.manual_seed(0)
+    assert torch.equal(kernels.dropout_mask(torch.empty(4000, 256), p), mask)  # follows torch.manual_seed
+    assert not torch.equal(kernels.dropout_mask(torch.empty(4000, 256), p), mask)
+    assert kernels.dropout_mask(torch.empty(3, 7), p).shape == (3, 7)  # sizes not a multiple of 4

@@ -25,6 +25,7 @@ import lorakit as lk
 
 from ..atomic import staged_directory, staged_file
 from ..errors import ConfigError
+from ..losses import ChunkedLossLM, supports_chunked_loss
 from .artifacts import RUN_FILE, run_record
 from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint, trainable_state
 from .data import EMBEDDED_SFT_TEMPLATES, collate, encode, label_names, load_splits, require_rows
@@ -114,7 +115,9 @@ class Trainer:
 
         self.scheduler = get_scheduler("linear", self.optimizer, num_warmup_steps=min(options.warmup_steps, self.total_steps // 2),
                                        num_training_steps=self.total_steps)
-        self.wrapped = self.dist.wrap(self.model)
+        # causal LMs train through the chunked loss (never the full logits); DDP wraps what runs the step
+        causal = options.task != "classify" and supports_chunked_loss(self.model)
+        self.wrapped = self.dist.wrap(ChunkedLossLM(self.model) if causal else self.model)
         self.step, self.best, self.best_step, self.bad_evals = 0, None, None, 0
         self.interrupted = False
 
