@@ -111,6 +111,37 @@ class SharedLoraProjection(torch.autograd.Function):
         return grad_x, grad_A, None, None, None
 
 
+class SharedMemberOutput(torch.autograd.Function):
+    """y = x·W0ᵀ + b + h·Bᵀ for one member of a shared-input group, its r-wide h given (a slice of
+    SharedLoraProjection's output). The B term is added inside the base GEMM's output; backward
+    gives dx, dh and dB (db if the bias trains) and nothing for the frozen weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, h, B, dtype: torch.dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            out = F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]).to(dtype), B.to(dtype).t())
+        ctx.save_for_backward(weight, h, B)
+        ctx.dtype, ctx.x_dtype, ctx.h_dtype = dtype, x.dtype, h.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, h, B = ctx.saved_tensors
+        dy = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype)
+        grad_x = grad_bias = grad_h = grad_B = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (dy @ weight.to(ctx.dtype)).view(*grad_out.shape[:-1], -1).to(ctx.x_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = dy.sum(0).to(ctx.bias_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_h = (dy @ B.to(ctx.dtype)).view(*grad_out.shape[:-1], -1).to(ctx.h_dtype)
+        if ctx.needs_input_grad[4]:
+            grad_B = (dy.t() @ h.reshape(-1, h.shape[-1]).to(ctx.dtype)).to(B.dtype)
+        return grad_x, None, grad_bias, grad_h, grad_B, None
+
+
 # Projections that read the same input tensor in common architectures (Llama/Mistral/Qwen, BERT).
 SHARED_INPUT_SETS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
 

@@ -254,21 +254,18 @@ class LoraLinear(LoraLayer):
         fused = self.fused_adapter(x, args, kwargs)
         if fused is None:
             return super().forward(x, *args, **kwargs)
-        from .kernels import FusedLoraLinear, compute_dtype
+        from .kernels import FusedLoraLinear, SharedMemberOutput, compute_dtype
 
+        base = self.base_layer
         group = self.__dict__.get("shared_input")
         if group is not None and group.usable(fused, x):
             # q/k/v (gate/up) share one A-projection GEMM and one dropout mask
             h = group.slice_for(self, fused, x)
-            result = self.base_layer(x)
-            B = self.lora_B[fused].weight.to(result.dtype)
-            result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]).to(result.dtype), B.t())
-            return result
+            return SharedMemberOutput.apply(x, base.weight, base.bias, h, self.lora_B[fused].weight, compute_dtype(x))
 
         A, B = self.lora_pair(fused)
         drop = self.lora_dropout[fused]
         p = drop.p if isinstance(drop, nn.Dropout) and self.training else 0.0
-        base = self.base_layer
         return FusedLoraLinear.apply(x, base.weight, base.bias, A, B, self.scaling[fused], p, self.fan_in_fan_out,
                                      compute_dtype(x))
 

@@ -38,33 +38,37 @@ class LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
             valid = labels != IGNORE_INDEX
-            count = valid.sum()
+            targets = labels.clamp(min=0).unsqueeze(1)
+            # mean over labelled rows: each labelled row weighs 1/count, the others 0
+            row_weight = valid / valid.sum().clamp(min=1).to(torch.float32)
             want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             grad_hidden = torch.empty_like(h) if want_dh else None
             grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_dw else None
-            total = torch.zeros((), dtype=torch.float32, device=h.device)
-            inv_count = 1.0 / count.clamp(min=1).to(torch.float32)
+            row_loss = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
             for start in range(0, h.shape[0], chunk_rows):
                 rows = slice(start, start + chunk_rows)
-                logits = (h[rows] @ w.t()).float()
-                target = labels[rows].clamp(min=0).unsqueeze(1)
-                target_logit = logits.gather(1, target)
-                # one exp pass serves both the log-sum-exp and the softmax (computed in place)
-                peak = logits.amax(1, keepdim=True)
-                exps = logits.sub_(peak).exp_()
-                sums = exps.sum(1, keepdim=True)
-                weight_row = valid[rows].unsqueeze(1) * inv_count  # 1/count for labelled rows, else 0
-                total += ((peak + sums.log() - target_logit) * weight_row).sum()
+                # one fused kernel upcasts the chunk's logits and takes their softmax in fp32
+                probs = torch.softmax(h[rows] @ w.t(), dim=1, dtype=torch.float32)
+                target = targets[rows]
+                row_loss[rows] = -probs.gather(1, target).squeeze(1).log()
                 if want_dh or want_dw:
-                    # (exp - sum·one-hot) / sum = softmax - one-hot, in fp32 and rounded once
-                    grad_logits = exps.scatter_add_(1, target, -sums).mul_(weight_row / sums).to(dtype)
+                    # dloss/dlogits = softmax - one-hot (times the row weight, applied after the GEMM)
+                    grad_logits = probs.scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
+                    grad_logits = grad_logits.to(dtype)
                     if want_dh:
                         torch.mm(grad_logits, w, out=grad_hidden[rows])
                     if want_dw:
-                        grad_weight.addmm_(grad_logits.t().float(), h[rows].float())
+                        grad_weight.addmm_(grad_logits.t().float(), h[rows].float() * row_weight[rows, None])
+            underflow = valid & ~torch.isfinite(row_loss)
+            if underflow.any():  # a target probability below fp32's range: take its loss the long way
+                index = underflow.nonzero().squeeze(1)
+                logits = (h[index] @ w.t()).float()
+                row_loss[index] = torch.logsumexp(logits, 1) - logits.gather(1, targets[index]).squeeze(1)
+            if want_dh:
+                grad_hidden.mul_(row_weight.unsqueeze(1))
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
-        return total
+        return (row_loss.masked_fill(~valid, 0) * row_weight).sum()
 
     @staticmethod
     def backward(ctx, grad_loss):

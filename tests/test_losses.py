@@ -28,6 +28,16 @@ def test_linear_cross_entropy_equals_the_full_logits_path(chunk_rows):
     assert torch.allclose(grads[1], weight.grad, atol=1e-6)
 
 
+def test_losses_beyond_fp32_probabilities_are_exact():
+    """A target probability below fp32's range (loss > ~100) is taken as logsumexp - logit."""
+    generator = torch.Generator().manual_seed(0)
+    hidden, weight = 50 * torch.randn(6, 16, generator=generator), torch.randn(30, 16, generator=generator)
+    labels = torch.tensor([0, 1, 2, 3, IGNORE_INDEX, 5])
+    want = F.cross_entropy(hidden @ weight.T, labels, ignore_index=IGNORE_INDEX)
+    assert want > 200
+    assert torch.allclose(lk.linear_cross_entropy(hidden, weight, labels), want, rtol=1e-5)
+
+
 def test_rows_without_labels_give_zero_loss_not_nan():
     hidden = torch.randn(4, 8, requires_grad=True)
     loss = lk.linear_cross_entropy(hidden, torch.randn(10, 8), torch.full((4,), IGNORE_INDEX))
