@@ -9,6 +9,11 @@ weights). "roofline" = useful matmul FLOPs per second / the GEMM throughput of t
 measured in the same run (a tokens x hidden x intermediate GEMM in that dtype): 4·P·T FLOPs per
 LoRA step (forward + input gradient of P matmul weights over T tokens), 6·P·T for full fine-tuning.
 
+Rows: full (full fine-tuning), floor (no LoRA: the frozen base's forward and input gradients, with
+lorakit's chunked loss: a lower bound for any LoRA step on this model), peft, lorakit-layers
+(lorakit's fused LoRA layers under transformers' loss), lorakit (the layers plus the chunked loss:
+what `lorakit train` runs for a causal LM).
+
 Each measurement runs in a fresh child process (so peak RSS belongs to one case), the cases
 interleaved round-robin. Peak memory = peak RSS during the steps minus RSS before the first
 step (weights and optimizer set-up excluded; activations, gradients and optimizer state counted).
@@ -47,6 +52,8 @@ def child(impl: str, shape: str, batch: int, seq: int, rank: int, dropout: float
           dtype: str = "fp32") -> dict:
     import torch
 
+    from lorakit.losses import linear_cross_entropy, shift_labels
+
     from .common import build_llama
 
     torch.set_num_threads(threads)
@@ -66,18 +73,27 @@ def child(impl: str, shape: str, batch: int, seq: int, rank: int, dropout: float
             model = model.to(torch.bfloat16)
         model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout,
                                                            target_modules=SEVEN))
+    elif impl == "floor":  # no LoRA at all: the frozen base's forward and input gradients only
+        model.requires_grad_(False)
+        if bf16:
+            model = model.to(torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(params or [torch.zeros(1, requires_grad=True)], lr=1e-4)
     ids = torch.randint(0, 32000, (batch, seq), generator=torch.Generator().manual_seed(0))
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             if impl == "lorakit":  # lorakit's training step: fused LoRA layers + the chunked loss
                 loss = lk.causal_lm_loss(model, ids, ids)
+            elif impl == "floor":  # gradients flow from the loss down to the embeddings, as in LoRA
+                embeds = model.model.embed_tokens(ids).detach().requires_grad_(True)
+                hidden = model.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+                loss = linear_cross_entropy(hidden, model.lm_head.weight, shift_labels(ids))
             else:  # PEFT, full fine-tuning and "lorakit-layers" (the fused layers alone): transformers' loss
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
-        optimizer.step()
+        if params:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
@@ -119,7 +135,7 @@ def main() -> None:
                                args.threads, dtype)))
         return
     cases = [(impl, d, dt) for dt in args.dtypes for impl, d in
-             [("gemm", 0.0), ("full", 0.0)] + [(impl, d) for d in args.dropouts for impl in args.impls]]
+             [("gemm", 0.0), ("full", 0.0), ("floor", 0.0)] + [(impl, d) for d in args.dropouts for impl in args.impls]]
     results: dict = {case: [] for case in cases}
     for repeat in range(args.repeats):
         order = list(cases)
@@ -133,17 +149,19 @@ def main() -> None:
         if impl == "gemm":
             continue
         full, peak = med[("full", 0.0, dtype)]["step_s"], med[("gemm", 0.0, dtype)]["flops_per_s"]
+        floor = med[("floor", 0.0, dtype)]["step_s"]
         peft_m = med.get(("peft", dropout, dtype))
         ratio = lambda a, b: f"{a / b:.2f}" if b > 0 else "n/a"  # noqa: E731
         vs_peft = (ratio(m["step_s"], peft_m["step_s"]), ratio(m["peak_mb"], peft_m["peak_mb"])) \
             if impl.startswith("lorakit") else ("", "")
         tokens = args.batch * args.seq
         rows.append((impl, dtype, dropout, f"{int(m['trainable']):,}", f"{m['step_s'] * 1000:.0f}",
-                     f"{tokens / m['step_s']:.0f}", f"{m['step_s'] / full:.2f}", f"{m['peak_mb']:.0f}",
+                     f"{tokens / m['step_s']:.0f}", f"{m['step_s'] / full:.2f}", f"{m['step_s'] / floor:.2f}",
+                     f"{m['peak_mb']:.0f}",
                      f"{100 * m['flops'] / m['step_s'] / peak:.0f}%", *vs_peft))
     print_table(f"training step, {args.shape}, batch {args.batch}x{args.seq}, r={args.rank} on 7 projections, "
                 f"AdamW, {args.threads} threads, medians of {args.repeats} interleaved runs x {args.steps} steps",
-                rows, ("impl", "dtype", "dropout", "trainable", "ms/step", "tokens/s", "x full", "peak MB",
+                rows, ("impl", "dtype", "dropout", "trainable", "ms/step", "tokens/s", "x full", "x floor", "peak MB",
                        "roofline", "time x peft", "mem x peft"))
     for dtype in args.dtypes:
         print(f"GEMM throughput {dtype}: {med[('gemm', 0.0, dtype)]['flops_per_s'] / 1e9:.0f} GFLOP/s")
