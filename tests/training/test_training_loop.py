@@ -93,6 +93,13 @@ def test_full_fine_tune_saves_a_plain_model(classifier_dir, reviews_csv, tmp_pat
     assert model.config.id2label == {0: "negative", 1: "positive"}
 
 
+def test_causal_lm_steps_go_through_the_chunked_loss(causal_dir, classifier_dir, text_file, reviews_csv, tmp_path):
+    lm = Trainer(options(causal_dir, text_file, tmp_path / "lm", task="lm", seq_len=16, batch_size=4), quiet=True)
+    assert isinstance(lm.wrapped, lk.ChunkedLossLM) and lm.wrapped.model is lm.model
+    classify = Trainer(options(classifier_dir, reviews_csv, tmp_path / "rt"), quiet=True)
+    assert classify.wrapped is classify.model
+
+
 def test_sft_and_lm_runs(causal_dir, sft_jsonl, text_file, tmp_path):
     sft = train(options(causal_dir, sft_jsonl, tmp_path / "sft", task="sft", max_steps=30, lr=2e-2), quiet=True)
     assert sft["test"]["answer_accuracy"] is not None and sft["test"]["loss"] < losses(tmp_path / "sft")[0]
