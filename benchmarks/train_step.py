@@ -79,7 +79,7 @@ def child(impl: str, shape: str, batch: int, seq: int, rank: int, dropout: float
         if bf16:
             model = model.to(torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params or [torch.zeros(1, requires_grad=True)], lr=1e-4)
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None  # the floor trains nothing
     ids = torch.randint(0, 32000, (batch, seq), generator=torch.Generator().manual_seed(0))
 
     def step():
@@ -93,9 +93,9 @@ def child(impl: str, shape: str, batch: int, seq: int, rank: int, dropout: float
             else:  # PEFT, full fine-tuning and "lorakit-layers" (the fused layers alone): transformers' loss
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
-        if params:
+        if optimizer:
             optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -158,7 +158,7 @@ def main() -> None:
         peft_m = med.get(("peft", dropout, dtype))
         ratio = lambda a, b: f"{a / b:.2f}" if b > 0 else "n/a"  # noqa: E731
         vs_peft = (ratio(m["step_s"], peft_m["step_s"]), ratio(m["peak_mb"], peft_m["peak_mb"])) \
-            if impl.startswith("lorakit") else ("", "")
+            if impl.startswith("lorakit") and peft_m else ("", "")
         tokens = args.batch * args.seq
         rows.append((impl, dtype, dropout, f"{int(m['trainable']):,}", f"{m['step_s'] * 1000:.0f}",
                      f"{tokens / m['step_s']:.0f}", f"{m['step_s'] / full:.2f}", f"{m['step_s'] / floor:.2f}",
