@@ -26,6 +26,8 @@ from .config import LoraConfig
 from .errors import AdapterFileError, AdapterMismatchError, ConfigError
 from .injection import apply_plan, plan_injection
 from .layers import LoraEmbedding, ModulesToSave, lora_dims_of
+from .moe import nested_path
+from .param_layers import innermost, param_geometry
 from .state import apply_trainability, check_names, lora_layers, registry, saved_modules
 from .targeting import iter_base_modules, unwrap
 
@@ -183,6 +185,13 @@ def _match_tensors(model, plan, tensors, directory):
         # resized for new tokens); like PEFT, load it into the base layer.
         if f"{path}.base_layer.weight" in remaining:
             take(f"{path}.base_layer.weight", tuple(base.weight.shape), path, "base_weight")
+    for path, names in plan.param_targets:
+        owner = innermost(model.get_submodule(path))
+        for name in names:
+            experts, k, d, _ = param_geometry(owner, getattr(owner, name))
+            r, wrapper = config.rank_for(f"{path}.{name}"), nested_path(path, names, name)
+            take(f"{wrapper}.lora_A.weight", (r * experts, k), wrapper, "A")
+            take(f"{wrapper}.lora_B.weight", (d, r * experts), wrapper, "B")
     for path in plan.modules_to_save:
         for param, value in unwrap(model.get_submodule(path)).state_dict().items():
             take(f"{path}.{param}", tuple(value.shape), path, f"save:{param}")

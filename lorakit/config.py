@@ -31,13 +31,16 @@ PRESET_TARGET_MODULES: dict[str, list[str]] = {
     "phi": ["q_proj", "v_proj", "fc1", "fc2"],
 }
 
-# Heads that PEFT trains alongside the adapter for sequence classification.
+# Heads that PEFT adds to modules_to_save for SEQ_CLS and TOKEN_CLS adapters (trained in full).
 CLASSIFIER_HEAD_NAMES = ("classifier", "score")
+# The attributes PEFT looks up, in this order, to keep a SEQ_CLS head out of "all-linear".
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")
+HEAD_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS")
 
 # PEFT features that change the forward pass and that lorakit does not implement: loading an
 # adapter that uses one must fail loudly instead of silently computing something else.
 UNSUPPORTED_PEFT_FEATURES = (
-    "use_dora", "lora_bias", "target_parameters", "layer_replication", "trainable_token_indices",
+    "use_dora", "lora_bias", "layer_replication", "trainable_token_indices",
     "use_qalora", "alora_invocation_tokens", "use_bdlora",
 )
 
@@ -57,6 +60,7 @@ class LoraConfig:
     lora_alpha: float = 8
     lora_dropout: float = 0.0
     target_modules: list[str] | str | None = None
+    target_parameters: list[str] | None = None  # parameters adapted directly (MoE experts), see param_layers
     exclude_modules: list[str] | str | None = None
     bias: BiasMode = "none"
     modules_to_save: list[str] | None = None
@@ -90,6 +94,12 @@ class LoraConfig:
         for pattern, alpha in self.alpha_pattern.items():
             if alpha <= 0:
                 raise ConfigError(f"alpha_pattern[{pattern!r}] must be > 0, got {alpha!r}.")
+        if self.target_parameters is not None and (
+                isinstance(self.target_parameters, str) or not all(isinstance(p, str) for p in self.target_parameters)):
+            raise ConfigError(f"target_parameters must be a list of parameter names, got {self.target_parameters!r}.")
+        if self.target_parameters and self.lora_dropout:
+            raise ConfigError("target_parameters cannot use lora_dropout (the update is added to a weight, not to an "
+                              "input that dropout could act on); set lora_dropout=0, as PEFT requires.")
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             try:
                 re.compile(self.target_modules)
@@ -115,8 +125,9 @@ class LoraConfig:
     # --- PEFT adapter_config.json --------------------------------------------------------------
     def to_peft_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        if isinstance(data["target_modules"], (set, tuple)):
-            data["target_modules"] = sorted(data["target_modules"])
+        for key in ("target_modules", "target_parameters"):
+            if isinstance(data[key], (set, tuple)):
+                data[key] = sorted(data[key])
         data.update(peft_type="LORA", use_dora=False, revision=None)
         return data
 
@@ -136,8 +147,9 @@ class LoraConfig:
         if kwargs.get("init_lora_weights") not in (True, False, "gaussian"):
             # Other PEFT init schemes (pissa, olora, ...) only matter before training; saved weights win.
             kwargs["init_lora_weights"] = True
-        if isinstance(kwargs.get("target_modules"), (set, tuple)):
-            kwargs["target_modules"] = sorted(kwargs["target_modules"])
+        for key in ("target_modules", "target_parameters"):
+            if isinstance(kwargs.get(key), (set, tuple)):
+                kwargs[key] = sorted(kwargs[key])
         return cls(**kwargs)
 
 
@@ -152,7 +164,7 @@ def _pattern_value(patterns: dict, module_name: str, default):
 def resolve_target_modules(config: LoraConfig, model_type: str | None) -> LoraConfig:
     """Fill in the preset targets (and classifier heads to save) from the model family."""
     updates: dict[str, Any] = {}
-    if config.target_modules is None:
+    if config.target_modules is None and not config.target_parameters:
         if model_type not in PRESET_TARGET_MODULES:
             known = ", ".join(sorted(PRESET_TARGET_MODULES))
             raise ConfigError(

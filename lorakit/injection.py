@@ -10,9 +10,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .config import CLASSIFIER_HEAD_NAMES, LoraConfig, resolve_target_modules
+from .config import CLASSIFIER_HEAD_NAMES, HEAD_TASK_TYPES, LoraConfig, resolve_target_modules
 from .errors import ConfigError, LoraError
 from .kernels import link_shared_inputs
+from .moe import convert_moe_config, find_param_targets, nested_path
+from .param_layers import LoraParam
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .state import apply_trainability, ensure_registry, has_adapters, registry
 from .targeting import (find_modules_to_save, find_targets, iter_base_modules, minimal_suffixes, replace_module,
@@ -24,6 +26,8 @@ class InjectionPlan:
     config: LoraConfig  # resolved: presets filled in, "all-linear" written out as names
     targets: list[str]
     modules_to_save: list[str]
+    # modules owning adapted parameters (target_parameters), with those parameters in nesting order
+    param_targets: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)
 
 
 def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str, strict: bool = True) -> InjectionPlan:
@@ -39,13 +43,19 @@ def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str, stri
         )
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     config = resolve_target_modules(config, model_type)
-    if config.task_type == "SEQ_CLS" and config.modules_to_save is None:
-        heads = [n for n in CLASSIFIER_HEAD_NAMES if any(p == n for p, _ in iter_base_modules(model))]
-        config = dataclasses.replace(config, modules_to_save=heads or None)
+    user_save = list(config.modules_to_save or [])
+    if config.task_type in HEAD_TASK_TYPES:
+        # as PEFT: the classification head names join modules_to_save (whichever the model has)
+        heads = [n for n in CLASSIFIER_HEAD_NAMES if n not in user_save]
+        config = dataclasses.replace(config, modules_to_save=user_save + heads)
+    config = convert_moe_config(config, model_type, lambda: sorted(
+        {p.rsplit(".", 1)[-1] for p in find_targets(model, dataclasses.replace(config, target_parameters=None))}))
     targets = find_targets(model, config)
+    param_targets = find_param_targets(model, config, list(iter_base_modules(model)))
     if config.target_modules == "all-linear":
         config = dataclasses.replace(config, target_modules=minimal_suffixes(model, targets))
-    save = find_modules_to_save(model, config.modules_to_save, strict=strict)
+    find_modules_to_save(model, user_save, strict=strict)  # the user's own names must match something
+    save = find_modules_to_save(model, config.modules_to_save, strict=False)
     for path in targets:
         if isinstance(model.get_submodule(path), ModulesToSave):
             raise LoraError(f"{path!r} is trained in full by another adapter (modules_to_save); it cannot also get LoRA.")
@@ -55,7 +65,7 @@ def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str, stri
     if config.base_model_name_or_path is None:
         name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         config = dataclasses.replace(config, base_model_name_or_path=name)
-    return InjectionPlan(config=config, targets=targets, modules_to_save=save)
+    return InjectionPlan(config=config, targets=targets, modules_to_save=save, param_targets=param_targets)
 
 
 def apply_plan(model: nn.Module, plan: InjectionPlan, adapter_name: str) -> None:
@@ -65,6 +75,12 @@ def apply_plan(model: nn.Module, plan: InjectionPlan, adapter_name: str) -> None
         layer = _wrap(model, path, LoraEmbedding if is_embedding else LoraLinear)
         layer.add_adapter(adapter_name, config.rank_for(path), config.scaling_for(path),
                           config.lora_dropout, config.init_lora_weights)
+    for path, names in plan.param_targets:
+        for name in names:
+            layer = _param_wrapper(model, path, names, name)
+            key = f"{path}.{name}"
+            layer.add_adapter(adapter_name, config.rank_for(key), config.scaling_for(key), 0.0,
+                              config.init_lora_weights)
     for path in plan.modules_to_save:
         _wrap(model, path, ModulesToSave).add_adapter(adapter_name)
     reg = ensure_registry(model)
@@ -91,6 +107,19 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     """
     apply_plan(model, plan_injection(model, config, adapter_name), adapter_name)
     return model
+
+
+def _param_wrapper(model: nn.Module, path: str, names: list[str], name: str) -> LoraParam:
+    """The wrapper adapting parameter ``name`` of the module at ``path``, created (outermost) if new."""
+    try:
+        existing = model.get_submodule(nested_path(path, names, name))
+    except AttributeError:  # not wrapped that deep yet
+        existing = None
+    if isinstance(existing, LoraParam) and existing.parameter_name == name:
+        return existing
+    wrapper = LoraParam(model.get_submodule(path), name)
+    replace_module(model, path, wrapper)
+    return wrapper
 
 
 def _wrap(model: nn.Module, path: str, wrapper_cls: type) -> nn.Module:

@@ -63,6 +63,17 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self.mixed: MixedRows | None = None
 
+    def __getattr__(self, name: str):
+        # Model code reads attributes of the modules it owns (T5: ``self.wo.weight.dtype``); a wrapped
+        # layer answers them as its base layer does.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__["_modules"].get("base_layer")
+            if base is None or name.startswith("lora_"):
+                raise
+            return getattr(base, name)
+
     # --- to implement per layer type ---------------------------------------------------------
     def lora_pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The (A, B) parameters of adapter ``name``: A is r×in, B is out×r."""
@@ -395,6 +406,19 @@ class ModulesToSave(nn.Module):
     @property
     def adapter_names(self) -> list[str]:
         return list(self.modules_to_save.keys())
+
+    def __getattr__(self, name: str):
+        # answer attribute reads (``.weight``, ``.out_features``) as the module in use does
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__["_modules"]
+            if "original_module" not in modules or name in ("modules_to_save", "original_module"):
+                raise
+            copies = modules.get("modules_to_save")
+            active = self.__dict__.get("active_adapters") or [None]
+            chosen = copies[active[0]] if copies is not None and active[0] in copies else modules["original_module"]
+            return getattr(chosen, name)
 
     def add_adapter(self, name: str) -> None:
         import copy

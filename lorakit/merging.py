@@ -107,15 +107,26 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
 
 
 def _replace_wrappers(model: nn.Module, keep_copy: str | None, only_empty: bool = False) -> None:
+    # repeated until nothing changes: parameter wrappers nest (one per adapted parameter)
+    while _replace_wrappers_once(model, keep_copy, only_empty):
+        pass
+
+
+def _replace_wrappers_once(model: nn.Module, keep_copy: str | None, only_empty: bool) -> bool:
+    changed = False
     for path, module in list(model.named_modules()):
         if not isinstance(module, (LoraLayer, ModulesToSave)) or (only_empty and module.adapter_names):
             continue
+        if model.get_submodule(path) is not module:
+            continue  # moved by replacing its outer wrapper in this pass
         if isinstance(module, LoraLayer):
             plain = module.base_layer
         else:
             plain = module.module_for(keep_copy) if keep_copy else module.original_module
         plain.requires_grad_(False)
         replace_module(model, path, plain)
+        changed = True
+    return changed
 
 
 def drop_empty_wrappers(model: nn.Module) -> None:

@@ -14,12 +14,9 @@ from typing import Iterator
 
 from torch import nn
 
-from .config import CLASSIFIER_HEAD_NAMES, LoraConfig
+from .config import CLASSIFIER_HEAD_NAMES, SEQ_CLS_HEAD_NAMES, LoraConfig
 from .errors import TargetNotFoundError
 from .layers import LoraLayer, ModulesToSave, is_linear_like
-
-DEFAULT_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
-
 
 def iter_base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """Named modules as the plain model has them: a LoRA wrapper stands in for its base layer and
@@ -56,46 +53,80 @@ def name_matches(path: str, spec: list[str] | str) -> bool:
     return any(path == entry or path.endswith(f".{entry}") for entry in spec)
 
 
+def inside_modules_to_save(path: str, names: list[str] | None) -> bool:
+    """PEFT's guard: a module whose path contains a modules_to_save name as a dotted component (the
+    saved module itself or anything inside it) never gets LoRA; the entry is used as a regex."""
+    return bool(names) and any(re.match(rf"(^|.*\.){name}($|\..*)", path) for name in names)
+
+
 def layer_index(path: str, patterns) -> int | None:
+    """PEFT's rule: the number after ``<pattern>.`` (without a pattern: the first numbered segment)."""
+    if not patterns:
+        found = re.match(r".*?\.[^.]*\.(\d+)\.", path)
+        return int(found.group(1)) if found else None
     for pattern in [patterns] if isinstance(patterns, str) else patterns:
-        found = re.search(rf"(?:^|\.){re.escape(pattern)}\.(\d+)(?:\.|$)", path)
+        found = re.match(rf".*?\.{pattern}\.(\d+)\.", path)
         if found:
             return int(found.group(1))
     return None
 
 
+def _path_of(model: nn.Module, target: nn.Module) -> str | None:
+    return next((path for path, module in iter_base_modules(model) if module is target or unwrap(module) is target),
+                None)
+
+
 def output_head_names(model: nn.Module) -> list[str]:
-    """The LM head (output embeddings) and classification heads, which "all-linear" leaves alone."""
+    """The LM head (output embeddings) and top-level classification heads, which quantization skips."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    names = [name for name, module in iter_base_modules(model) if head is not None and unwrap(module) is head]
+    names = [name for name in [_path_of(model, head) if head is not None else None] if name]
     return names + [name for name, _ in model.named_children() if name in CLASSIFIER_HEAD_NAMES]
+
+
+def all_linear_exclusions(model: nn.Module, task_type: str | None) -> set[str]:
+    """What "all-linear" leaves out, as PEFT decides it: for a transformers model, the output
+    embeddings (the LM head); for one without them and task_type SEQ_CLS, the module named
+    ``score`` or ``classifier`` (that module only: the linear layers inside a head module such as
+    RoBERTa's are left to the modules_to_save guard)."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return set()
+    head = model.get_output_embeddings()
+    if head is not None:
+        return {p for p in [_path_of(model, head)] if p}
+    if task_type == "SEQ_CLS":
+        for name in SEQ_CLS_HEAD_NAMES:
+            module = getattr(model, name, None)
+            if module is not None:
+                return {p for p in [_path_of(model, module)] if p}
+    return set()
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Paths of the modules ``config`` adapts, in model order; raises if nothing usable matches."""
     spec = config.target_modules
     modules = list(iter_base_modules(model))
-    save_spec = list(config.modules_to_save or [])
-    heads = output_head_names(model)
+    excluded = all_linear_exclusions(model, config.task_type) if spec == "all-linear" else set()
     matched: list[str] = []
     for path, module in modules:
-        if save_spec and name_matches(path, save_spec):
-            continue
-        if spec == "all-linear":
-            if not is_linear_like(unwrap(module)) or any(path == h or path.startswith(f"{h}.") for h in heads):
-                continue
-        elif not name_matches(path, spec):
-            continue
         if config.exclude_modules and name_matches(path, config.exclude_modules):
             continue
-        if config.layers_to_transform is not None and not isinstance(spec, str):
+        if inside_modules_to_save(path, config.modules_to_save):
+            continue
+        if spec == "all-linear":
+            if not is_linear_like(unwrap(module)) or path in excluded:
+                continue
+        elif spec is None or not name_matches(path, spec):
+            continue
+        if config.layers_to_transform is not None and config.layers_to_transform != [] and not isinstance(spec, str):
             wanted = config.layers_to_transform
             wanted = {wanted} if isinstance(wanted, int) else set(wanted)
-            if layer_index(path, config.layers_pattern or DEFAULT_LAYER_PATTERNS) not in wanted:
+            if layer_index(path, config.layers_pattern) not in wanted:
                 continue
         if not is_supported(module):
-            if isinstance(spec, str):  # a regex or "all-linear" may sweep past norms and containers
+            if isinstance(spec, str):  # a regex may sweep past norms and containers
                 continue
             raise TargetNotFoundError(
                 f"target_modules matched {path!r}, a {type(unwrap(module)).__name__}; lorakit adapts "
@@ -104,7 +135,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             )
         matched.append(path)
 
-    if not matched:
+    if not matched and not config.target_parameters:
         raise TargetNotFoundError(_no_match_message(spec, modules))
     if isinstance(spec, (list, tuple)):
         unused = [e for e in spec if not any(name_matches(p, [e]) for p, _ in modules)]
@@ -119,8 +150,9 @@ def find_modules_to_save(model: nn.Module, names: list[str] | None, strict: bool
     if not names:
         return []
     modules = list(iter_base_modules(model))
-    found = [path for path, _ in modules if name_matches(path, list(names))]
-    missing = [n for n in names if not any(name_matches(p, [n]) for p in found)]
+    # PEFT wraps a module whose path ends with an entry (a plain string suffix, no dot boundary)
+    found = [path for path, _ in modules if any(path.endswith(n) for n in names)]
+    missing = [n for n in names if not any(p.endswith(n) for p in found)]
     if missing and strict:
         all_names = sorted({p.rsplit(".", 1)[-1] for p, _ in modules})
         close = difflib.get_close_matches(missing[0], all_names, n=5)

@@ -63,11 +63,7 @@ def prepare_model(model, options: TrainOptions):
     if options.qlora:
         lk.quantize(model, compute_dtype=torch.bfloat16 if options.bf16 else torch.float32)
     task_type = "SEQ_CLS" if options.task == "classify" else "CAUSAL_LM"
-    save = options.modules_to_save
-    if save and options.task == "classify":  # the classifier head always trains, as PEFT does for SEQ_CLS
-        from ..config import CLASSIFIER_HEAD_NAMES
-
-        save = list(dict.fromkeys([*save, *(n for n, _ in model.named_children() if n in CLASSIFIER_HEAD_NAMES)]))
+    save = options.modules_to_save  # SEQ_CLS adds the classifier head, as PEFT does
     config = lk.LoraConfig(r=options.r, lora_alpha=options.lora_alpha, lora_dropout=options.dropout,
                            target_modules=options.targets, task_type=task_type, modules_to_save=save)
     lk.inject(model, config)

@@ -1,0 +1,158 @@
+"""LoRA on a parameter rather than a module (PEFT's ``target_parameters``).
+
+Mixture-of-experts models in transformers keep their experts as fused 3-D parameters (experts ×
+out × in, e.g. Mixtral's ``experts.gate_up_proj``) and their routers as modules with a bare
+``weight``: no nn.Linear to wrap. ``LoraParam`` wraps the module that owns the parameter and, for
+the duration of a forward, hands that module W + ΔW instead of W.
+
+Layout (PEFT's, so files load both ways): for E experts, A is (r·E)×in and B is out×(r·E);
+expert e uses rows e·r … e·r+r−1 of A and the columns j·E + e of B, i.e. ΔW[e] = s·B[:, :, e]·A[e]
+with A viewed E×r×in and B viewed out×r×E. A 2-D parameter is one ordinary out×in LoRA pair.
+Several parameters of one module nest: each wrapper adapts one parameter, the first-registered
+parameter innermost, so its keys read ``<module>.base_layer.lora_A.weight``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import LoraLayer
+
+
+def param_geometry(module: nn.Module, param: torch.Tensor) -> tuple[int, int, int, bool]:
+    """(experts, in, out, swapped) of a targeted parameter, as PEFT reads them.
+
+    A 3-D parameter is experts × out × in unless the module says ``is_transposed`` (experts × in ×
+    out); a 2-D one is out × in (one "expert")."""
+    if param.dim() == 2:
+        return 1, param.shape[1], param.shape[0], False
+    if param.dim() != 3:
+        raise ValueError(f"only 2-D and 3-D parameters can take LoRA, got {param.dim()}-D")
+    experts, first, second = param.shape
+    if getattr(module, "is_transposed", False):
+        return experts, first, second, False
+    return experts, second, first, True
+
+
+def innermost(module: nn.Module) -> nn.Module:
+    while isinstance(module, LoraParam):
+        module = module.base_layer
+    return module
+
+
+class LoraParam(LoraLayer):
+    """LoRA on one parameter of ``base_layer`` (which may itself be a LoraParam for another one)."""
+
+    def __init__(self, base_layer: nn.Module, parameter_name: str):
+        super().__init__(base_layer)
+        self.parameter_name = parameter_name
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        owner = innermost(base_layer)
+        self.num_experts, self.in_features, self.out_features, self.swapped = param_geometry(
+            owner, getattr(owner, parameter_name))
+
+    # LoraLayer's interface
+    def adapter_containers(self):
+        return self.lora_A, self.lora_B
+
+    def lora_dims(self):
+        return self.in_features, self.out_features
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def lora_pair(self, name):
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def rank(self, name: str) -> int:
+        return self.lora_pair(name)[0].shape[0] // self.num_experts
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        return getattr(innermost(self.base_layer), self.parameter_name)
+
+    def reference(self) -> torch.Tensor:
+        return self.base_weight
+
+    def create_pair(self, name, r, dtype, device):
+        width = r * self.num_experts
+        self.lora_A[name] = nn.Linear(self.in_features, width, bias=False, dtype=dtype, device=device)
+        self.lora_B[name] = nn.Linear(width, self.out_features, bias=False, dtype=dtype, device=device)
+
+    def reset_adapter(self, name: str, init) -> None:
+        from .layers import LoraLinear
+
+        LoraLinear.reset_adapter(self, name, init)  # the same init as a Linear pair
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        A, B = self.lora_pair(name)
+        scale = self.scaling[name]
+        if self.num_experts == 1:
+            return (B @ A) * scale
+        A3 = A.reshape(self.num_experts, -1, A.shape[-1])  # E × r × in
+        B3 = B.reshape(B.shape[0], -1, self.num_experts)  # out × r × E
+        layout = "e o i" if self.swapped else "e i o"
+        return torch.einsum(f"o r e, e r i -> {layout.replace(' ', '')}", B3, A3) * scale
+
+    # forward: the owner module sees W + ΔW for this call only
+    def forward(self, *args, **kwargs):
+        active = [] if self.disabled else self.unmerged_active()
+        if self.mixed is not None:
+            return self._forward_mixed(args, kwargs)
+        if not active:
+            return self.base_layer(*args, **kwargs)
+        delta = sum(self.delta_weight(name) for name in active)
+        return self._call_with(delta, args, kwargs)
+
+    def _call_with(self, delta, args, kwargs):
+        weight = self.base_weight
+        path = ".".join(["base_layer"] * self._depth() + [self.parameter_name])  # relative to base_layer
+        swapped = {path: weight + delta.to(weight.dtype)}
+        return torch.func.functional_call(self.base_layer, swapped, args, kwargs)
+
+    def _depth(self) -> int:
+        depth, module = 0, self.base_layer
+        while isinstance(module, LoraParam):
+            depth, module = depth + 1, module.base_layer
+        return depth
+
+    def mixed_stacks(self, slot_names):
+        # no stacked pairs: a mixed batch runs each adapter's rows with that adapter's whole update
+        self.__dict__["_mixed_slots"] = list(slot_names)
+        empty = self.base_weight.new_zeros(1, 1, 1, dtype=torch.float32)
+        return empty, empty, empty.new_zeros(1)
+
+    def _forward_mixed(self, args, kwargs):
+        """Rows (tokens: MoE blocks see them flattened) grouped by adapter, one call per adapter in
+        the batch: a parameter's update is a whole weight, so rows cannot share one matmul."""
+        first = args[0]
+        slots = self.mixed.rows_for(first.shape[0])
+        names = self.__dict__["_mixed_slots"]
+        out = None
+        for slot in torch.unique(slots).tolist():
+            rows = (slots == slot).nonzero().squeeze(1)
+            part_args = [a.index_select(0, rows) if _row_tensor(a, first) else a for a in args]
+            name = names[slot - 1] if slot > 0 else None
+            if name is None or name not in self.adapter_names or self.disabled:
+                part = self.base_layer(*part_args, **kwargs)
+            else:
+                part = self._call_with(self.delta_weight(name), part_args, kwargs)
+            out = _scatter_rows(out, part, rows, first.shape[0])
+        return out
+
+
+def _row_tensor(value, first: torch.Tensor) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == first.shape[0]
+
+
+def _scatter_rows(out, part, rows, total):
+    if isinstance(part, tuple):
+        out = out or tuple(None for _ in part)
+        return tuple(_scatter_rows(o, p, rows, total) for o, p in zip(out, part))
+    if out is None:
+        out = part.new_zeros((total, *part.shape[1:]))
+    out[rows] = part
+    return out
