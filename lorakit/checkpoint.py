@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import make_staging
 from .config import LoraConfig
 from .errors import AdapterFileError, AdapterMismatchError, ConfigError
 from .injection import apply_plan, plan_injection
@@ -83,9 +83,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
 def write_adapter(directory: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
     """Write adapter_config.json + adapter_model.safetensors; files appear complete or not at all."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp", dir=directory.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; an adapter is meant to be shared
+    staging = make_staging(directory)  # also removes what an earlier, killed save left behind
     try:
         save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
         (staging / WEIGHTS_FILE).chmod(0o644)

@@ -97,27 +97,32 @@ class LoraParam(LoraLayer):
         layout = "e o i" if self.swapped else "e i o"
         return torch.einsum(f"o r e, e r i -> {layout.replace(' ', '')}", B3, A3) * scale
 
-    # forward: the owner module sees W + ΔW for this call only
+    # forward: the owner module sees W + ΔW for this call only. The outermost wrapper applies the
+    # updates of every nested wrapper in one call of the real module.
     def forward(self, *args, **kwargs):
-        active = [] if self.disabled else self.unmerged_active()
         if self.mixed is not None:
             return self._forward_mixed(args, kwargs)
-        if not active:
-            return self.base_layer(*args, **kwargs)
-        delta = sum(self.delta_weight(name) for name in active)
-        return self._call_with(delta, args, kwargs)
+        return self._call_owner(lambda w: [] if w.disabled else w.unmerged_active(), args, kwargs)
 
-    def _call_with(self, delta, args, kwargs):
-        weight = self.base_weight
-        path = ".".join(["base_layer"] * self._depth() + [self.parameter_name])  # relative to base_layer
-        swapped = {path: weight + delta.to(weight.dtype)}
-        return torch.func.functional_call(self.base_layer, swapped, args, kwargs)
-
-    def _depth(self) -> int:
-        depth, module = 0, self.base_layer
+    def _chain(self) -> list["LoraParam"]:
+        chain, module = [], self
         while isinstance(module, LoraParam):
-            depth, module = depth + 1, module.base_layer
-        return depth
+            chain.append(module)
+            module = module.base_layer
+        return chain
+
+    def _call_owner(self, names_of, args, kwargs):
+        swapped = {}
+        for wrapper in self._chain():
+            names = [n for n in names_of(wrapper) if n in wrapper.adapter_names]
+            if names:
+                weight = wrapper.base_weight
+                delta = sum(wrapper.delta_weight(n) for n in names)
+                swapped[wrapper.parameter_name] = weight + delta.to(weight.dtype)
+        owner = innermost(self)
+        if not swapped:
+            return owner(*args, **kwargs)
+        return torch.func.functional_call(owner, swapped, tuple(args), kwargs)
 
     def mixed_stacks(self, slot_names):
         # no stacked pairs: a mixed batch runs each adapter's rows with that adapter's whole update
@@ -134,12 +139,9 @@ class LoraParam(LoraLayer):
         out = None
         for slot in torch.unique(slots).tolist():
             rows = (slots == slot).nonzero().squeeze(1)
-            part_args = [a.index_select(0, rows) if _row_tensor(a, first) else a for a in args]
-            name = names[slot - 1] if slot > 0 else None
-            if name is None or name not in self.adapter_names or self.disabled:
-                part = self.base_layer(*part_args, **kwargs)
-            else:
-                part = self._call_with(self.delta_weight(name), part_args, kwargs)
+            part_args = tuple(a.index_select(0, rows) if _row_tensor(a, first) else a for a in args)
+            chosen = [names[slot - 1]] if slot > 0 else []
+            part = self._call_owner(lambda w: [] if w.disabled else chosen, part_args, kwargs)
             out = _scatter_rows(out, part, rows, first.shape[0])
         return out
 

@@ -62,11 +62,14 @@ def test_file_keys_and_config_are_peft_style(tmp_path):
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["target_modules"] == ["q_proj", "embed_tokens"]
 
 
-def test_all_linear_is_written_as_names_peft_reads_identically(ids, tmp_path):
-    model = randomize_lora(lk.inject(tiny_bert(), lk.LoraConfig(r=2, target_modules="all-linear")), 0.1)
+@pytest.mark.parametrize("task_type", [None, "SEQ_CLS"])
+def test_all_linear_is_written_as_names_peft_reads_identically(ids, tmp_path, task_type):
+    config = lk.LoraConfig(r=2, target_modules="all-linear", task_type=task_type)
+    model = randomize_lora(lk.inject(tiny_bert(), config), 0.1)
     lk.save_adapter(model, tmp_path)
     names = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
-    assert isinstance(names, list) and "classifier" not in names
+    # as PEFT: without a task type the classifier is one more linear layer; SEQ_CLS saves it whole
+    assert isinstance(names, list) and ("classifier" in names) == (task_type is None)
     loaded = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path).eval()
     assert torch.allclose(logits(loaded, ids), logits(model, ids), atol=1e-5)
 
@@ -164,3 +167,31 @@ def test_a_crash_while_saving_leaves_no_half_written_adapter(tmp_path, monkeypat
         lk.save_adapter(model, tmp_path / "ad")
     assert (tmp_path / "ad" / "adapter_model.safetensors").read_bytes() == good
     assert sorted(os.listdir(tmp_path)) == ["ad"]
+
+
+def test_a_killed_save_leaves_staging_that_the_next_save_removes(tmp_path):
+    """kill -9 during save_adapter: the adapter stays intact and the next save sweeps the leftovers."""
+    import subprocess
+    import sys
+    import textwrap
+
+    model = lk.inject(tiny_llama(), lk.LoraConfig(target_modules=["q_proj"]))
+    lk.save_adapter(model, tmp_path / "ad")
+    good = (tmp_path / "ad" / "adapter_model.safetensors").read_bytes()
+    script = textwrap.dedent(f"""
+        import os, signal, lorakit as lk, lorakit.checkpoint as ckpt
+        from transformers import LlamaConfig, LlamaForCausalLM
+        cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1)
+        model = lk.inject(LlamaForCausalLM(cfg), lk.LoraConfig(target_modules=["q_proj"]))
+        ckpt.save_file = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # dies mid-save
+        lk.save_adapter(model, {str(tmp_path / "ad")!r})
+    """)
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert killed.returncode == -9
+    leftovers = [n for n in os.listdir(tmp_path) if n.startswith(".ad.tmp-")]
+    assert len(leftovers) == 1 and (tmp_path / "ad" / "adapter_model.safetensors").read_bytes() == good
+    live = tmp_path / f".ad.tmp-{os.getpid()}-inflight"  # a concurrent writer that is still running
+    live.mkdir()
+    lk.save_adapter(model, tmp_path / "ad")
+    assert sorted(os.listdir(tmp_path)) == sorted(["ad", live.name])

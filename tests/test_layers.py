@@ -117,3 +117,18 @@ def test_gradients_of_a_and_b_equal_peft_for_the_same_init():
         if "lora_" in name:
             mine = ours_params[name.removeprefix("base_model.model.")].grad
             assert torch.allclose(mine, p.grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_a_wrapped_layer_answers_its_base_layers_attributes():
+    """Model code reads .weight / .bias / .in_features of the modules it owns (T5: wo.weight.dtype)."""
+    import lorakit as lk
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["0"]))
+    wrapped = model[0]
+    assert isinstance(wrapped, lk.LoraLinear)
+    assert wrapped.weight is wrapped.base_layer.weight and wrapped.bias is wrapped.base_layer.bias
+    assert (wrapped.in_features, wrapped.out_features, wrapped.weight.dtype) == (4, 3, torch.float32)
+    with pytest.raises(AttributeError):
+        wrapped.no_such_attribute

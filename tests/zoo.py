@@ -6,6 +6,7 @@ and a batch of 4 rows for it. The table is shared by the zoo tests and `benchmar
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,6 +26,12 @@ class Arch:
     inputs: Callable[[], dict]
     task_type: str | None = None
     note: str = ""
+    lora_extra: tuple = ()  # more LoraConfig fields, as (name, value) pairs
+
+    def config(self, **fields) -> dict:
+        """LoraConfig fields (the same for lorakit and PEFT) for "all-linear" on this model."""
+        extra = copy.deepcopy(dict(self.lora_extra))  # PEFT extends modules_to_save in place
+        return {"r": 2, "lora_alpha": 4, "target_modules": "all-linear", "task_type": self.task_type, **extra, **fields}
 
 
 def _ids():
@@ -68,7 +75,9 @@ ZOO: list[Arch] = [
          _model("RobertaForSequenceClassification", "RobertaConfig", **{**BERTLIKE, "pad_token_id": 1}),
          text(), "SEQ_CLS", "head with dense + out_proj: both saved whole, no LoRA inside"),
     Arch("electra-tokcls", "encoder", _model("ElectraForTokenClassification", "ElectraConfig",
-                                             embedding_size=H, **BERTLIKE), text(), "TOKEN_CLS"),
+                                             embedding_size=H, **BERTLIKE), text(), "TOKEN_CLS",
+         "PEFT 0.21 puts LoRA on the head before it saves it for TOKEN_CLS and fails, so the head is named",
+         lora_extra=(("modules_to_save", ["classifier"]),)),
     Arch("distilbert", "encoder", _model("DistilBertModel", "DistilBertConfig", vocab_size=VOCAB, dim=H, n_layers=2,
                                          n_heads=2, hidden_dim=2 * H, max_position_embeddings=32), text()),
     Arch("deberta-v2", "encoder", _model("DebertaV2Model", "DebertaV2Config", **BERTLIKE), text()),
@@ -122,7 +131,10 @@ BY_NAME = {arch.name: arch for arch in ZOO}
 
 
 def main_output(out) -> torch.Tensor:
-    """The tensor a zoo check compares: logits where there are any, else the last hidden state."""
+    """The tensor a zoo check compares, one row per input row: logits where there are any, else the
+    last hidden state (CLIP: both towers' embeddings; its logits mix rows)."""
+    if getattr(out, "image_embeds", None) is not None:
+        return torch.cat([out.text_embeds, out.image_embeds], dim=-1)
     for key in ("logits", "logits_per_image", "last_hidden_state"):
         value = getattr(out, key, None)
         if isinstance(value, torch.Tensor):

@@ -18,8 +18,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """Keep library chatter a user cannot act on (weight-loading reports and bars, optional-kernel
+    notices) out of the output; lorakit says what matters in its own words."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    for name in ("bitsandbytes", "torchao", "datasets", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_libraries()
     # the CLI's warnings are messages for the user (e.g. truncated rows), not for a developer's traceback
     warnings.formatwarning = lambda message, category, *_, **__: f"warning: {message}\n"
     try:

@@ -38,7 +38,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     for flag, kind, text in TRAIN_FLAGS:
         parser.add_argument(flag, type=kind, default=None, help=text)
     parser.add_argument("--targets", nargs="+", default=None,
-                        help="modules to adapt: names/suffixes, a regex, or all-linear (default: the model's preset)")
+                        help="modules to adapt, separated by spaces or commas: names/suffixes, a regex, or all-linear "
+                             "(default: the model's preset)")
     parser.add_argument("--modules-to-save", nargs="+", default=None,
                         help="modules trained in full besides the adapters (classify always adds its head)")
     for flag, text in TRAIN_SWITCHES:
@@ -46,16 +47,34 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
+REGEX_CHARS = set("*+?|()[]{}^$\\")
+
+
+def _is_regex(value: str) -> bool:
+    return bool(set(value) & REGEX_CHARS)
+
+
+def list_flag(values: list[str] | None) -> list[str] | None:
+    """A list-valued flag as users type it: spaces or commas (``--targets q_proj,v_proj``, as in
+    LLaMA-Factory); a regex is kept whole."""
+    if values is None:
+        return None
+    items = []
+    for value in values:
+        items += [value] if _is_regex(value) else [v.strip() for v in value.split(",") if v.strip()]
+    return items
+
+
 def options_from(args: argparse.Namespace):
     from ..training.options import resolve_options
 
     overrides = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, *_ in TRAIN_FLAGS}
     overrides.update({flag[2:]: getattr(args, flag[2:]) for flag, _ in TRAIN_SWITCHES})
-    targets = args.targets
-    if targets and len(targets) == 1 and (targets[0] == "all-linear" or set(targets[0]) & set("*+?|()[]^$\\")):
+    targets = list_flag(args.targets)
+    if targets and len(targets) == 1 and (targets[0] == "all-linear" or _is_regex(targets[0])):
         targets = targets[0]
     overrides["targets"] = targets
-    overrides["modules_to_save"] = args.modules_to_save
+    overrides["modules_to_save"] = list_flag(args.modules_to_save)
     return resolve_options(args.config, overrides)
 
 
@@ -103,7 +122,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
-    print(f"{args.run or args.model} on {metrics['data']} [{args.split}]:")
+    print(f"{args.run or args.model} on {metrics['data']} [{metrics['split']}]:")
     _print_metrics(metrics)
     return 0
 
@@ -111,10 +130,11 @@ def _eval(args: argparse.Namespace) -> int:
 def _read_texts(args) -> list[str]:
     texts = list(args.text or [])
     if args.input:
-        from ..training.data import load_splits
+        from ..training.data import load_splits, read_file_rows
 
-        rows = load_splits(args.input)
-        rows = rows["train"] + rows["validation"] + rows["test"]  # a single file: keep every row
+        rows = read_file_rows(args.input)  # a single file: every row, in order
+        if rows is None:
+            rows = [row for split in load_splits(args.input).values() for row in split]
         texts += [str(row[args.text_column]) for row in rows] if rows and args.text_column in rows[0] else []
         if rows and args.text_column not in rows[0]:
             from ..errors import ConfigError
@@ -205,7 +225,9 @@ def add_commands(sub) -> None:
     evaluate.add_argument("--model", help="evaluate a base model without adapter (zero-shot), with --task")
     evaluate.add_argument("--task", choices=["sft", "lm"], help="task for --model")
     evaluate.add_argument("--data", help="data to evaluate on (default: the run's)")
-    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--split", default=None, choices=["train", "validation", "test"],
+                          help="which split to evaluate (default: test; a --data file is evaluated whole "
+                               "unless --split picks one of its training splits)")
     evaluate.add_argument("--limit", type=int, help="first N examples only")
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--seed", type=int, default=0, help="the split seed the run used")

@@ -84,6 +84,13 @@ def load_splits(data: str, seed: int = 0) -> dict[str, list[dict]]:
                       f"or an embedded data set: {', '.join(sorted(EMBEDDED_DATA))}")
 
 
+def read_file_rows(data: str) -> list[dict] | None:
+    """Every row of ``data`` in file order when it names a single file, else None. A file given for
+    evaluation or prediction is used whole: splitting is for training data."""
+    path = Path(data)
+    return _read_file(path) if data not in EMBEDDED_DATA and path.is_file() else None
+
+
 def _read_file(path: Path) -> list[dict]:
     kind = FILE_TYPES.get(path.suffix.lower())
     if kind is None:
@@ -116,8 +123,54 @@ def label_names(rows: list[dict], column: str) -> list[str]:
     return sorted({str(row[column]) for row in rows}, key=lambda v: (len(v), v) if v.isdigit() else (0, v))
 
 
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
+SFT_LAYOUTS = ("OpenAI 'messages' (role/content turns)", "ShareGPT 'conversations' (from/value turns)",
+               "Alpaca 'instruction' + optional 'input' + 'output'",
+               f"a prompt column ({'/'.join(PROMPT_COLUMNS)}) + a response column ({'/'.join(RESPONSE_COLUMNS)})",
+               "any columns with --prompt-template / --response-template")
+
+
+def sft_layout(columns) -> str | None:
+    """The SFT data layout a row's columns show, or None."""
+    if "messages" in columns:
+        return "messages"
+    if "conversations" in columns:
+        return "sharegpt"
+    if "instruction" in columns and "output" in columns:
+        return "alpaca"
+    if any(c in columns for c in PROMPT_COLUMNS) and any(c in columns for c in RESPONSE_COLUMNS):
+        return "prompt-response"
+    return None
+
+
+def alpaca_prompt(row: dict) -> str:
+    """The instruction, then the input (when there is one) after a blank line: the answer usually
+    depends on the input, so it is never dropped."""
+    extra = row.get("input")
+    extra = "" if extra is None else str(extra).strip()
+    return f"{row['instruction']}\n\n{extra}" if extra else str(row["instruction"])
+
+
+def _chat_pair(turns: list[dict], split: str, layout: str) -> tuple[list[dict], str]:
+    if not turns or turns[-1]["role"] != "assistant":
+        raise ConfigError(f"every {layout} row in the {split} split must end with an assistant turn")
+    return turns[:-1], turns[-1]["content"]
+
+
+def _sharegpt_turns(row: dict, split: str) -> list[dict]:
+    turns = []
+    for turn in row["conversations"] or []:
+        role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
+        if role is None:
+            raise ConfigError(f"ShareGPT turn with from={turn.get('from')!r} in the {split} split; known speakers: "
+                              f"{', '.join(sorted(SHAREGPT_ROLES))}")
+        turns.append({"role": role, "content": str(turn.get("value", ""))})
+    return turns
+
+
 def sft_pairs(rows: list[dict], split: str, prompt_template: str | None, response_template: str | None) -> list[tuple[list[dict], str]]:
-    """(chat messages before the answer, answer text) for every row."""
+    """(chat messages before the answer, answer text) for every row, in any layout of SFT_LAYOUTS."""
     if not rows:
         return []
     if prompt_template or response_template:
@@ -129,21 +182,19 @@ def sft_pairs(rows: list[dict], split: str, prompt_template: str | None, respons
         except KeyError as exc:
             raise ConfigError(f"template column {exc} not found in the {split} split; available columns: "
                               f"{', '.join(rows[0])}") from None
-    if "messages" in rows[0]:
-        pairs = []
-        for row in rows:
-            messages = list(row["messages"])
-            if not messages or messages[-1].get("role") != "assistant":
-                raise ConfigError(f"every 'messages' row in the {split} split must end with an assistant turn")
-            pairs.append((messages[:-1], messages[-1]["content"]))
-        return pairs
-    prompt = next((c for c in PROMPT_COLUMNS if c in rows[0]), None)
-    response = next((c for c in RESPONSE_COLUMNS if c in rows[0]), None)
-    if prompt is None or response is None:
-        raise ConfigError(f"sft needs a 'messages' column, or a prompt column ({'/'.join(PROMPT_COLUMNS)}) and a "
-                          f"response column ({'/'.join(RESPONSE_COLUMNS)}), or --prompt-template/--response-template; "
-                          f"available columns in the {split} split: {', '.join(rows[0])}")
-    return [([{"role": "user", "content": str(row[prompt])}], str(row[response])) for row in rows]
+    layout = sft_layout(rows[0])
+    if layout == "messages":
+        return [_chat_pair([dict(m) for m in row["messages"] or []], split, "'messages'") for row in rows]
+    if layout == "sharegpt":
+        return [_chat_pair(_sharegpt_turns(row, split), split, "ShareGPT") for row in rows]
+    if layout == "alpaca":
+        return [([{"role": "user", "content": alpaca_prompt(row)}], str(row["output"])) for row in rows]
+    if layout == "prompt-response":
+        prompt = next(c for c in PROMPT_COLUMNS if c in rows[0])
+        response = next(c for c in RESPONSE_COLUMNS if c in rows[0])
+        return [([{"role": "user", "content": str(row[prompt])}], str(row[response])) for row in rows]
+    raise ConfigError(f"the {split} split has columns {', '.join(map(repr, rows[0]))}, which match no SFT layout; "
+                      f"accepted layouts: {'; '.join(SFT_LAYOUTS)}")
 
 
 def prompt_text(tokenizer, messages: list[dict]) -> str:
@@ -162,30 +213,40 @@ def _answer_text(tokenizer, messages: list[dict], answer: str, prompt: str) -> s
 
 
 class Truncation:
-    """Counts rows cut to the sequence length and warns once per split."""
+    """Counts rows cut to the sequence length, per split, and reports them in one line."""
 
-    def __init__(self, seq_len: int, split: str):
-        self.seq_len, self.split, self.count = seq_len, split, 0
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+        self.cut_rows: dict[str, int] = {}
+        self.total_rows: dict[str, int] = {}
 
-    def cut(self, ids: list[int]) -> list[int]:
+    def cut(self, ids: list[int], split: str) -> list[int]:
+        self.total_rows[split] = self.total_rows.get(split, 0) + 1
         if len(ids) > self.seq_len:
-            self.count += 1
+            self.cut_rows[split] = self.cut_rows.get(split, 0) + 1
             return ids[:self.seq_len]
         return ids
 
     def report(self) -> None:
-        if self.count:
-            warnings.warn(f"{self.count} row(s) of the {self.split} split were longer than {self.seq_len} tokens "
-                          f"and were truncated; raise --seq-len to keep them whole", stacklevel=3)
+        if self.cut_rows:
+            parts = ", ".join(f"{n:,} of {self.total_rows[s]:,} {s}" for s, n in self.cut_rows.items())
+            warnings.warn(f"rows longer than {self.seq_len} tokens were truncated ({parts}); raise --seq-len to "
+                          "keep them whole", stacklevel=3)
 
 
 def encode(rows: list[dict], tokenizer, task: str, seq_len: int, split: str, *, text_column="text",
-           label_column="label", labels: list[str] | None = None, prompt_template=None, response_template=None) -> list[dict]:
+           label_column="label", labels: list[str] | None = None, prompt_template=None, response_template=None,
+           truncation: Truncation | None = None) -> list[dict]:
     """Token ids (and labels) per example. sft masks the prompt with -100 so only answer tokens train;
-    lm concatenates all text and packs it into blocks of seq_len tokens."""
+    lm concatenates all text and packs it into blocks of seq_len tokens. Truncated rows are counted
+    in ``truncation`` (reported by the caller), or reported here when none is given."""
     if not rows:
         return []
-    cut = Truncation(seq_len, split)
+    own_report = truncation is None
+    truncation = truncation or Truncation(seq_len)
+
+    def cut(ids: list[int]) -> list[int]:
+        return truncation.cut(ids, split)
     if task == "classify":
         require_columns(rows, [text_column, label_column], split, hint=" (set --text-column / --label-column)")
         index = {name: i for i, name in enumerate(labels or [])}
@@ -194,14 +255,14 @@ def encode(rows: list[dict], tokenizer, task: str, seq_len: int, split: str, *, 
             raise ConfigError(f"label(s) {', '.join(unknown[:10])} of the {split} split were not seen in training "
                               f"(known: {', '.join(index)})")
         ids = tokenizer([str(r[text_column]) for r in rows], add_special_tokens=True, verbose=False)["input_ids"]
-        examples = [{"input_ids": cut.cut(i), "labels": index[str(r[label_column])]} for i, r in zip(ids, rows)]
+        examples = [{"input_ids": cut(i), "labels": index[str(r[label_column])]} for i, r in zip(ids, rows)]
     elif task == "sft":
         examples = []
         for messages, answer in sft_pairs(rows, split, prompt_template, response_template):
             prompt = prompt_text(tokenizer, messages)
             prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             answer_ids = tokenizer(_answer_text(tokenizer, messages, answer, prompt), add_special_tokens=False)["input_ids"]
-            ids = cut.cut(prompt_ids + answer_ids)
+            ids = cut(prompt_ids + answer_ids)
             labels_ = ([-100] * len(prompt_ids) + answer_ids)[:len(ids)]
             examples.append({"input_ids": ids, "labels": labels_})
     else:
@@ -212,7 +273,8 @@ def encode(rows: list[dict], tokenizer, task: str, seq_len: int, split: str, *, 
             stream += ids + separator
         examples = [{"input_ids": stream[i:i + seq_len], "labels": stream[i:i + seq_len]}
                     for i in range(0, len(stream) - 1, seq_len) if len(stream[i:i + seq_len]) > 1]
-    cut.report()
+    if own_report:
+        truncation.report()
     return examples
 
 

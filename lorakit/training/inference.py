@@ -11,7 +11,7 @@ import lorakit as lk
 from ..atomic import staged_directory
 from ..errors import ConfigError
 from .artifacts import load_trained
-from .data import EMBEDDED_SFT_TEMPLATES, SPLITS, encode, load_splits, prompt_text, require_rows
+from .data import EMBEDDED_SFT_TEMPLATES, SPLITS, encode, load_splits, prompt_text, read_file_rows, require_rows
 from .evaluation import split_metrics
 from .models import load_model
 
@@ -32,16 +32,23 @@ def load_for_eval(run: str | None, model_name: str | None, task: str | None, dat
     return model, tokenizer, record
 
 
-def evaluate_run(run: str | None = None, data: str | None = None, split: str = "test", *, model_name=None,
+def evaluate_run(run: str | None = None, data: str | None = None, split: str | None = None, *, model_name=None,
                  task=None, seed: int = 0, limit: int | None = None, batch_size: int = 32, bf16: bool = False,
                  text_column=None, label_column=None, prompt_template=None, response_template=None) -> dict:
-    if split not in SPLITS:
+    """Metrics of a run (or a base model) on ``data``: a single file given here is evaluated whole
+    (every row, in order) unless ``split`` asks for one of its 80/10/10 training splits; embedded
+    data and split directories use ``split`` (default: test)."""
+    if split is not None and split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     model, tokenizer, record = load_for_eval(run, model_name, task, data)
+    whole_file = read_file_rows(data) if data and split is None else None
     data = data or record.get("data")
     if not data:
         raise ConfigError("give --data: this run does not record which data it was trained on")
-    rows = load_splits(data, seed)[split]
+    split = split or "test"
+    rows = whole_file if whole_file is not None else load_splits(data, seed)[split]
+    if whole_file is not None:
+        split = "all"
     rows = rows[:limit] if limit else rows
     require_rows(rows, split, data)
     text_column = text_column or record["text_column"]

@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from ..losses import ChunkedLossLM, supports_chunked_loss
 from .artifacts import RUN_FILE, run_record
 from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint, trainable_state
-from .data import EMBEDDED_SFT_TEMPLATES, collate, encode, label_names, load_splits, require_rows
+from .data import EMBEDDED_SFT_TEMPLATES, Truncation, collate, encode, label_names, load_splits, require_rows
 from .distributed import Distributed
 from .evaluation import evaluate, split_metrics
 from .models import load_model
@@ -93,8 +93,11 @@ class Trainer:
         if options.task == "sft" and not any(self.templates) and options.data in EMBEDDED_SFT_TEMPLATES:
             self.templates = EMBEDDED_SFT_TEMPLATES[options.data]
         cap = options.eval_examples
-        self.encoded = {split: self._encode(rows if split == "train" or cap is None else rows[:cap], split)
+        truncation = Truncation(self.seq_len)
+        self.encoded = {split: self._encode(rows if split == "train" or cap is None else rows[:cap], split, truncation)
                         for split, rows in splits.items()}
+        if self.dist.is_main:
+            truncation.report()
         self.model = prepare_model(model, options).to(self.dist.device)
         self.report = lk.trainable_parameters(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -117,14 +120,14 @@ class Trainer:
         self.step, self.best, self.best_step, self.bad_evals = 0, None, None, 0
         self.interrupted = False
 
-    def _encode(self, rows, split):
+    def _encode(self, rows, split, truncation):
         o = self.options
         has_labels = o.task != "classify" or not rows or o.label_column in rows[0]
         if split != "train" and not has_labels:
             return None  # e.g. an unlabelled test file: usable by `predict`, not for metrics
         return encode(rows, self.tokenizer, o.task, self.seq_len, split, text_column=o.text_column,
                       label_column=o.label_column, labels=self.labels, prompt_template=self.templates[0],
-                      response_template=self.templates[1])
+                      response_template=self.templates[1], truncation=truncation)
 
     # batching: a pure function of (seed, epoch, micro-batch index, rank)
     def micro_batch(self, micro: int) -> list[dict]:

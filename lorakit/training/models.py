@@ -83,6 +83,22 @@ def _converted_gguf(gguf_path: Path, name: str) -> Path:
     return target
 
 
+HEAD_PREFIXES = ("classifier", "score", "pre_classifier")
+
+
+def _report_new_weights(missing, n_labels: int) -> None:
+    """One line for a classification head the checkpoint does not have (the usual case: it is new
+    and trains in full with the adapter); a louder one for any other missing weight."""
+    head = sorted({k.split(".")[0] for k in missing if k.split(".")[0] in HEAD_PREFIXES})
+    other = [k for k in missing if k.split(".")[0] not in HEAD_PREFIXES]
+    if head:
+        print(f"note: the classification head ({', '.join(head)}, {n_labels} labels) is new; it is trained in "
+              "full together with the adapter", file=sys.stderr)
+    if other:
+        print(f"warning: {len(other)} weight(s) missing from the checkpoint were initialised randomly: "
+              f"{', '.join(other[:5])}{' ...' if len(other) > 5 else ''}", file=sys.stderr)
+
+
 def load_model(name: str, task: str, labels: list[str] | None = None, dtype=None):
     """(model, tokenizer) for a task: a sequence classifier with len(labels) outputs, or a causal LM."""
     import torch
@@ -96,9 +112,10 @@ def load_model(name: str, task: str, labels: list[str] | None = None, dtype=None
     if task == "classify":
         if not labels:
             raise LoraError("a classification model needs its label names")
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={label: i for i, label in enumerate(labels)}, **kwargs)
+            label2id={label: i for i, label in enumerate(labels)}, output_loading_info=True, **kwargs)
+        _report_new_weights(info.get("missing_keys") or [], len(labels))
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if tokenizer.pad_token is None:  # causal LMs often ship without one; padding is masked out anyway

@@ -48,13 +48,18 @@ def test_flags_override_the_yaml_file_and_the_resolved_config_is_saved(classifie
     assert code == 2 and "unknown training option(s) learning_rate" in err
 
 
-def test_eval_predict_and_merge(trained, classifier_dir, tmp_path, capsys):
+def test_eval_predict_and_merge(trained, classifier_dir, reviews_csv, tmp_path, capsys):
     code, out, _ = run(capsys, "eval", trained, "--json")
     metrics = json.loads(out)
     assert code == 0 and metrics["examples"] == 16 and sum(map(sum, metrics["confusion_matrix"])) == 16
     assert 0 <= metrics["macro_f1"] <= 1 and metrics["labels"] == ["negative", "positive"]
     code, out, _ = run(capsys, "eval", trained)
     assert "confusion matrix" in out and "macro_f1" in out
+    # a file given for evaluation is evaluated whole (160 rows), not split; --split picks a training split
+    code, out, _ = run(capsys, "eval", trained, "--data", reviews_csv, "--json")
+    assert code == 0 and json.loads(out)["examples"] == 160 and json.loads(out)["split"] == "all"
+    code, out, _ = run(capsys, "eval", trained, "--data", reviews_csv, "--split", "test", "--json")
+    assert code == 0 and json.loads(out)["examples"] == 16
 
     code, out, _ = run(capsys, "predict", trained, "--text", "the film was very superb", "--text", "a movie is dull", "--json")
     rows = [json.loads(line) for line in out.splitlines()]

@@ -4,7 +4,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from lorakit.errors import ConfigError
-from lorakit.training.data import collate, encode, label_names, load_splits, sft_pairs
+from lorakit.training.data import collate, encode, label_names, load_splits, read_file_rows, sft_pairs
 
 
 def test_single_file_is_split_80_10_10_deterministically(reviews_csv):
@@ -59,7 +59,7 @@ def test_labels_missing_from_training_are_an_error(reviews_csv, classifier_dir):
 def test_long_rows_are_truncated_with_a_warning(classifier_dir):
     tokenizer = AutoTokenizer.from_pretrained(classifier_dir)
     rows = [{"text": "good " * 50, "label": "positive"}, {"text": "bad", "label": "negative"}]
-    with pytest.warns(UserWarning, match="1 row.*longer than 8 tokens"):
+    with pytest.warns(UserWarning, match=r"longer than 8 tokens were truncated \(1 of \d+ train\)"):
         examples = encode(rows, tokenizer, "classify", 8, "train", labels=["negative", "positive"])
     assert [len(e["input_ids"]) for e in examples] == [8, 3]
 
@@ -80,7 +80,7 @@ def test_sft_templates_and_messages(causal_dir):
     assert sft_pairs(rows, "train", "Review: {text}", "{label}") == ([([{"role": "user", "content": "Review: dull"}], "negative")])
     with pytest.raises(ConfigError, match="template column 'review' not found"):
         sft_pairs(rows, "train", "{review}", "{label}")
-    with pytest.raises(ConfigError, match="sft needs a 'messages' column"):
+    with pytest.raises(ConfigError, match=r"columns 'text', 'label'.*match no SFT layout.*ShareGPT.*Alpaca"):
         sft_pairs(rows, "train", None, None)
     chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
     assert sft_pairs(chat, "train", None, None) == [([{"role": "user", "content": "hi"}], "hello")]
@@ -100,3 +100,40 @@ def test_collate_pads_and_masks():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
+def test_alpaca_keeps_the_input_beside_the_instruction():
+    rows = [{"instruction": "Translate to French.", "input": "cat", "output": "chat"},
+            {"instruction": "Name a colour.", "input": "", "output": "red"}]
+    pairs = sft_pairs(rows, "train", None, None)
+    assert pairs[0] == ([{"role": "user", "content": "Translate to French.\n\ncat"}], "chat")
+    assert pairs[1] == ([{"role": "user", "content": "Name a colour."}], "red")
+
+
+def test_sharegpt_openai_and_prompt_completion_layouts():
+    sharegpt = [{"conversations": [{"from": "system", "value": "be brief"}, {"from": "human", "value": "hi"},
+                                   {"from": "gpt", "value": "hello"}]}]
+    assert sft_pairs(sharegpt, "train", None, None) == [
+        ([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], "hello")]
+    messages = [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}]
+    assert sft_pairs(messages, "train", None, None) == [([{"role": "user", "content": "2+2?"}], "4")]
+    completion = [{"prompt": "Say yes", "completion": "yes"}]
+    assert sft_pairs(completion, "train", None, None) == [([{"role": "user", "content": "Say yes"}], "yes")]
+    with pytest.raises(ConfigError, match="must end with an assistant turn"):
+        sft_pairs([{"conversations": [{"from": "human", "value": "hi"}]}], "train", None, None)
+    with pytest.raises(ConfigError, match="from='robot'"):
+        sft_pairs([{"conversations": [{"from": "robot", "value": "hi"}]}], "train", None, None)
+
+
+def test_a_file_given_for_evaluation_is_read_whole_in_order(reviews_csv):
+    rows = read_file_rows(reviews_csv)
+    assert len(rows) == sum(len(v) for v in load_splits(reviews_csv).values())
+    assert read_file_rows("rotten-tomatoes") is None
+
+
+def test_list_flags_take_commas_or_spaces():
+    from lorakit.cli.training import list_flag
+
+    assert list_flag(["q_proj,v_proj", "o_proj"]) == ["q_proj", "v_proj", "o_proj"]
+    assert list_flag([".*\\.(q|v)_proj"]) == [".*\\.(q|v)_proj"]
+    assert list_flag(["a{1,2}"]) == ["a{1,2}"]  # a regex keeps its commas
