@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..training.options import DEFAULTS_WHY
+
 # flags that map onto TrainOptions fields; every default is None so a YAML value is not overridden
 TRAIN_FLAGS = [
     ("--model", str, "embedded name (minilm, smollm2-135m), a model directory or a .gguf file"),
@@ -13,8 +15,12 @@ TRAIN_FLAGS = [
     ("--task", str, "classify | sft | lm"),
     ("--output", str, "run directory (log, checkpoint, adapter, loss curve)"),
     ("--r", int, "LoRA rank"), ("--alpha", float, "lora_alpha (default 2*r)"), ("--dropout", float, "lora_dropout"),
-    ("--epochs", float, "passes over the train split"), ("--max-steps", int, "optimizer steps (overrides --epochs)"),
-    ("--lr", float, "peak learning rate (linear warm-up and decay)"), ("--warmup-steps", int, None),
+    ("--epochs", float, "passes over the train split (default 1)"),
+    ("--max-steps", int, "optimizer steps (overrides --epochs and --min-steps)"),
+    ("--min-steps", int, "train at least this many steps, repeating small data (default: classify 150, sft/lm "
+                         "100: a new head and adapter need ~100+ updates; the best validation checkpoint is kept)"),
+    ("--lr", float, "peak learning rate, linear warm-up and decay (default: classify 2e-3, sft/lm 5e-4, --full "
+                    "5e-5; chosen by the defaults study in BENCHMARKS.md)"), ("--warmup-steps", int, None),
     ("--weight-decay", float, None),
     ("--batch-size", int, "examples per step per process"), ("--grad-accum", int, "micro-batches per step"),
     ("--seq-len", int, "tokens per example (longer rows are truncated with a warning)"),
@@ -39,7 +45,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, type=kind, default=None, help=text)
     parser.add_argument("--targets", nargs="+", default=None,
                         help="modules to adapt, separated by spaces or commas: names/suffixes, a regex, or all-linear "
-                             "(default: the model's preset)")
+                             "(default all-linear: every linear layer but the output head, which learned on every "
+                             "corpus of the defaults study where q/v alone did not)")
     parser.add_argument("--modules-to-save", nargs="+", default=None,
                         help="modules trained in full besides the adapters (classify always adds its head)")
     for flag, text in TRAIN_SWITCHES:
@@ -216,7 +223,8 @@ def _demo(args: argparse.Namespace) -> int:
 def add_commands(sub) -> None:
     train = sub.add_parser("train", help="fine-tune with LoRA (or --full) on a classify, sft or lm task",
                            description="Options come from an optional YAML file, overridden by flags. Run with "
-                                       "`torchrun --nproc_per_node N -m lorakit train ...` for multi-process DDP.")
+                                       "`torchrun --nproc_per_node N -m lorakit train ...` for multi-process DDP. "
+                                       f"Without tuning flags it uses the {DEFAULTS_WHY}.")
     add_train_flags(train)
     train.set_defaults(func=_train)
 

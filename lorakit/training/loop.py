@@ -108,7 +108,7 @@ class Trainer:
             raise ConfigError(f"the train split has {len(self.encoded['train'])} examples, fewer than one step of "
                               f"{per_micro * options.grad_accum} (batch size x processes x grad accum); lower --batch-size")
         steps_per_epoch = self.micro_per_epoch // options.grad_accum
-        self.total_steps = options.max_steps or max(1, math.ceil(options.epochs * steps_per_epoch))
+        self.total_steps = options.max_steps or max(options.min_steps or 1, math.ceil(options.epochs * steps_per_epoch))
         self.eval_steps = options.eval_steps or steps_per_epoch
         from transformers import get_scheduler
 
@@ -275,6 +275,9 @@ class Trainer:
                    "lora_params": self.report.lora, "train_examples": len(self.encoded["train"])}
         if self.dist.is_main:
             summary["test"] = self.test_metrics()
+            summary["learning_check"] = learning_check(o.task, summary["test"], self.output / "train_log.jsonl")
+            if not summary["learning_check"]["ok"]:
+                print(f"\nWARNING: {summary['learning_check']['message']}\n", file=sys.stderr)
             summary["artifact"] = str(self._write_artifact())
             from ..plots import loss_curve
 
@@ -307,6 +310,32 @@ class Trainer:
             record = run_record(self.options, self.labels, self.seq_len, *self.templates)
             (staging / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
         return target
+
+
+def learning_check(task: str, test: dict | None, log_path: Path) -> dict:
+    """Did the run learn? A classifier must beat the majority class of its test split and not
+    predict one label for every row; a language model's training loss must have come down."""
+    if task == "classify" and test and "confusion_matrix" in test:
+        confusion = torch.tensor(test["confusion_matrix"], dtype=torch.float64)
+        majority = float(confusion.sum(1).max() / confusion.sum().clamp(min=1))
+        predicted = int((confusion.sum(0) > 0).sum())
+        if predicted <= 1 or test["accuracy"] <= majority + 0.01:
+            return {"ok": False, "majority_class": majority, "message": (
+                f"this run did not learn: test accuracy {test['accuracy']:.3f} vs {majority:.3f} for always "
+                f"answering the majority class{' (it predicts one label for every row)' if predicted <= 1 else ''}. "
+                "Try a higher --lr, more --epochs / --min-steps, or more --targets.")}
+        return {"ok": True, "majority_class": majority}
+    losses = [json.loads(line).get("loss") for line in log_path.read_text().splitlines()] if log_path.is_file() else []
+    losses = [v for v in losses if v is not None]
+    if len(losses) >= 10:
+        window = max(1, len(losses) // 10)
+        first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
+        if last > 0.98 * first:
+            return {"ok": False, "first_loss": first, "last_loss": last, "message": (
+                f"this run did not learn: the training loss went from {first:.4f} to {last:.4f}. Try a higher "
+                "--lr or more steps.")}
+        return {"ok": True, "first_loss": first, "last_loss": last}
+    return {"ok": True}
 
 
 def _atomic_save(tensors: dict, path: Path) -> None:
