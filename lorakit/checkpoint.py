@@ -53,6 +53,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         if adapter_name in layer.adapter_names:
             for key, tensor in zip(pair_keys(path, isinstance(layer, LoraEmbedding)), layer.lora_pair(adapter_name)):
                 state[key] = tensor
+            if layer.uses_dora(adapter_name):
+                state[f"{PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name]
             bias = getattr(layer.base_layer, "bias", None)
             if config.bias == "lora_only" and bias is not None:
                 state[f"{PREFIX}{path}.bias"] = bias
@@ -179,6 +181,8 @@ def _match_tensors(model, plan, tensors, directory):
         key_a, key_b = pair_keys(path, isinstance(base, nn.Embedding), prefix="")
         take(key_a, (r, k), path, "A")
         take(key_b, (d, r), path, "B")
+        if config.use_dora:  # one magnitude per output feature (per embedding dimension)
+            take(f"{path}.lora_magnitude_vector", (d,), path, "magnitude")
         # PEFT also saves the full embedding table when it adapts an embedding (it may have been
         # resized for new tokens); like PEFT, load it into the base layer.
         if f"{path}.base_layer.weight" in remaining:
@@ -214,6 +218,8 @@ def _resolve(model: nn.Module, path: str, attr: str, adapter_name: str) -> torch
     module = model.get_submodule(path)
     if attr in ("A", "B"):
         return module.lora_pair(adapter_name)[attr == "B"]
+    if attr == "magnitude":
+        return module.lora_magnitude_vector[adapter_name]
     if attr == "bias":
         return unwrap(module).bias
     if attr == "base_weight":

@@ -40,7 +40,7 @@ HEAD_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS")
 # PEFT features that change the forward pass and that lorakit does not implement: loading an
 # adapter that uses one must fail loudly instead of silently computing something else.
 UNSUPPORTED_PEFT_FEATURES = (
-    "use_dora", "lora_bias", "layer_replication", "trainable_token_indices",
+    "lora_bias", "layer_replication", "trainable_token_indices",
     "use_qalora", "alora_invocation_tokens", "use_bdlora",
 )
 
@@ -65,6 +65,7 @@ class LoraConfig:
     bias: BiasMode = "none"
     modules_to_save: list[str] | None = None
     use_rslora: bool = False
+    use_dora: bool = False  # DoRA (lorakit/dora.py): a learned magnitude per output feature
     init_lora_weights: bool | Literal["gaussian"] = True
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -97,6 +98,9 @@ class LoraConfig:
         if self.target_parameters is not None and (
                 isinstance(self.target_parameters, str) or not all(isinstance(p, str) for p in self.target_parameters)):
             raise ConfigError(f"target_parameters must be a list of parameter names, got {self.target_parameters!r}.")
+        if self.target_parameters and self.use_dora:
+            raise ConfigError("target_parameters cannot use DoRA (a parameter has no fixed output feature axis for "
+                              "the magnitude), as in PEFT; adapt those parameters with plain LoRA.")
         if self.target_parameters and self.lora_dropout:
             raise ConfigError("target_parameters cannot use lora_dropout (the update is added to a weight, not to an "
                               "input that dropout could act on); set lora_dropout=0, as PEFT requires.")
@@ -128,7 +132,7 @@ class LoraConfig:
         for key in ("target_modules", "target_parameters"):
             if isinstance(data[key], (set, tuple)):
                 data[key] = sorted(data[key])
-        data.update(peft_type="LORA", use_dora=False, revision=None)
+        data.update(peft_type="LORA", revision=None)
         return data
 
     @classmethod

@@ -74,7 +74,7 @@ def apply_plan(model: nn.Module, plan: InjectionPlan, adapter_name: str) -> None
         is_embedding = isinstance(unwrap(model.get_submodule(path)), nn.Embedding)
         layer = _wrap(model, path, LoraEmbedding if is_embedding else LoraLinear)
         layer.add_adapter(adapter_name, config.rank_for(path), config.scaling_for(path),
-                          config.lora_dropout, config.init_lora_weights)
+                          config.lora_dropout, config.init_lora_weights, use_dora=config.use_dora)
     for path, names in plan.param_targets:
         for name in names:
             layer = _param_wrapper(model, path, names, name)

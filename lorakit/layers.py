@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dora import DoraVariant
+
 if TYPE_CHECKING:  # only for annotations: mixed.py builds these
     from .mixed import MixedRows
 
@@ -57,6 +59,7 @@ class LoraLayer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only (lorakit/dora.py)
         self.scaling: dict[str, float] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
@@ -113,15 +116,27 @@ class LoraLayer(nn.Module):
             return self.base_layer.packed.new_empty(0, dtype=self.base_layer.compute_dtype)
         return self.base_layer.weight
 
-    def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init) -> None:
+    def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init, use_dora: bool = False) -> None:
         weight = self.reference()
         self.create_pair(name, r, adapter_dtype(weight), weight.device)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = scaling
         self.reset_adapter(name, init)
+        if use_dora:
+            DoraVariant.add_magnitude(self, name)
         self.clear_mixed_cache()
 
+    def uses_dora(self, name: str) -> bool:
+        return name in self.lora_magnitude_vector
+
+    def adapter_parameters(self, name: str) -> list[torch.Tensor]:
+        """Everything adapter ``name`` trains in this layer: A, B and DoRA's magnitude."""
+        extra = [self.lora_magnitude_vector[name]] if self.uses_dora(name) else []
+        return [*self.lora_pair(name), *extra]
+
     def remove_adapter(self, name: str) -> None:
+        if self.uses_dora(name):
+            del self.lora_magnitude_vector[name]
         for container in (*self.adapter_containers(), self.lora_dropout):
             del container[name]
         del self.scaling[name]
@@ -145,28 +160,53 @@ class LoraLayer(nn.Module):
         delta = (B @ A) * self.scaling[name]
         return delta.T if self.transpose_delta else delta
 
+    def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` with adapter ``name`` folded in (fp32 for a 16-bit base: rounded once, by the caller)."""
+        if self.uses_dora(name):
+            return DoraVariant.merged_weight(self, name, weight, self.unmerged_base_weight())
+        return weight + self.delta_weight(name)
+
+    def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if self.uses_dora(name):
+            return DoraVariant.unmerged_weight(self, name, weight)
+        return weight - self.delta_weight(name)
+
+    def unmerged_base_weight(self) -> torch.Tensor:
+        """The base weight with every merged adapter taken back out (on a copy)."""
+        weight = self.base_weight.detach().clone()
+        for name in reversed(self.merged_adapters):
+            norms = self.__dict__.get("_dora_merge_norms", {})
+            saved = norms.get(name)
+            weight = self.unmerged_weight(name, weight)
+            if saved is not None:
+                norms[name] = saved  # only a look: the merge still holds
+        return weight
+
     def merge(self, names: list[str]) -> None:
-        if self.quantized:  # lossy: the caller (lk.merge(requantize=True)) has warned
-            with torch.no_grad():
-                self.base_layer.set_weight(self.base_weight + sum(self.delta_weight(n) for n in names))
-            self.merged_adapters.extend(names)
-            return
-        weight = self.base_weight
         with torch.no_grad():
+            if self.quantized:  # lossy: the caller (lk.merge(requantize=True)) has warned
+                weight = self.base_weight
+                for name in names:
+                    weight = self.merged_weight(name, weight)
+                    self.merged_adapters.append(name)
+                self.base_layer.set_weight(weight)
+                return
+            weight = self.base_weight
             for name in names:
-                weight.copy_(weight + self.delta_weight(name))  # summed in fp32, rounded once
+                weight.copy_(self.merged_weight(name, weight))  # computed in fp32, rounded once
                 self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        if self.quantized and self.merged_adapters:
-            with torch.no_grad():
-                self.base_layer.set_weight(self.base_weight - sum(self.delta_weight(n) for n in self.merged_adapters))
-            self.merged_adapters.clear()
-            return
-        weight = self.base_weight
         with torch.no_grad():
+            if self.quantized and self.merged_adapters:
+                weight = self.base_weight
+                while self.merged_adapters:
+                    weight = self.unmerged_weight(self.merged_adapters.pop(), weight)
+                self.base_layer.set_weight(weight)
+                return
+            weight = self.base_weight
             while self.merged_adapters:
-                weight.copy_(weight - self.delta_weight(self.merged_adapters.pop()))
+                weight.copy_(self.unmerged_weight(self.merged_adapters.pop(), weight))
 
     def unmerged_active(self) -> list[str]:
         names = self.adapter_names
@@ -186,6 +226,18 @@ class LoraLayer(nn.Module):
             cached = (key, self._build_stacks(slot_names, present))
             self.__dict__["_mixed_cache"] = cached
         return cached[1]
+
+    def dora_scale_stack(self, slot_names: list[str]) -> torch.Tensor | None:
+        """Per slot, DoRA's m/‖W0 + s·B·A‖ (ones for the base and plain LoRA adapters); None when no
+        adapter of the block uses DoRA here."""
+        dora = [n for n in slot_names if n in self.adapter_names and self.uses_dora(n)]
+        if not dora:
+            return None
+        stack = torch.ones(len(slot_names) + 1, self.lora_dims()[1], device=self.reference().device)
+        for slot, name in enumerate(slot_names, start=1):
+            if name in dora:
+                stack[slot] = DoraVariant.mixed_scale(self, name)
+        return stack
 
     def _build_stacks(self, slot_names, present):
         # Stored pre-transposed (Aᵀ: in×r, s·Bᵀ: r×out) so a row gather is a plain index_select.
@@ -215,7 +267,7 @@ class LoraLayer(nn.Module):
         if self.mixed is not None:
             return self.add_mixed(result, x)
         for name in self.unmerged_active():
-            result = self.add_lora(result, x, name)
+            result = self.add_dora(result, x, name) if self.uses_dora(name) else self.add_lora(result, x, name)
         return result
 
 
@@ -286,7 +338,7 @@ class LoraLinear(LoraLayer):
         if args or kwargs or self.disabled or self.mixed is not None or not torch.is_grad_enabled():
             return None
         active = self.unmerged_active()
-        if len(active) != 1 or not self.plain_base:
+        if len(active) != 1 or not self.plain_base or self.uses_dora(active[0]):
             return None
         A, B = self.lora_pair(active[0])
         weight = self.base_layer.weight
@@ -316,8 +368,25 @@ class LoraLinear(LoraLayer):
             return result
         return torch.addmm(result.reshape(-1, result.shape[-1]), h2, B.t()).view(result.shape)
 
+    def add_dora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        return DoraVariant.add_linear(self, result, x, name)
+
+    def add_mixed_dora(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Mixed rows when some adapter uses DoRA: y + (k−1)⊙(y − b) + k⊙s·B·A·x with k each row's
+        scale (1 for plain LoRA and base rows): still two batched matmuls, no loop over adapters."""
+        batch = x.shape[0]
+        A_rows, B_rows, _ = self.mixed.row_pairs(batch)
+        scale = self.mixed.scale_stack.index_select(0, self.mixed.rows_for(batch)).unsqueeze(1)
+        lora = torch.bmm(torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(A_rows.dtype), A_rows), B_rows)
+        y = result.reshape(batch, -1, result.shape[-1])
+        bias = getattr(self.base_layer, "bias", None)
+        base = y if bias is None else y - bias
+        return (y + (scale - 1) * base + scale * lora).view(result.shape).to(result.dtype)
+
     def add_mixed(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
+        if self.mixed.scale_stack is not None:
+            return self.add_mixed_dora(result, x)
         A_rows, B_rows, p = self.mixed.row_pairs(batch)
         x3 = x.reshape(batch, -1, x.shape[-1]).to(A_rows.dtype)
         if self.training and bool(p.any()):
@@ -380,13 +449,20 @@ class LoraEmbedding(LoraLayer):
         h = self._lookup(x, A.T) * self.scaling[name]
         return result + (h @ B.T).to(result.dtype)
 
+    def add_dora(self, result, x, name):
+        return DoraVariant.add_embedding(self, result, x, name)
+
     def add_mixed(self, result, x):
         batch = x.shape[0]
         rows = self.mixed.rows_for(batch)
         B_rows = self.mixed.B_stack.index_select(0, rows)
         # A_stack is slots×num_embeddings×r: pick each token's row from its own adapter's table.
         h = self.mixed.A_stack[rows.unsqueeze(1), x.reshape(batch, -1)]
-        return result + torch.bmm(h, B_rows).view(result.shape).to(result.dtype)
+        out = result + torch.bmm(h, B_rows).view(result.shape).to(result.dtype)
+        if self.mixed.scale_stack is not None:  # DoRA rows scale their whole output; others by 1
+            scale = self.mixed.scale_stack.index_select(0, rows).unsqueeze(1)
+            out = (out.reshape(batch, -1, out.shape[-1]) * scale).view(result.shape).to(result.dtype)
+        return out
 
 
 class ModulesToSave(nn.Module):

@@ -31,6 +31,7 @@ class MixedRows:
     B_stack: torch.Tensor
     dropout_of_slot: torch.Tensor
     buffers: dict = field(default_factory=dict)  # the layer's, reused across blocks
+    scale_stack: torch.Tensor | None = None  # DoRA: slots×out scales m/‖W0 + s·B·A‖ (1 elsewhere)
     _per_batch: dict = field(default_factory=dict)
 
     def rows_for(self, batch: int) -> torch.Tensor:
@@ -86,7 +87,8 @@ def mixed_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.Modul
     for _, layer in layers:
         A_stack, B_stack, dropout = layer.mixed_stacks(distinct)
         rows = torch.tensor([slot[n] for n in names], device=A_stack.device)
-        layer.mixed = MixedRows(rows, A_stack, B_stack, dropout, buffers=layer.row_buffers())
+        layer.mixed = MixedRows(rows, A_stack, B_stack, dropout, buffers=layer.row_buffers(),
+                                scale_stack=layer.dora_scale_stack(distinct))
     for _, head in heads:
         head.mixed_names = names
     try:

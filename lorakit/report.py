@@ -56,7 +56,7 @@ def trainable_parameters(model: nn.Module) -> ParameterReport:
     for path, layer in lora_layers(model):
         base = math.prod(layer.lora_dims())
         for name in layer.adapter_names:
-            count = sum(p.numel() for p in layer.lora_pair(name))
+            count = sum(p.numel() for p in layer.adapter_parameters(name))
             lora += count
             rows.append(ModuleRow(path, "lora", name, layer.rank(name), count, base))
     for path, wrapper in saved_modules(model):

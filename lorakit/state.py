@@ -82,7 +82,7 @@ def apply_trainability(model: nn.Module) -> None:
         p.requires_grad_(False)
     for _, layer in lora_layers(model):
         for name in layer.adapter_names:
-            for p in layer.lora_pair(name):
+            for p in layer.adapter_parameters(name):
                 p.requires_grad_(name in trainable)
     for _, wrapper in saved_modules(model):
         for name, copy in wrapper.modules_to_save.items():

@@ -1,0 +1,150 @@
+"""DoRA (use_dora=True) against the real PEFT: formats both ways, gradients, merge, mixed batches,
+the 4-bit base, and bad input."""
+
+import copy
+
+import peft
+import pytest
+import torch
+
+import lorakit as lk
+from tests.test_zoo import perturb_trainable, run
+from tests.zoo import ZOO, BY_NAME
+
+ATOL = 1e-5
+DORA_ARCHS = [pytest.param(a, id=a.name) for a in ZOO if a.name != "mixtral-moe"]  # PEFT: no DoRA on parameters
+
+
+@pytest.mark.parametrize("arch", DORA_ARCHS)
+def test_dora_adapters_cross_both_ways_and_merge(arch, tmp_path):
+    torch.manual_seed(0)
+    base = arch.build()
+    theirs = perturb_trainable(peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**arch.config(use_dora=True))), 1)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = lk.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(run(ours, arch), run(theirs, arch), atol=ATOL, rtol=0)
+
+    mine = perturb_trainable(lk.inject(copy.deepcopy(base), lk.LoraConfig(**arch.config(use_dora=True))), 2)
+    expected = run(mine, arch)
+    lk.save_adapter(mine, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    torch.testing.assert_close(run(back, arch), expected, atol=ATOL, rtol=0)
+    lk.merge(mine)
+    torch.testing.assert_close(run(mine, arch), expected, atol=ATOL, rtol=0)
+    lk.unmerge(mine)
+    torch.testing.assert_close(run(mine, arch), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(run(lk.unload(mine), arch), expected, atol=ATOL, rtol=0)
+
+
+def llama_pair(targets=("q_proj", "v_proj", "embed_tokens"), dropout=0.0):
+    arch = BY_NAME["llama"]
+    torch.manual_seed(0)
+    base = arch.build()
+    fields = dict(r=2, lora_alpha=4, target_modules=list(targets), use_dora=True, lora_dropout=dropout)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**fields))
+    ours = lk.inject(copy.deepcopy(base), lk.LoraConfig(**fields))
+    return arch, base, ours, theirs
+
+
+def test_magnitude_starts_at_the_weight_norm_and_the_model_at_the_base():
+    arch, base, ours, _ = llama_pair()
+    q = ours.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(q.lora_magnitude_vector["default"], q.base_layer.weight.norm(dim=1))
+    emb = ours.model.embed_tokens
+    torch.testing.assert_close(emb.lora_magnitude_vector["default"], emb.base_layer.weight.norm(dim=0))
+    torch.testing.assert_close(run(ours, arch), run(base, arch), atol=1e-6, rtol=0)
+
+
+def peft_name(name: str) -> str:
+    return "base_model.model." + name.replace(".lora_magnitude_vector.default", ".lora_magnitude_vector.default.weight")
+
+
+def same_adapter(ours, theirs, seed=3):
+    """Give both models the same non-zero adapter (B and the embedding's A start at zero)."""
+    theirs_params = dict(theirs.named_parameters())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+                theirs_params[peft_name(name)].copy_(p)
+    return theirs_params
+
+
+def test_gradients_equal_peft_with_the_norm_held_constant():
+    arch, _, ours, theirs = llama_pair()
+    theirs_params = same_adapter(ours, theirs)
+    for model in (ours, theirs):
+        model.train()
+        ids = arch.inputs()["input_ids"]
+        model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert any("lora_magnitude_vector" in n for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, theirs_params[peft_name(name)].grad, atol=1e-5, rtol=1e-4)
+
+
+def test_dropout_recomputes_the_base_term_on_the_dropped_input():
+    arch, _, ours, theirs = llama_pair(targets=("q_proj",), dropout=0.5)
+    same_adapter(ours, theirs)
+    outputs = []
+    for model in (ours, theirs):
+        model.train()
+        torch.manual_seed(11)
+        with torch.no_grad():
+            outputs.append(model(**arch.inputs()).logits)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=ATOL, rtol=0)
+
+
+def test_mixed_batch_with_dora_and_plain_rows():
+    arch = BY_NAME["llama"]
+    torch.manual_seed(0)
+    model = arch.build()
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "embed_tokens"], use_dora=True), "dora")
+    lk.inject(model, lk.LoraConfig(r=4, target_modules=["q_proj", "o_proj"]), "plain")
+    perturb_trainable(model, 4)
+    for name in ("dora", "plain"):  # the inactive adapter's weights need moving too
+        lk.set_adapter(model, name)
+        perturb_trainable(model, 5)
+    names = ["dora", "plain", lk.BASE, "dora"]
+    with lk.mixed_batch(model, names):
+        mixed = run(model, arch)
+    for row, name in enumerate(names):
+        if name == lk.BASE:
+            with lk.disable_adapters(model):
+                alone = run(model, arch)
+        else:
+            lk.set_adapter(model, name)
+            alone = run(model, arch)
+        torch.testing.assert_close(mixed[row], alone[row], atol=ATOL, rtol=0)
+
+
+def test_qdora_on_a_4bit_base_merges_into_a_dequantized_copy():
+    arch = BY_NAME["llama"]
+    torch.manual_seed(0)
+    model = lk.quantize(arch.build())
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], use_dora=True))
+    perturb_trainable(model, 6)
+    adapted = run(model, arch)
+    plain = lk.unload(model, merge=True)
+    torch.testing.assert_close(run(plain, arch), adapted, atol=1e-4, rtol=0)
+
+
+def test_a_magnitude_of_the_wrong_length_is_refused_and_the_model_untouched(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    arch, base, ours, _ = llama_pair(targets=("q_proj",))
+    lk.save_adapter(ours, tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("lora_magnitude_vector"))
+    tensors[key] = tensors[key][:-1]
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    fresh = copy.deepcopy(base)
+    with pytest.raises(lk.AdapterMismatchError, match=r"lora_magnitude_vector has shape \(15,\).*needs \(16,\)"):
+        lk.load_adapter(fresh, tmp_path)
+    assert not any(isinstance(m, lk.LoraLayer) for m in fresh.modules())
+
+
+def test_dora_is_refused_on_parameters():
+    with pytest.raises(lk.ConfigError, match="target_parameters cannot use DoRA"):
+        lk.LoraConfig(target_parameters=["down_proj"], use_dora=True)
