@@ -16,6 +16,7 @@ from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .losses import ChunkedLossLM, causal_lm_loss, linear_cross_entropy
 from .merging import add_weighted_adapter, cast_base, merge, unload, unmerge
 from .mixed import mixed_batch
+from .optimizers import loraplus_optimizer, loraplus_param_groups
 from .quantization import Linear4bit, dequantize, load_quantized, quantize, save_quantized
 from .report import ParameterReport, trainable_parameters
 from .state import BASE
@@ -27,6 +28,7 @@ __all__ = [
     "save_adapter", "load_adapter", "read_adapter", "adapter_state_dict",
     "set_adapter", "delete_adapter", "list_adapters", "active_adapters", "merged_adapters", "disable_adapters",
     "merge", "unmerge", "unload", "add_weighted_adapter", "cast_base", "mixed_batch", "BASE",
+    "loraplus_optimizer", "loraplus_param_groups",
     "quantize", "dequantize", "save_quantized", "load_quantized", "Linear4bit",
     "causal_lm_loss", "linear_cross_entropy", "ChunkedLossLM",
     "LoraLayer", "LoraLinear", "LoraEmbedding", "ModulesToSave",

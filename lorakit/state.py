@@ -90,7 +90,7 @@ def apply_trainability(model: nn.Module) -> None:
     bias_modes = {reg.configs[n].bias for n in trainable}
     if "all" in bias_modes:
         for pname, p in base.items():
-            if pname.endswith("bias"):
+            if pname.endswith("bias") and ".original_module." not in pname:  # a saved module's frozen original
                 p.requires_grad_(True)
     elif "lora_only" in bias_modes:
         for _, layer in lora_layers(model):
