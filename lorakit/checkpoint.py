@@ -26,6 +26,7 @@ from .config import LoraConfig
 from .errors import AdapterFileError, AdapterMismatchError, ConfigError
 from .injection import apply_plan, plan_injection
 from .layers import LoraEmbedding, ModulesToSave, lora_dims_of
+from .inits import initial_pair
 from .moe import nested_path
 from .param_layers import innermost, param_geometry
 from .state import apply_trainability, check_names, lora_layers, registry, saved_modules
@@ -70,16 +71,59 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
-    """Write ``adapter_name`` as a PEFT adapter directory; files appear complete or not at all."""
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
+                 convert_to_lora: bool | None = None) -> Path:
+    """Write ``adapter_name`` as a PEFT adapter directory; files appear complete or not at all.
+
+    An adapter that PiSSA / OLoRA initialised (in this process) changed the base weights, so by
+    default it is written converted (``convert_to_lora``): a rank-2r LoRA equal to its whole effect,
+    which loads onto the original, unmodified base in lorakit, PEFT, vLLM and the rest (PEFT's
+    ``path_initial_model_for_weight_conversion``). convert_to_lora=False writes it plainly, for the
+    residual base (PEFT re-runs the initialisation when it loads such a file, and so does lorakit).
+    """
     state = adapter_state_dict(model, adapter_name)
     config = registry(model).configs[adapter_name]
+    layers = [(path, layer) for path, layer in lora_layers(model) if adapter_name in layer.adapter_names]
+    initialised = any(initial_pair(layer, adapter_name) is not None for _, layer in layers)
+    if convert_to_lora if convert_to_lora is not None else initialised:
+        config = _convert_to_plain_lora(state, config, layers, adapter_name, initialised)
     data = config.to_peft_dict()
     data["inference_mode"] = True  # as PEFT writes it: a saved adapter loads for inference by default
     if any(getattr(layer, "fan_in_fan_out", False) for _, layer in lora_layers(model)
            if adapter_name in layer.adapter_names):
         data["fan_in_fan_out"] = True  # GPT-2 Conv1D stores weights in×out; PEFT reads this flag
     return write_adapter(directory, data, state)
+
+
+def _convert_to_plain_lora(state, config: LoraConfig, layers, adapter_name: str, initialised: bool) -> LoraConfig:
+    """In ``state``, A' = [A ; A0] and B' = [B | −B0] (zeros where no initial pair), so that
+    s·B'·A' = s·(B·A − B0·A0); the config doubles r and alpha to keep s (rsLoRA: alpha·√2)."""
+    if not initialised:
+        raise ConfigError(f"adapter {adapter_name!r} was not initialised with pissa / olora in this process, so "
+                          "there is no initial state to convert from; save it plainly.")
+    if config.use_dora:
+        raise ConfigError("converting a DoRA adapter initialised with pissa / olora is not supported: the magnitude "
+                          "is tied to the residual base. Save it with convert_to_lora=False.")
+    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        raise ConfigError("converting with use_rslora and rank_pattern / alpha_pattern is not supported (as in "
+                          "PEFT); save it with convert_to_lora=False.")
+    for path, layer in layers:
+        A, B = layer.lora_pair(adapter_name)
+        experts = getattr(layer, "num_experts", 1)
+        if experts > 1:  # expert rows interleave (A: E×r×in, B: out×r×E): pad each expert's block
+            key_a, key_b = f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
+            A3, B3 = A.detach().view(experts, -1, A.shape[-1]), B.detach().view(B.shape[0], -1, experts)
+            state[key_a] = torch.cat([A3, torch.zeros_like(A3)], dim=1).reshape(-1, A.shape[-1]).contiguous()
+            state[key_b] = torch.cat([B3, torch.zeros_like(B3)], dim=1).reshape(B.shape[0], -1).contiguous()
+            continue
+        A0, B0 = initial_pair(layer, adapter_name) or (torch.zeros_like(A), torch.zeros_like(B))
+        key_a, key_b = pair_keys(path, isinstance(layer, LoraEmbedding))
+        state[key_a] = torch.cat([A.detach(), A0.to(A.dtype)], dim=0).contiguous()
+        state[key_b] = torch.cat([B.detach(), -B0.to(B.dtype)], dim=1).contiguous()
+    alpha = config.lora_alpha * (2 ** 0.5 if config.use_rslora else 2)
+    return dataclasses.replace(config, r=2 * config.r, lora_alpha=alpha, init_lora_weights=True,
+                               rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+                               alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()})
 
 
 def write_adapter(directory: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor]) -> Path:

@@ -66,7 +66,7 @@ class LoraConfig:
     modules_to_save: list[str] | None = None
     use_rslora: bool = False
     use_dora: bool = False  # DoRA (lorakit/dora.py): a learned magnitude per output feature
-    init_lora_weights: bool | Literal["gaussian"] = True
+    init_lora_weights: bool | str = True  # True, False, "gaussian", "pissa", "pissa_niter_K", "olora" (inits.py)
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     layers_to_transform: list[int] | int | None = None
@@ -85,9 +85,12 @@ class LoraConfig:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
-        if self.init_lora_weights not in (True, False, "gaussian"):
+        if self.init_lora_weights not in (True, False, "gaussian") and not (
+                isinstance(self.init_lora_weights, str)
+                and re.fullmatch(r"pissa|pissa_niter_\d+|olora", self.init_lora_weights)):
             raise ConfigError(
-                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}."
+                f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_K' (K subspace "
+                f"iterations) or 'olora', got {self.init_lora_weights!r}."
             )
         for pattern, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or rank <= 0:
@@ -101,6 +104,9 @@ class LoraConfig:
         if self.target_parameters and self.use_dora:
             raise ConfigError("target_parameters cannot use DoRA (a parameter has no fixed output feature axis for "
                               "the magnitude), as in PEFT; adapt those parameters with plain LoRA.")
+        if self.target_parameters and isinstance(self.init_lora_weights, str) and self.init_lora_weights != "gaussian":
+            raise ConfigError(f"init_lora_weights={self.init_lora_weights!r} does not apply to target_parameters; "
+                              "use the default init for parameter adapters.")
         if self.target_parameters and self.lora_dropout:
             raise ConfigError("target_parameters cannot use lora_dropout (the update is added to a weight, not to an "
                               "input that dropout could act on); set lora_dropout=0, as PEFT requires.")
@@ -148,8 +154,11 @@ class LoraConfig:
                 )
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known and v is not None}
-        if kwargs.get("init_lora_weights") not in (True, False, "gaussian"):
-            # Other PEFT init schemes (pissa, olora, ...) only matter before training; saved weights win.
+        init = kwargs.get("init_lora_weights")
+        if init not in (True, False, "gaussian") and not re.fullmatch(r"pissa|pissa_niter_\d+|olora", str(init)):
+            # Other PEFT init schemes (loftq, eva, corda, ...) only matter before training; saved weights win.
+            # PiSSA / OLoRA stay: as PEFT does, loading re-runs them, because the adapter was trained on
+            # the residual base they leave behind.
             kwargs["init_lora_weights"] = True
         for key in ("target_modules", "target_parameters"):
             if isinstance(kwargs.get(key), (set, tuple)):

@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import CLASSIFIER_HEAD_NAMES, HEAD_TASK_TYPES, LoraConfig, resolve_target_modules
 from .errors import ConfigError, LoraError
+from .inits import check_principal_init
 from .kernels import link_shared_inputs
 from .moe import convert_moe_config, find_param_targets, nested_path
 from .param_layers import LoraParam
@@ -57,6 +58,7 @@ def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str, stri
     find_modules_to_save(model, user_save, strict=strict)  # the user's own names must match something
     save = find_modules_to_save(model, config.modules_to_save, strict=False)
     for path in targets:
+        check_principal_init(unwrap(model.get_submodule(path)), config.init_lora_weights, path)
         if isinstance(model.get_submodule(path), ModulesToSave):
             raise LoraError(f"{path!r} is trained in full by another adapter (modules_to_save); it cannot also get LoRA.")
     for path in save:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dora import DoraVariant
+from .inits import is_principal_init, principal_init
 
 if TYPE_CHECKING:  # only for annotations: mixed.py builds these
     from .mixed import MixedRows
@@ -311,6 +312,8 @@ class LoraLinear(LoraLayer):
             elif init == "gaussian":
                 nn.init.normal_(A, std=1 / A.shape[0])
                 nn.init.zeros_(B)
+            elif is_principal_init(init):  # PiSSA / OLoRA: also leaves the residual in the base
+                principal_init(self, name, init)
             # init False keeps nn.Linear's random init for both: a non-identity start, for tests.
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
