@@ -26,6 +26,7 @@ from .config import LoraConfig
 from .errors import AdapterFileError, AdapterMismatchError, ConfigError
 from .injection import apply_plan, plan_injection
 from .layers import LoraEmbedding, ModulesToSave, lora_dims_of
+from .conv_layers import CONV_TYPES, conv_pair_shapes
 from .inits import initial_pair
 from .moe import nested_path
 from .param_layers import innermost, param_geometry
@@ -221,12 +222,17 @@ def _match_tensors(model, plan, tensors, directory):
     for path in plan.targets:
         base = unwrap(model.get_submodule(path))
         r = config.rank_for(path)
-        k, d = lora_dims_of(base)
         key_a, key_b = pair_keys(path, isinstance(base, nn.Embedding), prefix="")
-        take(key_a, (r, k), path, "A")
-        take(key_b, (d, r), path, "B")
+        if isinstance(base, CONV_TYPES):
+            shape_a, shape_b = conv_pair_shapes(base, r)
+            magnitude = (1, base.out_channels, *([1] * (base.weight.dim() - 2)))
+        else:
+            k, d = lora_dims_of(base)
+            shape_a, shape_b, magnitude = (r, k), (d, r), (d,)
+        take(key_a, shape_a, path, "A")
+        take(key_b, shape_b, path, "B")
         if config.use_dora:  # one magnitude per output feature (per embedding dimension)
-            take(f"{path}.lora_magnitude_vector", (d,), path, "magnitude")
+            take(f"{path}.lora_magnitude_vector", magnitude, path, "magnitude")
         # PEFT also saves the full embedding table when it adapts an embedding (it may have been
         # resized for new tokens); like PEFT, load it into the base layer.
         if f"{path}.base_layer.weight" in remaining:

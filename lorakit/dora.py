@@ -31,16 +31,28 @@ def feature_axis(layer) -> int:
 
 
 def column_norm(layer, name: str, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """‖W + s·B·A‖ per feature, in ``dtype`` (the compute dtype, as PEFT), without gradient."""
+    """‖W + s·B·A‖ per feature (a flat vector), in ``dtype`` (the compute dtype, as PEFT), without
+    gradient. A convolution's norm runs over its input channels and kernel."""
     with torch.no_grad():
         dtype = dtype or weight.dtype
         total = weight.to(dtype) + layer.delta_weight(name).to(dtype)
-        return torch.linalg.vector_norm(total, dim=1 - feature_axis(layer))
+        axis = feature_axis(layer)
+        return torch.linalg.vector_norm(total, dim=[d for d in range(total.dim()) if d != axis])
 
 
 def _along_features(layer, vector: torch.Tensor) -> torch.Tensor:
     """``vector`` shaped to broadcast over the base weight's feature axis."""
-    return vector.view(-1, 1) if feature_axis(layer) == 0 else vector.view(1, -1)
+    shape = [1] * layer.base_weight.dim()
+    shape[feature_axis(layer)] = -1
+    return vector.reshape(shape)
+
+
+def magnitude_shape(layer) -> tuple[int, ...]:
+    """PEFT's stored shape: (features,), or (1, out, 1, ...) for a convolution (it broadcasts over
+    the convolution's output, channels second)."""
+    features = layer.lora_dims()[1]
+    ndim = layer.base_weight.dim()
+    return (1, features, *([1] * (ndim - 2))) if ndim > 2 else (features,)
 
 
 class DoraVariant:
@@ -51,13 +63,14 @@ class DoraVariant:
         """Create m = ‖W0 + s·B·A‖ (B is usually still zero) for a new adapter."""
         A, _ = layer.lora_pair(name)
         norm = column_norm(layer, name, layer.base_weight, torch.float32)
-        layer.lora_magnitude_vector[name] = nn.Parameter(norm.to(A.dtype))
+        layer.lora_magnitude_vector[name] = nn.Parameter(norm.to(A.dtype).reshape(magnitude_shape(layer)))
 
     @staticmethod
     def scale(layer, name: str, dtype: torch.dtype) -> torch.Tensor:
         """m / ‖W0 + s·B·A‖: gradient flows into m only."""
         magnitude = layer.lora_magnitude_vector[name]
-        return magnitude / column_norm(layer, name, layer.base_weight, dtype).to(magnitude.dtype)
+        norm = column_norm(layer, name, layer.base_weight, dtype).to(magnitude.dtype)
+        return magnitude / norm.reshape(magnitude.shape)
 
     @staticmethod
     def add_linear(layer, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -75,6 +88,22 @@ class DoraVariant:
         return result + ((scale - 1) * base + scale * lora).to(result.dtype)
 
     @staticmethod
+    def add_conv(layer, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """A convolution: the scale (1, out, 1, ...) broadcasts over channels; the base term is the
+        output without bias, or the base convolution of the dropped input under dropout."""
+        scale = DoraVariant.scale(layer, name, x.dtype)
+        dropout = layer.lora_dropout[name]
+        bias = layer.base_layer.bias
+        if isinstance(dropout, nn.Identity) or not layer.training:
+            base = result if bias is None else result - bias.view(1, -1, *([1] * (result.dim() - 2)))
+        else:
+            x = dropout(x)
+            base = layer.base_layer._conv_forward(x, layer.base_weight, None)
+        A, B = layer.lora_A[name], layer.lora_B[name]
+        lora = B(A(x.to(A.weight.dtype))) * layer.scaling[name]
+        return result + ((scale - 1) * base + scale * lora).to(result.dtype)
+
+    @staticmethod
     def add_embedding(layer, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         A, B = layer.lora_pair(name)
         scale = DoraVariant.scale(layer, name, result.dtype)
@@ -87,13 +116,13 @@ class DoraVariant:
     def merged_weight(layer, name: str, weight: torch.Tensor, clean_weight: torch.Tensor) -> torch.Tensor:
         norm = column_norm(layer, name, clean_weight, torch.float32)
         layer.__dict__.setdefault("_dora_merge_norms", {})[name] = norm
-        factor = _along_features(layer, layer.lora_magnitude_vector[name].detach().float() / norm)
+        factor = _along_features(layer, layer.lora_magnitude_vector[name].detach().float().flatten() / norm)
         return factor * (weight.float() + layer.delta_weight(name).detach().float())
 
     @staticmethod
     def unmerged_weight(layer, name: str, weight: torch.Tensor) -> torch.Tensor:
         norm = layer.__dict__["_dora_merge_norms"].pop(name)
-        factor = _along_features(layer, layer.lora_magnitude_vector[name].detach().float() / norm)
+        factor = _along_features(layer, layer.lora_magnitude_vector[name].detach().float().flatten() / norm)
         return weight.float() / factor - layer.delta_weight(name).detach().float()
 
     @staticmethod

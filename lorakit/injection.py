@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import CLASSIFIER_HEAD_NAMES, HEAD_TASK_TYPES, LoraConfig, resolve_target_modules
 from .errors import ConfigError, LoraError
+from .conv_layers import CONV_TYPES, LoraConv, check_conv
 from .inits import check_principal_init
 from .kernels import link_shared_inputs
 from .moe import convert_moe_config, find_param_targets, nested_path
@@ -59,6 +60,7 @@ def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str, stri
     save = find_modules_to_save(model, config.modules_to_save, strict=False)
     for path in targets:
         check_principal_init(unwrap(model.get_submodule(path)), config.init_lora_weights, path)
+        check_conv(unwrap(model.get_submodule(path)), path)
         if isinstance(model.get_submodule(path), ModulesToSave):
             raise LoraError(f"{path!r} is trained in full by another adapter (modules_to_save); it cannot also get LoRA.")
     for path in save:
@@ -74,7 +76,9 @@ def apply_plan(model: nn.Module, plan: InjectionPlan, adapter_name: str) -> None
     config = plan.config
     for path in plan.targets:
         is_embedding = isinstance(unwrap(model.get_submodule(path)), nn.Embedding)
-        layer = _wrap(model, path, LoraEmbedding if is_embedding else LoraLinear)
+        base = unwrap(model.get_submodule(path))
+        layer = _wrap(model, path, LoraConv if isinstance(base, CONV_TYPES) else
+                      LoraEmbedding if is_embedding else LoraLinear)
         layer.add_adapter(adapter_name, config.rank_for(path), config.scaling_for(path),
                           config.lora_dropout, config.init_lora_weights, use_dora=config.use_dora)
     for path, names in plan.param_targets:

@@ -44,7 +44,7 @@ def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 def is_supported(module: nn.Module) -> bool:
     base = unwrap(module)
-    return is_linear_like(base) or isinstance(base, nn.Embedding)
+    return is_linear_like(base) or isinstance(base, (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d))
 
 
 def name_matches(path: str, spec: list[str] | str) -> bool:
@@ -130,7 +130,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                 continue
             raise TargetNotFoundError(
                 f"target_modules matched {path!r}, a {type(unwrap(module)).__name__}; lorakit adapts "
-                "nn.Linear, transformers' Conv1D and nn.Embedding. Name the linear layers inside it, "
+                "nn.Linear, transformers' Conv1D, nn.Embedding and nn.Conv1d/2d/3d. Name the layers inside it, "
                 f"e.g. {_leaf_candidates(modules, path)[:4]}."
             )
         matched.append(path)

@@ -22,7 +22,7 @@ def test_defaults_match_peft_field_names():
     (dict(lora_alpha=0), "lora_alpha must be > 0"),
     (dict(lora_dropout=1.5), "lora_dropout"),
     (dict(bias="some"), "bias must be"),
-    (dict(init_lora_weights="pissa"), "init_lora_weights"),
+    (dict(init_lora_weights="loftq"), "init_lora_weights"),
     (dict(target_modules="(unclosed"), "does not compile"),
     (dict(rank_pattern={"q": 0}), "rank_pattern"),
 ])
@@ -60,7 +60,8 @@ def test_peft_dict_round_trip_and_unsupported_features():
     assert data["peft_type"] == "LORA" and data["use_dora"] is False
     assert lk.LoraConfig.from_peft_dict(data) == cfg
     assert lk.LoraConfig.from_peft_dict({**data, "megatron_core": "x", "unknown_future_field": 1}) == cfg
-    with pytest.raises(lk.ConfigError, match="use_dora"):
-        lk.LoraConfig.from_peft_dict({**data, "use_dora": True})
+    assert lk.LoraConfig.from_peft_dict({**data, "use_dora": True}).use_dora
+    with pytest.raises(lk.ConfigError, match="lora_bias"):
+        lk.LoraConfig.from_peft_dict({**data, "lora_bias": True})
     with pytest.raises(lk.ConfigError, match="peft_type 'IA3'"):
         lk.LoraConfig.from_peft_dict({**data, "peft_type": "IA3"})
