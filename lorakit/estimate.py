@@ -139,7 +139,8 @@ def build_on_meta(config) -> torch.nn.Module:
 
 def estimate(config, r: int = 8, targets: list[str] | str | None = None, lora_alpha: float | None = None,
              dtype: str = "bf16", optimizer: str = "adamw", batch_size: int = 1, seq_len: int = 512,
-             grad_checkpointing: bool = False, name: str | None = None, attention: str = "eager") -> Estimate:
+             grad_checkpointing: bool = False, name: str | None = None, attention: str = "eager",
+             use_dora: bool = False) -> Estimate:
     """Parameter counts and memory for LoRA on the model described by ``config`` (no weights loaded)."""
     if dtype not in DTYPE_BYTES:
         raise ConfigError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}.")
@@ -151,7 +152,7 @@ def estimate(config, r: int = 8, targets: list[str] | str | None = None, lora_al
     model_params = sum(p.numel() for p in model.parameters())
     linear_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     targets = targets if targets is not None else DEFAULT_TARGETS.get(config.model_type)
-    inject(model, LoraConfig(r=r, lora_alpha=lora_alpha or r, target_modules=targets))
+    inject(model, LoraConfig(r=r, lora_alpha=lora_alpha or r, target_modules=targets, use_dora=use_dora))
     report = trainable_parameters(model)
     per_target: dict[str, int] = {}
     per_layer: dict[int, int] = {}

@@ -13,8 +13,10 @@ def _gb(n: int) -> str:
 def _estimate(args: argparse.Namespace) -> int:
     from .. import estimate as est
 
-    targets = args.targets
-    if targets and len(targets) == 1 and (targets[0] == "all-linear" or set(targets[0]) & set("*+?|()[]^$\\")):
+    from .training import list_flag
+
+    targets = list_flag(args.targets)
+    if targets and len(targets) == 1 and (targets[0] == "all-linear" or set(targets[0]) & set("*+?|()[]{}^$\\")):
         targets = targets[0]  # "all-linear" or a regex, as LoraConfig takes them
     if args.linear:
         out_dim, in_dim = (int(v) for v in args.linear.lower().split("x"))
@@ -27,7 +29,8 @@ def _estimate(args: argparse.Namespace) -> int:
     config = est.load_config(args.preset, args.config, args.model)
     result = est.estimate(config, r=args.r, targets=targets, lora_alpha=args.alpha, dtype=args.dtype,
                           optimizer=args.optimizer, batch_size=args.batch_size, seq_len=args.seq_len,
-                          grad_checkpointing=args.grad_checkpointing, name=args.preset or args.config or args.model)
+                          grad_checkpointing=args.grad_checkpointing, name=args.preset or args.config or args.model,
+                          use_dora=args.use_dora)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -127,6 +130,8 @@ def add_commands(sub) -> None:
     estimate.add_argument("--grad-checkpointing", action="store_true")
     estimate.add_argument("--qlora", action="store_true",
                           help="plan QLoRA (NF4 base, 4.127 bits/weight): marks that row of the memory table")
+    estimate.add_argument("--use-dora", action="store_true",
+                          help="count DoRA's magnitude vectors (one value per output feature of each adapted layer)")
     estimate.add_argument("--json", action="store_true")
     estimate.set_defaults(func=_estimate)
 

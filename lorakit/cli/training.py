@@ -28,12 +28,17 @@ TRAIN_FLAGS = [
     ("--eval-examples", int, "use only the first N validation/test examples"),
     ("--early-stopping-patience", int, "stop after N evaluations without improvement"),
     ("--save-steps", int, "write a resumable checkpoint every N steps"),
+    ("--init", str, "adapter initialisation: gaussian, pissa, pissa_niter_K (randomised SVD, K iterations) or "
+                    "olora (default: Kaiming A, zero B); pissa/olora runs save an adapter for the original base"),
+    ("--loraplus-ratio", float, "LoRA+: B learns RATIO times faster than A (the paper uses 16)"),
     ("--text-column", str, None), ("--label-column", str, None),
     ("--prompt-template", str, "sft: format a row into the user turn, e.g. 'Review: {text}'"),
     ("--response-template", str, "sft: format the answer, e.g. '{label}'"),
     ("--log-every", int, None),
 ]
-TRAIN_SWITCHES = [("--bf16", "frozen base in bf16 + autocast; LoRA weights stay fp32"),
+TRAIN_SWITCHES = [("--use-dora", "DoRA: learn a magnitude per output feature besides the low-rank direction"),
+                  ("--rslora", "rank-stabilised scaling alpha/sqrt(r) instead of alpha/r"),
+                  ("--bf16", "frozen base in bf16 + autocast; LoRA weights stay fp32"),
                   ("--qlora", "frozen base quantized to 4-bit NF4"), ("--full", "full fine-tuning, for comparison"),
                   ("--resume", "continue the run in --output from its checkpoint"),
                   ("--overwrite", "replace a previous run in --output")]
@@ -76,7 +81,8 @@ def options_from(args: argparse.Namespace):
     from ..training.options import resolve_options
 
     overrides = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, *_ in TRAIN_FLAGS}
-    overrides.update({flag[2:]: getattr(args, flag[2:]) for flag, _ in TRAIN_SWITCHES})
+    overrides.update({flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
+                      for flag, _ in TRAIN_SWITCHES})
     targets = list_flag(args.targets)
     if targets and len(targets) == 1 and (targets[0] == "all-linear" or _is_regex(targets[0])):
         targets = targets[0]

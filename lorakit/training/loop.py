@@ -65,7 +65,9 @@ def prepare_model(model, options: TrainOptions):
     task_type = "SEQ_CLS" if options.task == "classify" else "CAUSAL_LM"
     save = options.modules_to_save  # SEQ_CLS adds the classifier head, as PEFT does
     config = lk.LoraConfig(r=options.r, lora_alpha=options.lora_alpha, lora_dropout=options.dropout,
-                           target_modules=options.targets, task_type=task_type, modules_to_save=save)
+                           target_modules=options.targets, task_type=task_type, modules_to_save=save,
+                           use_dora=options.use_dora, use_rslora=options.rslora,
+                           init_lora_weights=options.init if options.init is not None else True)
     lk.inject(model, config)
     if options.bf16 and not options.qlora:
         lk.cast_base(model, torch.bfloat16)  # frozen base in bf16; LoRA weights and heads stay fp32
@@ -101,7 +103,12 @@ class Trainer:
         self.model = prepare_model(model, options).to(self.dist.device)
         self.report = lk.trainable_parameters(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=options.lr, weight_decay=options.weight_decay)
+        if options.loraplus_ratio:
+            groups = lk.loraplus_param_groups(self.model, options.lr, options.loraplus_ratio,
+                                              weight_decay=options.weight_decay)
+            self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=options.lr)
+        else:
+            self.optimizer = torch.optim.AdamW(self.params, lr=options.lr, weight_decay=options.weight_decay)
         per_micro = options.batch_size * self.dist.world_size
         self.micro_per_epoch = len(self.encoded["train"]) // per_micro
         if self.micro_per_epoch < options.grad_accum:

@@ -21,6 +21,10 @@ class TrainOptions:
     dropout: float = 0.05
     targets: list[str] | str | None = None  # None: the task's default (TASK_DEFAULTS)
     modules_to_save: list[str] | None = None  # trained in full besides the adapters (classify adds its head)
+    use_dora: bool = False              # DoRA: a learned magnitude per output feature
+    init: str | None = None             # init_lora_weights: pissa, pissa_niter_K, olora, gaussian (None: default)
+    rslora: bool = False                # scaling alpha/sqrt(r)
+    loraplus_ratio: float | None = None  # LoRA+: lr of B = ratio x lr of A (PEFT's groups)
     full: bool = False                  # full fine-tuning with the same loop, for comparison
     qlora: bool = False
     bf16: bool = False
@@ -126,6 +130,10 @@ def _check(options: TrainOptions) -> None:
         raise ConfigError(f"dropout must be in [0, 1), got {options.dropout}")
     if options.max_steps is None and options.epochs <= 0:
         raise ConfigError("give a positive --epochs or --max-steps")
+    if options.loraplus_ratio is not None and options.loraplus_ratio <= 0:
+        raise ConfigError(f"--loraplus-ratio must be > 0, got {options.loraplus_ratio}; the LoRA+ paper uses 16")
+    if options.full and (options.use_dora or options.init or options.loraplus_ratio):
+        raise ConfigError("--use-dora, --init and --loraplus-ratio configure adapters; --full trains no adapter")
     if options.full and options.qlora:
         raise ConfigError("--full and --qlora exclude each other (QLoRA trains adapters on a frozen 4-bit base)")
 

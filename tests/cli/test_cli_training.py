@@ -119,3 +119,34 @@ def test_empty_data_file(classifier_dir, tmp_path, capsys):
     code, _, err = run(capsys, "train", "--model", classifier_dir, "--data", tmp_path / "empty.csv",
                        "--output", tmp_path / "o", *TINY)
     assert code == 2 and "empty" in err
+
+
+@pytest.mark.parametrize("flags, check", [
+    (["--use-dora"], lambda c: c["use_dora"] is True),
+    (["--init", "pissa", "--targets", "query,value"], lambda c: c["r"] == 4 and c["init_lora_weights"] is True),
+    (["--rslora", "--loraplus-ratio", "16"], lambda c: c["use_rslora"] is True),
+])
+def test_variant_flags_reach_the_saved_adapter(flags, check, classifier_dir, reviews_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--model", classifier_dir, "--data", reviews_csv, "--output", out, *TINY,
+                       "--r", "2", *flags)
+    assert code == 0, err
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert check(config), config
+    model, _, _ = load_trained(out)  # what was saved loads back onto the original base
+    assert model is not None
+
+
+def test_estimate_counts_dora_magnitudes(capsys):
+    code, out, _ = run(capsys, "estimate", "--preset", "bert-base-uncased", "--r", "8", "--targets",
+                       "query,key,value,attention.output.dense", "--json")
+    plain = json.loads(out)["lora_params"]
+    code, out, _ = run(capsys, "estimate", "--preset", "bert-base-uncased", "--r", "8", "--targets",
+                       "query,key,value,attention.output.dense", "--use-dora", "--json")
+    assert plain == 589_824 and json.loads(out)["lora_params"] == plain + 48 * 768  # one per output feature
+
+
+def test_bad_loraplus_ratio(classifier_dir, reviews_csv, tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--model", classifier_dir, "--data", reviews_csv, "--output", tmp_path / "x",
+                       "--loraplus-ratio", "0")
+    assert code == 2 and "--loraplus-ratio must be > 0" in err
