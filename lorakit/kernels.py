@@ -159,7 +159,7 @@ class SharedInputGroup:
     def usable(self, name: str, x: torch.Tensor) -> bool:
         ps = set()
         for layer in self.layers:
-            if layer.fused_adapter(x, (), {}) != name:
+            if layer.fused_adapter(x, (), {}) != name or layer.uses_dora(name):
                 return False
             drop = layer.lora_dropout[name]
             ps.add(drop.p if isinstance(drop, torch.nn.Dropout) and layer.training else 0.0)

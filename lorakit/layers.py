@@ -323,6 +323,8 @@ class LoraLinear(LoraLayer):
         from .kernels import FusedLoraLinear, SharedMemberOutput, compute_dtype
 
         base = self.base_layer
+        if self.uses_dora(fused):
+            return self.fused_dora(x, fused)
         group = self.__dict__.get("shared_input")
         if group is not None and group.usable(fused, x):
             # q/k/v (gate/up) share one A-projection GEMM and one dropout mask
@@ -335,13 +337,29 @@ class LoraLinear(LoraLayer):
         return FusedLoraLinear.apply(x, base.weight, base.bias, A, B, self.scaling[fused], p, self.fan_in_fan_out,
                                      compute_dtype(x))
 
+    def fused_dora(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        from .dora_kernels import FusedDoraLinear, row_sq_norms
+        from .kernels import compute_dtype
+
+        weight = self.base_layer.weight
+        key = (weight.data_ptr(), weight._version)
+        cached = self.__dict__.get("_weight_sq_norms")
+        if cached is None or cached[0] != key:  # the frozen base's ‖W0‖² per row, once
+            cached = (key, row_sq_norms(weight, self.fan_in_fan_out))
+            self.__dict__["_weight_sq_norms"] = cached
+        A, B = self.lora_pair(name)
+        drop = self.lora_dropout[name]
+        p = drop.p if isinstance(drop, nn.Dropout) and self.training else 0.0
+        return FusedDoraLinear.apply(x, weight, self.base_layer.bias, A, B, self.lora_magnitude_vector[name],
+                                     cached[1], self.scaling[name], p, self.fan_in_fan_out, compute_dtype(x))
+
     def fused_adapter(self, x: torch.Tensor, args, kwargs) -> str | None:
         """The adapter to run through the fused autograd path, or None for the general path: used
         when training one unmerged adapter on a frozen plain Linear/Conv1D in a single dtype."""
         if args or kwargs or self.disabled or self.mixed is not None or not torch.is_grad_enabled():
             return None
         active = self.unmerged_active()
-        if len(active) != 1 or not self.plain_base or self.uses_dora(active[0]):
+        if len(active) != 1 or not self.plain_base:
             return None
         A, B = self.lora_pair(active[0])
         weight = self.base_layer.weight
