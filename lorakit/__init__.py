@@ -12,12 +12,14 @@ from .config import PRESET_TARGET_MODULES, LoraConfig
 from .errors import (AdapterFileError, AdapterMismatchError, AdapterNotFoundError, ConfigError, LoraError,
                      MergeStateError, TargetNotFoundError)
 from .injection import inject
-from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from .layers import LoraEmbedding, LoraLayer, LoraLinear
 from .losses import ChunkedLossLM, causal_lm_loss, linear_cross_entropy
 from .merging import add_weighted_adapter, cast_base, merge, unload, unmerge
 from .mixed import mixed_batch
+from .modules_to_save import ModulesToSave
 from .optimizers import loraplus_optimizer, loraplus_param_groups
-from .quantization import Linear4bit, dequantize, load_quantized, quantize, save_quantized
+from .qlora import dequantize, load_quantized, quantize, save_quantized
+from .quantization import Linear4bit
 from .report import ParameterReport, trainable_parameters
 from .state import BASE
 

@@ -9,8 +9,9 @@ from torch import nn
 
 from .errors import MergeStateError
 from .injection import set_active
-from .layers import LoraLayer, ModulesToSave
+from .layers import LoraLayer
 from .merging import drop_empty_wrappers
+from .modules_to_save import ModulesToSave
 from .state import check_names, drop_registry, merged_adapters, registry
 
 

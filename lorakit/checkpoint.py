@@ -23,11 +23,12 @@ from torch import nn
 
 from .atomic import make_staging
 from .config import LoraConfig
-from .errors import AdapterFileError, AdapterMismatchError, ConfigError
-from .injection import apply_plan, plan_injection
-from .layers import LoraEmbedding, ModulesToSave, lora_dims_of
 from .conv_layers import CONV_TYPES, conv_pair_shapes
+from .errors import AdapterFileError, AdapterMismatchError, ConfigError
 from .inits import initial_pair
+from .injection import apply_plan, plan_injection
+from .layers import LoraEmbedding, lora_dims_of
+from .modules_to_save import ModulesToSave
 from .moe import nested_path
 from .param_layers import innermost, param_geometry
 from .state import apply_trainability, check_names, lora_layers, registry, saved_modules

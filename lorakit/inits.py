@@ -19,8 +19,10 @@ from __future__ import annotations
 import re
 
 import torch
+from transformers.pytorch_utils import Conv1D
 
 from .errors import ConfigError
+from .quantization import Linear4bit
 
 PRINCIPAL_INITS = re.compile(r"pissa|pissa_niter_\d+|olora")
 
@@ -31,10 +33,6 @@ def is_principal_init(init) -> bool:
 
 def check_principal_init(base, init, path: str) -> None:
     """Raise before anything changes if ``init`` cannot run on the base layer ``base``."""
-    from transformers.pytorch_utils import Conv1D
-
-    from .quantization import Linear4bit
-
     if not is_principal_init(init):
         return
     if isinstance(base, Linear4bit):

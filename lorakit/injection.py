@@ -11,16 +11,16 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import CLASSIFIER_HEAD_NAMES, HEAD_TASK_TYPES, LoraConfig, resolve_target_modules
-from .errors import ConfigError, LoraError
 from .conv_layers import CONV_TYPES, LoraConv, check_conv
+from .errors import ConfigError, LoraError
 from .inits import check_principal_init
-from .kernels import link_shared_inputs
+from .kernels import SHARED_INPUT_SETS, SharedInputGroup
+from .layers import LoraEmbedding, LoraLayer, LoraLinear
+from .modules_to_save import ModulesToSave
 from .moe import convert_moe_config, find_param_targets, nested_path
 from .param_layers import LoraParam
-from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .state import apply_trainability, ensure_registry, has_adapters, registry
-from .targeting import (find_modules_to_save, find_targets, iter_base_modules, minimal_suffixes, replace_module,
-                        unwrap)
+from .targeting import find_modules_to_save, find_targets, iter_base_modules, minimal_suffixes, replace_module, unwrap
 
 
 @dataclass(frozen=True)
@@ -135,3 +135,15 @@ def _wrap(model: nn.Module, path: str, wrapper_cls: type) -> nn.Module:
     wrapper = wrapper_cls(module)
     replace_module(model, path, wrapper)
     return wrapper
+
+
+def link_shared_inputs(model: nn.Module) -> None:
+    """Group sibling LoRA linear layers that read the same input (see SHARED_INPUT_SETS)."""
+    for parent in model.modules():
+        children = dict(parent.named_children())
+        for names in SHARED_INPUT_SETS:
+            members = [children[n] for n in names if isinstance(children.get(n), LoraLinear)
+                       and not children[n].fan_in_fan_out]
+            group = SharedInputGroup(members) if len(members) > 1 else None
+            for member in members:
+                member.__dict__["shared_input"] = group

@@ -180,17 +180,3 @@ class SharedInputGroup:
         if len(self._taken) == len(self.layers):
             self._x = self._h = None  # every member has its slice: drop the references
         return h
-
-
-def link_shared_inputs(model: torch.nn.Module) -> None:
-    """Group sibling LoRA linear layers that read the same input (see SHARED_INPUT_SETS)."""
-    from .layers import LoraLinear
-
-    for parent in model.modules():
-        children = dict(parent.named_children())
-        for names in SHARED_INPUT_SETS:
-            members = [children[n] for n in names if isinstance(children.get(n), LoraLinear)
-                       and not children[n].fan_in_fan_out]
-            group = SharedInputGroup(members) if len(members) > 1 else None
-            for member in members:
-                member.__dict__["shared_input"] = group

@@ -10,17 +10,15 @@ so state-dict keys translate one-to-one to PEFT's adapter format.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .dora import DoraVariant
+from .dora_kernels import FusedDoraLinear, row_sq_norms
 from .inits import is_principal_init, principal_init
-
-if TYPE_CHECKING:  # only for annotations: mixed.py builds these
-    from .mixed import MixedRows
+from .kernels import FusedLoraLinear, SharedMemberOutput, compute_dtype
+from .quantization import Linear4bit
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -33,8 +31,6 @@ def conv1d_class():
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    from .quantization import Linear4bit
-
     return isinstance(module, (nn.Linear, conv1d_class(), Linear4bit))
 
 
@@ -65,7 +61,7 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
-        self.mixed: MixedRows | None = None
+        self.mixed = None  # a mixed.MixedRows inside lk.mixed_batch (built there)
 
     def __getattr__(self, name: str):
         # Model code reads attributes of the modules it owns (T5: ``self.wo.weight.dtype``); a wrapped
@@ -100,8 +96,6 @@ class LoraLayer(nn.Module):
     # --- shared behaviour --------------------------------------------------------------------
     @property
     def quantized(self) -> bool:
-        from .quantization import Linear4bit
-
         return isinstance(self.base_layer, Linear4bit)
 
     @property
@@ -320,8 +314,6 @@ class LoraLinear(LoraLayer):
         fused = self.fused_adapter(x, args, kwargs)
         if fused is None:
             return super().forward(x, *args, **kwargs)
-        from .kernels import FusedLoraLinear, SharedMemberOutput, compute_dtype
-
         base = self.base_layer
         if self.uses_dora(fused):
             return self.fused_dora(x, fused)
@@ -338,9 +330,6 @@ class LoraLinear(LoraLayer):
                                      compute_dtype(x))
 
     def fused_dora(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        from .dora_kernels import FusedDoraLinear, row_sq_norms
-        from .kernels import compute_dtype
-
         weight = self.base_layer.weight
         key = (weight.data_ptr(), weight._version)
         cached = self.__dict__.get("_weight_sq_norms")
@@ -484,79 +473,3 @@ class LoraEmbedding(LoraLayer):
             scale = self.mixed.scale_stack.index_select(0, rows).unsqueeze(1)
             out = (out.reshape(batch, -1, out.shape[-1]) * scale).view(result.shape).to(result.dtype)
         return out
-
-
-class ModulesToSave(nn.Module):
-    """A module trained in full beside the adapters (e.g. a classifier head): one copy per adapter.
-
-    ``original_module`` stays frozen; ``modules_to_save[name]`` is the adapter's trainable copy.
-    """
-
-    def __init__(self, original_module: nn.Module):
-        super().__init__()
-        self.original_module = original_module
-        self.modules_to_save = nn.ModuleDict()
-        self.active_adapters: list[str] = []
-        self.disabled = False
-        self.mixed_names: list[str] | None = None  # per-row adapter names during lk.mixed_batch
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.modules_to_save.keys())
-
-    def __getattr__(self, name: str):
-        # answer attribute reads (``.weight``, ``.out_features``) as the module in use does
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            modules = self.__dict__["_modules"]
-            if "original_module" not in modules or name in ("modules_to_save", "original_module"):
-                raise
-            copies = modules.get("modules_to_save")
-            active = self.__dict__.get("active_adapters") or [None]
-            chosen = copies[active[0]] if copies is not None and active[0] in copies else modules["original_module"]
-            return getattr(chosen, name)
-
-    def add_adapter(self, name: str) -> None:
-        import copy
-
-        self.modules_to_save[name] = copy.deepcopy(self.original_module)
-
-    def remove_adapter(self, name: str) -> None:
-        del self.modules_to_save[name]
-        self.active_adapters = [a for a in self.active_adapters if a != name]
-
-    def module_for(self, name: str | None) -> nn.Module:
-        if self.disabled or name not in self.modules_to_save:
-            return self.original_module
-        return self.modules_to_save[name]
-
-    def forward(self, x, *args, **kwargs):
-        if self.mixed_names is not None and not self.disabled:
-            return self._forward_mixed(x, *args, **kwargs)
-        active = self.active_adapters[0] if self.active_adapters else None
-        module = self.module_for(active)
-        return module(_in_dtype_of(module, x), *args, **kwargs)
-
-    def _forward_mixed(self, x, *args, **kwargs):
-        # Heads are small and arbitrary modules: run each distinct copy once on its own rows.
-        names = self.mixed_names
-        repeat = x.shape[0] // len(names)
-        row_names = [n for n in names for _ in range(repeat)]
-        out = None
-        for name in dict.fromkeys(row_names):
-            rows = torch.tensor([i for i, n in enumerate(row_names) if n == name], device=x.device)
-            module = self.module_for(name)
-            part = module(_in_dtype_of(module, x.index_select(0, rows)), *args, **kwargs)
-            if out is None:
-                out = part.new_empty((x.shape[0], *part.shape[1:]))
-            out[rows] = part
-        return out
-
-
-def _in_dtype_of(module: nn.Module, x):
-    """A trained fp32 copy on a 16-bit base (lk.cast_base) takes its input in fp32."""
-    weight = next(module.parameters(), None)
-    if isinstance(x, torch.Tensor) and x.is_floating_point() and weight is not None and weight.dtype != x.dtype:
-        return x.to(weight.dtype)
-    return x

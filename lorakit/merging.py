@@ -13,7 +13,11 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, LoraError, MergeStateError
-from .layers import LoraLayer, ModulesToSave
+from .injection import apply_plan, plan_injection
+from .layers import LoraLayer
+from .modules_to_save import ModulesToSave
+from .qlora import dequantize
+from .quantization import requantize_warning
 from .state import check_names, drop_registry, lora_layers, merged_adapters, registry, saved_modules
 from .targeting import replace_module
 
@@ -39,8 +43,6 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool =
             "it. Call lk.dequantize(model) first to merge into a 16/32-bit copy (what lk.unload and "
             "`lorakit merge` do), or pass requantize=True to accept the loss.")
     if quantized:
-        from .quantization import requantize_warning
-
         requantize_warning()
     _refuse_tied_weights(model, [(path, layer) for path, layer in layers if not layer.quantized])
     if safe:
@@ -93,8 +95,6 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """
     reg = registry(model)
     if merge and any(layer.quantized for _, layer in lora_layers(model)) and not merged_adapters(model):
-        from .quantization import dequantize
-
         dequantize(model)  # merge into a 32-bit copy of the 4-bit base, never back into 4 bits
     if merge and not merged_adapters(model):
         _merge_into_weights(model, reg.active)
@@ -149,8 +149,6 @@ def add_weighted_adapter(
     svd:    rank-k SVD of Σ w·ΔW_i (k = svd_rank or the largest rank).
     The new adapter has lora_alpha = r (scaling 1 unless rsLoRA) and is added inactive and frozen.
     """
-    from .injection import apply_plan, plan_injection
-
     names = check_names(model, adapters)
     if len(weights) != len(names):
         raise ConfigError(f"got {len(names)} adapters but {len(weights)} weights; pass one weight per adapter.")

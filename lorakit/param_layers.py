@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import LoraLayer
+from .layers import LoraLayer, LoraLinear
 
 
 def param_geometry(module: nn.Module, param: torch.Tensor) -> tuple[int, int, int, bool]:
@@ -83,8 +83,6 @@ class LoraParam(LoraLayer):
         self.lora_B[name] = nn.Linear(width, self.out_features, bias=False, dtype=dtype, device=device)
 
     def reset_adapter(self, name: str, init) -> None:
-        from .layers import LoraLinear
-
         LoraLinear.reset_adapter(self, name, init)  # the same init as a Linear pair
 
     def delta_weight(self, name: str) -> torch.Tensor:

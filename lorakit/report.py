@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .quantization import Linear4bit
 from .state import lora_layers, saved_modules
 
 
@@ -47,7 +48,6 @@ class ParameterReport:
 def trainable_parameters(model: nn.Module) -> ParameterReport:
     """Count trainable vs all parameters (LoRA included in the total, as PEFT counts them; a 4-bit
     layer counts its weights, which it holds as packed buffers rather than parameters)."""
-    from .quantization import Linear4bit
 
     total = sum(p.numel() for p in model.parameters())
     total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))

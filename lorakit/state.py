@@ -12,7 +12,8 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import AdapterNotFoundError, LoraError
-from .layers import LoraLayer, ModulesToSave
+from .layers import LoraLayer
+from .modules_to_save import ModulesToSave
 
 BASE = "__base__"  # the pseudo-adapter name meaning "no adapter" in mixed batches
 _ATTR = "_lorakit_registry"

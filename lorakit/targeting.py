@@ -16,7 +16,9 @@ from torch import nn
 
 from .config import CLASSIFIER_HEAD_NAMES, SEQ_CLS_HEAD_NAMES, LoraConfig
 from .errors import TargetNotFoundError
-from .layers import LoraLayer, ModulesToSave, is_linear_like
+from .layers import LoraLayer, is_linear_like
+from .modules_to_save import ModulesToSave
+
 
 def iter_base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """Named modules as the plain model has them: a LoRA wrapper stands in for its base layer and
