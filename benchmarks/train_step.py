@@ -12,7 +12,9 @@ LoRA step (forward + input gradient of P matmul weights over T tokens), 6·P·T 
 Rows: full (full fine-tuning), floor (no LoRA: the frozen base's forward and input gradients, with
 lorakit's chunked loss: a lower bound for any LoRA step on this model), peft, lorakit-layers
 (lorakit's fused LoRA layers under transformers' loss), lorakit (the layers plus the chunked loss:
-what `lorakit train` runs for a causal LM).
+what `lorakit train` runs for a causal LM). DoRA rows (--impls peft-dora lorakit-dora): the same
+with use_dora=True; lorakit-dora goes through the fused DoRA path (lorakit/dora_kernels.py) and the
+chunked loss, and its ratios are taken against peft-dora and against lorakit's own LoRA row.
 
 Each measurement runs in a fresh child process (so peak RSS belongs to one case), the cases
 interleaved round-robin in a shuffled order per round. Time is the fastest step of all rounds (the
@@ -61,19 +63,21 @@ def child(impl: str, shape: str, batch: int, seq: int, rank: int, dropout: float
     model = build_llama(shape).train()
     matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     bf16 = dtype == "bf16"
+    dora = impl.endswith("-dora")
     if impl.startswith("lorakit"):
         import lorakit as lk
 
-        lk.inject(model, lk.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=SEVEN))
+        lk.inject(model, lk.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=SEVEN,
+                                       use_dora=dora))
         if bf16:
             lk.cast_base(model, torch.bfloat16)
-    elif impl == "peft":
+    elif impl.startswith("peft"):
         import peft
 
         if bf16:
             model = model.to(torch.bfloat16)
         model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout,
-                                                           target_modules=SEVEN))
+                                                           target_modules=SEVEN, use_dora=dora))
     elif impl == "floor":  # no LoRA at all: the frozen base's forward and input gradients only
         model.requires_grad_(False)
         if bf16:
@@ -84,7 +88,7 @@ def child(impl: str, shape: str, batch: int, seq: int, rank: int, dropout: float
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            if impl == "lorakit":  # lorakit's training step: fused LoRA layers + the chunked loss
+            if impl in ("lorakit", "lorakit-dora"):  # lorakit's training step: fused LoRA layers + the chunked loss
                 loss = lk.causal_lm_loss(model, ids, ids)
             elif impl == "floor":  # gradients flow from the loss down to the embeddings, as in LoRA
                 embeds = model.model.embed_tokens(ids).detach().requires_grad_(True)
@@ -122,7 +126,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--impls", nargs="+", default=["peft", "lorakit-layers", "lorakit"],
-                        choices=["peft", "lorakit-layers", "lorakit"])
+                        choices=["peft", "lorakit-layers", "lorakit", "peft-dora", "lorakit-dora"])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     common = [f"--{k}={v}" for k, v in [("shape", args.shape), ("batch", args.batch), ("seq", args.seq),
@@ -155,19 +159,21 @@ def main() -> None:
             continue
         full, peak = med[("full", 0.0, dtype)]["step_s"], med[("gemm", 0.0, dtype)]["flops_per_s"]
         floor = med[("floor", 0.0, dtype)]["step_s"]
-        peft_m = med.get(("peft", dropout, dtype))
+        peft_m = med.get(("peft-dora" if impl.endswith("-dora") else "peft", dropout, dtype))
+        own_lora = med.get(("lorakit", dropout, dtype)) if impl == "lorakit-dora" else None
         ratio = lambda a, b: f"{a / b:.2f}" if b > 0 else "n/a"  # noqa: E731
         vs_peft = (ratio(m["step_s"], peft_m["step_s"]), ratio(m["peak_mb"], peft_m["peak_mb"])) \
             if impl.startswith("lorakit") and peft_m else ("", "")
+        vs_lora = ratio(m["step_s"], own_lora["step_s"]) if own_lora else ""
         tokens = args.batch * args.seq
         rows.append((impl, dtype, dropout, f"{int(m['trainable']):,}", f"{m['step_s'] * 1000:.0f}",
                      f"{tokens / m['step_s']:.0f}", f"{m['step_s'] / full:.2f}", f"{m['step_s'] / floor:.2f}",
                      f"{m['peak_mb']:.0f}",
-                     f"{100 * m['flops'] / m['step_s'] / peak:.0f}%", *vs_peft))
+                     f"{100 * m['flops'] / m['step_s'] / peak:.0f}%", *vs_peft, vs_lora))
     print_table(f"training step, {args.shape}, batch {args.batch}x{args.seq}, r={args.rank} on 7 projections, "
                 f"AdamW, {args.threads} threads, fastest step of {args.repeats} interleaved runs x {args.steps} steps",
                 rows, ("impl", "dtype", "dropout", "trainable", "ms/step", "tokens/s", "x full", "x floor", "peak MB",
-                       "roofline", "time x peft", "mem x peft"))
+                       "roofline", "time x peft", "mem x peft", "time x lora"))
     for dtype in args.dtypes:
         print(f"GEMM throughput {dtype}: {med[('gemm', 0.0, dtype)]['flops_per_s'] / 1e9:.0f} GFLOP/s")
 
