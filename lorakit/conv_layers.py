@@ -15,7 +15,7 @@ from torch import nn
 
 from .dora import DoraVariant
 from .errors import ConfigError
-from .layers import LoraLayer
+from .layers import ModulePairLayer
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -32,26 +32,14 @@ def conv_pair_shapes(base: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[in
     return (r, base.in_channels, *kernel), (base.out_channels, r, *([1] * len(kernel)))
 
 
-class LoraConv(LoraLayer):
+class LoraConv(ModulePairLayer):
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
         self.conv_cls = type(base_layer) if type(base_layer) in CONV_TYPES else next(
             c for c in CONV_TYPES if isinstance(base_layer, c))
 
-    def adapter_containers(self):
-        return self.lora_A, self.lora_B
-
     def lora_dims(self):
         return self.base_layer.in_channels, self.base_layer.out_channels
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.lora_A.keys())
-
-    def lora_pair(self, name):
-        return self.lora_A[name].weight, self.lora_B[name].weight
 
     def create_pair(self, name, r, dtype, device):
         base = self.base_layer

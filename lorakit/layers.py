@@ -266,25 +266,17 @@ class LoraLayer(nn.Module):
         return result
 
 
-class LoraLinear(LoraLayer):
-    """LoRA around ``nn.Linear`` or GPT-2's ``Conv1D`` (whose weight is stored in×out)."""
+class ModulePairLayer(LoraLayer):
+    """A layer whose adapters are two modules each, ``lora_A[name]`` and ``lora_B[name]`` (PEFT's
+    attribute names, hence its keys): linear layers, convolutions, parameters."""
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        self.fan_in_fan_out = isinstance(base_layer, conv1d_class())
-        self.transpose_delta = self.fan_in_fan_out
-        # Exactly nn.Linear / Conv1D (not a subclass with its own forward): their output is not kept
-        # for backward, and their weight is all the fused path needs.
-        self.plain_base = type(base_layer) in (nn.Linear, conv1d_class())
-        self.in_features, self.out_features = lora_dims_of(base_layer)
 
     def adapter_containers(self):
         return self.lora_A, self.lora_B
-
-    def lora_dims(self):
-        return self.in_features, self.out_features
 
     @property
     def adapter_names(self) -> list[str]:
@@ -292,6 +284,22 @@ class LoraLinear(LoraLayer):
 
     def lora_pair(self, name):
         return self.lora_A[name].weight, self.lora_B[name].weight
+
+
+class LoraLinear(ModulePairLayer):
+    """LoRA around ``nn.Linear`` or GPT-2's ``Conv1D`` (whose weight is stored in×out)."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.fan_in_fan_out = isinstance(base_layer, conv1d_class())
+        self.transpose_delta = self.fan_in_fan_out
+        # Exactly nn.Linear / Conv1D (not a subclass with its own forward): their output is not kept
+        # for backward, and their weight is all the fused path needs.
+        self.plain_base = type(base_layer) in (nn.Linear, conv1d_class())
+        self.in_features, self.out_features = lora_dims_of(base_layer)
+
+    def lora_dims(self):
+        return self.in_features, self.out_features
 
     def create_pair(self, name, r, dtype, device):
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device=device)

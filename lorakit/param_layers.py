@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import LoraLayer, LoraLinear
+from .layers import LoraLinear, ModulePairLayer
 
 
 def param_geometry(module: nn.Module, param: torch.Tensor) -> tuple[int, int, int, bool]:
@@ -41,31 +41,18 @@ def innermost(module: nn.Module) -> nn.Module:
     return module
 
 
-class LoraParam(LoraLayer):
+class LoraParam(ModulePairLayer):
     """LoRA on one parameter of ``base_layer`` (which may itself be a LoraParam for another one)."""
 
     def __init__(self, base_layer: nn.Module, parameter_name: str):
         super().__init__(base_layer)
         self.parameter_name = parameter_name
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
         owner = innermost(base_layer)
         self.num_experts, self.in_features, self.out_features, self.swapped = param_geometry(
             owner, getattr(owner, parameter_name))
 
-    # LoraLayer's interface
-    def adapter_containers(self):
-        return self.lora_A, self.lora_B
-
     def lora_dims(self):
         return self.in_features, self.out_features
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.lora_A.keys())
-
-    def lora_pair(self, name):
-        return self.lora_A[name].weight, self.lora_B[name].weight
 
     def rank(self, name: str) -> int:
         return self.lora_pair(name)[0].shape[0] // self.num_experts
