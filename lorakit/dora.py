@@ -67,10 +67,20 @@ class DoraVariant:
 
     @staticmethod
     def scale(layer, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """m / ‖W0 + s·B·A‖: gradient flows into m only."""
+        """m / ‖W0 + s·B·A‖: gradient flows into m only. Without autograd (inference) the norm is
+        cached until a weight changes (every in-place update bumps a version counter), so an
+        unmerged DoRA adapter then costs what a LoRA adapter costs."""
         magnitude = layer.lora_magnitude_vector[name]
-        norm = column_norm(layer, name, layer.base_weight, dtype).to(magnitude.dtype)
-        return magnitude / norm.reshape(magnitude.shape)
+        if torch.is_grad_enabled():
+            norm = column_norm(layer, name, layer.base_weight, dtype)
+        else:
+            weight = layer.base_weight
+            key = (dtype, layer.scaling[name], *((t.data_ptr(), t._version) for t in (weight, *layer.lora_pair(name))))
+            cache = layer.__dict__.setdefault("_dora_norm_cache", {})
+            if cache.get(name, (None,))[0] != key:
+                cache[name] = (key, column_norm(layer, name, weight, dtype))
+            norm = cache[name][1]
+        return magnitude / norm.to(magnitude.dtype).reshape(magnitude.shape)
 
     @staticmethod
     def add_linear(layer, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:

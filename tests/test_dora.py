@@ -197,3 +197,16 @@ def test_fused_dora_path_equals_the_reference_formula(kind, p, monkeypatch):
     reference = outputs_and_grads(lambda: DoraVariant.add_linear(layer, layer.base_layer(x), x, "default"))
     for got, want in zip(fused, reference):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_inference_norm_cache_follows_weight_updates():
+    arch, _, ours, _ = llama_pair(targets=("q_proj",))
+    before = run(ours, arch)
+    assert torch.equal(run(ours, arch), before)  # the cached norm gives the same result
+    q = ours.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q.lora_B["default"].weight.add_(0.5)  # an optimizer step or a load bumps the version
+    after = run(ours, arch)
+    q.__dict__.pop("_dora_norm_cache")
+    torch.testing.assert_close(after, run(ours, arch), atol=0, rtol=0)  # equals a fresh computation
+    assert not torch.allclose(after, before)
