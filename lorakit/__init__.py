@@ -12,7 +12,8 @@ from .config import PRESET_TARGET_MODULES, LoraConfig
 from .errors import (AdapterFileError, AdapterMismatchError, AdapterNotFoundError, ConfigError, LoraError,
                      MergeStateError, TargetNotFoundError)
 from .injection import inject
-from .layers import LoraEmbedding, LoraLayer, LoraLinear
+from .embedding_layers import LoraEmbedding
+from .layers import LoraLayer, LoraLinear
 from .losses import ChunkedLossLM, causal_lm_loss, linear_cross_entropy
 from .merging import add_weighted_adapter, cast_base, merge, unload, unmerge
 from .mixed import mixed_batch

@@ -27,7 +27,8 @@ from .conv_layers import CONV_TYPES, conv_pair_shapes
 from .errors import AdapterFileError, AdapterMismatchError, ConfigError
 from .inits import initial_pair
 from .injection import apply_plan, plan_injection
-from .layers import LoraEmbedding, lora_dims_of
+from .embedding_layers import LoraEmbedding
+from .layers import lora_dims_of
 from .modules_to_save import ModulesToSave
 from .moe import nested_path
 from .param_layers import innermost, param_geometry

@@ -15,7 +15,8 @@ from .conv_layers import CONV_TYPES, LoraConv, check_conv
 from .errors import ConfigError, LoraError
 from .inits import check_principal_init
 from .kernels import SHARED_INPUT_SETS, SharedInputGroup
-from .layers import LoraEmbedding, LoraLayer, LoraLinear
+from .embedding_layers import LoraEmbedding
+from .layers import LoraLayer, LoraLinear
 from .modules_to_save import ModulesToSave
 from .moe import convert_moe_config, find_param_targets, nested_path
 from .param_layers import LoraParam

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .layers import LoraEmbedding
+from .embedding_layers import LoraEmbedding
 
 
 def _no_decay_names(model: nn.Module) -> set[str]:

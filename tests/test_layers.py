@@ -6,7 +6,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorakit as lk
-from lorakit.layers import LoraEmbedding, LoraLinear
+from lorakit.embedding_layers import LoraEmbedding
+from lorakit.layers import LoraLinear
 
 
 def single(module, r=4, alpha=8, init=True, dropout=0.0):
