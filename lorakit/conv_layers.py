@@ -15,7 +15,7 @@ from torch import nn
 
 from .dora import DoraVariant
 from .errors import ConfigError
-from .layers import ModulePairLayer
+from .layers import ModulePairLayer, RowGroupedMixed
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -32,7 +32,7 @@ def conv_pair_shapes(base: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[in
     return (r, base.in_channels, *kernel), (base.out_channels, r, *([1] * len(kernel)))
 
 
-class LoraConv(ModulePairLayer):
+class LoraConv(RowGroupedMixed, ModulePairLayer):
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         self.conv_cls = type(base_layer) if type(base_layer) in CONV_TYPES else next(
@@ -72,26 +72,13 @@ class LoraConv(ModulePairLayer):
     def add_dora(self, result, x, name):
         return DoraVariant.add_conv(self, result, x, name)
 
-    def mixed_stacks(self, slot_names):
-        # a convolution's rows run per adapter (grouped by adapter, see add_mixed): nothing to stack
-        self.__dict__["_mixed_slots"] = list(slot_names)
-        empty = self.base_layer.weight.new_zeros(1, 1, 1)
-        return empty, empty, empty.new_zeros(1)
-
-    def dora_scale_stack(self, slot_names):
-        return None
-
     def add_mixed(self, result, x):
-        """Each adapter's rows through that adapter: a loop over the adapters of the batch (not over
-        rows); a convolution's A cannot be gathered per row into one matmul."""
-        slots = self.mixed.rows_for(x.shape[0])
-        names = self.__dict__["_mixed_slots"]
+        """Each adapter's rows through that adapter (RowGroupedMixed): a convolution's A cannot be
+        gathered per row into one matmul."""
         out = result.clone()
-        for slot in torch.unique(slots).tolist():
-            name = names[slot - 1] if slot > 0 else None
+        for name, rows in self.mixed.adapter_rows(x.shape[0]):
             if name is None or name not in self.adapter_names:
                 continue
-            rows = (slots == slot).nonzero().squeeze(1)
             part = result.index_select(0, rows)
             x_rows = x.index_select(0, rows)
             out[rows] = self.add_dora(part, x_rows, name) if self.uses_dora(name) else self.add_lora(part, x_rows, name)

@@ -131,9 +131,15 @@ class DoraVariant:
 
     @staticmethod
     def unmerged_weight(layer, name: str, weight: torch.Tensor) -> torch.Tensor:
-        norm = layer.__dict__["_dora_merge_norms"].pop(name)
+        """``weight`` with a merged adapter taken out; its kept norm stays until the layer's unmerge
+        forgets it (``forget_merge``), so the base can also be recovered on a copy."""
+        norm = layer.__dict__["_dora_merge_norms"][name]
         factor = _along_features(layer, layer.lora_magnitude_vector[name].detach().float().flatten() / norm)
         return weight.float() / factor - layer.delta_weight(name).detach().float()
+
+    @staticmethod
+    def forget_merge(layer, name: str) -> None:
+        layer.__dict__.get("_dora_merge_norms", {}).pop(name, None)
 
     @staticmethod
     def mixed_scale(layer, name: str) -> torch.Tensor:

@@ -13,9 +13,9 @@ from torch import nn
 from .config import CLASSIFIER_HEAD_NAMES, HEAD_TASK_TYPES, LoraConfig, resolve_target_modules
 from .conv_layers import CONV_TYPES, LoraConv, check_conv
 from .errors import ConfigError, LoraError
+from .embedding_layers import LoraEmbedding
 from .inits import check_principal_init
 from .kernels import SHARED_INPUT_SETS, SharedInputGroup
-from .embedding_layers import LoraEmbedding
 from .layers import LoraLayer, LoraLinear
 from .modules_to_save import ModulesToSave
 from .moe import convert_moe_config, find_param_targets, nested_path
@@ -76,10 +76,9 @@ def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str, stri
 def apply_plan(model: nn.Module, plan: InjectionPlan, adapter_name: str) -> None:
     config = plan.config
     for path in plan.targets:
-        is_embedding = isinstance(unwrap(model.get_submodule(path)), nn.Embedding)
         base = unwrap(model.get_submodule(path))
         layer = _wrap(model, path, LoraConv if isinstance(base, CONV_TYPES) else
-                      LoraEmbedding if is_embedding else LoraLinear)
+                      LoraEmbedding if isinstance(base, nn.Embedding) else LoraLinear)
         layer.add_adapter(adapter_name, config.rank_for(path), config.scaling_for(path),
                           config.lora_dropout, config.init_lora_weights, use_dora=config.use_dora)
     for path, names in plan.param_targets:

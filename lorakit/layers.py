@@ -170,12 +170,11 @@ class LoraLayer(nn.Module):
         """The base weight with every merged adapter taken back out (on a copy)."""
         weight = self.base_weight.detach().clone()
         for name in reversed(self.merged_adapters):
-            norms = self.__dict__.get("_dora_merge_norms", {})
-            saved = norms.get(name)
             weight = self.unmerged_weight(name, weight)
-            if saved is not None:
-                norms[name] = saved  # only a look: the merge still holds
         return weight
+
+    def _pop_merged(self) -> None:
+        DoraVariant.forget_merge(self, self.merged_adapters.pop())
 
     def merge(self, names: list[str]) -> None:
         with torch.no_grad():
@@ -196,12 +195,14 @@ class LoraLayer(nn.Module):
             if self.quantized and self.merged_adapters:
                 weight = self.base_weight
                 while self.merged_adapters:
-                    weight = self.unmerged_weight(self.merged_adapters.pop(), weight)
+                    weight = self.unmerged_weight(self.merged_adapters[-1], weight)
+                    self._pop_merged()
                 self.base_layer.set_weight(weight)
                 return
             weight = self.base_weight
             while self.merged_adapters:
-                weight.copy_(self.unmerged_weight(self.merged_adapters.pop(), weight))
+                weight.copy_(self.unmerged_weight(self.merged_adapters[-1], weight))
+                self._pop_merged()
 
     def unmerged_active(self) -> list[str]:
         names = self.adapter_names
@@ -264,6 +265,19 @@ class LoraLayer(nn.Module):
         for name in self.unmerged_active():
             result = self.add_dora(result, x, name) if self.uses_dora(name) else self.add_lora(result, x, name)
         return result
+
+
+class RowGroupedMixed:
+    """For layers whose adapters cannot be gathered per row into one batched matmul (convolutions,
+    whole-parameter updates): no stacks are built; ``add_mixed`` runs each adapter's rows together
+    (``MixedRows.adapter_rows``), a loop over the batch's adapters, not its rows."""
+
+    def mixed_stacks(self, slot_names):
+        empty = self.reference().new_zeros(1, 1, 1, dtype=torch.float32)  # on the layer's device: rows go there
+        return empty, empty, empty.new_zeros(1)
+
+    def dora_scale_stack(self, slot_names):
+        return None
 
 
 class ModulePairLayer(LoraLayer):

@@ -32,6 +32,14 @@ class MixedRows:
     dropout_of_slot: torch.Tensor
     buffers: dict = field(default_factory=dict)  # the layer's, reused across blocks
     scale_stack: torch.Tensor | None = None  # DoRA: slots×out scales m/‖W0 + s·B·A‖ (1 elsewhere)
+    slot_names: tuple[str, ...] = ()  # the adapter of slot i + 1
+
+    def adapter_rows(self, batch: int):
+        """(adapter name or None for the base, row indices) for each slot present in the batch: for
+        layers that run each adapter's rows together instead of gathering per row."""
+        slots = self.rows_for(batch)
+        for slot in torch.unique(slots).tolist():
+            yield (self.slot_names[slot - 1] if slot > 0 else None), (slots == slot).nonzero().squeeze(1)
     _per_batch: dict = field(default_factory=dict)
 
     def rows_for(self, batch: int) -> torch.Tensor:
@@ -88,7 +96,7 @@ def mixed_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.Modul
         A_stack, B_stack, dropout = layer.mixed_stacks(distinct)
         rows = torch.tensor([slot[n] for n in names], device=A_stack.device)
         layer.mixed = MixedRows(rows, A_stack, B_stack, dropout, buffers=layer.row_buffers(),
-                                scale_stack=layer.dora_scale_stack(distinct))
+                                scale_stack=layer.dora_scale_stack(distinct), slot_names=tuple(distinct))
     for _, head in heads:
         head.mixed_names = names
     try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import LoraLinear, ModulePairLayer
+from .layers import LoraLinear, ModulePairLayer, RowGroupedMixed
 
 
 def param_geometry(module: nn.Module, param: torch.Tensor) -> tuple[int, int, int, bool]:
@@ -41,7 +41,7 @@ def innermost(module: nn.Module) -> nn.Module:
     return module
 
 
-class LoraParam(ModulePairLayer):
+class LoraParam(RowGroupedMixed, ModulePairLayer):
     """LoRA on one parameter of ``base_layer`` (which may itself be a LoraParam for another one)."""
 
     def __init__(self, base_layer: nn.Module, parameter_name: str):
@@ -109,23 +109,14 @@ class LoraParam(ModulePairLayer):
             return owner(*args, **kwargs)
         return torch.func.functional_call(owner, swapped, tuple(args), kwargs)
 
-    def mixed_stacks(self, slot_names):
-        # no stacked pairs: a mixed batch runs each adapter's rows with that adapter's whole update
-        self.__dict__["_mixed_slots"] = list(slot_names)
-        empty = self.base_weight.new_zeros(1, 1, 1, dtype=torch.float32)
-        return empty, empty, empty.new_zeros(1)
-
     def _forward_mixed(self, args, kwargs):
         """Rows (tokens: MoE blocks see them flattened) grouped by adapter, one call per adapter in
         the batch: a parameter's update is a whole weight, so rows cannot share one matmul."""
         first = args[0]
-        slots = self.mixed.rows_for(first.shape[0])
-        names = self.__dict__["_mixed_slots"]
         out = None
-        for slot in torch.unique(slots).tolist():
-            rows = (slots == slot).nonzero().squeeze(1)
+        for name, rows in self.mixed.adapter_rows(first.shape[0]):
             part_args = tuple(a.index_select(0, rows) if _row_tensor(a, first) else a for a in args)
-            chosen = [names[slot - 1]] if slot > 0 else []
+            chosen = [name] if name is not None else []
             part = self._call_owner(lambda w: [] if w.disabled else chosen, part_args, kwargs)
             out = _scatter_rows(out, part, rows, first.shape[0])
         return out
