@@ -15,7 +15,8 @@ from .injection import inject
 from .embedding_layers import LoraEmbedding
 from .layers import LoraLayer, LoraLinear
 from .losses import ChunkedLossLM, causal_lm_loss, linear_cross_entropy
-from .merging import add_weighted_adapter, cast_base, merge, unload, unmerge
+from .combining import add_weighted_adapter
+from .merging import cast_base, merge, unload, unmerge
 from .mixed import mixed_batch
 from .modules_to_save import ModulesToSave
 from .optimizers import loraplus_optimizer, loraplus_param_groups

@@ -1,4 +1,4 @@
-"""Fold adapters into the base weights and back; strip lorakit out; combine adapters.
+"""Fold adapters into the base weights and back; strip lorakit out (combining adapters: combining.py).
 
 merge:   W = W0 + s·B·A  (the merged model costs exactly what the base model costs)
 unmerge: W0 = W - s·B·A
@@ -6,19 +6,15 @@ unmerge: W0 = W - s·B·A
 
 from __future__ import annotations
 
-import dataclasses
-import math
-
 import torch
 from torch import nn
 
 from .errors import ConfigError, LoraError, MergeStateError
-from .injection import apply_plan, plan_injection
 from .layers import LoraLayer
 from .modules_to_save import ModulesToSave
 from .qlora import dequantize
 from .quantization import requantize_warning
-from .state import check_names, drop_registry, lora_layers, merged_adapters, registry, saved_modules
+from .state import check_names, drop_registry, lora_layers, merged_adapters, registry
 from .targeting import replace_module
 
 
@@ -132,82 +128,6 @@ def _replace_wrappers_once(model: nn.Module, keep_copy: str | None, only_empty: 
 def drop_empty_wrappers(model: nn.Module) -> None:
     """Give layers that no longer hold any adapter back their plain module."""
     _replace_wrappers(model, keep_copy=None, only_empty=True)
-
-
-def add_weighted_adapter(
-    model: nn.Module,
-    adapters: list[str],
-    weights: list[float],
-    adapter_name: str,
-    combination: str = "linear",
-    svd_rank: int | None = None,
-) -> None:
-    """Create ``adapter_name`` from a weighted combination of adapters, with PEFT's semantics.
-
-    linear: A = Σ sign(w)·sqrt(|w·s_i|)·A_i and B = Σ sqrt(|w·s_i|)·B_i (equal ranks required);
-    cat:    A = [w·s_i·A_i] stacked, B = [B_i] side by side (rank = Σ r_i, exact sum of updates);
-    svd:    rank-k SVD of Σ w·ΔW_i (k = svd_rank or the largest rank).
-    The new adapter has lora_alpha = r (scaling 1 unless rsLoRA) and is added inactive and frozen.
-    """
-    names = check_names(model, adapters)
-    if len(weights) != len(names):
-        raise ConfigError(f"got {len(names)} adapters but {len(weights)} weights; pass one weight per adapter.")
-    if combination not in ("linear", "cat", "svd"):
-        raise ConfigError(f"unknown combination {combination!r}; use 'linear', 'cat' or 'svd'.")
-    configs = [registry(model).configs[n] for n in names]
-    ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in configs]
-    combination = "linear" if len(names) == 1 else combination
-    if combination == "linear" and len(set(ranks)) != 1:
-        raise ConfigError(f"combination 'linear' needs equal ranks, got {ranks}; use 'cat' or 'svd'.")
-    new_rank = {"linear": ranks[0], "cat": sum(ranks), "svd": svd_rank or max(ranks)}[combination]
-    shared = [c for c in saved_modules(model) if sum(n in c[1].adapter_names for n in names) > 1]
-    if shared:
-        raise LoraError(f"adapters {names} all train {shared[0][0]!r} in full (modules_to_save); it cannot be combined.")
-
-    targets = _union_targets(configs)
-    new_config = dataclasses.replace(configs[0], r=new_rank, lora_alpha=new_rank, target_modules=targets,
-                                     rank_pattern={}, alpha_pattern={}, inference_mode=True)
-    plan = plan_injection(model, new_config, adapter_name)
-    apply_plan(model, plan, adapter_name)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            if adapter_name in layer.adapter_names:
-                _combine_into(layer, names, weights, adapter_name, combination, new_rank)
-
-
-def _union_targets(configs) -> list[str] | str:
-    kinds = {isinstance(c.target_modules, str) for c in configs}
-    if len(kinds) > 1:
-        raise ConfigError("cannot combine adapters whose target_modules mix a regex and a list of names.")
-    if kinds == {True}:
-        return "|".join(f"({c.target_modules})" for c in configs)
-    return sorted({t for c in configs for t in c.target_modules})
-
-
-def _combine_into(layer: LoraLayer, names, weights, new_name, combination, new_rank) -> None:
-    present = [(n, w) for n, w in zip(names, weights) if n in layer.adapter_names]
-    A_new, B_new = layer.lora_pair(new_name)
-    A_new.zero_()
-    B_new.zero_()
-    if not present:
-        return
-    if combination == "cat":
-        A = torch.cat([layer.lora_pair(n)[0] * w * layer.scaling[n] for n, w in present], dim=0)
-        B = torch.cat([layer.lora_pair(n)[1] for n, _ in present], dim=1)
-        A_new[: A.shape[0]] = A
-        B_new[:, : B.shape[1]] = B
-    elif combination == "linear":
-        for n, w in present:
-            ws = w * layer.scaling[n]
-            A, B = layer.lora_pair(n)
-            A_new += math.copysign(math.sqrt(abs(ws)), ws) * A
-            B_new += math.sqrt(abs(ws)) * B
-    else:
-        delta = sum(w * (layer.lora_pair(n)[1] @ layer.lora_pair(n)[0]) * layer.scaling[n] for n, w in present)
-        U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)
-        k = min(new_rank, S.numel())
-        B_new[:, :k] = (U[:, :k] * S[:k]).to(B_new.dtype)
-        A_new[:k] = Vh[:k].to(A_new.dtype)
 
 
 def cast_base(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:

@@ -6,7 +6,7 @@ import argparse
 import sys
 import warnings
 
-from . import adapter_tools, serving, training
+from . import adapter_algebra, adapter_tools, serving, training
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     training.add_commands(sub)
     adapter_tools.add_commands(sub)
+    adapter_algebra.add_commands(sub)
     serving.add_commands(sub)
     return parser
 
