@@ -4,7 +4,9 @@ Key translation, both ways (the adapter name never appears in the file):
   <path>.lora_A.<name>.weight           <->  base_model.model.<path>.lora_A.weight
   <path>.lora_embedding_A.<name>        <->  base_model.model.<path>.lora_embedding_A
   <path>.modules_to_save.<name>.<param> <->  base_model.model.<path>.<param>
-  base bias <path>.bias                 <->  base_model.model.<path>.bias   (bias="all"/"lora_only")
+  bias of a LoRA layer                  <->  base_model.model.<path>.base_layer.bias  (bias="all"/"lora_only")
+  bias of another module <path>.bias    <->  base_model.model.<path>.bias             (bias="all")
+(PEFT's keys: it saves a wrapped layer's bias under its base_layer; loading also takes <path>.bias.)
 Loading also accepts PEFT's base_model.model.<path>.base_layer.weight (a saved embedding table).
 """
 
@@ -28,7 +30,7 @@ from .errors import AdapterFileError, AdapterMismatchError, ConfigError
 from .inits import initial_pair
 from .injection import apply_plan, plan_injection
 from .embedding_layers import LoraEmbedding
-from .layers import lora_dims_of
+from .layers import LoraLayer, lora_dims_of
 from .modules_to_save import ModulesToSave
 from .moe import nested_path
 from .param_layers import innermost, param_geometry
@@ -61,7 +63,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
                 state[f"{PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name]
             bias = getattr(layer.base_layer, "bias", None)
             if config.bias == "lora_only" and bias is not None:
-                state[f"{PREFIX}{path}.bias"] = bias
+                state[f"{PREFIX}{path}.base_layer.bias"] = bias
     for path, wrapper in saved_modules(model):
         if adapter_name in wrapper.adapter_names:
             for param, tensor in wrapper.modules_to_save[adapter_name].state_dict().items():
@@ -70,7 +72,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         for path, module in iter_base_modules(model):
             bias = getattr(unwrap(module), "bias", None)
             if isinstance(bias, torch.Tensor) and not isinstance(module, ModulesToSave):
-                state[f"{PREFIX}{path}.bias"] = bias
+                wrapped = ".base_layer" if isinstance(module, LoraLayer) else ""
+                state[f"{PREFIX}{path}{wrapped}.bias"] = bias
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
@@ -250,7 +253,7 @@ def _match_tensors(model, plan, tensors, directory):
         for param, value in unwrap(model.get_submodule(path)).state_dict().items():
             take(f"{path}.{param}", tuple(value.shape), path, f"save:{param}")
     for key in [k for k in remaining if k.endswith(".bias")]:
-        path = key.removesuffix(".bias")
+        path = key.removesuffix(".bias").removesuffix(".base_layer")
         try:
             bias = getattr(unwrap(model.get_submodule(path)), "bias", None)
         except AttributeError:

@@ -110,3 +110,23 @@ def loss_curve(log_path: str | Path, png_path: str | Path) -> Path:
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return png_path
+
+
+def extraction_plot(report: dict, directory: str | Path) -> Path:
+    """Per extracted module: the share of ‖ΔW‖² the adapter keeps, and the rank it took."""
+    plt = _pyplot()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = report["modules"]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(7, len(rows) * 0.12), 6), sharex=True)
+    positions = range(len(rows))
+    top.bar(positions, [row["retained_energy"] for row in rows], color="tab:blue")
+    top.set(ylabel="retained share of ‖ΔW‖²", ylim=(0, 1.02),
+            title=f"extraction: {'rank ' + str(report['rank']) if report['rank'] else 'energy ' + str(report['energy'])}")
+    bottom.bar(positions, [row["rank"] for row in rows], color="tab:orange")
+    bottom.set(xlabel="linear layer (model order)", ylabel="rank")
+    path = directory / "extraction.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -195,3 +195,26 @@ def test_a_killed_save_leaves_staging_that_the_next_save_removes(tmp_path):
     live.mkdir()
     lk.save_adapter(model, tmp_path / "ad")
     assert sorted(os.listdir(tmp_path)) == sorted(["ad", live.name])
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_travel_both_ways_with_peft(bias, tmp_path):
+    """PEFT keeps a LoRA layer's bias under <path>.base_layer.bias; a trained bias must survive the trip."""
+    from tests.conftest import tiny_bert
+
+    model = tiny_bert()
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["query", "value"], bias=bias))
+    randomize_lora(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") and param.requires_grad:
+                param += 0.1
+    lk.save_adapter(model, tmp_path / "ours")
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    want = logits(model.eval(), ids)
+    theirs = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "ours").eval()
+    assert torch.allclose(logits(theirs, ids), want, atol=1e-6)
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = lk.load_adapter(tiny_bert(), tmp_path / "theirs").eval()
+    assert torch.allclose(logits(ours, ids), want, atol=1e-6)
+    assert not torch.allclose(logits(tiny_bert().eval(), ids), want, atol=1e-3)

@@ -25,6 +25,44 @@ def _combine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extract(args: argparse.Namespace) -> int:
+    from ..extraction import extract
+    from ..training.artifacts import RUN_FILE, read_run
+    from ..training.models import resolve_model_path
+
+    tuned = args.tuned
+    extra = {}
+    try:  # a `lorakit train --full` run: the adapter gets a run record, so eval / merge / serve work on it
+        tuned_dir, record = read_run(args.tuned)
+        tuned = str(tuned_dir)
+        extra[RUN_FILE] = json.dumps({**record, "full": False, "extracted_from": tuned}, indent=2) + "\n"
+    except ValueError:
+        pass
+    report = extract(resolve_model_path(args.base), resolve_model_path(tuned), args.output, rank=args.rank,
+                     energy=args.energy, keep_changed=args.keep_changed, extra_files=extra)
+    if args.plot:
+        from ..plots import extraction_plot
+
+        report["plot"] = str(extraction_plot(report, args.plot))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for row in report["modules"]:
+        print(f"  {row['module']:<60} r {row['rank']:>4}  energy kept {row['retained_energy']:.4f}  "
+              f"relative error {row['relative_error']:.4f}")
+    if report["changed_not_linear"]:
+        what = "stored" if args.keep_changed else "NOT stored (pass --keep-changed to store them)"
+        print(f"{len(report['changed_not_linear'])} other tensors changed (norms, embeddings, biases): {what}")
+    if report["new_in_tuned"]:
+        print(f"stored as modules_to_save (only the tuned model has them): {', '.join(report['stored_modules_to_save'])}")
+    others = f" ({len(report['rank_pattern'])} layers with other ranks)" if report["rank_pattern"] else ""
+    print(f"wrote {report['output']}: r={report['r']}{others}, {report['adapter_bytes'] / 1e6:.1f} MB; energy kept: "
+          f"mean {report['mean_retained_energy']:.4f}, min {report['min_retained_energy']:.4f}")
+    if report.get("plot"):
+        print(f"plot: {report['plot']}")
+    return 0
+
+
 def add_commands(sub) -> None:
     from ..combining import COMBINATIONS
 
@@ -48,3 +86,20 @@ def add_commands(sub) -> None:
     combine.add_argument("--overwrite", action="store_true")
     combine.add_argument("--json", action="store_true")
     combine.set_defaults(func=_combine)
+
+    extract = sub.add_parser(
+        "extract", help="a LoRA adapter from a full fine-tune (truncated SVD of W_tuned - W_base per layer)",
+        description="Per linear layer, the truncated SVD of W_tuned - W_base becomes a PEFT-format LoRA pair. Both "
+                    "checkpoints are read tensor by tensor from safetensors, so memory stays near one layer's worth.")
+    extract.add_argument("--base", required=True, help="the base model (directory or embedded name)")
+    extract.add_argument("--tuned", required=True, help="the fully fine-tuned model (directory or `lorakit train --full` run)")
+    size = extract.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank", type=int, help="the same rank K in every layer")
+    size.add_argument("--energy", type=float,
+                      help="per layer, the smallest rank keeping this share of ||dW||^2 (e.g. 0.9); ranks go to rank_pattern")
+    extract.add_argument("--keep-changed", action="store_true",
+                         help="also store changed norms, embeddings (modules_to_save) and biases (bias=lora_only)")
+    extract.add_argument("--output", required=True)
+    extract.add_argument("--plot", metavar="DIR", help="write extraction.png (energy kept and rank per layer) to DIR")
+    extract.add_argument("--json", action="store_true")
+    extract.set_defaults(func=_extract)

@@ -1,4 +1,4 @@
-"""`lorakit combine`: saved adapters in, one PEFT-format adapter out, equal to PEFT's combination."""
+"""`lorakit combine` (equal to PEFT's combination) and `lorakit extract`, through the CLI."""
 
 import json
 
@@ -65,3 +65,26 @@ def test_bad_inputs_write_nothing(causal_dir, two_adapters, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "differ in base_model_name_or_path" in err and "some/other-model" in err
     assert not out.exists()
+
+
+def test_extract_writes_adapter_report_and_plot(classifier_dir, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    tuned = AutoModelForSequenceClassification.from_pretrained(classifier_dir, num_labels=2)
+    with torch.no_grad():
+        for module in tuned.bert.encoder.layer[0].modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight += 0.05 * torch.randn_like(module.weight)
+    tuned.save_pretrained(tmp_path / "tuned")
+    code = main(["extract", "--base", classifier_dir, "--tuned", str(tmp_path / "tuned"), "--energy", "0.5",
+                 "--output", str(tmp_path / "adapter"), "--plot", str(tmp_path / "plots"), "--json"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["modules"]) == 6 and all(m["retained_energy"] >= 0.5 for m in report["modules"])
+    assert (tmp_path / "plots" / "extraction.png").stat().st_size > 10_000
+    peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(classifier_dir, num_labels=2),
+                                   tmp_path / "adapter")
+    code = main(["extract", "--base", classifier_dir, "--tuned", str(tmp_path / "tuned"), "--rank", "0",
+                 "--output", str(tmp_path / "bad")])
+    assert code == 2 and "rank must be" in capsys.readouterr().err and not (tmp_path / "bad").exists()
