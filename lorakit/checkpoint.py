@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .adalora import config_from_peft_dict, is_adalora, saved_pattern
 from .atomic import make_staging
 from .config import LoraConfig
 from .conv_layers import CONV_TYPES, conv_pair_shapes
@@ -55,8 +56,16 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     check_names(model, adapter_name)
     config = registry(model).configs[adapter_name]
     state: dict[str, torch.Tensor] = {}
+    adalora_rows = saved_pattern(config, lora_layers(model), adapter_name)[1] if is_adalora(config) else {}
     for path, layer in lora_layers(model):
-        if adapter_name in layer.adapter_names:
+        if adapter_name in layer.adapter_names and is_adalora(config):
+            # PEFT's AdaLoRA keys (plain parameters: no ".weight"), live triplets only
+            keep = adalora_rows.get(path, slice(None))
+            A, B = layer.lora_pair(adapter_name)
+            state[f"{PREFIX}{path}.lora_A"] = A[keep]
+            state[f"{PREFIX}{path}.lora_B"] = B[:, keep]
+            state[f"{PREFIX}{path}.lora_E"] = layer.lora_E[adapter_name][keep]
+        elif adapter_name in layer.adapter_names:
             for key, tensor in zip(pair_keys(path, isinstance(layer, LoraEmbedding)), layer.lora_pair(adapter_name)):
                 state[key] = tensor
             if layer.uses_dora(adapter_name):
@@ -93,6 +102,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     initialised = any(initial_pair(layer, adapter_name) is not None for _, layer in layers)
     if convert_to_lora if convert_to_lora is not None else initialised:
         config = _convert_to_plain_lora(state, config, layers, adapter_name, initialised)
+    if is_adalora(config):
+        config = saved_pattern(config, layers, adapter_name)[0]
     data = config.to_peft_dict()
     data["inference_mode"] = True  # as PEFT writes it: a saved adapter loads for inference by default
     if any(getattr(layer, "fan_in_fan_out", False) for _, layer in lora_layers(model)
@@ -157,7 +168,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
     if not config_path.is_file():
         raise AdapterFileError(f"{config_path} not found; an adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE}.")
     try:
-        config = LoraConfig.from_peft_dict(json.loads(config_path.read_text()))
+        config = config_from_peft_dict(json.loads(config_path.read_text()))
     except json.JSONDecodeError as exc:
         raise AdapterFileError(f"{config_path} is not valid JSON ({exc}); the file is corrupt.") from None
     except TypeError as exc:
@@ -234,6 +245,9 @@ def _match_tensors(model, plan, tensors, directory):
         else:
             k, d = lora_dims_of(base)
             shape_a, shape_b, magnitude = (r, k), (d, r), (d,)
+        if is_adalora(config):  # PEFT's AdaLoRA keys: plain parameters, and Λ
+            key_a, key_b = f"{path}.lora_A", f"{path}.lora_B"
+            take(f"{path}.lora_E", (r, 1), path, "E")
         take(key_a, shape_a, path, "A")
         take(key_b, shape_b, path, "B")
         if config.use_dora:  # one magnitude per output feature (per embedding dimension)
@@ -275,6 +289,8 @@ def _resolve(model: nn.Module, path: str, attr: str, adapter_name: str) -> torch
         return module.lora_pair(adapter_name)[attr == "B"]
     if attr == "magnitude":
         return module.lora_magnitude_vector[adapter_name]
+    if attr == "E":
+        return module.lora_E[adapter_name]
     if attr == "bias":
         return unwrap(module).bias
     if attr == "base_weight":

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from .errors import ConfigError
 
@@ -76,6 +76,8 @@ class LoraConfig:
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
 
+    PEFT_TYPE: ClassVar[str] = "LORA"
+
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
             raise ConfigError(f"r must be a positive integer, got {self.r!r}; typical values are 4 to 16.")
@@ -92,9 +94,7 @@ class LoraConfig:
                 f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_K' (K subspace "
                 f"iterations) or 'olora', got {self.init_lora_weights!r}."
             )
-        for pattern, rank in self.rank_pattern.items():
-            if not isinstance(rank, int) or rank <= 0:
-                raise ConfigError(f"rank_pattern[{pattern!r}] must be a positive integer, got {rank!r}.")
+        self._check_rank_pattern()
         for pattern, alpha in self.alpha_pattern.items():
             if alpha <= 0:
                 raise ConfigError(f"alpha_pattern[{pattern!r}] must be > 0, got {alpha!r}.")
@@ -121,6 +121,11 @@ class LoraConfig:
                 f"got {type(self.target_modules).__name__}."
             )
 
+    def _check_rank_pattern(self) -> None:
+        for pattern, rank in self.rank_pattern.items():
+            if not isinstance(rank, int) or rank <= 0:
+                raise ConfigError(f"rank_pattern[{pattern!r}] must be a positive integer, got {rank!r}.")
+
     # --- per-module values -------------------------------------------------------------------
     def rank_for(self, module_name: str) -> int:
         return _pattern_value(self.rank_pattern, module_name, self.r)
@@ -138,14 +143,14 @@ class LoraConfig:
         for key in ("target_modules", "target_parameters"):
             if isinstance(data[key], (set, tuple)):
                 data[key] = sorted(data[key])
-        data.update(peft_type="LORA", revision=None)
+        data.update(peft_type=self.PEFT_TYPE, revision=None)
         return data
 
     @classmethod
     def from_peft_dict(cls, data: dict[str, Any]) -> "LoraConfig":
         peft_type = data.get("peft_type", "LORA")
-        if peft_type != "LORA":
-            raise ConfigError(f"adapter has peft_type {peft_type!r}; lorakit loads LoRA adapters only.")
+        if peft_type != cls.PEFT_TYPE:
+            raise ConfigError(f"adapter has peft_type {peft_type!r}; lorakit loads LORA and ADALORA adapters.")
         for feature in UNSUPPORTED_PEFT_FEATURES:
             if data.get(feature):
                 raise ConfigError(

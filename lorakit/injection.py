@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .adalora import add_penalty_hook, add_singular_values, check_svd_target, is_adalora
 from .config import CLASSIFIER_HEAD_NAMES, HEAD_TASK_TYPES, LoraConfig, resolve_target_modules
 from .conv_layers import CONV_TYPES, LoraConv, check_conv
 from .errors import ConfigError, LoraError
@@ -59,6 +60,14 @@ def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str, stri
         config = dataclasses.replace(config, target_modules=minimal_suffixes(model, targets))
     find_modules_to_save(model, user_save, strict=strict)  # the user's own names must match something
     save = find_modules_to_save(model, config.modules_to_save, strict=False)
+    if is_adalora(config):
+        trainable = [n for n, c in registry(model).configs.items() if is_adalora(c) and not c.inference_mode] \
+            if has_adapters(model) else []
+        if trainable and not config.inference_mode:
+            raise LoraError(f"AdaLoRA trains one adapter at a time (as PEFT); {trainable[0]!r} already trains. Load "
+                            "the other for inference (inference_mode=True) or delete it.")
+        for path in targets:
+            check_svd_target(unwrap(model.get_submodule(path)), path)
     for path in targets:
         check_principal_init(unwrap(model.get_submodule(path)), config.init_lora_weights, path)
         check_conv(unwrap(model.get_submodule(path)), path)
@@ -81,6 +90,8 @@ def apply_plan(model: nn.Module, plan: InjectionPlan, adapter_name: str) -> None
                       LoraEmbedding if isinstance(base, nn.Embedding) else LoraLinear)
         layer.add_adapter(adapter_name, config.rank_for(path), config.scaling_for(path),
                           config.lora_dropout, config.init_lora_weights, use_dora=config.use_dora)
+        if is_adalora(config):
+            add_singular_values(layer, adapter_name, config.init_lora_weights)
     for path, names in plan.param_targets:
         for name in names:
             layer = _param_wrapper(model, path, names, name)
@@ -91,11 +102,17 @@ def apply_plan(model: nn.Module, plan: InjectionPlan, adapter_name: str) -> None
         _wrap(model, path, ModulesToSave).add_adapter(adapter_name)
     reg = ensure_registry(model)
     reg.configs[adapter_name] = config
+    if is_adalora(config) and not config.inference_mode and config.orth_reg_weight > 0:
+        reg.hooks.append(add_penalty_hook(model, adapter_name, config.orth_reg_weight, adapted_layers))
     link_shared_inputs(model)
     if not reg.active:
         set_active(model, [adapter_name])
     else:
         apply_trainability(model)
+
+
+def adapted_layers(model: nn.Module, adapter_name: str) -> list[LoraLayer]:
+    return [m for m in model.modules() if isinstance(m, LoraLayer) and adapter_name in m.adapter_names]
 
 
 def set_active(model: nn.Module, names: list[str]) -> None:

@@ -168,7 +168,7 @@ class SharedInputGroup:
     def slice_for(self, layer, name: str, x: torch.Tensor) -> torch.Tensor:
         index = self.layers.index(layer)
         if self._x is not x or index in self._taken:
-            A_cat = torch.cat([m.lora_A[name].weight for m in self.layers])
+            A_cat = torch.cat([m.factors(name)[0] for m in self.layers])
             scales = torch.cat([A_cat.new_full((m.rank(name),), m.scaling[name]) for m in self.layers])
             drop = layer.lora_dropout[name]
             p = drop.p if isinstance(drop, torch.nn.Dropout) and layer.training else 0.0

@@ -57,6 +57,7 @@ class LoraLayer(nn.Module):
         self.base_layer = base_layer
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only (lorakit/dora.py)
+        self.lora_E = nn.ParameterDict()  # AdaLoRA's singular values, r×1 (lorakit/adalora.py)
         self.scaling: dict[str, float] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
@@ -124,12 +125,20 @@ class LoraLayer(nn.Module):
     def uses_dora(self, name: str) -> bool:
         return name in self.lora_magnitude_vector
 
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) as the update s·B·A uses them: AdaLoRA's SVD form P·Λ·Q folds Λ into A's rows."""
+        A, B = self.lora_pair(name)
+        return (A * self.lora_E[name], B) if name in self.lora_E else (A, B)
+
     def adapter_parameters(self, name: str) -> list[torch.Tensor]:
-        """Everything adapter ``name`` trains in this layer: A, B and DoRA's magnitude."""
+        """Everything adapter ``name`` trains in this layer: A, B, DoRA's magnitude, AdaLoRA's Λ."""
         extra = [self.lora_magnitude_vector[name]] if self.uses_dora(name) else []
+        extra += [self.lora_E[name]] if name in self.lora_E else []
         return [*self.lora_pair(name), *extra]
 
     def remove_adapter(self, name: str) -> None:
+        if name in self.lora_E:
+            del self.lora_E[name]
         if self.uses_dora(name):
             del self.lora_magnitude_vector[name]
         for container in (*self.adapter_containers(), self.lora_dropout):
@@ -151,7 +160,7 @@ class LoraLayer(nn.Module):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """s·B·A in the base weight's layout, in the adapter's (fp32 for a 16-bit base) precision."""
-        A, B = self.lora_pair(name)
+        A, B = self.factors(name)
         delta = (B @ A) * self.scaling[name]
         return delta.T if self.transpose_delta else delta
 
@@ -216,7 +225,7 @@ class LoraLayer(nn.Module):
         """
         present = [n for n in slot_names if n in self.adapter_names]
         key = (tuple(slot_names),
-               tuple((n, self.scaling[n], *(p._version for p in self.lora_pair(n))) for n in present))
+               tuple((n, self.scaling[n], *(p._version for p in self.adapter_parameters(n))) for n in present))
         cached = self.__dict__.get("_mixed_cache")
         if cached is None or cached[0] != key:
             cached = (key, self._build_stacks(slot_names, present))
@@ -249,7 +258,7 @@ class LoraLayer(nn.Module):
             for slot, name in enumerate(slot_names, start=1):
                 if name not in present:
                     continue
-                A, B = self.lora_pair(name)
+                A, B = self.factors(name)
                 A_stack[slot, :, : A.shape[0]] = A.T
                 B_stack[slot, : B.shape[1]] = (B * self.scaling[name]).T
                 drop = self.lora_dropout[name]
@@ -316,12 +325,16 @@ class LoraLinear(ModulePairLayer):
         return self.in_features, self.out_features
 
     def create_pair(self, name, r, dtype, device):
-        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device=device)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, dtype=dtype, device=device)
+        # rank 0 (an AdaLoRA layer pruned to nothing) is built empty: nn.Linear warns when initialising it
+        where = "meta" if r == 0 else device
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device=where).to_empty(device=device)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, dtype=dtype, device=where).to_empty(device=device)
 
     def reset_adapter(self, name: str, init) -> None:
         A, B = self.lora_pair(name)
         with torch.no_grad():
+            if A.numel() == 0:
+                return
             if init is True:
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5))
                 nn.init.zeros_(B)
@@ -345,7 +358,7 @@ class LoraLinear(ModulePairLayer):
             h = group.slice_for(self, fused, x)
             return SharedMemberOutput.apply(x, base.weight, base.bias, h, self.lora_B[fused].weight, compute_dtype(x))
 
-        A, B = self.lora_pair(fused)
+        A, B = self.factors(fused)
         drop = self.lora_dropout[fused]
         p = drop.p if isinstance(drop, nn.Dropout) and self.training else 0.0
         return FusedLoraLinear.apply(x, base.weight, base.bias, A, B, self.scaling[fused], p, self.fan_in_fan_out,
@@ -374,7 +387,7 @@ class LoraLinear(ModulePairLayer):
             return None
         A, B = self.lora_pair(active[0])
         weight = self.base_layer.weight
-        if weight.requires_grad or not (A.requires_grad or B.requires_grad) or A.dtype != B.dtype:
+        if weight.requires_grad or not (A.requires_grad or B.requires_grad) or A.dtype != B.dtype or A.shape[0] == 0:
             return None
         # one compute dtype: autocast's, or x's when x and the base weight agree (a 16-bit base with
         # fp32 LoRA weights computes its LoRA matmuls in 16 bits, as autocast does)
@@ -388,7 +401,9 @@ class LoraLinear(ModulePairLayer):
         return self.plain_base and result.is_contiguous()
 
     def add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        A, B = self.lora_pair(name)
+        A, B = self.factors(name)
+        if A.shape[0] == 0:  # AdaLoRA may prune a layer down to no triplet at all
+            return result
         # Scale the r-wide intermediate rather than the out-wide result: same math, less work.
         h = F.linear(self.lora_dropout[name](x.to(A.dtype)), A) * self.scaling[name]
         if h.dtype != result.dtype:

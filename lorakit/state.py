@@ -7,6 +7,7 @@ wrapper class; per-layer state lives in the layers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -23,6 +24,8 @@ _ATTR = "_lorakit_registry"
 class AdapterRegistry:
     configs: dict[str, LoraConfig] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
+    allocator: Any = None  # AdaLoRA's rank allocator while one trains (rank_allocator.py)
+    hooks: list = field(default_factory=list)  # forward-hook handles to remove when lorakit goes
 
 
 def registry(model: nn.Module) -> AdapterRegistry:
@@ -40,7 +43,9 @@ def ensure_registry(model: nn.Module) -> AdapterRegistry:
 
 
 def drop_registry(model: nn.Module) -> None:
-    model.__dict__.pop(_ATTR, None)
+    reg = model.__dict__.pop(_ATTR, None)
+    for handle in reg.hooks if reg else []:
+        handle.remove()
 
 
 def has_adapters(model: nn.Module) -> bool:
