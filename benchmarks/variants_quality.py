@@ -52,8 +52,8 @@ def main() -> None:
     quiet_libraries()
     out = Path(args.out)
     done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-    for variant in args.variants.split(","):
-        for seed in [int(s) for s in args.seeds.split(",")]:
+    for seed in [int(s) for s in args.seeds.split(",")]:  # seed-major: an interrupted study stays balanced
+        for variant in args.variants.split(","):
             if any(r["variant"] == variant and r["seed"] == seed and r["steps"] == args.steps for r in done):
                 continue
             row = run_one(variant, seed, args.steps)

@@ -6,7 +6,7 @@
     lk.save_adapter(model, "out/")
 """
 
-from .adalora import AdaLoraConfig, orthogonal_penalty
+from .adalora import AdaLoraConfig, adalora_penalty, orthogonal_penalty
 from .adapters import active_adapters, delete_adapter, disable_adapters, list_adapters, merged_adapters, set_adapter
 from .checkpoint import adapter_state_dict, load_adapter, read_adapter, save_adapter
 from .config import PRESET_TARGET_MODULES, LoraConfig
@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LoraConfig", "AdaLoraConfig", "PRESET_TARGET_MODULES", "inject", "update_and_allocate", "current_ranks",
-    "orthogonal_penalty", "trainable_parameters", "ParameterReport",
+    "orthogonal_penalty", "adalora_penalty", "trainable_parameters", "ParameterReport",
     "save_adapter", "load_adapter", "read_adapter", "adapter_state_dict",
     "set_adapter", "delete_adapter", "list_adapters", "active_adapters", "merged_adapters", "disable_adapters",
     "merge", "unmerge", "unload", "add_weighted_adapter", "cast_base", "mixed_batch", "BASE",

@@ -136,6 +136,18 @@ def orthogonal_penalty(layers, name: str) -> torch.Tensor:
     return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
+def adalora_penalty(model: nn.Module) -> torch.Tensor:
+    """orth_reg_weight × the penalty of the model's trainable AdaLoRA adapter (0 if it has none): for
+    training code that computes its loss outside the model's forward (the hook cannot see it)."""
+    from .state import lora_layers, registry
+
+    for name, config in registry(model).configs.items():
+        if is_adalora(config) and not config.inference_mode:
+            layers = [layer for _, layer in lora_layers(model) if name in layer.lora_E]
+            return config.orth_reg_weight * orthogonal_penalty(layers, name)
+    return torch.zeros(())
+
+
 def add_penalty_hook(model: nn.Module, name: str, weight: float, layers_of):
     """As PEFT's AdaLoraModel.forward: when the model's output carries a loss, add the weighted
     orthogonality penalty to it. Returns the hook handle (removed when lorakit is unloaded)."""

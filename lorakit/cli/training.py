@@ -31,6 +31,12 @@ TRAIN_FLAGS = [
     ("--init", str, "adapter initialisation: gaussian, pissa, pissa_niter_K (randomised SVD, K iterations) or "
                     "olora (default: Kaiming A, zero B); pissa/olora runs save an adapter for the original base"),
     ("--loraplus-ratio", float, "LoRA+: B learns RATIO times faster than A (the paper uses 16)"),
+    ("--method", str, "lora (default) or adalora: SVD-form adapters whose ranks AdaLoRA's allocator prunes"),
+    ("--init-r", int, "adalora: triplets per layer at the start (default 12, as PEFT)"),
+    ("--target-r", int, "adalora: average triplets per layer at the end (default 8, as PEFT)"),
+    ("--tinit", int, "adalora: steps before pruning starts (default 10%% of the run)"),
+    ("--tfinal", int, "adalora: steps of final training at fixed ranks (default 20%% of the run)"),
+    ("--delta-t", int, "adalora: re-allocate ranks every N steps (default 1)"),
     ("--text-column", str, None), ("--label-column", str, None),
     ("--prompt-template", str, "sft: format a row into the user turn, e.g. 'Review: {text}'"),
     ("--response-template", str, "sft: format the answer, e.g. '{label}'"),

@@ -55,7 +55,7 @@ def clamp_seq_len(seq_len: int, model) -> int:
     return seq_len
 
 
-def prepare_model(model, options: TrainOptions):
+def prepare_model(model, options: TrainOptions, total_steps: int | None = None):
     if options.full:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -64,14 +64,27 @@ def prepare_model(model, options: TrainOptions):
         lk.quantize(model, compute_dtype=torch.bfloat16 if options.bf16 else torch.float32)
     task_type = "SEQ_CLS" if options.task == "classify" else "CAUSAL_LM"
     save = options.modules_to_save  # SEQ_CLS adds the classifier head, as PEFT does
-    config = lk.LoraConfig(r=options.r, lora_alpha=options.lora_alpha, lora_dropout=options.dropout,
-                           target_modules=options.targets, task_type=task_type, modules_to_save=save,
-                           use_dora=options.use_dora, use_rslora=options.rslora,
-                           init_lora_weights=options.init if options.init is not None else True)
+    fields = dict(lora_alpha=options.lora_alpha, lora_dropout=options.dropout, target_modules=options.targets,
+                  task_type=task_type, modules_to_save=save, use_rslora=options.rslora)
+    if options.method == "adalora":
+        steps = total_steps or options.max_steps or 1
+        config = lk.AdaLoraConfig(init_r=options.init_r, target_r=options.target_r, total_step=steps,
+                                  tinit=options.tinit if options.tinit is not None else steps // 10,
+                                  tfinal=options.tfinal if options.tfinal is not None else steps // 5,
+                                  deltaT=options.delta_t, **fields)
+    else:
+        config = lk.LoraConfig(r=options.r, use_dora=options.use_dora,
+                               init_lora_weights=options.init if options.init is not None else True, **fields)
     lk.inject(model, config)
     if options.bf16 and not options.qlora:
         lk.cast_base(model, torch.bfloat16)  # frozen base in bf16; LoRA weights and heads stay fp32
     return model
+
+
+def _dims(model, path: str) -> tuple[int, int]:
+    """(in, out) of an adapted linear layer: one triplet costs in + out + 1 parameters (A row, B column, λ)."""
+    layer = model.get_submodule(path)
+    return layer.in_features, layer.out_features + 1
 
 
 class Trainer:
@@ -100,7 +113,12 @@ class Trainer:
                         for split, rows in splits.items()}
         if self.dist.is_main:
             truncation.report()
-        self.model = prepare_model(model, options).to(self.dist.device)
+        per_micro = options.batch_size * self.dist.world_size
+        self.micro_per_epoch = len(self.encoded["train"]) // per_micro
+        steps_per_epoch = self.micro_per_epoch // options.grad_accum
+        self.total_steps = options.max_steps or max(options.min_steps or 1, math.ceil(options.epochs * steps_per_epoch))
+        self.model = prepare_model(model, options, self.total_steps).to(self.dist.device)
+        self.adalora = options.method == "adalora"
         self.report = lk.trainable_parameters(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if options.loraplus_ratio:
@@ -109,13 +127,9 @@ class Trainer:
             self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=options.lr)
         else:
             self.optimizer = torch.optim.AdamW(self.params, lr=options.lr, weight_decay=options.weight_decay)
-        per_micro = options.batch_size * self.dist.world_size
-        self.micro_per_epoch = len(self.encoded["train"]) // per_micro
         if self.micro_per_epoch < options.grad_accum:
             raise ConfigError(f"the train split has {len(self.encoded['train'])} examples, fewer than one step of "
                               f"{per_micro * options.grad_accum} (batch size x processes x grad accum); lower --batch-size")
-        steps_per_epoch = self.micro_per_epoch // options.grad_accum
-        self.total_steps = options.max_steps or max(options.min_steps or 1, math.ceil(options.epochs * steps_per_epoch))
         self.eval_steps = options.eval_steps or steps_per_epoch
         from transformers import get_scheduler
 
@@ -124,6 +138,9 @@ class Trainer:
         # causal LMs train through the chunked loss (never the full logits); DDP wraps what runs the step
         causal = options.task != "classify" and supports_chunked_loss(self.model)
         self.wrapped = self.dist.wrap(ChunkedLossLM(self.model) if causal else self.model)
+        # AdaLoRA's orthogonality penalty joins the model's own loss (a hook, as in PEFT); the chunked
+        # loss bypasses the model's output, so the loop adds it there
+        self.add_penalty = self.adalora and causal
         self.step, self.best, self.best_step, self.bad_evals = 0, None, None, 0
         self.interrupted = False
 
@@ -204,7 +221,10 @@ class Trainer:
                                                 self.tokenizer.pad_token_id))
             with self.dist.no_sync(self.wrapped, last=k == o.grad_accum - 1), \
                     torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=o.bf16):
-                loss = self.wrapped(**batch).loss / o.grad_accum
+                loss = self.wrapped(**batch).loss
+                if self.add_penalty:
+                    loss = loss + lk.adalora_penalty(self.model)
+                loss = loss / o.grad_accum
                 loss.backward()
             loss_sum += float(loss.detach())
             tokens += int(batch["attention_mask"].sum())
@@ -212,6 +232,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
+        if self.adalora:  # after the step, before the gradients go (PEFT's order)
+            lk.update_and_allocate(self.model, self.step)
         self.optimizer.zero_grad(set_to_none=True)
         loss_mean, tokens_all, stop = self.dist.reduce_step(loss_sum, tokens, self.interrupted)
         return loss_mean, tokens_all, stop
@@ -280,6 +302,11 @@ class Trainer:
                    "steps": self.step, "best_step": self.best_step, "train_seconds": round(train_seconds, 1),
                    "trainable_params": self.report.trainable, "total_params": self.report.total,
                    "lora_params": self.report.lora, "train_examples": len(self.encoded["train"])}
+        if self.adalora:  # where the budget went: live triplets per layer, and their total
+            ranks = lk.current_ranks(self.model)
+            summary["adalora_ranks"] = ranks
+            summary["adalora_live_params"] = sum(
+                k * sum(lk_dims) for k, lk_dims in ((ranks[p], _dims(self.model, p)) for p in ranks))
         if self.dist.is_main:
             summary["test"] = self.test_metrics()
             summary["learning_check"] = learning_check(o.task, summary["test"], self.output / "train_log.jsonl")

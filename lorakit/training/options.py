@@ -25,6 +25,12 @@ class TrainOptions:
     init: str | None = None             # init_lora_weights: pissa, pissa_niter_K, olora, gaussian (None: default)
     rslora: bool = False                # scaling alpha/sqrt(r)
     loraplus_ratio: float | None = None  # LoRA+: lr of B = ratio x lr of A (PEFT's groups)
+    method: str = "lora"                # lora or adalora
+    init_r: int = 12                    # adalora: triplets per layer at the start (PEFT's default)
+    target_r: int = 8                   # adalora: average triplets per layer at the end (PEFT's default)
+    tinit: int | None = None            # adalora: steps before pruning starts (None: 10% of the run)
+    tfinal: int | None = None           # adalora: steps after pruning ends (None: 20% of the run)
+    delta_t: int = 1                    # adalora: re-allocate the budget every N steps
     full: bool = False                  # full fine-tuning with the same loop, for comparison
     qlora: bool = False
     bf16: bool = False
@@ -133,6 +139,16 @@ def _check(options: TrainOptions) -> None:
         raise ConfigError("give a positive --epochs or --max-steps")
     if options.loraplus_ratio is not None and options.loraplus_ratio <= 0:
         raise ConfigError(f"--loraplus-ratio must be > 0, got {options.loraplus_ratio}; the LoRA+ paper uses 16")
+    if options.method not in ("lora", "adalora"):
+        raise ConfigError(f"--method must be lora or adalora, got {options.method!r}")
+    if options.method == "adalora":
+        if options.full or options.use_dora or options.init:
+            raise ConfigError("--method adalora trains its own SVD-form adapter: drop --full, --use-dora and --init")
+        if options.resume:
+            raise ConfigError("--resume does not restore AdaLoRA's importance scores yet; rerun the AdaLoRA run whole")
+        if not 0 < options.target_r <= options.init_r:
+            raise ConfigError(f"--target-r ({options.target_r}) must be between 1 and --init-r ({options.init_r}): "
+                              "AdaLoRA prunes from init_r triplets per layer down to target_r on average")
     if options.full and (options.use_dora or options.init or options.loraplus_ratio):
         raise ConfigError("--use-dora, --init and --loraplus-ratio configure adapters; --full trains no adapter")
     if options.full and options.qlora:
