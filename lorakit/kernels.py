@@ -81,13 +81,13 @@ def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 
 class SharedLoraProjection(torch.autograd.Function):
     """h = (m⊙x/(1-p))·A_catᵀ, column-scaled: the A-projections of every adapter reading the same
-    input in one GEMM, with one dropout mask. Backward: dA_cat and dx only."""
+    input in one GEMM, with the group's one dropout mask m (drawn by the group, which DoRA members
+    also read). Backward: dA_cat and dx only."""
 
     @staticmethod
-    def forward(ctx, x, A_cat, scales, p: float, dtype: torch.dtype):
+    def forward(ctx, x, A_cat, scales, p: float, dtype: torch.dtype, mask=None):
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(dtype)
-            mask = dropout_mask(xc, p) if p > 0 else None
             x_kept = xc * mask if mask is not None else xc
             h = F.linear(x_kept, A_cat.to(dtype)) * (scales / (1 - p)).to(dtype)
         ctx.save_for_backward(xc, A_cat, scales, mask)
@@ -108,7 +108,7 @@ class SharedLoraProjection(torch.autograd.Function):
             if mask is not None:
                 grad_x.mul_(mask.reshape(grad_x.shape))
             grad_x = grad_x.view(x.shape).to(ctx.x_dtype)
-        return grad_x, grad_A, None, None, None
+        return grad_x, grad_A, None, None, None, None
 
 
 class SharedMemberOutput(torch.autograd.Function):
@@ -153,30 +153,35 @@ class SharedInputGroup:
 
     def __init__(self, layers: list):
         self.layers = layers
-        self._x = self._h = None
+        self._x = self._h = self._mask = None
         self._taken: set[int] = set()
 
     def usable(self, name: str, x: torch.Tensor) -> bool:
-        ps = set()
+        """Every member trains ``name`` on the fused path, all DoRA or none, with one dropout p."""
+        ps, dora = set(), set()
         for layer in self.layers:
-            if layer.fused_adapter(x, (), {}) != name or layer.uses_dora(name):
+            if layer.fused_adapter(x, (), {}) != name:
                 return False
+            dora.add(layer.uses_dora(name))
             drop = layer.lora_dropout[name]
             ps.add(drop.p if isinstance(drop, torch.nn.Dropout) and layer.training else 0.0)
-        return len(ps) == 1 and not torch.compiler.is_compiling()
+        return len(ps) == 1 and len(dora) == 1 and not torch.compiler.is_compiling()
 
-    def slice_for(self, layer, name: str, x: torch.Tensor) -> torch.Tensor:
+    def slice_for(self, layer, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(this member's r-wide h, the group's dropout mask or None)."""
         index = self.layers.index(layer)
         if self._x is not x or index in self._taken:
             A_cat = torch.cat([m.factors(name)[0] for m in self.layers])
             scales = torch.cat([A_cat.new_full((m.rank(name),), m.scaling[name]) for m in self.layers])
             drop = layer.lora_dropout[name]
             p = drop.p if isinstance(drop, torch.nn.Dropout) and layer.training else 0.0
+            dtype = compute_dtype(x)
+            self._mask = dropout_mask(x.to(dtype), p) if p > 0 else None
             self._x, self._taken = x, set()
-            self._h = SharedLoraProjection.apply(x, A_cat, scales, p, compute_dtype(x))
+            self._h = SharedLoraProjection.apply(x, A_cat, scales, p, dtype, self._mask)
         start = sum(m.rank(name) for m in self.layers[:index])
-        h = self._h[..., start:start + layer.rank(name)]
+        h, mask = self._h[..., start:start + layer.rank(name)], self._mask
         self._taken.add(index)
         if len(self._taken) == len(self.layers):
-            self._x = self._h = None  # every member has its slice: drop the references
-        return h
+            self._x = self._h = self._mask = None  # every member has its slice: drop the references
+        return h, mask

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dora import DoraVariant
-from .dora_kernels import FusedDoraLinear, row_sq_norms
+from .dora_kernels import FusedDoraLinear, SharedDoraMember, row_sq_norms
 from .inits import is_principal_init, principal_init
 from .kernels import FusedLoraLinear, SharedMemberOutput, compute_dtype
 from .quantization import Linear4bit
@@ -326,9 +326,12 @@ class LoraLinear(ModulePairLayer):
 
     def create_pair(self, name, r, dtype, device):
         # rank 0 (an AdaLoRA layer pruned to nothing) is built empty: nn.Linear warns when initialising it
-        where = "meta" if r == 0 else device
-        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device=where).to_empty(device=device)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, dtype=dtype, device=where).to_empty(device=device)
+        if r == 0:
+            self.lora_A[name] = nn.Linear(self.in_features, 0, bias=False, dtype=dtype, device="meta").to_empty(device=device)
+            self.lora_B[name] = nn.Linear(0, self.out_features, bias=False, dtype=dtype, device="meta").to_empty(device=device)
+            return
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device=device)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, dtype=dtype, device=device)
 
     def reset_adapter(self, name: str, init) -> None:
         A, B = self.lora_pair(name)
@@ -350,13 +353,15 @@ class LoraLinear(ModulePairLayer):
         if fused is None:
             return super().forward(x, *args, **kwargs)
         base = self.base_layer
-        if self.uses_dora(fused):
-            return self.fused_dora(x, fused)
         group = self.__dict__.get("shared_input")
         if group is not None and group.usable(fused, x):
             # q/k/v (gate/up) share one A-projection GEMM and one dropout mask
-            h = group.slice_for(self, fused, x)
+            h, mask = group.slice_for(self, fused, x)
+            if self.uses_dora(fused):
+                return self.shared_dora(x, fused, h, mask)
             return SharedMemberOutput.apply(x, base.weight, base.bias, h, self.lora_B[fused].weight, compute_dtype(x))
+        if self.uses_dora(fused):
+            return self.fused_dora(x, fused)
 
         A, B = self.factors(fused)
         drop = self.lora_dropout[fused]
@@ -364,18 +369,30 @@ class LoraLinear(ModulePairLayer):
         return FusedLoraLinear.apply(x, base.weight, base.bias, A, B, self.scaling[fused], p, self.fan_in_fan_out,
                                      compute_dtype(x))
 
-    def fused_dora(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def weight_sq_norms(self) -> torch.Tensor:
         weight = self.base_layer.weight
         key = (weight.data_ptr(), weight._version)
         cached = self.__dict__.get("_weight_sq_norms")
         if cached is None or cached[0] != key:  # the frozen base's ‖W0‖² per row, once
             cached = (key, row_sq_norms(weight, self.fan_in_fan_out))
             self.__dict__["_weight_sq_norms"] = cached
+        return cached[1]
+
+    def shared_dora(self, x: torch.Tensor, name: str, h: torch.Tensor, mask) -> torch.Tensor:
+        drop = self.lora_dropout[name]
+        p = drop.p if isinstance(drop, nn.Dropout) and self.training else 0.0
+        A, B = self.factors(name)
+        return SharedDoraMember.apply(x, self.base_layer.weight, self.base_layer.bias, h, B,
+                                      self.lora_magnitude_vector[name], self.weight_sq_norms(), A, self.scaling[name],
+                                      p, mask, self.fan_in_fan_out, compute_dtype(x))
+
+    def fused_dora(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        weight = self.base_layer.weight
         A, B = self.lora_pair(name)
         drop = self.lora_dropout[name]
         p = drop.p if isinstance(drop, nn.Dropout) and self.training else 0.0
         return FusedDoraLinear.apply(x, weight, self.base_layer.bias, A, B, self.lora_magnitude_vector[name],
-                                     cached[1], self.scaling[name], p, self.fan_in_fan_out, compute_dtype(x))
+                                     self.weight_sq_norms(), self.scaling[name], p, self.fan_in_fan_out, compute_dtype(x))
 
     def fused_adapter(self, x: torch.Tensor, args, kwargs) -> str | None:
         """The adapter to run through the fused autograd path, or None for the general path: used

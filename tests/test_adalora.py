@@ -116,3 +116,26 @@ def test_unsupported_layers_and_a_second_trainable_adapter_are_refused():
     lk.inject(model, lk.AdaLoraConfig(target_modules=TARGETS, total_step=10))
     with pytest.raises(lk.LoraError, match="one adapter at a time"):
         lk.inject(model, lk.AdaLoraConfig(target_modules=TARGETS, total_step=10), "second")
+
+
+def test_mixed_batch_serves_adalora_rows_beside_lora_rows(twins, tmp_path):
+    """Mixed batches (and so `lorakit serve`) take an AdaLoRA adapter: its Λ is folded into A."""
+    theirs, _ = twins
+    torch.manual_seed(5)
+    with torch.no_grad():  # a trained-looking adapter: Λ non-zero, some triplets pruned
+        for name, param in theirs.named_parameters():
+            if "lora_E" in name:
+                param.normal_()
+                param[::3] = 0
+    theirs.save_pretrained(tmp_path / "ada")
+    model = tiny_llama()
+    lk.load_adapter(model, tmp_path / "ada", "ada")
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "plain")
+    ids = torch.randint(0, VOCAB, (3, 8), generator=torch.Generator().manual_seed(0))
+    names = ["ada", "plain", lk.BASE]
+    with lk.mixed_batch(model, names):
+        mixed = logits(model, ids)
+    want_ada = logits(theirs.eval(), ids)
+    assert torch.allclose(mixed[0], want_ada[0], atol=1e-5)
+    lk.set_adapter(model, "plain")
+    assert torch.allclose(mixed[1], logits(model, ids)[1], atol=1e-5)

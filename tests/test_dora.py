@@ -210,3 +210,46 @@ def test_inference_norm_cache_follows_weight_updates():
     q.__dict__.pop("_dora_norm_cache")
     torch.testing.assert_close(after, run(ours, arch), atol=0, rtol=0)  # equals a fresh computation
     assert not torch.allclose(after, before)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_dora_members_of_a_shared_input_share_one_projection_and_mask(p, monkeypatch):
+    """q/k/v and gate/up DoRA members take their h from one A-projection and one dropout mask: the
+    same loss and gradients as each layer on its own fed that mask, and 4 mask draws per block."""
+    import lorakit.dora_kernels as dora_kernels
+    import lorakit.kernels as kernels
+    from tests.conftest import tiny_llama
+
+    draws = []
+
+    def fixed_mask(x, prob):  # the same mask for the same input shape, wherever it is drawn
+        draws.append(x.shape)
+        generator = torch.Generator().manual_seed(x.numel())
+        return (torch.rand(x.shape, generator=generator) >= prob).to(torch.uint8)
+
+    monkeypatch.setattr(kernels, "dropout_mask", fixed_mask)
+    monkeypatch.setattr(dora_kernels, "dropout_mask", fixed_mask)
+    ids = torch.randint(2, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def run(grouped: bool):
+        model = lk.inject(tiny_llama(), lk.LoraConfig(r=4, target_modules="all-linear", use_dora=True,
+                                                      lora_dropout=p, init_lora_weights=False)).train()
+        if not grouped:
+            for module in model.modules():
+                module.__dict__.pop("shared_input", None)
+        draws.clear()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: q.grad for n, q in model.named_parameters() if q.grad is not None}, len(draws)
+
+    calls = []
+    real = dora_kernels.SharedDoraMember.apply
+    monkeypatch.setattr(dora_kernels.SharedDoraMember, "apply", lambda *a: calls.append(1) or real(*a))
+    loss_a, grads_a, draws_a = run(True)
+    assert len(calls) == 5 * 2  # q, k, v, gate, up in each of the 2 blocks
+    loss_b, grads_b, draws_b = run(False)
+    assert torch.allclose(loss_a, loss_b, atol=1e-6) and grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5), name
+    if p:
+        assert (draws_a, draws_b) == (4 * 2, 7 * 2)
