@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from .adalora import is_adalora
 from .errors import ConfigError, LoraError
 from .injection import apply_plan, plan_injection
 from .layers import LoraLayer
@@ -99,6 +100,9 @@ def _check_combinable(model: nn.Module, names: list[str], configs) -> None:
     for name, config in zip(names, configs):
         if config.target_parameters:
             raise ConfigError(f"adapter {name!r} adapts parameters (target_parameters); they cannot be combined.")
+        if is_adalora(config):
+            raise ConfigError(f"adapter {name!r} is AdaLoRA: as in PEFT, AdaLoRA adapters are not combined (their "
+                              "scaling and pruned triplets do not add); merge it with lk.merge instead.")
         if config.use_dora:
             raise ConfigError(f"adapter {name!r} uses DoRA: its magnitude vector rescales the whole weight, so "
                               "weighted sums of DoRA adapters have no meaning; merge it with lk.merge instead.")

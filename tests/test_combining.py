@@ -105,3 +105,11 @@ def test_dora_adapters_are_refused():
     with pytest.raises(lk.ConfigError, match="uses DoRA"):
         lk.add_weighted_adapter(model, ["a", "b"], [1, 1], "ab", combination="cat")
     assert lk.list_adapters(model) == ["a", "b"]
+
+
+def test_adalora_adapters_are_refused():
+    model = tiny_llama()
+    lk.inject(model, lk.AdaLoraConfig(target_modules=["q_proj"], total_step=10, inference_mode=True), "a")
+    lk.inject(model, lk.LoraConfig(r=8, target_modules=["q_proj"]), "b")
+    with pytest.raises(lk.ConfigError, match="is AdaLoRA"):
+        lk.add_weighted_adapter(model, ["a", "b"], [1, 1], "ab", combination="cat")

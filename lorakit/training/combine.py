@@ -57,7 +57,12 @@ def check_inputs(directories: list[Path], weights: list[float], method: str, den
                                   f"{config.get(field)!r}): only adapters of one type, trained on one base model "
                                   "for one task, can be combined.")
     if first.get("peft_type", "LORA") != "LORA":
-        raise ConfigError(f"combine works on LoRA adapters; {directories[0]} is {first.get('peft_type')}.")
+        raise ConfigError(f"combine works on LoRA adapters; {directories[0]} is {first.get('peft_type')} "
+                          "(PEFT does not combine AdaLoRA adapters either).")
+    for directory, config in zip(directories, configs):
+        if config.get("use_dora"):
+            raise ConfigError(f"{directory} is a DoRA adapter: its magnitude vector rescales the whole weight, so "
+                              "weighted sums of DoRA adapters have no meaning; merge it with `lorakit merge` instead.")
     return configs
 
 
