@@ -31,6 +31,12 @@ TRAIN_FLAGS = [
     ("--init", str, "adapter initialisation: gaussian, pissa, pissa_niter_K (randomised SVD, K iterations) or "
                     "olora (default: Kaiming A, zero B); pissa/olora runs save an adapter for the original base"),
     ("--loraplus-ratio", float, "LoRA+: B learns RATIO times faster than A (the paper uses 16)"),
+    ("--optim", str, "optimizer: adamw (default), adamw8bit (bitsandbytes, 8-bit moments), sgd (momentum 0.9), "
+                      "adafactor"),
+    ("--lr-scheduler", str, "linear (default), cosine, constant or constant_with_warmup"),
+    ("--warmup-ratio", float, "warmup as a share of the run's steps (instead of --warmup-steps)"),
+    ("--head-lr", float, "learning rate of modules trained in full beside the adapters (the classifier head)"),
+    ("--report-to", str, "tensorboard: also write TensorBoard scalars to OUTPUT/tensorboard"),
     ("--method", str, "lora (default) or adalora: SVD-form adapters whose ranks AdaLoRA's allocator prunes"),
     ("--init-r", int, "adalora: triplets per layer at the start (default 12, as PEFT)"),
     ("--target-r", int, "adalora: average triplets per layer at the end (default 8, as PEFT)"),
@@ -44,6 +50,7 @@ TRAIN_FLAGS = [
 ]
 TRAIN_SWITCHES = [("--use-dora", "DoRA: learn a magnitude per output feature besides the low-rank direction"),
                   ("--rslora", "rank-stabilised scaling alpha/sqrt(r) instead of alpha/r"),
+                  ("--grad-checkpointing", "recompute activations in backward: less memory, more time"),
                   ("--bf16", "frozen base in bf16 + autocast; LoRA weights stay fp32"),
                   ("--qlora", "frozen base quantized to 4-bit NF4"), ("--full", "full fine-tuning, for comparison"),
                   ("--resume", "continue the run in --output from its checkpoint"),

@@ -26,6 +26,8 @@ import lorakit as lk
 from ..atomic import staged_directory, staged_file
 from ..errors import ConfigError
 from ..losses import ChunkedLossLM, supports_chunked_loss
+from .optim import build_optimizer, build_scheduler
+from .reporting import Reporter
 from .artifacts import RUN_FILE, run_record
 from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint, trainable_state
 from .data import EMBEDDED_SFT_TEMPLATES, Truncation, collate, encode, label_names, load_splits, require_rows
@@ -56,6 +58,9 @@ def clamp_seq_len(seq_len: int, model) -> int:
 
 
 def prepare_model(model, options: TrainOptions, total_steps: int | None = None):
+    if options.grad_checkpointing:  # non-reentrant: works with a frozen base and the fused LoRA path
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     if options.full:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -121,20 +126,13 @@ class Trainer:
         self.adalora = options.method == "adalora"
         self.report = lk.trainable_parameters(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        if options.loraplus_ratio:
-            groups = lk.loraplus_param_groups(self.model, options.lr, options.loraplus_ratio,
-                                              weight_decay=options.weight_decay)
-            self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=options.lr)
-        else:
-            self.optimizer = torch.optim.AdamW(self.params, lr=options.lr, weight_decay=options.weight_decay)
+        self.optimizer = build_optimizer(self.model, options)
         if self.micro_per_epoch < options.grad_accum:
             raise ConfigError(f"the train split has {len(self.encoded['train'])} examples, fewer than one step of "
                               f"{per_micro * options.grad_accum} (batch size x processes x grad accum); lower --batch-size")
         self.eval_steps = options.eval_steps or steps_per_epoch
-        from transformers import get_scheduler
-
-        self.scheduler = get_scheduler("linear", self.optimizer, num_warmup_steps=min(options.warmup_steps, self.total_steps // 2),
-                                       num_training_steps=self.total_steps)
+        self.scheduler = build_scheduler(self.optimizer, options, self.total_steps)
+        self.reporter = Reporter(self.output, options.report_to) if self.dist.is_main else Reporter(None, None)
         # causal LMs train through the chunked loss (never the full logits); DDP wraps what runs the step
         causal = options.task != "classify" and supports_chunked_loss(self.model)
         self.wrapped = self.dist.wrap(ChunkedLossLM(self.model) if causal else self.model)
@@ -183,6 +181,7 @@ class Trainer:
                     log.write(json.dumps({"step": self.step, "epoch": round(self.step * o.grad_accum / self.micro_per_epoch, 4),
                                           "loss": round(loss, 6), "lr": lr, "tokens_per_s": round(speed, 1)}) + "\n")
                     log.flush()
+                    self.reporter.scalars(self.step, {"train/loss": loss, "train/lr": lr, "train/tokens_per_s": speed})
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
                 bar.update()
                 if self.step % self.eval_steps == 0 or self.step == self.total_steps:
@@ -195,6 +194,7 @@ class Trainer:
                     self._checkpoint()
         finally:
             bar.close()
+            self.reporter.close()
             signal.signal(signal.SIGINT, previous)
             if log:
                 log.close()
@@ -248,6 +248,8 @@ class Trainer:
             metrics = evaluate(self.model, examples, self.options.task, self.tokenizer.pad_token_id, self.labels,
                                bf16=self.options.bf16)
             score = metrics["accuracy"] if self.options.task == "classify" else -metrics["loss"]
+            self.reporter.scalars(self.step, {f"eval/{k}": v for k, v in metrics.items()
+                                              if isinstance(v, (int, float)) and not isinstance(v, bool)})
             if self.best is None or score > self.best:
                 self.best, self.best_step, self.bad_evals = score, self.step, 0
                 _atomic_save(trainable_state(self.model), self.output / BEST)

@@ -40,6 +40,12 @@ class TrainOptions:
     min_steps: int | None = None       # at least this many steps (several epochs on small data); None: task default
     lr: float | None = None             # None: the task's default (TASK_DEFAULTS)
     warmup_steps: int = 30
+    warmup_ratio: float | None = None   # warmup as a share of the run's steps (overrides warmup_steps)
+    lr_scheduler: str = "linear"        # linear, cosine, constant, constant_with_warmup (transformers')
+    optim: str = "adamw"                # adamw, adamw8bit (bitsandbytes), sgd, adafactor
+    head_lr: float | None = None        # lr of modules trained in full beside the adapters (a classifier head)
+    grad_checkpointing: bool = False    # recompute activations in backward (transformers' checkpointing)
+    report_to: str | None = None        # tensorboard: scalars under OUTPUT/tensorboard
     weight_decay: float = 0.0
     batch_size: int | None = None       # per process; None: the task's default (TASK_DEFAULTS)
     grad_accum: int = 1
@@ -151,6 +157,17 @@ def _check(options: TrainOptions) -> None:
                               "AdaLoRA prunes from init_r triplets per layer down to target_r on average")
     if options.full and (options.use_dora or options.init or options.loraplus_ratio):
         raise ConfigError("--use-dora, --init and --loraplus-ratio configure adapters; --full trains no adapter")
+    from .optim import check_choices
+
+    check_choices(options)
+    if options.report_to not in (None, "none", "tensorboard"):
+        raise ConfigError(f"unknown --report-to {options.report_to!r}; lorakit writes tensorboard (or none)")
+    if options.report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("--report-to tensorboard needs the tensorboard package: pip install 'lorakit[tensorboard]' "
+                              "(or pip install tensorboard)") from None
     if options.full and options.qlora:
         raise ConfigError("--full and --qlora exclude each other (QLoRA trains adapters on a frozen 4-bit base)")
 

@@ -40,9 +40,11 @@ def test_classify_run_writes_log_curve_adapter_and_learns(classifier_dir, review
     torch.testing.assert_close(peft_model(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_resume_after_ctrl_c_gives_the_same_loss_curve(classifier_dir, reviews_csv, tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [{}, {"optim": "adamw8bit", "lr_scheduler": "cosine"}], ids=["adamw", "adamw8bit"])
+def test_resume_after_ctrl_c_gives_the_same_loss_curve(extra, classifier_dir, reviews_csv, tmp_path, monkeypatch):
+    """The checkpoint carries the optimizer's state (8-bit moments included) and the schedule."""
     straight = tmp_path / "straight"
-    train(options(classifier_dir, reviews_csv, straight, max_steps=10, eval_steps=4), quiet=True)
+    train(options(classifier_dir, reviews_csv, straight, max_steps=10, eval_steps=4, **extra), quiet=True)
 
     broken = tmp_path / "broken"
     original = Trainer.micro_batch
@@ -53,10 +55,11 @@ def test_resume_after_ctrl_c_gives_the_same_loss_curve(classifier_dir, reviews_c
         return original(self, micro)
 
     monkeypatch.setattr(Trainer, "micro_batch", interrupt_at_step_5)
-    result = train(options(classifier_dir, reviews_csv, broken, max_steps=10, eval_steps=4), quiet=True)
+    result = train(options(classifier_dir, reviews_csv, broken, max_steps=10, eval_steps=4, **extra), quiet=True)
     assert result["interrupted"] and result["step"] == 6 and not (broken / "adapter").exists()
     monkeypatch.setattr(Trainer, "micro_batch", original)
-    resumed = train(options(classifier_dir, reviews_csv, broken, max_steps=10, eval_steps=4, resume=True), quiet=True)
+    resumed = train(options(classifier_dir, reviews_csv, broken, max_steps=10, eval_steps=4, resume=True, **extra),
+                    quiet=True)
     assert losses(broken) == losses(straight)
     assert resumed["best_step"] == json.loads((straight / "summary.json").read_text())["best_step"]
     a = lk.read_adapter(straight / "adapter")[1]

@@ -1,0 +1,106 @@
+"""Training recipes: optimizers, schedules, a head learning rate, gradient checkpointing, TensorBoard."""
+
+import json
+
+import pytest
+import torch
+
+import lorakit as lk
+from lorakit.errors import ConfigError
+from lorakit.training.loop import train
+from lorakit.training.optim import OPTIMIZERS, build_optimizer, optimizer_state_bytes, param_groups
+from lorakit.training.options import resolve_options
+from tests.conftest import tiny_bert, tiny_llama
+
+
+def options(model, data, output, **kw):
+    base = dict(model=model, data=data, output=str(output), task="classify", max_steps=6, batch_size=8, lr=5e-3,
+                seq_len=32, warmup_steps=1, eval_steps=3)
+    base.update(kw)
+    return resolve_options(None, base)
+
+
+def log(output):
+    entries = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+    return [e for e in entries if "lr" in e]  # the training steps (evaluations log other keys)
+
+
+@pytest.mark.parametrize("optim", OPTIMIZERS)
+def test_every_optimizer_trains(optim, classifier_dir, reviews_csv, tmp_path):
+    summary = train(options(classifier_dir, reviews_csv, tmp_path / optim, optim=optim), quiet=True)
+    assert summary["steps"] == 6 and all(torch.isfinite(torch.tensor(e["loss"])) for e in log(tmp_path / optim))
+
+
+def test_adamw8bit_keeps_8_bit_moments():
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256))
+    sizes = {}
+    for optim in ("adamw", "adamw8bit"):
+        opts = resolve_options(None, dict(optim=optim, lr=1e-3))
+        optimizer = build_optimizer(model, opts)
+        model(torch.randn(4, 256)).sum().backward()
+        optimizer.step()
+        sizes[optim] = optimizer_state_bytes(optimizer)
+    assert sizes["adamw8bit"] <= 0.3 * sizes["adamw"]
+
+
+def test_bad_recipe_options_are_named(classifier_dir, reviews_csv, tmp_path):
+    with pytest.raises(ConfigError, match="unknown --optim 'adam'; choose one of adamw, adamw8bit, sgd, adafactor"):
+        options(classifier_dir, reviews_csv, tmp_path / "a", optim="adam")
+    with pytest.raises(ConfigError, match="unknown --lr-scheduler 'step'"):
+        options(classifier_dir, reviews_csv, tmp_path / "a", lr_scheduler="step")
+    with pytest.raises(ConfigError, match="--warmup-ratio must be in"):
+        options(classifier_dir, reviews_csv, tmp_path / "a", warmup_ratio=1.5)
+    with pytest.raises(ConfigError, match="unknown --report-to 'wandb'"):
+        options(classifier_dir, reviews_csv, tmp_path / "a", report_to="wandb")
+    with pytest.raises(ConfigError, match="with --full everything is trained in full"):
+        options(classifier_dir, reviews_csv, tmp_path / "a", head_lr=1e-3, full=True)
+
+
+def test_head_lr_puts_the_head_in_its_own_group_and_needs_one():
+    model = lk.inject(tiny_bert(), lk.LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    groups = param_groups(model, resolve_options(None, dict(lr=1e-3, head_lr=1e-2)))
+    head = [g for g in groups if g["lr"] == 1e-2]
+    assert len(groups) == 2 and len(head) == 1
+    assert {id(p) for p in head[0]["params"]} == {id(p) for p in model.classifier.modules_to_save["default"].parameters()}
+    plain = lk.inject(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ConfigError, match="this run trains none"):
+        param_groups(plain, resolve_options(None, dict(lr=1e-3, head_lr=1e-2, task="sft")))
+
+
+def test_warmup_ratio_and_cosine_schedule(classifier_dir, reviews_csv, tmp_path):
+    train(options(classifier_dir, reviews_csv, tmp_path / "run", max_steps=10, lr=1e-2, warmup_ratio=0.2,
+                  lr_scheduler="cosine"), quiet=True)
+    lrs = [e["lr"] for e in log(tmp_path / "run")]
+    assert lrs[0] == pytest.approx(1e-2 / 2) and lrs[1] == pytest.approx(1e-2)  # 2 warmup steps
+    assert lrs[5] == pytest.approx(1e-2 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 4 / 8)).item()))
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    ids = torch.randint(2, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    results = []
+    for checkpointing in (False, True):
+        model = lk.inject(tiny_llama(), lk.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b) and grads_a.keys() == grads_b.keys() and len(grads_a) == 28
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-6), name
+
+
+def test_grad_checkpointing_run_and_tensorboard_scalars(causal_dir, sft_jsonl, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train(resolve_options(None, dict(model=causal_dir, data=sft_jsonl, task="sft", output=str(out), max_steps=6,
+                                     batch_size=4, seq_len=32, warmup_steps=1, eval_steps=3, grad_checkpointing=True,
+                                     report_to="tensorboard")), quiet=True)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "eval/loss"} <= set(events.Tags()["scalars"])
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses == pytest.approx([e["loss"] for e in log(out)], rel=1e-5)
+    assert [e.step for e in events.Scalars("eval/loss")] == [3, 6]
