@@ -279,6 +279,10 @@ def encode(rows: list[dict], tokenizer, task: str, seq_len: int, split: str, *, 
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    if "position_ids" in examples[0]:  # packed rows (--packing)
+        from .packing import collate_packed
+
+        return collate_packed(examples, pad_id)
     longest = max(len(e["input_ids"]) for e in examples)
     input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
     attention = torch.zeros((len(examples), longest), dtype=torch.long)

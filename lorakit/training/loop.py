@@ -27,6 +27,7 @@ from ..atomic import staged_directory, staged_file
 from ..errors import ConfigError
 from ..losses import ChunkedLossLM, supports_chunked_loss
 from .optim import build_optimizer, build_scheduler
+from .packing import pack_examples
 from .reporting import Reporter
 from .artifacts import RUN_FILE, run_record
 from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint, trainable_state
@@ -118,6 +119,8 @@ class Trainer:
                         for split, rows in splits.items()}
         if self.dist.is_main:
             truncation.report()
+        if options.packing:
+            self.encoded["train"] = pack_examples(self.encoded["train"], self.seq_len)
         per_micro = options.batch_size * self.dist.world_size
         self.micro_per_epoch = len(self.encoded["train"]) // per_micro
         steps_per_epoch = self.micro_per_epoch // options.grad_accum
@@ -217,17 +220,18 @@ class Trainer:
         self.wrapped.train()
         loss_sum, tokens = 0.0, 0
         for k in range(o.grad_accum):
-            batch = self.dist.to_device(collate(self.micro_batch(self.step * o.grad_accum + k),
-                                                self.tokenizer.pad_token_id))
+            examples = self.micro_batch(self.step * o.grad_accum + k)
+            batch = self.dist.to_device(collate(examples, self.tokenizer.pad_token_id))
             with self.dist.no_sync(self.wrapped, last=k == o.grad_accum - 1), \
                     torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=o.bf16):
-                loss = self.wrapped(**batch).loss
+                # packed rows: no KV cache, so transformers reads the position restarts as boundaries
+                loss = self.wrapped(**batch, **({"use_cache": False} if "position_ids" in batch else {})).loss
                 if self.add_penalty:
                     loss = loss + lk.adalora_penalty(self.model)
                 loss = loss / o.grad_accum
                 loss.backward()
             loss_sum += float(loss.detach())
-            tokens += int(batch["attention_mask"].sum())
+            tokens += sum(len(e["input_ids"]) for e in examples)
         if o.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm)
         self.optimizer.step()

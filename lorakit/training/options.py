@@ -45,6 +45,7 @@ class TrainOptions:
     optim: str = "adamw"                # adamw, adamw8bit (bitsandbytes), sgd, adafactor
     head_lr: float | None = None        # lr of modules trained in full beside the adapters (a classifier head)
     grad_checkpointing: bool = False    # recompute activations in backward (transformers' checkpointing)
+    packing: bool = False               # lm / sft: several examples per row, attention kept within each
     report_to: str | None = None        # tensorboard: scalars under OUTPUT/tensorboard
     weight_decay: float = 0.0
     batch_size: int | None = None       # per process; None: the task's default (TASK_DEFAULTS)
@@ -158,6 +159,10 @@ def _check(options: TrainOptions) -> None:
     if options.full and (options.use_dora or options.init or options.loraplus_ratio):
         raise ConfigError("--use-dora, --init and --loraplus-ratio configure adapters; --full trains no adapter")
     from .optim import check_choices
+
+    if options.packing and options.task == "classify":
+        raise ConfigError("--packing lays several lm / sft examples into one row; a classify row is one example "
+                          "with one label: drop --packing")
 
     check_choices(options)
     if options.report_to not in (None, "none", "tensorboard"):
