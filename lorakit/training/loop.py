@@ -139,6 +139,8 @@ class Trainer:
         # causal LMs train through the chunked loss (never the full logits); DDP wraps what runs the step
         causal = options.task != "classify" and supports_chunked_loss(self.model)
         self.wrapped = self.dist.wrap(ChunkedLossLM(self.model) if causal else self.model)
+        if options.compile:  # the weights stay the model's own: saving and evaluation use self.model
+            self.wrapped = torch.compile(self.wrapped)
         # AdaLoRA's orthogonality penalty joins the model's own loss (a hook, as in PEFT); the chunked
         # loss bypasses the model's output, so the loop adds it there
         self.add_penalty = self.adalora and causal

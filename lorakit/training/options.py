@@ -46,6 +46,7 @@ class TrainOptions:
     head_lr: float | None = None        # lr of modules trained in full beside the adapters (a classifier head)
     grad_checkpointing: bool = False    # recompute activations in backward (transformers' checkpointing)
     packing: bool = False               # lm / sft: several examples per row, attention kept within each
+    compile: bool = False               # torch.compile the training step's model
     report_to: str | None = None        # tensorboard: scalars under OUTPUT/tensorboard
     weight_decay: float = 0.0
     batch_size: int | None = None       # per process; None: the task's default (TASK_DEFAULTS)
