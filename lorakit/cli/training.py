@@ -138,6 +138,10 @@ def _train(args: argparse.Namespace) -> int:
         if summary.get("test"):
             print(f"test (weights from step {summary['best_step'] or summary['steps']}):")
             _print_metrics(summary["test"])
+        memory = summary.get("memory") or {}
+        if memory.get("estimate_bytes"):
+            print(f"memory: peak {memory['peak_bytes'] / 1e6:,.0f} MB measured, {memory['estimate_bytes'] / 1e6:,.0f} MB "
+                  "by `lorakit estimate` for these options")
         print(f"saved: {summary['artifact']}\nloss curve: {summary['loss_curve']}")
     return 130 if summary.get("interrupted") else 0
 

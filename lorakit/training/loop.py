@@ -27,6 +27,7 @@ from ..atomic import staged_directory, staged_file
 from ..errors import ConfigError
 from ..losses import ChunkedLossLM, supports_chunked_loss
 from .optim import build_optimizer, build_scheduler
+from .memory import estimated_bytes, peak_bytes, resident_bytes
 from .packing import pack_examples
 from .reporting import Reporter
 from .artifacts import RUN_FILE, run_record
@@ -108,6 +109,7 @@ class Trainer:
         self.labels = label_names(splits["train"], options.label_column) if options.task == "classify" else None
         if options.task == "classify" and self.labels is not None and len(self.labels) < 2:
             raise ConfigError(f"the train split has a single label ({self.labels[0]}); classify needs at least two")
+        self.rss_before_model = resident_bytes()
         model, self.tokenizer = load_model(options.model, options.task, self.labels)
         self.seq_len = clamp_seq_len(options.seq_len, model)
         self.templates = (options.prompt_template, options.response_template)
@@ -315,6 +317,8 @@ class Trainer:
             summary["adalora_ranks"] = ranks
             summary["adalora_live_params"] = sum(
                 k * sum(lk_dims) for k, lk_dims in ((ranks[p], _dims(self.model, p)) for p in ranks))
+        summary["memory"] = {"peak_bytes": peak_bytes(self.dist.device, self.rss_before_model),
+                             "estimate_bytes": estimated_bytes(self.model.config, o, self.seq_len)}
         if self.dist.is_main:
             summary["test"] = self.test_metrics()
             summary["learning_check"] = learning_check(o.task, summary["test"], self.output / "train_log.jsonl")

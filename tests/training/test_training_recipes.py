@@ -99,3 +99,10 @@ def test_compiled_run_follows_the_eager_loss_curve(causal_dir, sft_jsonl, tmp_pa
                                          compile=compiled)), quiet=True)
     eager, compiled = ([e["loss"] for e in log(tmp_path / n)] for n in ("eager", "compiled"))
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_a_causal_run_reports_its_peak_beside_the_estimate(causal_dir, sft_jsonl, tmp_path):
+    summary = train(resolve_options(None, dict(model=causal_dir, data=sft_jsonl, task="sft", output=str(tmp_path / "r"),
+                                               max_steps=2, batch_size=4, seq_len=32, warmup_steps=1)), quiet=True)
+    memory = summary["memory"]
+    assert memory["peak_bytes"] > 0 and memory["estimate_bytes"] > 0

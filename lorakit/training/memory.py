@@ -1,0 +1,44 @@
+"""A run's memory next to `lorakit estimate`'s prediction for the same options (lm / sft runs).
+
+Measured: on CUDA the allocator's peak; on CPU the process's peak resident memory above its
+resident memory just before the model was loaded (the same measure benchmarks/estimate_memory.py
+checks the estimate against). The estimate is built from the model's config alone with the run's
+rank, targets, dtype, optimizer, batch, sequence length and checkpointing.
+"""
+
+from __future__ import annotations
+
+import resource
+
+import torch
+
+from ..errors import LoraError
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+def peak_bytes(device: torch.device, baseline: int) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+
+
+def estimated_bytes(model_config, options, seq_len: int) -> int | None:
+    """The estimate's total for this run, or None where its memory model does not apply (a classifier
+    head, AdaLoRA, Adafactor)."""
+    from ..estimate import OPTIMIZER_STATES, estimate
+
+    if options.task == "classify" or options.method != "lora" or options.optim not in OPTIMIZER_STATES:
+        return None
+    try:
+        result = estimate(model_config, r=options.r, targets=options.targets, lora_alpha=options.lora_alpha,
+                          dtype="bf16" if options.bf16 else "fp32", optimizer=options.optim,
+                          batch_size=options.batch_size, seq_len=seq_len, grad_checkpointing=options.grad_checkpointing,
+                          attention="sdpa", use_dora=options.use_dora)
+    except LoraError:
+        return None
+    method = "full" if options.full else "qlora" if options.qlora else "lora"
+    return next(row.total for row in result.memory if row.method == method)
