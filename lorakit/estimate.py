@@ -140,7 +140,7 @@ def build_on_meta(config) -> torch.nn.Module:
 def estimate(config, r: int = 8, targets: list[str] | str | None = None, lora_alpha: float | None = None,
              dtype: str = "bf16", optimizer: str = "adamw", batch_size: int = 1, seq_len: int = 512,
              grad_checkpointing: bool = False, name: str | None = None, attention: str = "eager",
-             use_dora: bool = False) -> Estimate:
+             use_dora: bool = False, chunked_loss: bool = False) -> Estimate:
     """Parameter counts and memory for LoRA on the model described by ``config`` (no weights loaded)."""
     if dtype not in DTYPE_BYTES:
         raise ConfigError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}.")
@@ -164,7 +164,7 @@ def estimate(config, r: int = 8, targets: list[str] | str | None = None, lora_al
             layer = int(found.group(1))
             per_layer[layer] = per_layer.get(layer, 0) + row.trainable
     memory = memory_table(config, model_params, linear_params, report.lora, len(report.rows), DTYPE_BYTES[dtype],
-                          optimizer, batch_size, seq_len, grad_checkpointing, r, attention == "eager")
+                          optimizer, batch_size, seq_len, grad_checkpointing, r, attention == "eager", chunked_loss)
     return Estimate(
         model=name or getattr(config, "_name_or_path", "") or config.model_type,
         model_params=model_params, lora_params=report.lora, per_target=per_target,
@@ -173,7 +173,8 @@ def estimate(config, r: int = 8, targets: list[str] | str | None = None, lora_al
     )
 
 
-def activation_bytes(config, batch: int, seq: int, bytes_per: int, checkpointing: bool, scores: bool = True) -> int:
+def activation_bytes(config, batch: int, seq: int, bytes_per: int, checkpointing: bool, scores: bool = True,
+                     chunked_loss: bool = False) -> int:
     h = config.hidden_size
     layers = config.num_hidden_layers
     heads = config.num_attention_heads
@@ -183,16 +184,22 @@ def activation_bytes(config, batch: int, seq: int, bytes_per: int, checkpointing
         layers_total = layers * 2 * seq * batch * h * bytes_per / 2 + per_layer
     else:
         layers_total = layers * per_layer
-    # At the start of backward the fp32 logits, their log-softmax and both gradients coexist.
-    logits = 4 * batch * seq * config.vocab_size * 4
+    # At the start of backward the fp32 logits, their log-softmax and both gradients coexist; the
+    # chunked loss (lorakit train's, losses.py) holds them for one chunk of tokens at a time.
+    tokens = batch * seq
+    if chunked_loss:
+        from .losses import CHUNK_ELEMENTS
+
+        tokens = min(tokens, max(16, CHUNK_ELEMENTS[torch.float32] // config.vocab_size))
+    logits = 4 * tokens * config.vocab_size * 4
     return int(layers_total + logits)
 
 
 def memory_table(config, model_params, linear_params, lora_params, adapted_layers, bytes_per, optimizer,
-                 batch, seq, checkpointing, r, scores=True) -> list[MemoryRow]:
+                 batch, seq, checkpointing, r, scores=True, chunked_loss=False) -> list[MemoryRow]:
     states = OPTIMIZER_STATES[optimizer]
     state_bytes = 1 if optimizer == "adamw8bit" else bytes_per
-    acts = activation_bytes(config, batch, seq, bytes_per, checkpointing, scores)
+    acts = activation_bytes(config, batch, seq, bytes_per, checkpointing, scores, chunked_loss)
     lora_acts = adapted_layers * batch * seq * r * 4  # each adapted layer's fp32 r-wide intermediate
     lora_states = lora_params * 4 * states  # LoRA trains in fp32: fp32 optimizer states
     nf4_weights = int(linear_params * NF4_BITS_PER_WEIGHT / 8) + (model_params - linear_params) * bytes_per

@@ -30,7 +30,7 @@ def _estimate(args: argparse.Namespace) -> int:
     result = est.estimate(config, r=args.r, targets=targets, lora_alpha=args.alpha, dtype=args.dtype,
                           optimizer=args.optimizer, batch_size=args.batch_size, seq_len=args.seq_len,
                           grad_checkpointing=args.grad_checkpointing, name=args.preset or args.config or args.model,
-                          use_dora=args.use_dora)
+                          use_dora=args.use_dora, chunked_loss=args.chunked_loss)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -132,6 +132,9 @@ def add_commands(sub) -> None:
                           help="plan QLoRA (NF4 base, 4.127 bits/weight): marks that row of the memory table")
     estimate.add_argument("--use-dora", action="store_true",
                           help="count DoRA's magnitude vectors (one value per output feature of each adapted layer)")
+    estimate.add_argument("--chunked-loss", action="store_true",
+                          help="the output head and cross-entropy a chunk of tokens at a time, as `lorakit train` "
+                               "runs causal LMs (default: transformers' full logits)")
     estimate.add_argument("--json", action="store_true")
     estimate.set_defaults(func=_estimate)
 

@@ -140,6 +140,7 @@ class Trainer:
         self.reporter = Reporter(self.output, options.report_to) if self.dist.is_main else Reporter(None, None)
         # causal LMs train through the chunked loss (never the full logits); DDP wraps what runs the step
         causal = options.task != "classify" and supports_chunked_loss(self.model)
+        self.wrapped_is_chunked = causal
         self.wrapped = self.dist.wrap(ChunkedLossLM(self.model) if causal else self.model)
         if options.compile:  # the weights stay the model's own: saving and evaluation use self.model
             self.wrapped = torch.compile(self.wrapped)
@@ -318,7 +319,8 @@ class Trainer:
             summary["adalora_live_params"] = sum(
                 k * sum(lk_dims) for k, lk_dims in ((ranks[p], _dims(self.model, p)) for p in ranks))
         summary["memory"] = {"peak_bytes": peak_bytes(self.dist.device, self.rss_before_model),
-                             "estimate_bytes": estimated_bytes(self.model.config, o, self.seq_len)}
+                             "estimate_bytes": estimated_bytes(self.model.config, o, self.seq_len,
+                                                               chunked_loss=self.wrapped_is_chunked)}
         if self.dist.is_main:
             summary["test"] = self.test_metrics()
             summary["learning_check"] = learning_check(o.task, summary["test"], self.output / "train_log.jsonl")
