@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import lorakit as lk
 from lorakit import estimate as est
@@ -77,3 +78,14 @@ def test_cli_json():
                          capture_output=True, text=True, check=True)
     data = json.loads(out.stdout)
     assert data["per_layer"] == 262_144 and [m["method"] for m in data["memory"]] == ["full", "lora", "qlora"]
+
+
+def test_chunked_loss_holds_the_logits_of_one_chunk():
+    from lorakit.estimate import estimate, load_config
+    from lorakit.losses import CHUNK_ELEMENTS
+
+    config = load_config("smollm2-135m")
+    full, chunked = (estimate(config, batch_size=4, seq_len=512, chunked_loss=c).memory[1].activations
+                     for c in (False, True))
+    chunk_tokens = CHUNK_ELEMENTS[torch.float32] // config.vocab_size
+    assert full - chunked == 16 * (4 * 512 - chunk_tokens) * config.vocab_size
