@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -11,16 +12,17 @@ def _serve(args: argparse.Namespace) -> int:
 
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_tokens_limit,
                     max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
-    engine = build_engine(args.model, parse_adapter_specs(args.adapter or []), args.adapter_dir, limits)
+    engine = build_engine(args.model, parse_adapter_specs(args.adapter or []), args.adapter_dir, limits, args.dtype)
     print(f"serving {engine.base_name} with adapters {engine.adapters or '(none)'} on http://{args.host}:{args.port}")
-    serve(engine, args.host, args.port)
+    serve(engine, args.host, args.port, args.api_key or os.environ.get("LORAKIT_API_KEY"))
     return 0
 
 
 def add_commands(sub) -> None:
     serve = sub.add_parser("serve", help="HTTP server: one base model, many adapters, mixed-adapter batching",
                            description="OpenAI-style /v1/completions, /v1/chat/completions (stream: true for SSE), "
-                                       "/v1/classify, /v1/models, /v1/adapters, /health, /metrics.")
+                                       "/v1/classify, /v1/models, /v1/adapters (and vLLM's /v1/load_lora_adapter, "
+                                       "/v1/unload_lora_adapter), /health, /metrics (Prometheus), /v1/stats (JSON).")
     serve.add_argument("--model", required=True, help="embedded name (smollm2-135m, minilm), model dir or .gguf")
     serve.add_argument("--adapter", action="append", metavar="NAME=PATH", help="an adapter to load at start (repeatable)")
     serve.add_argument("--adapter-dir", help="directory POST /v1/adapters may load adapters from (by name only)")
@@ -31,4 +33,7 @@ def add_commands(sub) -> None:
     serve.add_argument("--max-prompt-tokens", type=int, default=1024)
     serve.add_argument("--max-tokens-limit", type=int, default=256, help="largest max_tokens a request may ask")
     serve.add_argument("--max-body-bytes", type=int, default=256_000)
+    serve.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the served base")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                                         "(default: $LORAKIT_API_KEY)")
     serve.set_defaults(func=_serve)

@@ -7,13 +7,15 @@ Every handler validates its input into a 4xx with a message; only the engine's o
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, Request as HttpRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .engine import Engine, Request, ServingError
@@ -25,7 +27,8 @@ class _Body(BaseModel):
 
 class CompletionBody(_Body):
     model: str
-    prompt: str
+    prompt: str | list[str]
+    n: int = Field(1, ge=1)
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0, le=5)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -61,6 +64,11 @@ class AdapterBody(_Body):
     name: str
 
 
+class VllmLoraBody(_Body):
+    lora_name: str
+    lora_path: str | None = None
+
+
 async def parse(request: HttpRequest, schema: type[BaseModel], limit: int):
     declared = request.headers.get("content-length", "0")
     if declared.isdigit() and int(declared) > limit:  # refuse before reading it
@@ -75,13 +83,29 @@ async def parse(request: HttpRequest, schema: type[BaseModel], limit: int):
         raise ServingError(f"invalid request: {problems}", 400) from None
 
 
-def create_app(engine: Engine) -> FastAPI:
+def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="lorakit serve", description="One base model, many LoRA adapters.")
     limit = engine.limits.max_body_bytes
 
+    def error(message: str, status: int) -> JSONResponse:
+        engine.prometheus.errors.labels(status=str(status)).inc()
+        return JSONResponse({"error": {"message": message, "code": status}}, status_code=status)
+
     @app.exception_handler(ServingError)
     async def _serving_error(_, exc: ServingError):
-        return JSONResponse({"error": {"message": str(exc), "code": exc.status}}, status_code=exc.status)
+        return error(str(exc), exc.status)
+
+    if api_key:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def _authorize(request: HttpRequest, call_next):
+            given = request.headers.get("authorization", "").encode()
+            if request.url.path != "/health" and not hmac.compare_digest(given, expected):
+                response = error("missing or wrong API key: send 'Authorization: Bearer <key>'", 401)
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return response
+            return await call_next(request)
 
     @app.get("/health")
     async def health():
@@ -89,6 +113,11 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
+        """Prometheus' text format (the JSON view is /v1/stats)."""
+        return Response(engine.prometheus.exposition(), media_type=engine.prometheus.content_type)
+
+    @app.get("/v1/stats")
+    async def stats():
         return engine.metrics()
 
     @app.get("/v1/models")
@@ -117,10 +146,15 @@ def create_app(engine: Engine) -> FastAPI:
                        max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                        stop=body.stop or [], seed=body.seed)
 
-    def completion_ids(body: CompletionBody) -> list[int]:
-        if not body.prompt:
-            raise ServingError("prompt must not be empty")
-        return engine.tokenizer(body.prompt)["input_ids"]
+    def completion_ids(body: CompletionBody) -> list[list[int]]:
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts or any(not p for p in prompts):
+            raise ServingError("prompt must be a non-empty string or a non-empty list of non-empty strings")
+        if len(prompts) > engine.limits.max_batch:
+            raise ServingError(f"at most {engine.limits.max_batch} prompts per request")
+        if len(prompts) > 1 and body.stream:
+            raise ServingError("stream: true takes a single prompt")
+        return [engine.tokenizer(p)["input_ids"] for p in prompts]
 
     def chat_ids(body: ChatBody) -> list[int]:
         if not engine.tokenizer.chat_template:
@@ -129,10 +163,13 @@ def create_app(engine: Engine) -> FastAPI:
                                                     add_generation_prompt=True, tokenize=False)
         return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    async def respond(body, prompt_ids: list[int], chat: bool):
+    async def respond(body, prompts: list[list[int]], chat: bool):
         if engine.labels is not None:
             raise ServingError("this server hosts a classifier; use /v1/classify")
-        events = await run(generation_request(body, prompt_ids))
+        if body.n > 1:
+            raise ServingError("n > 1 is not supported: send n requests (with different seeds when sampling)")
+        queues = [await run(generation_request(body, ids)) for ids in prompts]
+        events = queues[0]
         ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
         kind = "chat.completion" if chat else "text_completion"
 
@@ -144,11 +181,13 @@ def create_app(engine: Engine) -> FastAPI:
             return {"index": 0, key: content, "finish_reason": finish}
 
         if not body.stream:
-            result = await final(events)
+            results = [await final(q) for q in queues]
+            prompt_tokens = sum(r["prompt_tokens"] for r in results)
+            completion_tokens = sum(r["completion_tokens"] for r in results)
             return {"id": ident, "object": kind, "created": created, "model": body.model,
-                    "choices": [choice(result["text"], result["finish_reason"], False)],
-                    "usage": {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
-                              "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}}
+                    "choices": [{**choice(r["text"], r["finish_reason"], False), "index": i} for i, r in enumerate(results)],
+                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                              "total_tokens": prompt_tokens + completion_tokens}}
 
         async def stream():
             chunk_kind = "chat.completion.chunk" if chat else "text_completion"
@@ -175,7 +214,7 @@ def create_app(engine: Engine) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HttpRequest):
         body = await parse(request, ChatBody, limit)
-        return await respond(body, chat_ids(body), chat=True)
+        return await respond(body, [chat_ids(body)], chat=True)
 
     @app.post("/v1/classify")
     async def classify(request: HttpRequest):
@@ -204,5 +243,22 @@ def create_app(engine: Engine) -> FastAPI:
     async def unload_adapter(name: str):
         await asyncio.to_thread(engine.unload_adapter, name)
         return {"unloaded": name, "adapters": engine.adapters}
+
+    # vLLM's names for the same two operations (its clients and scripts call these)
+    @app.post("/v1/load_lora_adapter")
+    async def vllm_load(request: HttpRequest):
+        body = await parse(request, VllmLoraBody, limit)
+        path = engine.resolve_adapter_path(body.lora_name)
+        if body.lora_path is not None and Path(body.lora_path).resolve() != path:
+            raise ServingError(f"lora_path must be {body.lora_name!r} inside the server's --adapter-dir; other paths "
+                               "are refused", 403)
+        await asyncio.to_thread(engine.load_adapter, body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def vllm_unload(request: HttpRequest):
+        body = await parse(request, VllmLoraBody, limit)
+        await asyncio.to_thread(engine.unload_adapter, body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     return app

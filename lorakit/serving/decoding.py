@@ -47,8 +47,8 @@ def _pick(logits: torch.Tensor, request, generator) -> int:
 class _Row:
     """One request's decoding state: its tokens, the text streamed so far, and when it ends."""
 
-    def __init__(self, request, tokenizer, eos_ids: set[int]):
-        self.request, self.tokenizer, self.eos_ids = request, tokenizer, eos_ids
+    def __init__(self, request, tokenizer, eos_ids: set[int], on_token=lambda request: None):
+        self.request, self.tokenizer, self.eos_ids, self.on_token = request, tokenizer, eos_ids, on_token
         self.tokens: list[int] = []
         self.sent = 0
         self.finish: str | None = None
@@ -56,6 +56,7 @@ class _Row:
         self.hold = max((len(s) for s in request.stop), default=1) - 1  # chars that may start a stop string
 
     def add(self, token: int) -> None:
+        self.on_token(self.request)
         if token in self.eos_ids:
             self.finish = "stop"
             return
@@ -98,7 +99,7 @@ def _eos_ids(engine) -> set[int]:
 def generate_batch(engine, requests) -> None:
     model, tokenizer = engine.model, engine.tokenizer
     eos_ids = _eos_ids(engine)
-    rows = [_Row(r, tokenizer, eos_ids) for r in requests]
+    rows = [_Row(r, tokenizer, eos_ids, engine.prometheus.token) for r in requests]
     ids, mask = _pad([r.prompt_ids for r in requests], tokenizer.pad_token_id or 0, left=True)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     device = next(model.parameters()).device
@@ -121,6 +122,7 @@ def generate_batch(engine, requests) -> None:
             out = model(input_ids=torch.tensor(next_ids, device=device).unsqueeze(1), attention_mask=mask,
                         position_ids=positions, past_key_values=out.past_key_values, use_cache=True)
     for row in rows:
+        engine.prometheus.prompt_tokens.inc(len(row.request.prompt_ids))
         engine.stats["prompt_tokens"] += len(row.request.prompt_ids)
         engine.stats["completion_tokens"] += len(row.tokens)
         row.close()
@@ -134,6 +136,7 @@ def classify_batch(engine, requests) -> None:
         probs = model(input_ids=ids, attention_mask=mask).logits.float().softmax(-1)
     labels = engine.labels or [str(i) for i in range(probs.shape[-1])]
     for request, row in zip(requests, probs):
+        engine.prometheus.prompt_tokens.inc(len(request.prompt_ids))
         engine.stats["prompt_tokens"] += len(request.prompt_ids)
         request.sink("done", {"label": labels[int(row.argmax())],
                               "probabilities": {name: round(float(p), 6) for name, p in zip(labels, row)}})

@@ -23,6 +23,7 @@ import lorakit as lk
 
 from ..errors import LoraError
 from ..state import BASE
+from .metrics import ServerMetrics
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -72,6 +73,7 @@ class Engine:
         self.stats = {"requests": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0, "batches": 0,
                       "batched_rows": 0}
         self.latencies: deque[float] = deque(maxlen=2000)
+        self.prometheus = ServerMetrics(waiting=self.queue.qsize, loaded_adapters=lambda: len(self.adapters))
         self.running = True
         self.worker = threading.Thread(target=self._work, name="lorakit-engine", daemon=True)
         self.worker.start()
@@ -147,6 +149,7 @@ class Engine:
                 raise ServingError(f"adapter {request.adapter!r} is being unloaded", 404)
             self.in_use[request.adapter] = self.in_use.get(request.adapter, 0) + 1
         self.stats["requests"] += 1
+        self.prometheus.requests.labels(kind=request.kind).inc()
         self.queue.put(request)
 
     def _release(self, request: Request) -> None:
@@ -194,6 +197,10 @@ class Engine:
                 continue
             self.stats["batches"] += 1
             self.stats["batched_rows"] += len(batch)
+            started = time.perf_counter()
+            for request in batch:
+                self.prometheus.queue_time.observe(started - request.submitted)
+            self.prometheus.running.set(len(batch))
             for kind, run in (("generate", generate_batch), ("classify", classify_batch)):
                 group = [r for r in batch if r.kind == kind]
                 if not group:
@@ -203,8 +210,10 @@ class Engine:
                         run(self, group)
                 except Exception as exc:  # a failed batch fails its requests, never the server
                     self.stats["failed"] += len(group)
+                    self.prometheus.errors.labels(status="500").inc(len(group))
                     for request in group:
                         request.sink("error", ServingError(f"generation failed: {exc}", 500))
                 finally:
                     for request in group:
                         self._release(request)
+            self.prometheus.running.set(0)

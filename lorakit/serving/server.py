@@ -23,22 +23,36 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
     return adapters
 
 
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
 def build_engine(model_name: str, adapters: dict[str, Path], adapter_dir: str | None = None,
-                 limits: Limits = Limits()) -> Engine:
-    """Load the base model once (a classifier when the adapters were trained with task classify)
-    and every --adapter onto it."""
+                 limits: Limits = Limits(), dtype: str = "fp32") -> Engine:
+    """Load the base model once (a classifier when the adapters were trained with task classify;
+    4-bit when they were trained with QLoRA) in ``dtype``, and every --adapter onto it."""
+    import torch
+
+    import lorakit as lk
+
     from ..training.artifacts import RUN_FILE
     from ..training.models import load_model
 
-    labels = None
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    labels, qlora = None, False
     for path in adapters.values():
         if (path / RUN_FILE).is_file():
             record = json.loads((path / RUN_FILE).read_text())
             if record.get("task") == "classify":
                 labels = record["labels"]
+            qlora = qlora or bool(record.get("qlora"))
     if adapter_dir is not None and not Path(adapter_dir).is_dir():
         raise ConfigError(f"--adapter-dir {adapter_dir} is not a directory")
-    model, tokenizer = load_model(model_name, "classify" if labels else "lm", labels)
+    torch_dtype = getattr(torch, DTYPES[dtype])
+    model, tokenizer = load_model(model_name, "classify" if labels else "lm", labels,
+                                  dtype=torch.float32 if qlora else torch_dtype)
+    if qlora:  # adapters trained on the 4-bit base are served on the same base
+        lk.quantize(model, compute_dtype=torch.float32 if dtype == "fp32" else torch_dtype)
     engine = Engine(model, tokenizer, base_name=Path(model_name).name or model_name, adapter_dir=adapter_dir,
                     labels=labels, limits=limits)
     for name, path in adapters.items():
@@ -49,7 +63,7 @@ def build_engine(model_name: str, adapters: dict[str, Path], adapter_dir: str | 
 class BackgroundServer:
     """uvicorn on a loopback socket in a thread (tests and benchmarks); `.url` once started."""
 
-    def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None):
         import uvicorn
 
         from .app import create_app
@@ -59,7 +73,7 @@ class BackgroundServer:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind((host, port))
         self.url = f"http://{host}:{self.socket.getsockname()[1]}"
-        config = uvicorn.Config(create_app(engine), log_level="warning", access_log=False)
+        config = uvicorn.Config(create_app(engine, api_key), log_level="warning", access_log=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
@@ -80,12 +94,18 @@ class BackgroundServer:
         self.socket.close()
 
 
-def serve(engine: Engine, host: str, port: int) -> None:
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serve(engine: Engine, host: str, port: int, api_key: str | None = None) -> None:
     import uvicorn
 
     from .app import create_app
 
+    if host not in LOOPBACK and not api_key:
+        print(f"WARNING: serving on {host} without an API key: anyone who can reach this port can use the model "
+              "and load adapters. Pass --api-key (or set LORAKIT_API_KEY).")
     try:
-        uvicorn.run(create_app(engine), host=host, port=port, log_level="info")
+        uvicorn.run(create_app(engine, api_key), host=host, port=port, log_level="info")
     finally:
         engine.close()

@@ -63,7 +63,7 @@ def test_models_health_and_metrics(server):
     models = httpx.get(f"{server.url}/v1/models").json()
     assert [m["id"] for m in models["data"]][1:] == ["alpha", "beta"]
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
-    assert {"requests", "queue_length", "latency_s", "completion_tokens"} <= set(httpx.get(f"{server.url}/metrics").json())
+    assert {"requests", "queue_length", "latency_s", "completion_tokens"} <= set(httpx.get(f"{server.url}/v1/stats").json())
 
 
 def test_concurrent_mixed_adapter_requests_equal_offline_generate(server, causal_dir, adapter_dir):

@@ -1,0 +1,49 @@
+"""Prometheus metrics of a serving engine (prometheus_client), one registry per engine.
+
+Counters: requests by kind, answers with an error by status code, prompt and generated tokens.
+Histograms: time to first token, inter-token latency, time waiting in the queue.
+Gauges: requests running, requests waiting, adapters loaded.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class ServerMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, waiting, loaded_adapters):
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("lorakit_requests", "Requests accepted, by kind", ["kind"], registry=registry)
+        self.errors = Counter("lorakit_request_errors", "Requests answered with an error, by HTTP status",
+                              ["status"], registry=registry)
+        self.prompt_tokens = Counter("lorakit_prompt_tokens", "Prompt tokens processed", registry=registry)
+        self.generated_tokens = Counter("lorakit_generated_tokens", "Tokens generated", registry=registry)
+        self.time_to_first_token = Histogram("lorakit_time_to_first_token_seconds", "Submission to first token",
+                                             buckets=LATENCY_BUCKETS, registry=registry)
+        self.inter_token_latency = Histogram("lorakit_inter_token_latency_seconds", "Time between a request's tokens",
+                                             buckets=LATENCY_BUCKETS, registry=registry)
+        self.queue_time = Histogram("lorakit_queue_time_seconds", "Submission to the start of its batch",
+                                    buckets=LATENCY_BUCKETS, registry=registry)
+        self.running = Gauge("lorakit_running_requests", "Requests being decoded", registry=registry)
+        Gauge("lorakit_waiting_requests", "Requests waiting in the queue", registry=registry).set_function(waiting)
+        Gauge("lorakit_loaded_adapters", "Adapters loaded", registry=registry).set_function(loaded_adapters)
+
+    def token(self, request) -> None:
+        """A request produced a token: time to first token, or the gap since its previous one."""
+        now = time.perf_counter()
+        last = getattr(request, "last_token_at", None)
+        if last is None:
+            self.time_to_first_token.observe(now - request.submitted)
+        else:
+            self.inter_token_latency.observe(now - last)
+        request.last_token_at = now
+        self.generated_tokens.inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,107 @@
+"""Prometheus metrics, the API key, vLLM's adapter endpoints and the OpenAI details (n, prompt lists)."""
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from lorakit.serving import BackgroundServer, Limits, build_engine
+
+from tests.serving.test_server import adapter_dir, complete, offline  # noqa: F401 (fixture)
+
+
+@pytest.fixture(scope="module")
+def keyed(causal_dir, adapter_dir):  # noqa: F811
+    engine = build_engine(causal_dir, {"alpha": adapter_dir / "alpha"}, adapter_dir=str(adapter_dir),
+                          limits=Limits(max_new_tokens=16, max_prompt_tokens=40))
+    with BackgroundServer(engine, api_key="s3cret") as running:
+        yield running
+
+
+AUTH = {"Authorization": "Bearer s3cret"}
+
+
+def metric_values(text: str) -> dict[str, float]:
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = sample.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items())) + "}"
+                                 if sample.labels else "")
+            values[key] = sample.value
+    return values
+
+
+def test_every_endpoint_but_health_needs_the_key(keyed):
+    assert httpx.get(f"{keyed.url}/health").status_code == 200
+    for method, path in (("get", "/v1/models"), ("get", "/metrics"), ("post", "/v1/completions"),
+                         ("post", "/v1/load_lora_adapter"), ("get", "/docs")):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            answer = getattr(httpx, method)(f"{keyed.url}{path}", headers=headers)
+            assert answer.status_code == 401 and answer.headers["www-authenticate"] == "Bearer", (path, headers)
+    assert httpx.get(f"{keyed.url}/v1/models", headers=AUTH).status_code == 200
+
+
+def test_prometheus_metrics_count_requests_tokens_and_latencies(keyed):
+    before = metric_values(httpx.get(f"{keyed.url}/metrics", headers=AUTH).text)
+    answer = httpx.post(f"{keyed.url}/v1/completions", headers=AUTH, timeout=60,
+                        json={"model": "alpha", "prompt": ["the film was", "the plot"], "max_tokens": 4, "temperature": 0})
+    assert answer.status_code == 200
+    bad = httpx.post(f"{keyed.url}/v1/completions", headers=AUTH, json={"model": "nope", "prompt": "x"})
+    assert bad.status_code == 404
+    after = metric_values(httpx.get(f"{keyed.url}/metrics", headers=AUTH).text)
+    delta = lambda key: after.get(key, 0) - before.get(key, 0)  # noqa: E731
+    usage = answer.json()["usage"]
+    assert delta("lorakit_requests_total{kind=generate}") == 2
+    assert delta("lorakit_prompt_tokens_total") == usage["prompt_tokens"]
+    assert delta("lorakit_generated_tokens_total") >= usage["completion_tokens"]
+    assert delta("lorakit_time_to_first_token_seconds_count") == 2
+    assert delta("lorakit_queue_time_seconds_count") == 2
+    assert delta("lorakit_request_errors_total{status=404}") == 1
+    assert after["lorakit_loaded_adapters"] == 1 and after["lorakit_waiting_requests"] == 0
+
+
+def test_prompt_lists_and_n(keyed, causal_dir, adapter_dir):  # noqa: F811
+    prompts = ["the film was", "a movie is very"]
+    answer = httpx.post(f"{keyed.url}/v1/completions", headers=AUTH, timeout=60,
+                        json={"model": "alpha", "prompt": prompts, "max_tokens": 6, "temperature": 0}).json()
+    assert [c["index"] for c in answer["choices"]] == [0, 1]
+    for choice, prompt in zip(answer["choices"], prompts):
+        assert choice["text"] == offline(causal_dir, adapter_dir, "alpha", prompt, max_new_tokens=6)
+    assert answer["usage"]["total_tokens"] == answer["usage"]["prompt_tokens"] + answer["usage"]["completion_tokens"]
+    refused = httpx.post(f"{keyed.url}/v1/completions", headers=AUTH,
+                         json={"model": "alpha", "prompt": "the film", "n": 2})
+    assert refused.status_code == 400 and "n > 1 is not supported" in refused.json()["error"]["message"]
+
+
+def test_vllm_adapter_endpoints(keyed, adapter_dir):  # noqa: F811
+    url = keyed.url
+    loaded = httpx.post(f"{url}/v1/load_lora_adapter", headers=AUTH, json={"lora_name": "gamma"})
+    assert loaded.status_code == 200 and "gamma" in loaded.text
+    assert "gamma" in [m["id"] for m in httpx.get(f"{url}/v1/models", headers=AUTH).json()["data"]]
+    outside = httpx.post(f"{url}/v1/load_lora_adapter", headers=AUTH,
+                         json={"lora_name": "beta", "lora_path": "/tmp/elsewhere/beta"})
+    assert outside.status_code == 403
+    assert httpx.post(f"{url}/v1/unload_lora_adapter", headers=AUTH, json={"lora_name": "gamma"}).status_code == 200
+    assert "gamma" not in [m["id"] for m in httpx.get(f"{url}/v1/models", headers=AUTH).json()["data"]]
+
+
+def test_dtype_and_a_qlora_run_served_on_its_4bit_base(causal_dir, adapter_dir, tmp_path):  # noqa: F811
+    import json
+    import shutil
+
+    import torch
+
+    import lorakit as lk
+
+    engine = build_engine(causal_dir, {}, dtype="bf16")
+    try:
+        assert next(engine.model.parameters()).dtype == torch.bfloat16
+    finally:
+        engine.close()
+    qlora = tmp_path / "alpha-qlora"
+    shutil.copytree(adapter_dir / "alpha", qlora)
+    (qlora / "lorakit_run.json").write_text(json.dumps({"task": "sft", "qlora": True, "labels": None}))
+    engine = build_engine(causal_dir, {"alpha": qlora})
+    try:
+        assert any(isinstance(m, lk.Linear4bit) for m in engine.model.modules())
+    finally:
+        engine.close()
