@@ -12,7 +12,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_tokens_limit,
                     max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
-    engine = build_engine(args.model, parse_adapter_specs(args.adapter or []), args.adapter_dir, limits, args.dtype)
+    engine = build_engine(args.model, parse_adapter_specs(args.adapter or []), args.adapter_dir, limits, args.dtype,
+                          args.max_loaded_adapters)
     print(f"serving {engine.base_name} with adapters {engine.adapters or '(none)'} on http://{args.host}:{args.port}")
     serve(engine, args.host, args.port, args.api_key or os.environ.get("LORAKIT_API_KEY"))
     return 0
@@ -25,7 +26,10 @@ def add_commands(sub) -> None:
                                        "/v1/unload_lora_adapter), /health, /metrics (Prometheus), /v1/stats (JSON).")
     serve.add_argument("--model", required=True, help="embedded name (smollm2-135m, minilm), model dir or .gguf")
     serve.add_argument("--adapter", action="append", metavar="NAME=PATH", help="an adapter to load at start (repeatable)")
-    serve.add_argument("--adapter-dir", help="directory POST /v1/adapters may load adapters from (by name only)")
+    serve.add_argument("--adapter-dir", help="adapters a request may name (loaded the first time one is asked for) "
+                                             "or POST /v1/adapters may load, by plain name")
+    serve.add_argument("--max-loaded-adapters", type=int,
+                       help="adapters kept in memory; loading one more evicts the least recently used idle one")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together")

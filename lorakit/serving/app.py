@@ -141,8 +141,8 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             if kind == "error":
                 raise value
 
-    def generation_request(body: CompletionBody, prompt_ids: list[int]) -> Request:
-        return Request(kind="generate", adapter=engine.check_model(body.model), prompt_ids=prompt_ids, sink=None,
+    def generation_request(body: CompletionBody, prompt_ids: list[int], adapter: str) -> Request:
+        return Request(kind="generate", adapter=adapter, prompt_ids=prompt_ids, sink=None,
                        max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                        stop=body.stop or [], seed=body.seed)
 
@@ -168,7 +168,8 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             raise ServingError("this server hosts a classifier; use /v1/classify")
         if body.n > 1:
             raise ServingError("n > 1 is not supported: send n requests (with different seeds when sampling)")
-        queues = [await run(generation_request(body, ids)) for ids in prompts]
+        adapter = await asyncio.to_thread(engine.check_model, body.model)  # may load it from --adapter-dir
+        queues = [await run(generation_request(body, ids, adapter)) for ids in prompts]
         events = queues[0]
         ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
         kind = "chat.completion" if chat else "text_completion"
@@ -224,7 +225,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts or len(texts) > engine.limits.max_batch or any(not t for t in texts):
             raise ServingError(f"input must hold 1 to {engine.limits.max_batch} non-empty texts")
-        adapter = engine.check_model(body.model)
+        adapter = await asyncio.to_thread(engine.check_model, body.model)
         queues = []
         for text in texts:
             ids = engine.tokenizer(text, truncation=True, max_length=engine.limits.max_prompt_tokens)["input_ids"]

@@ -62,7 +62,7 @@ class Request:
 
 class Engine:
     def __init__(self, model, tokenizer, *, base_name: str = "base", adapter_dir: str | None = None,
-                 labels: list[str] | None = None, limits: Limits = Limits()):
+                 labels: list[str] | None = None, limits: Limits = Limits(), max_loaded_adapters: int | None = None):
         self.model, self.tokenizer, self.base_name, self.labels, self.limits = model.eval(), tokenizer, base_name, labels, limits
         self.adapter_dir = Path(adapter_dir).resolve() if adapter_dir else None
         self.queue: queue.Queue[Request] = queue.Queue()
@@ -70,6 +70,9 @@ class Engine:
         self.in_use: dict[str, int] = {}
         self.draining: set[str] = set()
         self.idle = threading.Condition()
+        self.max_loaded_adapters = max_loaded_adapters
+        self.last_used: dict[str, float] = {}
+        self.loading = threading.Lock()  # one on-demand load (and eviction) at a time
         self.stats = {"requests": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0, "batches": 0,
                       "batched_rows": 0}
         self.latencies: deque[float] = deque(maxlen=2000)
@@ -128,11 +131,35 @@ class Engine:
 
     # --- requests ------------------------------------------------------------------------------
     def check_model(self, name: str) -> str:
+        """The adapter a request names: loaded already, or loaded now from --adapter-dir (evicting the
+        least recently used idle adapter when --max-loaded-adapters are resident)."""
         if name in (self.base_name, BASE):
             return BASE
+        if name not in self.adapters and self.adapter_dir is not None and ADAPTER_NAME.match(name):
+            try:
+                self.resolve_adapter_path(name)
+            except ServingError:
+                pass
+            else:
+                self._load_on_demand(name)
         if name in self.adapters:
+            self.last_used[name] = time.monotonic()
             return name
         raise ServingError(f"unknown model {name!r}; available: {', '.join([self.base_name, *self.adapters])}", 404)
+
+    def _load_on_demand(self, name: str) -> None:
+        with self.loading:
+            if name in self.adapters:
+                return
+            if self.max_loaded_adapters and len(self.adapters) >= self.max_loaded_adapters:
+                with self.idle:
+                    idle = [a for a in self.adapters if self.in_use.get(a, 0) == 0]
+                if not idle:
+                    raise ServingError(f"all {len(self.adapters)} loaded adapters are busy; retry shortly", 503)
+                victim = min(idle, key=lambda a: self.last_used.get(a, 0.0))
+                self.unload_adapter(victim, timeout=0)
+                self.last_used.pop(victim, None)
+            self.load_adapter(name)
 
     def submit(self, request: Request) -> None:
         if not self.running:

@@ -132,8 +132,11 @@ def test_adapters_load_only_from_the_adapter_dir(server, adapter_dir, tmp_path):
     assert httpx.post(f"{server.url}/v1/adapters", json={"name": "gamma"}).status_code == 409
     assert complete(server.url, "gamma", "the film").status_code == 200
     assert httpx.delete(f"{server.url}/v1/adapters/gamma").status_code == 200
-    assert complete(server.url, "gamma", "the film").status_code == 404
+    assert complete(server.url, "gamma", "the film").status_code == 200  # named again: loaded on demand
+    assert httpx.delete(f"{server.url}/v1/adapters/gamma").status_code == 200
     assert httpx.delete(f"{server.url}/v1/adapters/gamma").status_code == 404
+    for name in ("missing", "sneaky", "../alpha"):  # not a servable adapter of the directory
+        assert complete(server.url, name, "the film").status_code == 404
 
 
 def test_unloading_waits_for_running_requests(server):

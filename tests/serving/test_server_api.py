@@ -105,3 +105,21 @@ def test_dtype_and_a_qlora_run_served_on_its_4bit_base(causal_dir, adapter_dir, 
         assert any(isinstance(m, lk.Linear4bit) for m in engine.model.modules())
     finally:
         engine.close()
+
+
+def test_adapters_load_on_demand_with_lru_eviction(causal_dir, adapter_dir):  # noqa: F811
+    engine = build_engine(causal_dir, {}, adapter_dir=str(adapter_dir), limits=Limits(max_new_tokens=8),
+                          max_loaded_adapters=2)
+    with BackgroundServer(engine) as running:
+        for name in ("gamma", "alpha"):
+            reply = complete(running.url, name, "the film was", max_tokens=6)
+            assert reply.status_code == 200
+            assert reply.json()["choices"][0]["text"] == offline(causal_dir, adapter_dir, name, "the film was", 6)
+        assert sorted(engine.adapters) == ["alpha", "gamma"]
+        assert complete(running.url, "alpha", "the plot").status_code == 200  # alpha is now the most recent
+        assert complete(running.url, "beta", "the plot").status_code == 200   # evicts gamma, the least recent
+        assert sorted(engine.adapters) == ["alpha", "beta"]
+        engine.in_use.update({"alpha": 1, "beta": 1})  # both busy: nothing can be evicted
+        busy = complete(running.url, "gamma", "the plot")
+        assert busy.status_code == 503 and "busy" in busy.json()["error"]["message"]
+        engine.in_use.update({"alpha": 0, "beta": 0})
