@@ -110,6 +110,19 @@ def _compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from ..export_gguf import export_gguf
+    from ..training.models import resolve_model_path
+
+    result = export_gguf(args.adapter, resolve_model_path(args.base), args.output, args.outtype)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"wrote {result['output']}: {result['tensors']} tensors for {result['architecture']}, alpha "
+              f"{result['alpha']:g}, {result['bytes'] / 1e6:.1f} MB (llama.cpp: llama-server -m BASE.gguf --lora FILE)")
+    return 0
+
+
 def add_commands(sub) -> None:
     estimate = sub.add_parser("estimate", help="LoRA parameter counts and training memory, from a config alone",
                               description="Counts are exact (model built on the meta device, no weights).")
@@ -153,3 +166,12 @@ def add_commands(sub) -> None:
     compress.add_argument("--output", required=True)
     compress.add_argument("--json", action="store_true")
     compress.set_defaults(func=_compress)
+
+    export = sub.add_parser("export", help="an adapter as llama.cpp's LoRA GGUF (llama-server --lora, Ollama ADAPTER)")
+    export.add_argument("adapter", help="adapter directory (PEFT format)")
+    export.add_argument("--format", default="gguf", choices=["gguf"])
+    export.add_argument("--base", required=True, help="the base model (directory or embedded name): its config only")
+    export.add_argument("--output", required=True, help="the .gguf file to write")
+    export.add_argument("--outtype", default="f32", choices=["f32", "f16"])
+    export.add_argument("--json", action="store_true")
+    export.set_defaults(func=_export)
