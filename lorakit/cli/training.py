@@ -203,6 +203,16 @@ def _generate(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from ..training.inference import merge_run
 
+    if args.base:  # any PEFT-format adapter onto a safetensors base, shard by shard
+        from ..streaming_merge import stream_merge
+        from ..training.models import resolve_model_path
+
+        result = stream_merge(args.run, resolve_model_path(args.base), args.output, overwrite=args.overwrite)
+        print(json.dumps(result) if args.json else
+              f"merged into {result['output']} shard by shard ({result['shards']} shards, largest "
+              f"{result['largest_shard_bytes'] / 1e6:.1f} MB held at a time)")
+        return 0
+
     target = merge_run(args.run, args.output, dtype=args.dtype, overwrite=args.overwrite)
     print(json.dumps({"merged": str(target)}) if args.json else
           f"merged model written to {target} (loads with transformers' from_pretrained, no lorakit needed)")
@@ -288,7 +298,9 @@ def add_commands(sub) -> None:
     generate.set_defaults(func=_generate)
 
     merge = sub.add_parser("merge", help="fold the adapter into the base and save a plain transformers model")
-    merge.add_argument("run")
+    merge.add_argument("run", help="a `lorakit train` run, or with --base any PEFT-format adapter directory")
+    merge.add_argument("--base", help="the base model (safetensors, sharded or not): merge shard by shard, holding one "
+                                      "shard at a time, into a copy of the base's own layout")
     merge.add_argument("--output", required=True)
     merge.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     merge.add_argument("--overwrite", action="store_true")
