@@ -23,6 +23,9 @@ VARIANTS = {
     "pissa": {"init": "pissa"},
     "olora": {"init": "olora"},
     "loraplus": {"loraplus_ratio": 16.0},
+    # PiSSA / OLoRA put W0's principal part into A and B: the same lr moves the weight far more
+    "pissa-lr2e-4": {"init": "pissa", "lr": 2e-4},
+    "olora-lr2e-4": {"init": "olora", "lr": 2e-4},
 }
 
 
@@ -42,7 +45,7 @@ def run_one(variant: str, seed: int, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default="lora,dora,pissa,olora,loraplus")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--out", default="benchmarks/results/variants_quality.jsonl")
