@@ -26,6 +26,8 @@ VARIANTS = {
     # PiSSA / OLoRA put W0's principal part into A and B: the same lr moves the weight far more
     "pissa-lr2e-4": {"init": "pissa", "lr": 2e-4},
     "olora-lr2e-4": {"init": "olora", "lr": 2e-4},
+    # LoRA+ trains B at ratio × lr: at the LoRA lr, B's 16x step is too large here
+    "loraplus-lr2e-4": {"loraplus_ratio": 16.0, "lr": 2e-4},
 }
 
 
