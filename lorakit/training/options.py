@@ -105,11 +105,20 @@ def resolve_options(config_file: str | None = None, overrides: dict | None = Non
         raise ConfigError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELDS))}")
     _check_task(values.get("task", TrainOptions.task))
     defaults = TASK_DEFAULTS[values.get("task", TrainOptions.task)]
+    lr_given = values.get("lr") is not None
     for name, value in defaults.items():
         if values.get(name) is None:
             values[name] = FULL_FINE_TUNE_LR if name == "lr" and values.get("full") else value
     options = TrainOptions(**values)
     _check(options)
+    if not lr_given and options.lr >= 1e-3 and (options.loraplus_ratio or str(options.init).startswith(("pissa", "olora"))):
+        import warnings
+
+        # evidence: benchmarks/variants_quality.py (BENCHMARKS.md, issue 13)
+        warnings.warn(f"the default lr {options.lr:g} was tuned for plain LoRA; with --init pissa/olora or "
+                      "--loraplus-ratio the same lr moves the weights much further (A and B carry W0's principal "
+                      "part, or B steps ratio x faster), and on rotten-tomatoes all three stayed at the majority "
+                      "class at 2e-3 while 2e-4 learned: pass a lower --lr, e.g. 2e-4")
     return options
 
 

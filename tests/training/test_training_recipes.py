@@ -106,3 +106,15 @@ def test_a_causal_run_reports_its_peak_beside_the_estimate(causal_dir, sft_jsonl
                                                max_steps=2, batch_size=4, seq_len=32, warmup_steps=1)), quiet=True)
     memory = summary["memory"]
     assert memory["peak_bytes"] > 0 and memory["estimate_bytes"] > 0
+
+
+def test_principal_inits_and_loraplus_at_the_lora_lr_get_a_warning(classifier_dir, reviews_csv, tmp_path):
+    with pytest.warns(UserWarning, match="pass a lower --lr, e.g. 2e-4"):
+        resolve_options(None, dict(model=classifier_dir, data=reviews_csv, init="pissa"))
+    with pytest.warns(UserWarning, match="pass a lower --lr"):
+        resolve_options(None, dict(model=classifier_dir, data=reviews_csv, loraplus_ratio=16.0))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve_options(None, dict(model=classifier_dir, data=reviews_csv, init="pissa", lr=2e-4))
