@@ -83,6 +83,22 @@ async def parse(request: HttpRequest, schema: type[BaseModel], limit: int):
         raise ServingError(f"invalid request: {problems}", 400) from None
 
 
+def documented(schema: type[BaseModel]) -> dict:
+    """The request body's JSON schema for /docs: handlers read bodies themselves (size limit first),
+    so FastAPI cannot infer it from their signatures."""
+    full = schema.model_json_schema()
+    definitions = full.pop("$defs", {})
+
+    def inline(node):  # nested models (a chat message) written in place: no refs into another document
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: inline(value) for key, value in node.items()}
+        return [inline(item) for item in node] if isinstance(node, list) else node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(full)}}}}
+
+
 def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="lorakit serve", description="One base model, many LoRA adapters.")
     limit = engine.limits.max_body_bytes
@@ -207,17 +223,17 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=documented(CompletionBody))
     async def completions(request: HttpRequest):
         body = await parse(request, CompletionBody, limit)
         return await respond(body, completion_ids(body), chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=documented(ChatBody))
     async def chat_completions(request: HttpRequest):
         body = await parse(request, ChatBody, limit)
         return await respond(body, [chat_ids(body)], chat=True)
 
-    @app.post("/v1/classify")
+    @app.post("/v1/classify", openapi_extra=documented(ClassifyBody))
     async def classify(request: HttpRequest):
         body = await parse(request, ClassifyBody, limit)
         if engine.labels is None:
@@ -234,7 +250,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         return {"object": "list", "model": body.model,
                 "data": [{"index": i, **r} for i, r in enumerate(results)]}
 
-    @app.post("/v1/adapters")
+    @app.post("/v1/adapters", openapi_extra=documented(AdapterBody))
     async def load_adapter(request: HttpRequest):
         body = await parse(request, AdapterBody, limit)
         await asyncio.to_thread(engine.load_adapter, body.name)
@@ -246,7 +262,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         return {"unloaded": name, "adapters": engine.adapters}
 
     # vLLM's names for the same two operations (its clients and scripts call these)
-    @app.post("/v1/load_lora_adapter")
+    @app.post("/v1/load_lora_adapter", openapi_extra=documented(VllmLoraBody))
     async def vllm_load(request: HttpRequest):
         body = await parse(request, VllmLoraBody, limit)
         path = engine.resolve_adapter_path(body.lora_name)
@@ -256,7 +272,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         await asyncio.to_thread(engine.load_adapter, body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter")
+    @app.post("/v1/unload_lora_adapter", openapi_extra=documented(VllmLoraBody))
     async def vllm_unload(request: HttpRequest):
         body = await parse(request, VllmLoraBody, limit)
         await asyncio.to_thread(engine.unload_adapter, body.lora_name)

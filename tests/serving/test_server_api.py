@@ -1,5 +1,7 @@
 """Prometheus metrics, the API key, vLLM's adapter endpoints and the OpenAI details (n, prompt lists)."""
 
+import json
+
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -123,3 +125,12 @@ def test_adapters_load_on_demand_with_lru_eviction(causal_dir, adapter_dir):  # 
         busy = complete(running.url, "gamma", "the plot")
         assert busy.status_code == 503 and "busy" in busy.json()["error"]["message"]
         engine.in_use.update({"alpha": 0, "beta": 0})
+
+
+def test_request_bodies_are_in_the_openapi_schema(keyed):
+    spec = httpx.get(f"{keyed.url}/openapi.json", headers=AUTH).json()
+    body = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"model", "prompt", "max_tokens", "n", "stream"} <= set(body["properties"])
+    chat = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "messages" in chat["properties"]
+    assert "$ref" not in json.dumps(chat) and chat["properties"]["messages"]["items"]["properties"]["role"]
