@@ -14,7 +14,8 @@ from .errors import (AdapterFileError, AdapterMismatchError, AdapterNotFoundErro
                      MergeStateError, TargetNotFoundError)
 from .injection import inject
 from .embedding_layers import LoraEmbedding
-from .layers import LoraLayer, LoraLinear
+from .layers import LoraLayer
+from .linear_layers import LoraLinear
 from .losses import ChunkedLossLM, causal_lm_loss, linear_cross_entropy
 from .combining import add_weighted_adapter
 from .merging import cast_base, merge, unload, unmerge

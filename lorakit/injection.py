@@ -17,7 +17,8 @@ from .errors import ConfigError, LoraError
 from .embedding_layers import LoraEmbedding
 from .inits import check_principal_init
 from .kernels import SHARED_INPUT_SETS, SharedInputGroup
-from .layers import LoraLayer, LoraLinear
+from .layers import LoraLayer
+from .linear_layers import LoraLinear
 from .modules_to_save import ModulesToSave
 from .moe import convert_moe_config, find_param_targets, nested_path
 from .param_layers import LoraParam

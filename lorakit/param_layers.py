@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import LoraLinear, ModulePairLayer, RowGroupedMixed
+from .layers import ModulePairLayer, RowGroupedMixed
+from .linear_layers import LoraLinear
 
 
 def param_geometry(module: nn.Module, param: torch.Tensor) -> tuple[int, int, int, bool]:

@@ -3,7 +3,7 @@ import torch
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
 import lorakit as lk
-from lorakit.layers import LoraLinear
+from lorakit.linear_layers import LoraLinear
 from lorakit.modules_to_save import ModulesToSave
 from tests.conftest import logits, tiny_bert, tiny_gpt2, tiny_llama
 

@@ -7,7 +7,7 @@ from transformers.pytorch_utils import Conv1D
 
 import lorakit as lk
 from lorakit.embedding_layers import LoraEmbedding
-from lorakit.layers import LoraLinear
+from lorakit.linear_layers import LoraLinear
 
 
 def single(module, r=4, alpha=8, init=True, dropout=0.0):
