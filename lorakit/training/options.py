@@ -163,6 +163,12 @@ def _check(options: TrainOptions) -> None:
             raise ConfigError("--method adalora trains its own SVD-form adapter: drop --full, --use-dora and --init")
         if options.resume:
             raise ConfigError("--resume does not restore AdaLoRA's importance scores yet; rerun the AdaLoRA run whole")
+        if options.max_steps:  # the schedule is known now: refuse it before anything is loaded
+            tinit = options.tinit if options.tinit is not None else options.max_steps // 10
+            tfinal = options.tfinal if options.tfinal is not None else options.max_steps // 5
+            if tinit >= options.max_steps - tfinal:
+                raise ConfigError(f"the AdaLoRA schedule leaves no budgeting phase: --tinit ({tinit}) must be below "
+                                  f"--max-steps − --tfinal ({options.max_steps} − {tfinal}); lower them or train longer")
         if not 0 < options.target_r <= options.init_r:
             raise ConfigError(f"--target-r ({options.target_r}) must be between 1 and --init-r ({options.init_r}): "
                               "AdaLoRA prunes from init_r triplets per layer down to target_r on average")

@@ -31,3 +31,4 @@ def test_adalora_bad_flags_fail_before_training(causal_dir, sft_jsonl, tmp_path,
     code = main(["train", "--model", causal_dir, "--data", sft_jsonl, "--task", "sft", "--output", str(tmp_path / "r"),
                  "--method", "adalora", "--max-steps", "10", "--tinit", "8", "--tfinal", "4"])
     assert code == 2 and "no budgeting phase" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before anything was written
