@@ -4,6 +4,7 @@
     python -m benchmarks.recipes optim8bit [--steps 100]
     python -m benchmarks.recipes packing [--examples 400]
     python -m benchmarks.recipes schedulers [--seeds 0,1,2]
+    python -m benchmarks.recipes compile [--batch 4 --seq 256]
 
 checkpointing: SmolLM2-135M-Instruct (real weights), LoRA r=8 on all linear layers, AdamW, fp32, the
   chunked loss `lorakit train` uses; each case in a fresh process, interleaved; step time (fastest
@@ -13,6 +14,8 @@ optim8bit: `lorakit train --task sft` on the embedded rotten-tomatoes SFT task, 
   adamw8bit, same seed: optimizer-state bytes and the final training loss (mean of the last 20 steps).
 packing: SFT rows of 20 to 500 tokens (Guardian headlines strung together as prompt and answer),
   one epoch of the same examples with and without --packing: wall time, tokens/s, test loss.
+compile: the same SmolLM2 LoRA step as checkpointing, eager vs torch.compile (inductor), fastest of
+  5 steps after the compile; the first compiled step's time is the compile pause.
 schedulers: `lorakit demo`'s training with --lr-scheduler cosine, seeds 0-2, beside the linear
   rows of benchmarks/results/variants_quality.jsonl (the demo's default schedule).
 """
@@ -32,6 +35,7 @@ from .common import print_table, run_child
 
 
 def checkpointing_child(checkpointing: str, batch: int, seq: int, steps: int) -> dict:
+    """One training setup in this process: mode "off" / "on" (gradient checkpointing) or "compiled"."""
     import resource
 
     import torch
@@ -48,16 +52,18 @@ def checkpointing_child(checkpointing: str, batch: int, seq: int, steps: int) ->
     if checkpointing == "on":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    step_model = torch.compile(lk.ChunkedLossLM(model)) if checkpointing == "compiled" else lk.ChunkedLossLM(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        lk.causal_lm_loss(model, ids, ids).backward()
+        step_model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    return {"ms": min(times) * 1000, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline}
+    return {"ms": min(times[1:] or times) * 1000, "first_ms": times[0] * 1000,
+            "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline}
 
 
 def checkpointing(args) -> None:
@@ -87,6 +93,19 @@ def checkpointing(args) -> None:
     print_table(f"gradient checkpointing, SmolLM2-135M, LoRA r=8 all-linear, fp32, batch {args.batch}x{args.seq}",
                 rows, ("checkpointing", "ms/step", "peak MB", "estimate MB", "estimate error"))
     print(f"checkpointing: {ckpt_ms / base_ms:.2f}x the time, {ckpt_peak / base_peak:.2f}x the peak memory")
+
+
+def compile_step(args) -> None:
+    rows = {}
+    for mode in ("off", "compiled"):  # "off": eager, no checkpointing
+        rows[mode] = run_child("benchmarks.recipes", "child", mode, str(args.batch), str(args.seq), "6")
+    eager, compiled = rows["off"], rows["compiled"]
+    print_table(f"torch.compile, SmolLM2-135M LoRA r=8 all-linear, fp32, batch {args.batch}x{args.seq}",
+                [("eager", f"{eager['ms']:.0f}", f"{eager['first_ms']:.0f}"),
+                 ("compiled", f"{compiled['ms']:.0f}", f"{compiled['first_ms']:.0f}")],
+                ("mode", "ms/step (best after the first)", "first step ms"))
+    print(f"compiled step: {compiled['ms'] / eager['ms']:.2f}x eager; compile pause "
+          f"{(compiled['first_ms'] - compiled['ms']) / 1000:.0f} s")
 
 
 def train_run(**fields) -> dict:
@@ -198,6 +217,9 @@ def main() -> None:
     op.add_argument("--steps", type=int, default=100)
     pk = sub.add_parser("packing")
     pk.add_argument("--examples", type=int, default=400)
+    cp = sub.add_parser("compile")
+    cp.add_argument("--batch", type=int, default=4)
+    cp.add_argument("--seq", type=int, default=256)
     sc = sub.add_parser("schedulers")
     sc.add_argument("--seeds", default="0,1,2")
     sc.add_argument("--out", default="benchmarks/results/schedulers.jsonl")
@@ -205,7 +227,8 @@ def main() -> None:
     from lorakit.cli import quiet_libraries
 
     quiet_libraries()
-    {"checkpointing": checkpointing, "optim8bit": optim8bit, "packing": packing, "schedulers": schedulers}[args.what](args)
+    {"checkpointing": checkpointing, "optim8bit": optim8bit, "packing": packing, "schedulers": schedulers,
+     "compile": compile_step}[args.what](args)
 
 
 if __name__ == "__main__":
