@@ -216,6 +216,10 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
                 text, finish = (value, None) if event == "delta" else (None, value["finish_reason"])
                 chunk = {"id": ident, "object": chunk_kind, "created": created, "model": body.model,
                          "choices": [choice(text, finish, True)]}
+                if event == "done":  # the last chunk carries the usage, as OpenAI's include_usage chunk does
+                    chunk["usage"] = {"prompt_tokens": value["prompt_tokens"],
+                                      "completion_tokens": value["completion_tokens"],
+                                      "total_tokens": value["prompt_tokens"] + value["completion_tokens"]}
                 yield f"data: {json.dumps(chunk)}\n\n"
                 if event == "done":
                     break

@@ -134,3 +134,13 @@ def test_request_bodies_are_in_the_openapi_schema(keyed):
     chat = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert "messages" in chat["properties"]
     assert "$ref" not in json.dumps(chat) and chat["properties"]["messages"]["items"]["properties"]["role"]
+
+
+def test_streams_end_with_usage(keyed):
+    with httpx.stream("POST", f"{keyed.url}/v1/completions", headers=AUTH, timeout=60,
+                      json={"model": "alpha", "prompt": "the film was", "max_tokens": 5, "temperature": 0,
+                            "stream": True}) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    usage = chunks[-1]["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] and usage["completion_tokens"] >= 1
+    assert "".join(c["choices"][0]["text"] for c in chunks) and all("usage" not in c for c in chunks[:-1])
