@@ -121,6 +121,10 @@ def test_adapters_load_on_demand_with_lru_eviction(causal_dir, adapter_dir):  # 
         assert complete(running.url, "alpha", "the plot").status_code == 200  # alpha is now the most recent
         assert complete(running.url, "beta", "the plot").status_code == 200   # evicts gamma, the least recent
         assert sorted(engine.adapters) == ["alpha", "beta"]
+        import time
+
+        while engine.in_use.get("alpha", 0) or engine.in_use.get("beta", 0):  # the worker releases after replying
+            time.sleep(0.01)
         engine.in_use.update({"alpha": 1, "beta": 1})  # both busy: nothing can be evicted
         busy = complete(running.url, "gamma", "the plot")
         assert busy.status_code == 503 and "busy" in busy.json()["error"]["message"]
