@@ -148,17 +148,27 @@ def adalora_penalty(model: nn.Module) -> torch.Tensor:
     return torch.zeros(())
 
 
-def add_penalty_hook(model: nn.Module, name: str, weight: float, layers_of):
+def add_penalty_hook(model: nn.Module):
     """As PEFT's AdaLoraModel.forward: when the model's output carries a loss, add the weighted
-    orthogonality penalty to it. Returns the hook handle (removed when lorakit is unloaded)."""
+    orthogonality penalty (adalora_penalty) to it. Returns the hook handle (removed when lorakit is
+    unloaded)."""
 
     def hook(_module, _args, output):
         loss = getattr(output, "loss", None)
         if isinstance(loss, torch.Tensor) and torch.is_grad_enabled():
-            output.loss = loss + weight * orthogonal_penalty(layers_of(model, name), name)
+            output.loss = loss + adalora_penalty(model)
         return output
 
     return model.register_forward_hook(hook)
+
+
+def rank_mask(layer, name: str) -> torch.Tensor | None:
+    """Which of adapter ``name``'s triplets in ``layer`` the rank allocator keeps (None: not masked yet)."""
+    return layer.__dict__.get("rank_masks", {}).get(name)
+
+
+def set_rank_mask(layer, name: str, keep: torch.Tensor) -> None:
+    layer.__dict__.setdefault("rank_masks", {})[name] = keep
 
 
 def saved_pattern(config: AdaLoraConfig, layers, name: str) -> tuple[AdaLoraConfig, dict]:
@@ -167,7 +177,7 @@ def saved_pattern(config: AdaLoraConfig, layers, name: str) -> tuple[AdaLoraConf
     pattern = dict(config.rank_pattern)
     rows = {}
     for path, layer in layers:
-        keep = layer.__dict__.get("rank_masks", {}).get(name)
+        keep = rank_mask(layer, name)
         if keep is not None:
             pattern[f"{path}.lora_E"] = keep.tolist()
             rows[path] = keep

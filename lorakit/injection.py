@@ -104,16 +104,12 @@ def apply_plan(model: nn.Module, plan: InjectionPlan, adapter_name: str) -> None
     reg = ensure_registry(model)
     reg.configs[adapter_name] = config
     if is_adalora(config) and not config.inference_mode and config.orth_reg_weight > 0:
-        reg.hooks.append(add_penalty_hook(model, adapter_name, config.orth_reg_weight, adapted_layers))
+        reg.hooks.append(add_penalty_hook(model))
     link_shared_inputs(model)
     if not reg.active:
         set_active(model, [adapter_name])
     else:
         apply_trainability(model)
-
-
-def adapted_layers(model: nn.Module, adapter_name: str) -> list[LoraLayer]:
-    return [m for m in model.modules() if isinstance(m, LoraLayer) and adapter_name in m.adapter_names]
 
 
 def set_active(model: nn.Module, names: list[str]) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adalora import AdaLoraConfig
+from .adalora import AdaLoraConfig, rank_mask, set_rank_mask
 from .errors import ConfigError
 from .state import lora_layers, registry
 
@@ -79,12 +79,12 @@ class RankAllocator:
             for path, layer in self.layers:
                 keep = scores[path] > threshold
                 layer.lora_E[self.name].masked_fill_(~keep.view(-1, 1), 0.0)
-                layer.__dict__.setdefault("rank_masks", {})[self.name] = keep.cpu()
+                set_rank_mask(layer, self.name, keep.cpu())
 
     def keep_masked(self) -> None:
         with torch.no_grad():
             for _, layer in self.layers:
-                keep = layer.__dict__.get("rank_masks", {}).get(self.name)
+                keep = rank_mask(layer, self.name)
                 if keep is not None:
                     layer.lora_E[self.name].masked_fill_(~keep.view(-1, 1).to(layer.lora_E[self.name].device), 0.0)
 
@@ -119,6 +119,6 @@ def current_ranks(model: nn.Module, name: str = "default") -> dict[str, int]:
     ranks = {}
     for path, layer in lora_layers(model):
         if name in layer.lora_E:
-            keep = layer.__dict__.get("rank_masks", {}).get(name)
+            keep = rank_mask(layer, name)
             ranks[path] = int(keep.sum()) if keep is not None else layer.lora_E[name].shape[0]
     return ranks

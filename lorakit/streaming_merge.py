@@ -50,7 +50,8 @@ def shard_files(base_dir: Path) -> tuple[list[str], dict | None]:
 
 
 def _updates(directory: Path) -> tuple[dict, dict, dict, object]:
-    """(module path -> (A, B, E or None, magnitude or None, embedding?)), saved-module tensors, config."""
+    """(module path -> its update's parts {"A", "B", optional "E" (AdaLoRA) and "m" (DoRA), "embedding"},
+    the tensors that replace base tensors (saved modules, trained biases), the adapter's config)."""
     config, tensors = read_adapter(directory)
     plain = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
     pairs: dict[str, dict] = {}

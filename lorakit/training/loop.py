@@ -88,10 +88,10 @@ def prepare_model(model, options: TrainOptions, total_steps: int | None = None):
     return model
 
 
-def _dims(model, path: str) -> tuple[int, int]:
-    """(in, out) of an adapted linear layer: one triplet costs in + out + 1 parameters (A row, B column, λ)."""
+def _triplet_params(model, path: str) -> int:
+    """What one AdaLoRA triplet of an adapted linear layer costs: an A row, a B column and its λ."""
     layer = model.get_submodule(path)
-    return layer.in_features, layer.out_features + 1
+    return layer.in_features + layer.out_features + 1
 
 
 class Trainer:
@@ -316,8 +316,7 @@ class Trainer:
         if self.adalora:  # where the budget went: live triplets per layer, and their total
             ranks = lk.current_ranks(self.model)
             summary["adalora_ranks"] = ranks
-            summary["adalora_live_params"] = sum(
-                k * sum(lk_dims) for k, lk_dims in ((ranks[p], _dims(self.model, p)) for p in ranks))
+            summary["adalora_live_params"] = sum(k * _triplet_params(self.model, p) for p, k in ranks.items())
         summary["memory"] = {"peak_bytes": peak_bytes(self.dist.device, self.rss_before_model),
                              "estimate_bytes": estimated_bytes(self.model.config, o, self.seq_len,
                                                                chunked_loss=self.wrapped_is_chunked)}

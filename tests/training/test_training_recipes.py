@@ -12,13 +12,7 @@ from lorakit.training.loop import train
 from lorakit.training.optim import OPTIMIZERS, build_optimizer, optimizer_state_bytes, param_groups
 from lorakit.training.options import resolve_options
 from tests.conftest import tiny_bert, tiny_llama
-
-
-def options(model, data, output, **kw):
-    base = dict(model=model, data=data, output=str(output), task="classify", max_steps=6, batch_size=8, lr=5e-3,
-                seq_len=32, warmup_steps=1, eval_steps=3)
-    base.update(kw)
-    return resolve_options(None, base)
+from tests.training.test_training_loop import options
 
 
 def log(output):
