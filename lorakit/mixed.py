@@ -76,11 +76,13 @@ class MixedRows:
 
 
 @contextlib.contextmanager
-def mixed_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.Module]:
+def mixed_batch(model: nn.Module, adapter_names: list[str], stack: list[str] | None = None) -> Iterator[nn.Module]:
     """Inside the block, row i of every batch uses ``adapter_names[i]`` ("__base__" = no adapter).
 
     The batch must have len(adapter_names) rows, or a multiple of it when ``generate`` repeats each
-    row for beams / num_return_sequences.
+    row for beams / num_return_sequences. ``stack``: the adapters to stack (a superset of the rows'
+    names); a caller entering many blocks over changing rows (a server's decoding steps) passes
+    the same list each time so that every block reuses one set of stacks.
     """
     names = check_names(model, adapter_names, allow_base=True)
     if not names:
@@ -89,12 +91,22 @@ def mixed_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.Modul
     if merged:
         raise MergeStateError(f"adapters {merged} are merged into the weights; call lk.unmerge(model) before mixed_batch.")
     distinct = [n for n in dict.fromkeys(names) if n != BASE]
+    if stack is not None:
+        stack = check_names(model, stack)
+        missing = [n for n in distinct if n not in stack]
+        if missing:
+            raise LoraError(f"mixed_batch: rows name adapters {missing} that are not in stack={stack}.")
+        distinct = stack
     slot = {BASE: 0, **{n: i for i, n in enumerate(distinct, start=1)}}
     layers = lora_layers(model)
     heads = saved_modules(model)
+    row_slots = torch.tensor([slot[n] for n in names])
+    on_device: dict[torch.device, torch.Tensor] = {}
     for _, layer in layers:
         A_stack, B_stack, dropout = layer.mixed_stacks(distinct)
-        rows = torch.tensor([slot[n] for n in names], device=A_stack.device)
+        if A_stack.device not in on_device:
+            on_device[A_stack.device] = row_slots.to(A_stack.device)
+        rows = on_device[A_stack.device]
         layer.mixed = MixedRows(rows, A_stack, B_stack, dropout, buffers=layer.row_buffers(),
                                 scale_stack=layer.dora_scale_stack(distinct), slot_names=tuple(distinct))
     for _, head in heads:

@@ -13,7 +13,7 @@ def _serve(args: argparse.Namespace) -> int:
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_tokens_limit,
                     max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
     engine = build_engine(args.model, parse_adapter_specs(args.adapter or []), args.adapter_dir, limits, args.dtype,
-                          args.max_loaded_adapters)
+                          args.max_loaded_adapters, args.scheduler, args.prefill_chunk)
     print(f"serving {engine.base_name} with adapters {engine.adapters or '(none)'} on http://{args.host}:{args.port}")
     serve(engine, args.host, args.port, args.api_key or os.environ.get("LORAKIT_API_KEY"))
     return 0
@@ -33,6 +33,11 @@ def add_commands(sub) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    serve.add_argument("--scheduler", default="continuous", choices=["continuous", "static"],
+                       help="continuous: requests join and leave the running batch at every decoding step, prompts "
+                            "prefilled in chunks between steps; static: a batch runs until its longest row ends")
+    serve.add_argument("--prefill-chunk", type=int, default=128,
+                       help="prompt tokens prefilled between two decoding steps (continuous scheduler)")
     serve.add_argument("--max-queue", type=int, default=128, help="waiting requests before 429")
     serve.add_argument("--max-prompt-tokens", type=int, default=1024)
     serve.add_argument("--max-tokens-limit", type=int, default=256, help="largest max_tokens a request may ask")

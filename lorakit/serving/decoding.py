@@ -91,7 +91,8 @@ class _Row:
 
 
 def _eos_ids(engine) -> set[int]:
-    ids = engine.model.generation_config.eos_token_id if engine.model.generation_config else None
+    config = getattr(engine.model, "generation_config", None)  # classifiers have none
+    ids = config.eos_token_id if config else None
     ids = ids if isinstance(ids, list) else [ids]
     return {i for i in [*ids, engine.tokenizer.eos_token_id] if i is not None}
 

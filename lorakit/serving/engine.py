@@ -1,21 +1,23 @@
 """The serving engine: one base model, many adapters, requests batched across adapters.
 
-A worker thread takes queued requests in batches (dynamic batching: whatever arrived within a
-short window, up to max_batch) and runs them together: every row uses its own adapter through
-``lk.mixed_batch``, decoding step by step with a KV cache; rows stop on their own (EOS, stop
-string, max_tokens). The HTTP layer (app.py) only validates and hands requests over.
+A worker thread runs the requests; every row uses its own adapter through ``lk.mixed_batch`` and
+stops on its own (EOS, stop string, max_tokens). Two schedulers:
+  continuous (default) - requests join the running batch at the next decoding step and leave when
+      they finish; prompts are prefilled in chunks between steps (continuous.py);
+  static - whatever arrived within a short window, up to max_batch, runs together until its last
+      row finishes (decoding.generate_batch); kept for comparison and for models the slot cache
+      does not fit.
+The HTTP layer (app.py) only validates and hands requests over.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
-import re
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -23,47 +25,26 @@ import lorakit as lk
 
 from ..errors import LoraError
 from ..state import BASE
+from .continuous import ContinuousBatcher
+from .decoding import classify_batch, generate_batch
 from .metrics import ServerMetrics
+from .requests import ADAPTER_NAME, Limits, Request, ServingError
+from .slot_cache import slot_cache_fits
 
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+log = logging.getLogger("lorakit.serve")
 
-
-class ServingError(LoraError):
-    """A request the engine refuses; ``status`` is the HTTP status the API answers with."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_prompt_tokens: int = 1024
-    max_new_tokens: int = 256
-    max_batch: int = 16
-    max_queue: int = 128
-    max_body_bytes: int = 256_000
-    batch_window_s: float = 0.01
-
-
-@dataclass
-class Request:
-    kind: str                       # "generate" or "classify"
-    adapter: str                    # an adapter name or BASE
-    prompt_ids: list[int]
-    sink: Callable[[str, object], None]  # sink("delta", text) / ("done", result) / ("error", ServingError)
-    max_new_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    submitted: float = field(default_factory=time.perf_counter)
-
+__all__ = ["Engine", "Limits", "Request", "ServingError"]
 
 class Engine:
     def __init__(self, model, tokenizer, *, base_name: str = "base", adapter_dir: str | None = None,
-                 labels: list[str] | None = None, limits: Limits = Limits(), max_loaded_adapters: int | None = None):
+                 labels: list[str] | None = None, limits: Limits = Limits(), max_loaded_adapters: int | None = None,
+                 scheduler: str = "continuous", prefill_chunk: int = 128):
+        if scheduler not in ("continuous", "static"):
+            raise ServingError(f"unknown scheduler {scheduler!r}; choose continuous or static")
+        if prefill_chunk < 1:
+            raise ServingError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
         self.model, self.tokenizer, self.base_name, self.labels, self.limits = model.eval(), tokenizer, base_name, labels, limits
+        self.scheduler, self.prefill_chunk = scheduler, prefill_chunk
         self.adapter_dir = Path(adapter_dir).resolve() if adapter_dir else None
         self.queue: queue.Queue[Request] = queue.Queue()
         self.model_lock = threading.Lock()       # held while a batch runs and while adapters change
@@ -216,8 +197,18 @@ class Engine:
         return batch
 
     def _work(self) -> None:
-        from .decoding import classify_batch, generate_batch
+        if self.scheduler == "continuous":
+            with self.model_lock:
+                fits = self.labels is not None or slot_cache_fits(
+                    self.model, self.limits.max_prompt_tokens + self.limits.max_new_tokens)
+            if fits:
+                ContinuousBatcher(self, self.prefill_chunk).run()
+                return
+            log.warning("this model's attention does not take the slot cache; serving with static batching")
+            self.scheduler = "static"
+        self._work_static()
 
+    def _work_static(self) -> None:
         while self.running:
             batch = self._take_batch()
             if not batch:

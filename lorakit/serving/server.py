@@ -27,7 +27,8 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def build_engine(model_name: str, adapters: dict[str, Path], adapter_dir: str | None = None,
-                 limits: Limits = Limits(), dtype: str = "fp32", max_loaded_adapters: int | None = None) -> Engine:
+                 limits: Limits = Limits(), dtype: str = "fp32", max_loaded_adapters: int | None = None,
+                 scheduler: str = "continuous", prefill_chunk: int = 128) -> Engine:
     """Load the base model once (a classifier when the adapters were trained with task classify;
     4-bit when they were trained with QLoRA) in ``dtype``, and every --adapter onto it."""
     import torch
@@ -54,7 +55,8 @@ def build_engine(model_name: str, adapters: dict[str, Path], adapter_dir: str | 
     if qlora:  # adapters trained on the 4-bit base are served on the same base
         lk.quantize(model, compute_dtype=torch.float32 if dtype == "fp32" else torch_dtype)
     engine = Engine(model, tokenizer, base_name=Path(model_name).name or model_name, adapter_dir=adapter_dir,
-                    labels=labels, limits=limits, max_loaded_adapters=max_loaded_adapters)
+                    labels=labels, limits=limits, max_loaded_adapters=max_loaded_adapters, scheduler=scheduler,
+                    prefill_chunk=prefill_chunk)
     for name, path in adapters.items():
         engine.load_adapter(name, path)
     return engine

@@ -1,0 +1,209 @@
+"""Continuous batching: requests join the running batch at the next decoding step and leave it the
+moment they finish.
+
+Each turn of the loop runs one decoding step for every running request (one token each, each
+through its own adapter) and then one chunk of the next newcomer's prompt, so a long prompt delays
+running requests by one chunk per token, not by the whole prompt. A newcomer whose prompt is done
+samples its first token and joins the running rows. Keys and values live in a SlotCache: one slot
+per request, its own positions, a 4-D mask, so joining and leaving copy nothing but one moved slot.
+
+Why not transformers' own continuous batching (``generate_batch`` / PagedAttentionCache): it runs
+its own generation loop with one set of weights for every request; lorakit needs each row's adapter,
+stop strings, seed and streaming per token, which that loop has no hook for. Its cache classes are
+used as the base of SlotCache, and its models take the 4-D mask as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import time
+from collections import deque
+
+import torch
+
+import lorakit as lk
+
+from ..state import BASE
+from .decoding import _eos_ids, _pick, _Row, classify_batch
+from .requests import ServingError
+from .slot_cache import SlotCache
+
+
+class _Active:
+    """A request inside the batch: its decoding state, its cache length and what it feeds next."""
+
+    def __init__(self, row: _Row):
+        self.row, self.request = row, row.request
+        self.length = 0          # cache columns filled
+        self.next_token = None   # the token the next decoding step feeds
+        self.answered = False    # done or failed, and released
+
+
+class ContinuousBatcher:
+    def __init__(self, engine, prefill_chunk: int = 128):
+        self.engine, self.prefill_chunk = engine, prefill_chunk
+        self.running: list[_Active] = []     # slot i holds running[i]
+        self.prefilling: _Active | None = None  # slot len(running)
+        self.waiting: deque = deque()
+        self.cache: SlotCache | None = None
+        self.eos_ids = _eos_ids(engine)
+
+    # --- the loop ------------------------------------------------------------------------------
+    def run(self) -> None:
+        engine = self.engine
+        while engine.running:
+            if not self._pull(block=not (self.running or self.prefilling or self.waiting)):
+                break
+            self._admit()
+            if self.running:
+                self._guarded(self.running[:], self._decode_step)
+            if self.prefilling is not None:
+                self._guarded([self.prefilling], self._prefill_chunk)
+            engine.prometheus.running.set(len(self.running) + (self.prefilling is not None))
+        for active in [*self.running, *([self.prefilling] if self.prefilling else [])]:
+            self._fail(active, ServingError("the server is shutting down", 503))
+
+    def _pull(self, block: bool) -> bool:
+        """Move queued requests to ``waiting`` (classification requests run at once); False on close."""
+        classify = []
+        try:
+            item = self.engine.queue.get() if block else self.engine.queue.get_nowait()
+            while True:
+                if item is None:
+                    return False
+                (classify if item.kind == "classify" else self.waiting).append(item)
+                item = self.engine.queue.get_nowait()
+        except queue.Empty:
+            pass
+        if classify:
+            self._classify(classify)
+        return True
+
+    def _classify(self, requests) -> None:
+        engine = self.engine
+        try:
+            with engine.model_lock, torch.inference_mode():
+                classify_batch(engine, requests)
+        except Exception as exc:  # a failed forward fails its requests, never the server
+            for request in requests:
+                engine.stats["failed"] += 1
+                engine.prometheus.errors.labels(status="500").inc()
+                request.sink("error", ServingError(f"classification failed: {exc}", 500))
+        finally:
+            for request in requests:
+                engine._release(request)
+
+    def _admit(self) -> None:
+        if self.prefilling is not None or not self.waiting or len(self.running) >= self.engine.limits.max_batch:
+            return
+        request = self.waiting.popleft()
+        self.engine.prometheus.queue_time.observe(time.perf_counter() - request.submitted)
+        self.prefilling = _Active(_Row(request, self.engine.tokenizer, self.eos_ids, self.engine.prometheus.token))
+
+    # --- forwards ------------------------------------------------------------------------------
+    def _forward(self, rows: list[_Active], first_slot: int, ids: torch.Tensor, starts: torch.Tensor):
+        engine, model = self.engine, self.engine.model
+        if self.cache is None:
+            reference = next(model.parameters())
+            self.cache = SlotCache(model.config, engine.limits.max_batch, reference.dtype, reference.device)
+        tokens = ids.shape[1]
+        mask = self.cache.plan(slice(first_slot, first_slot + len(rows)), starts, tokens)
+        positions = starts.unsqueeze(1) + torch.arange(tokens)
+        device = self.cache.device
+        names = [a.request.adapter for a in rows]
+        with engine.model_lock, torch.inference_mode(), self._adapters(names):
+            out = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device),
+                        cache=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def _adapters(self, names: list[str]):
+        model = self.engine.model
+        if all(n == BASE for n in names):
+            return lk.disable_adapters(model) if self.engine.adapters else contextlib.nullcontext()
+        # every loaded adapter is stacked, so steps over changing rows reuse one set of stacks
+        return lk.mixed_batch(model, names, stack=lk.list_adapters(model))
+
+    def _decode_step(self) -> None:
+        rows = self.running
+        ids = torch.tensor([[a.next_token] for a in rows])
+        starts = torch.tensor([a.length for a in rows])
+        logits = self._forward(rows, 0, ids, starts)
+        self.engine.stats["batches"] += 1
+        self.engine.stats["batched_rows"] += len(rows)
+        finished = []
+        for index, (active, row_logits) in enumerate(zip(rows, logits)):
+            active.length += 1
+            self._take(active, row_logits)
+            if active.row.finish:
+                finished.append(index)
+        for index in reversed(finished):
+            self._leave(index)
+
+    def _prefill_chunk(self) -> None:
+        active = self.prefilling
+        prompt = active.request.prompt_ids
+        chunk = prompt[active.length: active.length + self.prefill_chunk]
+        logits = self._forward([active], len(self.running), torch.tensor([chunk]), torch.tensor([active.length]))
+        active.length += len(chunk)
+        if active.length < len(prompt):
+            return
+        self.prefilling = None
+        self._take(active, logits[0])
+        self.engine.prometheus.prompt_tokens.inc(len(prompt))
+        self.engine.stats["prompt_tokens"] += len(prompt)
+        if active.row.finish:
+            self._finish(active)
+        else:
+            self.running.append(active)  # already in slot len(running)
+
+    def _take(self, active: _Active, logits: torch.Tensor) -> None:
+        token = _pick(logits, active.request, active.row.generator)
+        active.row.add(token)
+        active.next_token = token
+
+    # --- leaving -------------------------------------------------------------------------------
+    def _leave(self, index: int) -> None:
+        """Running row ``index`` is done: answer it, refill its slot with the last running row and
+        move the prompt being prefilled down behind them."""
+        active = self.running[index]
+        last = len(self.running) - 1
+        if index != last:
+            self.cache.move(last, index, self.running[last].length)
+            self.running[index] = self.running[last]
+        self.running.pop()
+        if self.prefilling is not None:
+            self.cache.move(last + 1, last, self.prefilling.length)
+        self._finish(active)
+
+    def _finish(self, active: _Active) -> None:
+        active.answered = True
+        self.engine.stats["completion_tokens"] += len(active.row.tokens)
+        try:
+            active.row.close()
+        finally:
+            self.engine._release(active.request)
+
+    def _fail(self, active: _Active, error: ServingError) -> None:
+        active.answered = True
+        self.engine.stats["failed"] += 1
+        self.engine.prometheus.errors.labels(status=str(error.status)).inc()
+        try:
+            active.request.sink("error", error)
+        finally:
+            self.engine._release(active.request)
+
+    def _guarded(self, rows: list[_Active], step) -> None:
+        """Run a forward; if it fails, fail the requests it carried (the server goes on)."""
+        try:
+            step()
+        except Exception as exc:
+            if self.prefilling in rows:  # its chunk failed
+                self.prefilling = None
+            else:  # a decoding step failed: every running row goes; a prefill in progress moves to slot 0
+                self.running = []
+                if self.prefilling is not None:
+                    self.cache.move(len(rows), 0, self.prefilling.length)
+            for active in rows:
+                if not active.answered:
+                    self._fail(active, ServingError(f"generation failed: {exc}", 500))

@@ -1,0 +1,120 @@
+"""A KV cache with one slot per request, for continuous batching.
+
+transformers' DynamicCache and StaticCache keep every row of a batch at the same length and write
+new tokens at one shared position, so a request can neither join a running batch nor leave it
+without copying everyone's cache. Here each decoder layer owns two buffers of
+slots × kv_heads × capacity × head_dim; a request keeps its slot from its first prompt chunk to its
+last token, writes its keys and values at its own positions, and attends to its own columns through
+a 4-D mask (which transformers' models take as given). Running requests sit in slots 0..n-1, so a
+decoding step reads a plain view of the buffers, no gather; a finished request's slot is refilled
+by moving the last one into it.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+GROWTH = 256  # columns added at a time: growing copies the buffers, so not every token
+
+
+class SlotCache(Cache):
+    def __init__(self, config, slots: int, dtype: torch.dtype, device: torch.device):
+        super().__init__(layers=[])
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.num_layers = text.num_hidden_layers
+        self.slots, self.dtype, self.device = slots, dtype, device
+        self.capacity = 0
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self._rows = slice(0, 0)
+        self._starts = torch.zeros(0, dtype=torch.long)
+        self._width = 0
+
+    # --- what transformers calls ---------------------------------------------------------------
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """Write this forward's keys and values at each row's positions; return the rows' columns
+        0..width (shorter rows' extra columns are masked out)."""
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        rows, tokens = self._rows, key_states.shape[2]
+        if tokens == 1:  # decoding: one token per row, each at its own position
+            slot_ids = torch.arange(rows.start, rows.stop, device=self.device)
+            keys[slot_ids, :, self._starts] = key_states[:, :, 0].to(self.dtype)
+            values[slot_ids, :, self._starts] = value_states[:, :, 0].to(self.dtype)
+        else:  # a prompt chunk: rows start together (one request per chunk forward)
+            start = int(self._starts[0])
+            keys[rows, :, start:start + tokens] = key_states.to(self.dtype)
+            values[rows, :, start:start + tokens] = value_states.to(self.dtype)
+        return keys[rows, :, : self._width], values[rows, :, : self._width]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._width
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    # --- what the scheduler calls -----------------------------------------------------------------
+    def plan(self, rows: slice, starts: torch.Tensor, tokens: int) -> torch.Tensor:
+        """Set up the next forward: ``rows`` (a slot range), each row's first new position and the
+        number of new tokens per row. Returns the 4-D additive mask the forward needs."""
+        ends = starts + tokens
+        self._ensure(int(ends.max()))
+        self._rows, self._starts, self._width = rows, starts.to(self.device), int(ends.max())
+        columns = torch.arange(self._width, device=self.device)
+        query = starts.to(self.device).unsqueeze(1) + torch.arange(tokens, device=self.device)  # rows × tokens
+        allowed = columns.view(1, 1, -1) <= query.unsqueeze(-1)  # causal within and up to each row's end
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        return mask.unsqueeze(1)  # rows × 1 × tokens × width
+
+    def move(self, source: int, target: int, length: int) -> None:
+        """Copy slot ``source``'s first ``length`` columns into slot ``target``."""
+        if source == target or length == 0:
+            return
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[target, :, :length] = buffer[source, :, :length]
+
+    def _ensure(self, columns: int) -> None:
+        if columns <= self.capacity:
+            return
+        capacity = -(-columns // GROWTH) * GROWTH
+        shape = (self.slots, self.kv_heads, capacity, self.head_dim)
+        for buffers in (self.keys, self.values):
+            if not buffers:
+                buffers.extend(torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers))
+                continue
+            for i, old in enumerate(buffers):
+                grown = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                grown[:, :, : self.capacity] = old
+                buffers[i] = grown
+        self.capacity = capacity
+
+
+def slot_cache_fits(model, max_length: int) -> bool:
+    """Whether the model writes its keys and values through ``Cache.update`` and takes a 4-D mask as
+    given: a short prompt fed in two pieces through a SlotCache must give one plain forward's logits
+    (otherwise the server falls back to static batching). The mask is full causal, so a model with
+    sliding-window layers fits only when no request can outgrow the window."""
+    text = model.config.get_text_config()
+    window = getattr(text, "sliding_window", None)
+    sliding = "sliding_attention" in (getattr(text, "layer_types", None) or ["sliding_attention"])
+    if isinstance(window, int) and sliding and window < max_length:
+        return False
+    reference = next(model.parameters())
+    ids = torch.arange(1, 6).unsqueeze(0).to(reference.device) % model.config.get_text_config().vocab_size
+    try:
+        with torch.inference_mode():
+            plain = model(input_ids=ids).logits[0, -1].float()
+            cache = SlotCache(model.config, 1, reference.dtype, reference.device)
+            for start, stop in ((0, 3), (3, 5)):
+                mask = cache.plan(slice(0, 1), torch.tensor([start]), stop - start)
+                out = model(input_ids=ids[:, start:stop], attention_mask=mask, cache=cache, use_cache=True,
+                            position_ids=torch.arange(start, stop, device=reference.device).unsqueeze(0))
+            pieces = out.logits[0, -1].float()
+    except Exception:  # noqa: BLE001 - any failure means "does not fit"
+        return False
+    tolerance = 1e-4 if reference.dtype == torch.float32 else 2e-2
+    return bool((pieces - plain).abs().max() <= tolerance * plain.abs().max().clamp_min(1.0))

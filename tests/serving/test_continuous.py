@@ -1,0 +1,153 @@
+"""Continuous batching: requests join a running batch, long prompts are prefilled in chunks between
+decoding steps, and every greedy reply stays equal to offline `generate` with its adapter."""
+
+import threading
+import time
+
+import pytest
+
+from lorakit.serving import Limits, build_engine
+from lorakit.serving import engine as engine_module
+from lorakit.serving.requests import Request
+
+from tests.serving.test_server import adapter_dir, offline  # noqa: F401 - the fixture is used by name
+
+LONG = "the film was really good and the plot was very dull but the actor is quite lovely " * 3
+
+
+class Recorder:
+    """A request's sink. ``events`` is shared by all requests: (request name, kind, time), where the
+    kinds are the sink's ("delta", "done", "error") and "token" (one per generated token)."""
+
+    def __init__(self, name, events):
+        self.name, self.events, self.result, self.error = name, events, None, None
+        self.finished = threading.Event()
+
+    def __call__(self, kind, payload):
+        self.events.append((self.name, kind, time.perf_counter()))
+        self.result = payload if kind == "done" else self.result
+        self.error = payload if kind == "error" else self.error
+        if kind in ("done", "error"):
+            self.finished.set()
+
+    def times(self, kind):
+        return [t for name, k, t in self.events if name == self.name and k == kind]
+
+
+def submit(engine, name, adapter, prompt, max_tokens, events):
+    recorder = Recorder(name, events)
+    ids = engine.tokenizer(prompt)["input_ids"]
+    name_or_base = engine.base_name if adapter == "base" else adapter
+    engine.submit(Request("generate", engine.check_model(name_or_base), ids, recorder, max_new_tokens=max_tokens))
+    return recorder
+
+
+def record_tokens(engine, events):
+    count = engine.prometheus.token  # the hook every generated token passes through
+
+    def token(request):
+        events.append((request.sink.name, "token", time.perf_counter()))
+        count(request)
+    engine.prometheus.token = token
+
+
+def make_engine(causal_dir, adapter_dir, **kw):  # noqa: F811
+    return build_engine(causal_dir, {"alpha": adapter_dir / "alpha", "beta": adapter_dir / "beta"},
+                        limits=Limits(max_new_tokens=40, max_prompt_tokens=100), **kw)
+
+
+@pytest.fixture
+def engine(causal_dir, adapter_dir):  # noqa: F811
+    engine = make_engine(causal_dir, adapter_dir, prefill_chunk=4)
+    yield engine
+    engine.close()
+
+
+def wait_for_tokens(recorder, count):
+    deadline = time.monotonic() + 60
+    while len(recorder.times("token")) < count and not recorder.finished.is_set():
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+
+
+def test_newcomers_join_the_running_batch_and_match_offline(engine, causal_dir, adapter_dir):  # noqa: F811
+    events = []
+    record_tokens(engine, events)
+    jobs = {"first": ("alpha", "the film was", 40), "long": ("beta", LONG, 6), "short": ("base", "a movie is very", 3)}
+    first = submit(engine, "first", *jobs["first"], events)
+    wait_for_tokens(first, 1)
+    recorders = [first] + [submit(engine, name, *jobs[name], events) for name in ("long", "short")]
+    for recorder in recorders:
+        assert recorder.finished.wait(60) and recorder.error is None, recorder.error
+        adapter, prompt, max_tokens = jobs[recorder.name]
+        assert recorder.result["text"] == offline(causal_dir, adapter_dir, adapter, prompt, max_new_tokens=max_tokens)
+    assert engine.scheduler == "continuous"
+    assert first.result["completion_tokens"] == 40, "pick a prompt the tiny model does not end early"
+    # the newcomers were answered while the first request was still decoding, not after it
+    assert max(recorders[1].times("done") + recorders[2].times("done")) < first.times("done")[0]
+    # and the first request kept producing tokens between their arrival and their answers
+    arrived = recorders[1].times("token")[0]
+    assert sum(arrived < t < recorders[1].times("done")[0] for t in first.times("token")) >= 3
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decoding_steps(engine):
+    events = []
+    record_tokens(engine, events)
+    running = submit(engine, "running", "alpha", "the film was", 40, events)
+    wait_for_tokens(running, 2)
+    arrived = time.perf_counter()
+    newcomer = submit(engine, "newcomer", "beta", LONG, 2, events)
+    assert newcomer.finished.wait(60) and running.finished.wait(60)
+    chunks = -(-len(engine.tokenizer(LONG)["input_ids"]) // engine.prefill_chunk)
+    first_token = newcomer.times("token")[0]
+    assert first_token < running.times("done")[0], "the newcomer waited for the running request to end"
+    during_prefill = sum(arrived < t < first_token for t in running.times("token"))
+    # one decoding step per prompt chunk (the first chunk may start before the step it precedes)
+    assert during_prefill >= chunks - 1 >= 10
+
+
+def test_static_scheduler_gives_the_same_replies(causal_dir, adapter_dir):  # noqa: F811
+    replies = {}
+    for scheduler in ("static", "continuous"):
+        engine = make_engine(causal_dir, adapter_dir, scheduler=scheduler)
+        try:
+            events = []
+            recorders = [submit(engine, f"r{i}", adapter, prompt, 8, events) for i, (adapter, prompt) in
+                         enumerate([("alpha", "the plot"), ("beta", LONG), ("base", "review :"), ("alpha", "a movie is")])]
+            for recorder in recorders:
+                assert recorder.finished.wait(60) and recorder.error is None
+            replies[scheduler] = [r.result for r in recorders]
+            assert engine.scheduler == scheduler
+        finally:
+            engine.close()
+    assert replies["static"] == replies["continuous"]
+
+
+def test_models_the_slot_cache_does_not_fit_are_served_statically(causal_dir, adapter_dir, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(engine_module, "slot_cache_fits", lambda model, max_length: False)
+    engine = make_engine(causal_dir, adapter_dir)
+    try:
+        recorder = submit(engine, "r", "alpha", "the plot", 4, [])
+        assert recorder.finished.wait(60) and recorder.error is None
+        assert engine.scheduler == "static"
+    finally:
+        engine.close()
+
+
+def test_a_failed_step_fails_its_requests_and_the_server_goes_on(engine, causal_dir, adapter_dir):  # noqa: F811
+    forward = engine.model.forward
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the middle of the first request's decoding
+            raise RuntimeError("simulated device error")
+        return forward(*args, **kwargs)
+    engine.model.forward = flaky
+    broken = submit(engine, "broken", "alpha", "the plot", 10, [])
+    assert broken.finished.wait(60)
+    assert broken.error is not None and broken.error.status == 500 and "simulated device error" in str(broken.error)
+    fine = submit(engine, "fine", "beta", "the film was", 5, [])
+    assert fine.finished.wait(60) and fine.error is None
+    assert fine.result["text"] == offline(causal_dir, adapter_dir, "beta", "the film was", max_new_tokens=5)
+    assert engine.metrics()["failed"] == 1
