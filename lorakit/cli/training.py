@@ -52,6 +52,8 @@ TRAIN_SWITCHES = [("--use-dora", "DoRA: learn a magnitude per output feature bes
                   ("--rslora", "rank-stabilised scaling alpha/sqrt(r) instead of alpha/r"),
                   ("--grad-checkpointing", "recompute activations in backward: less memory, more time"),
                   ("--compile", "torch.compile the model for training (a compile pause first, then faster steps)"),
+                  ("--fsdp", "under torchrun: shard the frozen base and the adapters across processes (FSDP2) "
+                             "instead of copying the model into each (DDP)"),
                   ("--packing", "lm / sft: several examples per row (no attention across them): fewer padded tokens"),
                   ("--bf16", "frozen base in bf16 + autocast; LoRA weights stay fp32"),
                   ("--qlora", "frozen base quantized to 4-bit NF4"), ("--full", "full fine-tuning, for comparison"),

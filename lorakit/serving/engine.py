@@ -53,7 +53,7 @@ class Engine:
         self.idle = threading.Condition()
         self.max_loaded_adapters = max_loaded_adapters
         self.last_used: dict[str, float] = {}
-        self.loading = threading.Lock()  # one on-demand load (and eviction) at a time
+        self.loading = threading.RLock()  # one on-demand load (and eviction) at a time
         self.stats = {"requests": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0, "batches": 0,
                       "batched_rows": 0}
         self.latencies: deque[float] = deque(maxlen=2000)
@@ -133,10 +133,12 @@ class Engine:
             if name in self.adapters:
                 return
             if self.max_loaded_adapters and len(self.adapters) >= self.max_loaded_adapters:
-                with self.idle:
-                    idle = [a for a in self.adapters if self.in_use.get(a, 0) == 0]
+                idle_ones = lambda: [a for a in self.adapters if self.in_use.get(a, 0) == 0]  # noqa: E731
+                with self.idle:  # every resident adapter has requests in flight: wait for one to finish
+                    idle = self.idle.wait_for(idle_ones, timeout=self.limits.adapter_wait_s)
                 if not idle:
-                    raise ServingError(f"all {len(self.adapters)} loaded adapters are busy; retry shortly", 503)
+                    raise ServingError(f"all {len(self.adapters)} loaded adapters stayed busy for "
+                                       f"{self.limits.adapter_wait_s:.0f} s; retry shortly", 503)
                 victim = min(idle, key=lambda a: self.last_used.get(a, 0.0))
                 self.unload_adapter(victim, timeout=0)
                 self.last_used.pop(victim, None)
@@ -152,10 +154,13 @@ class Engine:
                                f"{self.limits.max_prompt_tokens}")
         if request.kind == "generate" and not 1 <= request.max_new_tokens <= self.limits.max_new_tokens:
             raise ServingError(f"max_tokens must be between 1 and {self.limits.max_new_tokens}")
-        with self.idle:
-            if request.adapter in self.draining:
-                raise ServingError(f"adapter {request.adapter!r} is being unloaded", 404)
-            self.in_use[request.adapter] = self.in_use.get(request.adapter, 0) + 1
+        with self.loading:  # evictions happen under this lock: once counted in use, the adapter stays
+            if request.adapter != BASE and request.adapter not in self.adapters:
+                self.check_model(request.adapter)  # evicted since the request named it: load it again
+            with self.idle:
+                if request.adapter in self.draining:
+                    raise ServingError(f"adapter {request.adapter!r} is being unloaded", 404)
+                self.in_use[request.adapter] = self.in_use.get(request.adapter, 0) + 1
         self.stats["requests"] += 1
         self.prometheus.requests.labels(kind=request.kind).inc()
         self.queue.put(request)

@@ -28,6 +28,7 @@ class Limits:
     max_queue: int = 128
     max_body_bytes: int = 256_000
     batch_window_s: float = 0.01
+    adapter_wait_s: float = 30.0  # how long a request for an adapter not in memory waits for an evictable one
 
 
 @dataclass

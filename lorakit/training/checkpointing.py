@@ -37,10 +37,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output: Path, model, optimizer, scheduler, progress: dict, name: str = CHECKPOINT) -> Path:
+def save_checkpoint(output: Path, trainable: dict[str, torch.Tensor], optimizer_state: dict, scheduler, progress: dict,
+                    name: str = CHECKPOINT) -> Path:
+    """``trainable``: the trainable weights by parameter name; ``optimizer_state``: the optimizer's
+    state_dict (under FSDP, the whole state keyed by parameter name, fsdp.optimizer_state)."""
     with staged_directory(output / name) as staging:
-        save_file(trainable_state(model), str(staging / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+        save_file({k: v.cpu() for k, v in trainable.items()}, str(staging / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_state()},
                    staging / "training_state.pt")
         (staging / "progress.json").write_text(json.dumps(progress, indent=2))
     return output / name
@@ -53,8 +56,9 @@ def find_checkpoint(output: Path, name: str = CHECKPOINT) -> Path | None:
     return None
 
 
-def load_checkpoint(directory: Path, model, optimizer, scheduler) -> dict:
-    """Restore everything saved by save_checkpoint; checks names and shapes before touching the model."""
+def load_checkpoint(directory: Path, model, optimizer, scheduler, fsdp: bool = False) -> dict:
+    """Restore everything saved by save_checkpoint; checks names and shapes before touching the model.
+    With ``fsdp`` every process calls it and the whole tensors are scattered into the shards."""
     try:
         weights = load_file(str(directory / "trainable.safetensors"))
         state = torch.load(directory / "training_state.pt", weights_only=False)
@@ -71,10 +75,16 @@ def load_checkpoint(directory: Path, model, optimizer, scheduler) -> dict:
         if tensor.shape != params[name].shape:
             raise AdapterFileError(f"checkpoint {directory}: {name} has shape {tuple(tensor.shape)}, the model "
                                    f"expects {tuple(params[name].shape)}; resume with the same options")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(state["optimizer"])
+    if fsdp:
+        from .fsdp import load_full_trainable, load_optimizer_state
+
+        load_full_trainable(model, weights)
+        load_optimizer_state(model, optimizer, state["optimizer"])
+    else:
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return progress

@@ -128,8 +128,16 @@ class Trainer:
         steps_per_epoch = self.micro_per_epoch // options.grad_accum
         self.total_steps = options.max_steps or max(options.min_steps or 1, math.ceil(options.epochs * steps_per_epoch))
         self.model = prepare_model(model, options, self.total_steps).to(self.dist.device)
-        self.adalora = options.method == "adalora"
+        self.adalora, self.fsdp = options.method == "adalora", options.fsdp
         self.report = lk.trainable_parameters(self.model)
+        # causal LMs train through the chunked loss (never the full logits); DDP wraps, or FSDP
+        # shards, what runs the step; the optimizer is built after sharding, on the shards
+        causal = options.task != "classify" and supports_chunked_loss(self.model)
+        self.wrapped_is_chunked = causal
+        self.wrapped = self.dist.wrap(ChunkedLossLM(self.model) if causal else self.model,
+                                      fsdp_of=self.model if self.fsdp else None)
+        if options.compile:  # the weights stay the model's own: saving and evaluation use self.model
+            self.wrapped = torch.compile(self.wrapped)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, options)
         if self.micro_per_epoch < options.grad_accum:
@@ -138,12 +146,8 @@ class Trainer:
         self.eval_steps = options.eval_steps or steps_per_epoch
         self.scheduler = build_scheduler(self.optimizer, options, self.total_steps)
         self.reporter = Reporter(self.output, options.report_to) if self.dist.is_main else Reporter(None, None)
-        # causal LMs train through the chunked loss (never the full logits); DDP wraps what runs the step
-        causal = options.task != "classify" and supports_chunked_loss(self.model)
-        self.wrapped_is_chunked = causal
-        self.wrapped = self.dist.wrap(ChunkedLossLM(self.model) if causal else self.model)
-        if options.compile:  # the weights stay the model's own: saving and evaluation use self.model
-            self.wrapped = torch.compile(self.wrapped)
+        # every process runs evaluation forwards under FSDP (each holds a shard); otherwise rank 0 alone
+        self.evaluates = self.dist.is_main or self.fsdp
         # AdaLoRA's orthogonality penalty joins the model's own loss (a hook, as in PEFT); the chunked
         # loss bypasses the model's output, so the loop adds it there
         self.add_penalty = self.adalora and causal
@@ -230,7 +234,10 @@ class Trainer:
             with self.dist.no_sync(self.wrapped, last=k == o.grad_accum - 1), \
                     torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=o.bf16):
                 # packed rows: no KV cache, so transformers reads the position restarts as boundaries
-                loss = self.wrapped(**batch, **({"use_cache": False} if "position_ids" in batch else {})).loss
+                extra = {"use_cache": False} if "position_ids" in batch else {}
+                if self.fsdp and self.wrapped_is_chunked:
+                    extra["chunked_loss"] = True  # the sharded model runs the chunked loss itself
+                loss = self.wrapped(**batch, **extra).loss
                 if self.add_penalty:
                     loss = loss + lk.adalora_penalty(self.model)
                 loss = loss / o.grad_accum
@@ -253,7 +260,7 @@ class Trainer:
         if not examples:
             return False
         stop = False
-        if self.dist.is_main:
+        if self.evaluates:
             metrics = evaluate(self.model, examples, self.options.task, self.tokenizer.pad_token_id, self.labels,
                                bf16=self.options.bf16)
             score = metrics["accuracy"] if self.options.task == "classify" else -metrics["loss"]
@@ -261,34 +268,53 @@ class Trainer:
                                               if isinstance(v, (int, float)) and not isinstance(v, bool)})
             if self.best is None or score > self.best:
                 self.best, self.best_step, self.bad_evals = score, self.step, 0
-                _atomic_save(trainable_state(self.model), self.output / BEST)
+                best = self._trainable_state()  # under FSDP a gather every process joins
+                if self.dist.is_main:
+                    _atomic_save(best, self.output / BEST)
             else:
                 self.bad_evals += 1
             patience = self.options.early_stopping_patience
             stop = bool(patience and self.bad_evals >= patience)
             brief = {k: v for k, v in metrics.items() if k not in ("confusion_matrix", "labels")}
-            log.write(json.dumps({"step": self.step, "eval": brief, "best_step": self.best_step}) + "\n")
-            log.flush()
-            if not self.quiet:
-                tqdm.write(f"step {self.step}: validation {_fmt(brief)}{' (best)' if self.best_step == self.step else ''}", file=sys.stderr)
-            if stop and not self.quiet:
-                tqdm.write(f"early stopping: no improvement in {patience} evaluations", file=sys.stderr)
+            if self.dist.is_main:
+                log.write(json.dumps({"step": self.step, "eval": brief, "best_step": self.best_step}) + "\n")
+                log.flush()
+                if not self.quiet:
+                    tqdm.write(f"step {self.step}: validation {_fmt(brief)}{' (best)' if self.best_step == self.step else ''}",
+                               file=sys.stderr)
+                if stop and not self.quiet:
+                    tqdm.write(f"early stopping: no improvement in {patience} evaluations", file=sys.stderr)
         return self.dist.broadcast_flag(stop)
+
+    def _trainable_state(self) -> dict:
+        if not self.fsdp:
+            return trainable_state(self.model)
+        from .fsdp import full_trainable
+
+        with full_trainable(self.model):
+            return trainable_state(self.model)
 
     def _progress(self) -> dict:
         return {"step": self.step, "best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals,
                 "total_steps": self.total_steps}
 
     def _checkpoint(self) -> None:
+        trainable = self._trainable_state()
+        if self.fsdp:
+            from .fsdp import optimizer_state
+
+            optimizer = optimizer_state(self.model, self.optimizer)
+        else:
+            optimizer = self.optimizer.state_dict()
         if self.dist.is_main:
-            save_checkpoint(self.output, self.model, self.optimizer, self.scheduler, self._progress())
+            save_checkpoint(self.output, trainable, optimizer, self.scheduler, self._progress())
         self.dist.barrier()
 
     def _resume(self) -> None:
         found = find_checkpoint(self.output)
         if found is None:
             raise ConfigError(f"--resume: no checkpoint in {self.output}; start without --resume")
-        progress = load_checkpoint(found, self.model, self.optimizer, self.scheduler)
+        progress = load_checkpoint(found, self.model, self.optimizer, self.scheduler, fsdp=self.fsdp)
         self.step, self.best, self.best_step = progress["step"], progress["best"], progress["best_step"]
         self.bad_evals = progress["bad_evals"]
         if progress["total_steps"] != self.total_steps:
@@ -302,12 +328,18 @@ class Trainer:
 
     def _finish(self, train_seconds: float) -> dict:
         o = self.options
+        self.dist.barrier()  # rank 0's best weights are on disk
         if self.best_step is not None and (self.output / BEST).is_file():
             best = load_file(str(self.output / BEST))
-            with torch.no_grad():
-                for name, p in self.model.named_parameters():
-                    if name in best:
-                        p.copy_(best[name])
+            if self.fsdp:
+                from .fsdp import load_full_trainable
+
+                load_full_trainable(self.model, best)
+            else:
+                with torch.no_grad():
+                    for name, p in self.model.named_parameters():
+                        if name in best:
+                            p.copy_(best[name])
         summary = {"output": str(self.output), "task": o.task, "model": o.model, "data": o.data,
                    "method": "full" if o.full else ("qlora" if o.qlora else "lora"), "r": None if o.full else o.r,
                    "steps": self.step, "best_step": self.best_step, "train_seconds": round(train_seconds, 1),
@@ -320,12 +352,14 @@ class Trainer:
         summary["memory"] = {"peak_bytes": peak_bytes(self.dist.device, self.rss_before_model),
                              "estimate_bytes": estimated_bytes(self.model.config, o, self.seq_len,
                                                                chunked_loss=self.wrapped_is_chunked)}
+        test = self.test_metrics() if self.evaluates else None
+        artifact = self._write_artifact()  # under FSDP every process joins its gather
         if self.dist.is_main:
-            summary["test"] = self.test_metrics()
+            summary["test"] = test
             summary["learning_check"] = learning_check(o.task, summary["test"], self.output / "train_log.jsonl")
             if not summary["learning_check"]["ok"]:
                 print(f"\nWARNING: {summary['learning_check']['message']}\n", file=sys.stderr)
-            summary["artifact"] = str(self._write_artifact())
+            summary["artifact"] = str(artifact)
             from ..plots import loss_curve
 
             summary["loss_curve"] = str(loss_curve(self.output / "train_log.jsonl", self.output / "loss_curve.png"))
@@ -346,8 +380,19 @@ class Trainer:
 
     def _write_artifact(self) -> Path:
         """output/adapter (PEFT format) or output/model (full fine-tune), with the tokenizer and the run
-        record, staged and renamed into place as a whole."""
+        record, staged and renamed into place as a whole (rank 0 writes; under FSDP all gather)."""
         target = self.output / ("model" if self.options.full else "adapter")
+        if self.fsdp:
+            from .fsdp import full_trainable
+
+            with full_trainable(self.model):
+                if self.dist.is_main:
+                    self._write_files(target)
+        elif self.dist.is_main:
+            self._write_files(target)
+        return target
+
+    def _write_files(self, target: Path) -> None:
         with staged_directory(target) as staging:
             if self.options.full:
                 self.model.save_pretrained(staging)
@@ -356,7 +401,6 @@ class Trainer:
             self.tokenizer.save_pretrained(staging)
             record = run_record(self.options, self.labels, self.seq_len, *self.templates)
             (staging / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        return target
 
 
 def learning_check(task: str, test: dict | None, log_path: Path) -> dict:

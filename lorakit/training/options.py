@@ -47,6 +47,7 @@ class TrainOptions:
     grad_checkpointing: bool = False    # recompute activations in backward (transformers' checkpointing)
     packing: bool = False               # lm / sft: several examples per row, attention kept within each
     compile: bool = False               # torch.compile the training step's model
+    fsdp: bool = False                  # torchrun: FSDP2 shards the base and adapters across processes
     report_to: str | None = None        # tensorboard: scalars under OUTPUT/tensorboard
     weight_decay: float = 0.0
     batch_size: int | None = None       # per process; None: the task's default (TASK_DEFAULTS)
@@ -191,6 +192,14 @@ def _check(options: TrainOptions) -> None:
                               "(or pip install tensorboard)") from None
     if options.full and options.qlora:
         raise ConfigError("--full and --qlora exclude each other (QLoRA trains adapters on a frozen 4-bit base)")
+    if options.fsdp:
+        import os
+
+        if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            raise ConfigError("--fsdp shards the model across processes: launch it with torchrun, e.g. "
+                              "torchrun --nproc_per_node 2 -m lorakit train ... --fsdp")
+        if options.method == "adalora" or options.compile:
+            raise ConfigError("--fsdp does not combine with --method adalora or --compile yet; drop one of them")
 
 
 def save_options(options: TrainOptions, path: Path) -> None:

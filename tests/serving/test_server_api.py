@@ -1,6 +1,8 @@
 """Prometheus metrics, the API key, vLLM's adapter endpoints and the OpenAI details (n, prompt lists)."""
 
 import json
+import threading
+import time
 
 import httpx
 import pytest
@@ -110,7 +112,7 @@ def test_dtype_and_a_qlora_run_served_on_its_4bit_base(causal_dir, adapter_dir, 
 
 
 def test_adapters_load_on_demand_with_lru_eviction(causal_dir, adapter_dir):  # noqa: F811
-    engine = build_engine(causal_dir, {}, adapter_dir=str(adapter_dir), limits=Limits(max_new_tokens=8),
+    engine = build_engine(causal_dir, {}, adapter_dir=str(adapter_dir), limits=Limits(max_new_tokens=8, adapter_wait_s=0.3),
                           max_loaded_adapters=2)
     with BackgroundServer(engine) as running:
         for name in ("gamma", "alpha"):
@@ -121,14 +123,21 @@ def test_adapters_load_on_demand_with_lru_eviction(causal_dir, adapter_dir):  # 
         assert complete(running.url, "alpha", "the plot").status_code == 200  # alpha is now the most recent
         assert complete(running.url, "beta", "the plot").status_code == 200   # evicts gamma, the least recent
         assert sorted(engine.adapters) == ["alpha", "beta"]
-        import time
-
         while engine.in_use.get("alpha", 0) or engine.in_use.get("beta", 0):  # the worker releases after replying
             time.sleep(0.01)
         engine.in_use.update({"alpha": 1, "beta": 1})  # both busy: nothing can be evicted
-        busy = complete(running.url, "gamma", "the plot")
+        busy = complete(running.url, "gamma", "the plot")  # waits 0.3 s for an idle one, then gives up
         assert busy.status_code == 503 and "busy" in busy.json()["error"]["message"]
-        engine.in_use.update({"alpha": 0, "beta": 0})
+
+        def finish_alpha():
+            time.sleep(0.1)
+            with engine.idle:
+                engine.in_use["alpha"] = 0
+                engine.idle.notify_all()
+        threading.Thread(target=finish_alpha).start()
+        waited = complete(running.url, "gamma", "the plot")  # alpha's request ends meanwhile: it is evicted
+        assert waited.status_code == 200 and sorted(engine.adapters) == ["beta", "gamma"]
+        engine.in_use.update({"beta": 0})
 
 
 def test_request_bodies_are_in_the_openapi_schema(keyed):

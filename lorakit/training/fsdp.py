@@ -1,0 +1,126 @@
+"""`lorakit train --fsdp` under torchrun: PyTorch FSDP2 shards the frozen base and the adapters.
+
+``fully_shard`` goes on every decoder block (transformers names them in ``_no_split_modules``) and
+then on the module that runs the training step, so each process holds 1/N of every weight between
+forwards and gathers one block at a time. FSDP2 shards per parameter, so a bf16 frozen base and
+fp32 LoRA weights (and their fp32 optimizer state) share a block; it needs one dtype only among the
+trainable ones, which they have. A QLoRA base is sharded too: its 4-bit codes become frozen
+parameters (see _shardable_4bit_codes).
+
+Outside the forward the weights are DTensors (each process a shard). The loop reads and writes the
+trainable ones through two collectives here, called by every process: ``full_trainable`` (gather
+them, e.g. to save the adapter on rank 0) and ``load_full_trainable`` (scatter full tensors back).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks: modules of a class transformers marks as not to be split."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} names no decoder blocks (_no_split_modules); --fsdp cannot shard it")
+    return blocks
+
+
+def shard(model: nn.Module, chunked_loss: bool) -> nn.Module:
+    """Shard ``model``'s blocks, then the model itself as the root, whose forward gathers what no
+    block owns (embeddings, final norm, head). Evaluation and generation call the model as usual.
+
+    The chunked loss (losses.py) reads the head's weight outside any forward, where FSDP would hand
+    it over sharded; so the training step runs it inside the root's forward instead, through a
+    ``chunked_loss=True`` keyword this adds to the model's forward."""
+    from torch.distributed.fsdp import fully_shard
+
+    _shardable_4bit_codes(model)
+    for block in decoder_blocks(model):
+        fully_shard(block)
+    if chunked_loss:
+        _add_chunked_loss_forward(model)
+    fully_shard(model)
+    return model
+
+
+def _shardable_4bit_codes(model: nn.Module) -> None:
+    """FSDP shards parameters, not buffers: a QLoRA base keeps its NF4 codes and block scales in
+    buffers, so they become frozen parameters here (uint8 / int8 storage, gathered per block with
+    the rest and dequantized inside the layer's forward, as the FSDP-QLoRA work stores them)."""
+    from ..quantization import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            for name in ("packed", "absmax_q", "absmax_scale"):
+                tensor = module._buffers.pop(name)
+                module.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+
+
+def _add_chunked_loss_forward(model: nn.Module) -> None:
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from ..losses import causal_lm_loss
+
+    original = model.forward
+
+    def forward(*args, chunked_loss: bool = False, **kwargs):
+        if not chunked_loss:
+            return original(*args, **kwargs)
+        kwargs.pop("return_dict", None)
+        return CausalLMOutputWithPast(loss=causal_lm_loss(model, **kwargs))
+
+    model.forward = forward
+
+
+def _trainable(model: nn.Module):
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None and param.requires_grad:
+                yield module, name, param
+
+
+@contextlib.contextmanager
+def full_trainable(model: nn.Module):
+    """Inside the block the trainable parameters are whole, plain tensors on every process (a
+    gather: all processes must enter), so saving code written for one process works unchanged.
+    The sharded parameters are put back on exit; nothing may train inside."""
+    swapped = []
+    for module, name, param in list(_trainable(model)):
+        if isinstance(param, DTensor):
+            module._parameters[name] = nn.Parameter(param.full_tensor().detach(), requires_grad=True)
+            swapped.append((module, name, param))
+    try:
+        yield model
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param
+
+
+def load_full_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy whole tensors (by parameter name, every process holding the same) into the shards."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name not in tensors:
+                continue
+            value = tensors[name].to(device=param.device, dtype=param.dtype)
+            if isinstance(param, DTensor):
+                value = distribute_tensor(value, param.device_mesh, param.placements)
+            param.copy_(value)
+
+
+def optimizer_state(model: nn.Module, optimizer) -> dict:
+    """The optimizer's state, whole and keyed by parameter name, on rank 0 (a gather)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
