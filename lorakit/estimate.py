@@ -140,12 +140,16 @@ def build_on_meta(config) -> torch.nn.Module:
 def estimate(config, r: int = 8, targets: list[str] | str | None = None, lora_alpha: float | None = None,
              dtype: str = "bf16", optimizer: str = "adamw", batch_size: int = 1, seq_len: int = 512,
              grad_checkpointing: bool = False, name: str | None = None, attention: str = "eager",
-             use_dora: bool = False, chunked_loss: bool = False) -> Estimate:
-    """Parameter counts and memory for LoRA on the model described by ``config`` (no weights loaded)."""
+             use_dora: bool = False, chunked_loss: bool = False, nproc: int = 1, fsdp: bool = False) -> Estimate:
+    """Parameter counts and memory for LoRA on the model described by ``config`` (no weights loaded).
+    The memory is per process: with ``nproc`` processes under DDP each holds it all (batch_size is
+    per process); with ``fsdp`` see shard_rows."""
     if dtype not in DTYPE_BYTES:
         raise ConfigError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}.")
     if optimizer not in OPTIMIZER_STATES:
         raise ConfigError(f"optimizer must be one of {sorted(OPTIMIZER_STATES)}, got {optimizer!r}.")
+    if nproc < 1 or (fsdp and nproc < 2):
+        raise ConfigError(f"nproc must be at least 1 (at least 2 with fsdp), got {nproc}.")
     if attention not in ("eager", "sdpa"):
         raise ConfigError(f"attention must be 'eager' (scores kept for backward) or 'sdpa' (fused), got {attention!r}.")
     model = build_on_meta(config)
@@ -165,6 +169,8 @@ def estimate(config, r: int = 8, targets: list[str] | str | None = None, lora_al
             per_layer[layer] = per_layer.get(layer, 0) + row.trainable
     memory = memory_table(config, model_params, linear_params, report.lora, len(report.rows), DTYPE_BYTES[dtype],
                           optimizer, batch_size, seq_len, grad_checkpointing, r, attention == "eager", chunked_loss)
+    if fsdp:
+        memory = shard_rows(memory, model, model_params, nproc)
     return Estimate(
         model=name or getattr(config, "_name_or_path", "") or config.model_type,
         model_params=model_params, lora_params=report.lora, per_target=per_target,
@@ -209,6 +215,20 @@ def memory_table(config, model_params, linear_params, lora_params, adapted_layer
         MemoryRow("lora", model_params * bytes_per + lora_params * 4, lora_params * 4, lora_states, acts + lora_acts),
         MemoryRow("qlora", nf4_weights + lora_params * 4, lora_params * 4, lora_states, acts + lora_acts),
     ]
+
+
+def shard_rows(rows: list[MemoryRow], model, model_params: int, nproc: int) -> list[MemoryRow]:
+    """Per-process memory under FSDP (fully_shard per decoder block, the rest in the root unit):
+    weights, gradients and optimizer states split N ways; on top, what is whole while it runs:
+    the root unit (embeddings, final norm, head: gathered for the whole step) and two blocks (the
+    one computing and the one prefetched). Activations are per process as before."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    sizes = [sum(p.numel() for n, p in b.named_parameters() if "lora_" not in n) for b in blocks]  # base weights
+    block_params, root_params = max(sizes, default=0), model_params - sum(sizes)
+    gathered_share = (root_params + 2 * block_params) / model_params  # of the weights, whole at a time
+    return [MemoryRow(row.method, int(row.weights / nproc + row.weights * gathered_share * (1 - 1 / nproc)),
+                      row.gradients // nproc, row.optimizer // nproc, row.activations) for row in rows]
 
 
 def single_projection(out_features: int, in_features: int, r: int) -> tuple[int, int, float]:

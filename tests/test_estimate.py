@@ -89,3 +89,23 @@ def test_chunked_loss_holds_the_logits_of_one_chunk():
                      for c in (False, True))
     chunk_tokens = CHUNK_ELEMENTS[torch.float32] // config.vocab_size
     assert full - chunked == 16 * (4 * 512 - chunk_tokens) * config.vocab_size
+
+
+def test_per_process_memory_under_ddp_and_fsdp():
+    """DDP copies everything into each process; FSDP splits weights, gradients and optimizer states
+    N ways and adds what is whole at a time (the root unit and two decoder blocks)."""
+    config = est.load_config("llama-7b")
+    one = {row.method: row for row in est.estimate(config, r=8).memory}
+    ddp = {row.method: row for row in est.estimate(config, r=8, nproc=4).memory}
+    fsdp = {row.method: row for row in est.estimate(config, r=8, nproc=4, fsdp=True).memory}
+    assert ddp["lora"].total == one["lora"].total
+    for method in ("full", "lora", "qlora"):
+        assert fsdp[method].optimizer == one[method].optimizer // 4
+        assert fsdp[method].activations == one[method].activations
+    # LLaMA-7B: 32 blocks of 202.4M parameters, 262M outside them (embeddings, head, norm)
+    gathered = (262_148_096 + 2 * 202_383_360) / 6_738_415_616
+    expected = one["full"].weights / 4 + one["full"].weights * gathered * 3 / 4
+    assert abs(fsdp["full"].weights - expected) <= 1
+    assert fsdp["lora"].weights < 0.35 * one["lora"].weights
+    with pytest.raises(lk.ConfigError, match="at least 2 with fsdp"):
+        est.estimate(config, nproc=1, fsdp=True)

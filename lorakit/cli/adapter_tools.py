@@ -30,7 +30,7 @@ def _estimate(args: argparse.Namespace) -> int:
     result = est.estimate(config, r=args.r, targets=targets, lora_alpha=args.alpha, dtype=args.dtype,
                           optimizer=args.optimizer, batch_size=args.batch_size, seq_len=args.seq_len,
                           grad_checkpointing=args.grad_checkpointing, name=args.preset or args.config or args.model,
-                          use_dora=args.use_dora, chunked_loss=args.chunked_loss)
+                          use_dora=args.use_dora, chunked_loss=args.chunked_loss, nproc=args.nproc, fsdp=args.fsdp)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -41,7 +41,8 @@ def _estimate(args: argparse.Namespace) -> int:
           f"{result.per_layer:,} per layer)")
     print(f"adapter file: {_gb(result.adapter_bytes_fp32)} in fp32, {_gb(result.adapter_bytes_fp16)} in fp16")
     print(f"\nmemory ({args.dtype} weights, {args.optimizer}, batch {args.batch_size} x {args.seq_len}"
-          f"{', gradient checkpointing' if args.grad_checkpointing else ''}):")
+          f"{', gradient checkpointing' if args.grad_checkpointing else ''}"
+          f"{f', per process of {args.nproc}' + (' (FSDP)' if args.fsdp else ' (DDP)') if args.nproc > 1 else ''}):")
     print(f"  {'method':<8}{'weights':>12}{'gradients':>12}{'optimizer':>12}{'activations':>13}{'total':>12}")
     planned = "qlora" if args.qlora else "lora"
     for row in result.memory:
@@ -148,6 +149,10 @@ def add_commands(sub) -> None:
     estimate.add_argument("--chunked-loss", action="store_true",
                           help="the output head and cross-entropy a chunk of tokens at a time, as `lorakit train` "
                                "runs causal LMs (default: transformers' full logits)")
+    estimate.add_argument("--nproc", type=int, default=1,
+                          help="processes (torchrun --nproc_per_node); memory is per process, --batch-size too")
+    estimate.add_argument("--fsdp", action="store_true",
+                          help="FSDP shards weights, gradients and optimizer states across --nproc processes")
     estimate.add_argument("--json", action="store_true")
     estimate.set_defaults(func=_estimate)
 

@@ -351,7 +351,8 @@ class Trainer:
             summary["adalora_live_params"] = sum(k * _triplet_params(self.model, p) for p, k in ranks.items())
         summary["memory"] = {"peak_bytes": peak_bytes(self.dist.device, self.rss_before_model),
                              "estimate_bytes": estimated_bytes(self.model.config, o, self.seq_len,
-                                                               chunked_loss=self.wrapped_is_chunked)}
+                                                               chunked_loss=self.wrapped_is_chunked,
+                                                               nproc=self.dist.world_size)}
         test = self.test_metrics() if self.evaluates else None
         artifact = self._write_artifact()  # under FSDP every process joins its gather
         if self.dist.is_main:

@@ -26,7 +26,7 @@ def peak_bytes(device: torch.device, baseline: int) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
 
 
-def estimated_bytes(model_config, options, seq_len: int, chunked_loss: bool = True) -> int | None:
+def estimated_bytes(model_config, options, seq_len: int, chunked_loss: bool = True, nproc: int = 1) -> int | None:
     """The estimate's total for this run, or None where its memory model does not apply (a classifier
     head, AdaLoRA, Adafactor)."""
     from ..estimate import OPTIMIZER_STATES, estimate
@@ -37,7 +37,8 @@ def estimated_bytes(model_config, options, seq_len: int, chunked_loss: bool = Tr
         result = estimate(model_config, r=options.r, targets=options.targets, lora_alpha=options.lora_alpha,
                           dtype="bf16" if options.bf16 else "fp32", optimizer=options.optim,
                           batch_size=options.batch_size, seq_len=seq_len, grad_checkpointing=options.grad_checkpointing,
-                          attention="sdpa", use_dora=options.use_dora, chunked_loss=chunked_loss)
+                          attention="sdpa", use_dora=options.use_dora, chunked_loss=chunked_loss, nproc=nproc,
+                          fsdp=options.fsdp)
     except LoraError:
         return None
     method = "full" if options.full else "qlora" if options.qlora else "lora"
