@@ -11,7 +11,10 @@ directory (shards, the index, config and tokenizer files copied from the base) a
 not at all.
 
 Plain LoRA on linear layers, GPT-2's Conv1D and embeddings, and AdaLoRA's SVD form are merged;
-DoRA (whose merge needs the full weight's norm, per row: fine per tensor too) as well.
+DoRA (whose merge needs the full weight's norm, per row: fine per tensor too) as well. An adapter
+trained with QLoRA learned its update against the 4-bit base: each weight that ``lk.quantize``
+turns into NF4 is quantized and dequantized on its own (the same code, the same values) before
+the update is added, and the export is 16/32-bit, never 4-bit again.
 """
 
 from __future__ import annotations
@@ -104,7 +107,32 @@ def read_tensor(path: Path, data_start: int, entry: dict) -> torch.Tensor:
     return buffer.view(TORCH_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
-def _merge_shard(source: Path, target: Path, updates: dict, replaced: dict, config, pending: set) -> int:
+def quantized_weight_names(base_dir: Path) -> set[str]:
+    """The tensors ``lk.quantize`` stores in NF4 for this base: its linear layers' weights but the
+    output head's (the model is built on the meta device from its config: no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from torch import nn
+
+    from .targeting import name_matches, output_head_names
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_dir))
+    keep = output_head_names(model)  # the rule of qlora.quantize
+    return {f"{path}.weight" for path, module in model.named_modules()
+            if type(module) is nn.Linear and not any(name_matches(path, k) for k in keep)}
+
+
+def through_4bit(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as a QLoRA run saw it: NF4-quantized and dequantized (fp32)."""
+    from .quantization import Linear4bit
+
+    layer = Linear4bit(weight.shape[1], weight.shape[0], bias=False)
+    layer.set_weight(weight.float())
+    return layer.dequantized_weight(torch.float32)
+
+
+def _merge_shard(source: Path, target: Path, updates: dict, replaced: dict, config, pending: set,
+                 quantized: set[str] = frozenset()) -> int:
     """Write ``target`` as ``source`` with the adapter folded in, one tensor in memory at a time.
 
     Every tensor keeps its name, dtype, shape and place, so the source's header is the target's:
@@ -117,7 +145,11 @@ def _merge_shard(source: Path, target: Path, updates: dict, replaced: dict, conf
         for key, entry in entries:
             tensor = read_tensor(source, data_start, entry)
             module = key.removesuffix(".weight")
-            if key.endswith(".weight") and module in updates:
+            if key in quantized:  # merged or not, the export holds what the 4-bit base computed with
+                tensor = through_4bit(tensor).to(tensor.dtype) if module not in updates else \
+                    merged_tensor(through_4bit(tensor), updates[module], config.scaling_for(module),
+                                  bool(config.fan_in_fan_out)).to(tensor.dtype)
+            elif key.endswith(".weight") and module in updates:
                 tensor = merged_tensor(tensor, updates[module], config.scaling_for(module),
                                        bool(config.fan_in_fan_out) or updates[module]["embedding"])
             elif key in replaced:
@@ -127,12 +159,24 @@ def _merge_shard(source: Path, target: Path, updates: dict, replaced: dict, conf
     return entries[-1][1]["data_offsets"][1] if entries else 0
 
 
-def stream_merge(adapter_dir: str | Path, base_dir: str | Path, output: str | Path, overwrite: bool = False) -> dict:
+def trained_on_4bit(adapter_dir: Path) -> bool:
+    """Whether a lorakit run record next to the adapter says it was trained with QLoRA."""
+    from .training.artifacts import RUN_FILE
+
+    record = adapter_dir / RUN_FILE
+    return record.is_file() and bool(json.loads(record.read_text()).get("qlora"))
+
+
+def stream_merge(adapter_dir: str | Path, base_dir: str | Path, output: str | Path, overwrite: bool = False,
+                 qlora: bool | None = None) -> dict:
+    """``qlora``: the adapter was trained on the NF4-quantized base (None: as its run record says)."""
     base_dir, target = Path(base_dir), Path(output)
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise ConfigError(f"output directory {target} is not empty; pass --overwrite or choose another --output")
     files, index = shard_files(base_dir)
     updates, replaced, config = _updates(Path(adapter_dir))
+    qlora = trained_on_4bit(Path(adapter_dir)) if qlora is None else qlora
+    quantized = quantized_weight_names(base_dir) if qlora else frozenset()
     pending = {f"{m}.weight" for m in updates} | set(replaced)
     largest = 0
     with staged_directory(target) as staging:
@@ -142,9 +186,10 @@ def stream_merge(adapter_dir: str | Path, base_dir: str | Path, output: str | Pa
         if index is not None:
             (staging / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         for file in files:
-            largest = max(largest, _merge_shard(base_dir / file, staging / file, updates, replaced, config, pending))
+            largest = max(largest, _merge_shard(base_dir / file, staging / file, updates, replaced, config, pending,
+                                                quantized))
         if pending:
             raise ConfigError(f"the adapter adapts {sorted(pending)[0]}, which {base_dir} does not hold "
                               f"({len(pending)} such tensors); it was made for another base model")
     return {"output": str(target), "shards": len(files), "largest_shard_bytes": largest,
-            "adapted": len(updates), "replaced": len(replaced), "adalora": is_adalora(config)}
+            "adapted": len(updates), "replaced": len(replaced), "adalora": is_adalora(config), "qlora": qlora}

@@ -88,3 +88,25 @@ def test_cli_merge_with_base_streams(tmp_path, capsys):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted.eval()(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_qlora_adapter_merges_into_the_dequantized_base(dtype, tmp_path):
+    """What `lorakit merge RUN` does in memory for a QLoRA run (quantize, load, dequantize, merge),
+    streamed: every linear weight but the head goes through NF4 and back, adapted or not."""
+    base_dir, base = sharded_base(tmp_path, dtype)
+    trained = lk.inject(lk.quantize(copy.deepcopy(base).float()), lk.LoraConfig(r=4, target_modules=["q_proj", "up_proj"]))
+    randomize_lora(trained, scale=0.3)
+    lk.save_adapter(trained, tmp_path / "adapter")
+    (tmp_path / "adapter" / "lorakit_run.json").write_text(json.dumps({"qlora": True}))
+    report = stream_merge(tmp_path / "adapter", base_dir, tmp_path / "merged")
+    assert report["qlora"]
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=dtype).state_dict()
+    reference = lk.load_adapter(lk.quantize(copy.deepcopy(base).float()), tmp_path / "adapter")
+    in_memory = lk.unload(lk.dequantize(reference), merge=True).to(dtype).state_dict()
+    assert streamed.keys() == in_memory.keys()
+    for key in streamed:
+        assert torch.equal(streamed[key], in_memory[key]), key
+    untouched = "model.layers.0.self_attn.k_proj.weight"  # not adapted, still seen through 4 bits
+    assert not torch.equal(streamed[untouched], base.state_dict()[untouched])
+    assert torch.equal(streamed["lm_head.weight"], base.state_dict()["lm_head.weight"])

@@ -209,7 +209,8 @@ def _merge(args: argparse.Namespace) -> int:
         from ..streaming_merge import stream_merge
         from ..training.models import resolve_model_path
 
-        result = stream_merge(args.run, resolve_model_path(args.base), args.output, overwrite=args.overwrite)
+        result = stream_merge(args.run, resolve_model_path(args.base), args.output, overwrite=args.overwrite,
+                              qlora=True if args.qlora else None)
         print(json.dumps(result) if args.json else
               f"merged into {result['output']} shard by shard ({result['shards']} shards, largest "
               f"{result['largest_shard_bytes'] / 1e6:.1f} MB held at a time)")
@@ -305,6 +306,9 @@ def add_commands(sub) -> None:
                                       "shard at a time, into a copy of the base's own layout")
     merge.add_argument("--output", required=True)
     merge.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    merge.add_argument("--qlora", action="store_true",
+                       help="with --base: the adapter was trained on the 4-bit (NF4) base; its weights are merged "
+                            "into the dequantized base (found in a lorakit run record without this flag)")
     merge.add_argument("--overwrite", action="store_true")
     merge.add_argument("--json", action="store_true")
     merge.set_defaults(func=_merge)
