@@ -140,3 +140,21 @@ def test_layers_without_any_of_the_blocks_adapters_stay_base(ids):
         mixed = logits(model, ids)
     for row, name in enumerate(names):
         assert torch.allclose(mixed[row], per_adapter(model, ids, name)[row], atol=1e-5)
+
+
+def test_a_fixed_stack_serves_changing_rows_with_one_set_of_stacks(ids):
+    """stack= (a server's loaded adapters) keeps the stacks across blocks whose rows name different
+    subsets; the outputs stay those of each row's adapter."""
+    model = three_adapters("llama")
+    layer = next(m for m in model.modules() if isinstance(m, lk.LoraLayer))
+    built = []
+    for names in (["a", "b", "a", lk.BASE], ["c", "c", lk.BASE, "b"]):
+        with lk.mixed_batch(model, names, stack=["a", "b", "c"]):
+            mixed = logits(model, ids)
+            built.append(layer.mixed.A_stack)
+        for row, name in enumerate(names):
+            assert torch.allclose(mixed[row], per_adapter(model, ids, name)[row], atol=1e-5), name
+    assert built[0] is built[1]
+    with pytest.raises(lk.LoraError, match="not in stack"):
+        with lk.mixed_batch(model, ["a", "c", "a", "a"], stack=["a", "b"]):
+            pass
