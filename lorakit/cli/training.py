@@ -247,7 +247,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
-    print(f"\nLoRA r={s['r']} on Q,K,V,O of MiniLM: {s['lora_params']:,} LoRA params ({s['trainable_params']:,} "
+    print(f"\nLoRA r={s['r']} on every linear layer of MiniLM (all-linear): {s['lora_params']:,} LoRA params ({s['trainable_params']:,} "
           f"trainable incl. classifier head, {100 * s['trainable_params'] / s['total_params']:.2f}% of "
           f"{s['total_params']:,})")
     print(f"trained {s['steps']} steps in {s['train_seconds']} s; loss curve {s['loss_curve']}")
