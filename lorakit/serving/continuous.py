@@ -46,6 +46,7 @@ class ContinuousBatcher:
         self.running: list[_Active] = []     # slot i holds running[i]
         self.prefilling: _Active | None = None  # slot len(running)
         self.waiting: deque = deque()
+        engine.waiting_elsewhere = lambda: len(self.waiting)  # counted against --max-queue
         self.cache: SlotCache | None = None
         self.eos_ids = _eos_ids(engine)
 

@@ -57,7 +57,8 @@ class Engine:
         self.stats = {"requests": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0, "batches": 0,
                       "batched_rows": 0}
         self.latencies: deque[float] = deque(maxlen=2000)
-        self.prometheus = ServerMetrics(waiting=self.queue.qsize, loaded_adapters=lambda: len(self.adapters))
+        self.waiting_elsewhere = lambda: 0  # requests a scheduler took off the queue but has not started
+        self.prometheus = ServerMetrics(waiting=self.waiting, loaded_adapters=lambda: len(self.adapters))
         self.running = True
         self.worker = threading.Thread(target=self._work, name="lorakit-engine", daemon=True)
         self.worker.start()
@@ -147,7 +148,7 @@ class Engine:
     def submit(self, request: Request) -> None:
         if not self.running:
             raise ServingError("the server is shutting down", 503)
-        if self.queue.qsize() >= self.limits.max_queue:
+        if self.waiting() >= self.limits.max_queue:
             raise ServingError(f"the queue is full ({self.limits.max_queue} requests waiting); retry later", 429)
         if len(request.prompt_ids) > self.limits.max_prompt_tokens:
             raise ServingError(f"the prompt has {len(request.prompt_ids)} tokens; the limit is "
@@ -165,6 +166,10 @@ class Engine:
         self.prometheus.requests.labels(kind=request.kind).inc()
         self.queue.put(request)
 
+    def waiting(self) -> int:
+        """Requests accepted but not started yet."""
+        return self.queue.qsize() + self.waiting_elsewhere()
+
     def _release(self, request: Request) -> None:
         with self.idle:
             self.in_use[request.adapter] -= 1
@@ -179,7 +184,7 @@ class Engine:
     def metrics(self) -> dict:
         ordered = sorted(self.latencies)
         pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4) if ordered else None  # noqa: E731
-        return {**self.stats, "queue_length": self.queue.qsize(), "adapters": len(self.adapters),
+        return {**self.stats, "queue_length": self.waiting(), "adapters": len(self.adapters),
                 "mean_batch_size": round(self.stats["batched_rows"] / max(1, self.stats["batches"]), 2),
                 "latency_s": {"p50": pick(0.5), "p95": pick(0.95), "count": len(ordered)}}
 
