@@ -40,8 +40,13 @@ TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16
 def shard_files(base_dir: Path) -> tuple[list[str], dict | None]:
     index_path = base_dir / INDEX
     if index_path.is_file():
-        index = json.loads(index_path.read_text())
-        files = sorted(set(index["weight_map"].values()))
+        try:
+            index = json.loads(index_path.read_text())
+            files = sorted(set(index["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"{index_path} is not a valid safetensors index ({type(exc).__name__}: {exc}); it "
+                              "must be JSON with a weight_map of tensor name -> shard file. Copy it from the "
+                              "original checkpoint") from None
         missing = [f for f in files if not (base_dir / f).is_file()]
         if missing:
             raise ConfigError(f"{base_dir} lists shard {missing[0]} in {INDEX} but the file is missing "
@@ -72,6 +77,16 @@ def _updates(directory: Path) -> tuple[dict, dict, dict, object]:
         else:
             others[key.replace(".base_layer.", ".")] = tensor  # saved modules, trained biases
     return pairs, others, config
+
+
+def check_shape(key: str, weight: torch.Tensor, update: dict, transposed: bool) -> None:
+    """The update B·A must have the weight's shape; name both when it has not (another base)."""
+    rows, cols = update["B"].shape[0], update["A"].flatten(1).shape[1]
+    expected = (cols, rows) if transposed else (rows, cols)
+    actual = tuple(weight.shape) if transposed or weight.dim() == 2 else (weight.shape[0], weight[0].numel())
+    if actual != expected:
+        raise ConfigError(f"the adapter's update for {key} has shape {expected} but the base's tensor has shape "
+                          f"{tuple(weight.shape)}: the adapter was made for another base model")
 
 
 def merged_tensor(weight: torch.Tensor, update: dict, scaling: float, transposed: bool) -> torch.Tensor:
@@ -145,6 +160,8 @@ def _merge_shard(source: Path, target: Path, updates: dict, replaced: dict, conf
         for key, entry in entries:
             tensor = read_tensor(source, data_start, entry)
             module = key.removesuffix(".weight")
+            if module in updates and key.endswith(".weight"):
+                check_shape(key, tensor, updates[module], bool(config.fan_in_fan_out) or updates[module]["embedding"])
             if key in quantized:  # merged or not, the export holds what the 4-bit base computed with
                 tensor = through_4bit(tensor).to(tensor.dtype) if module not in updates else \
                     merged_tensor(through_4bit(tensor), updates[module], config.scaling_for(module),

@@ -110,3 +110,22 @@ def test_a_qlora_adapter_merges_into_the_dequantized_base(dtype, tmp_path):
     untouched = "model.layers.0.self_attn.k_proj.weight"  # not adapted, still seen through 4 bits
     assert not torch.equal(streamed[untouched], base.state_dict()[untouched])
     assert torch.equal(streamed["lm_head.weight"], base.state_dict()["lm_head.weight"])
+
+
+def test_a_corrupt_index_or_a_base_of_other_shapes_is_named_and_nothing_written(tmp_path):
+    base_dir, base = sharded_base(tmp_path)
+    lk.save_adapter(lk.inject(copy.deepcopy(base), CONFIGS["lora"]), tmp_path / "adapter")
+    wider = tmp_path / "wider"  # same tensor names, another hidden size
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**base.config.to_dict(), "intermediate_size": 96})
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(wider)
+    with pytest.raises(lk.ConfigError, match=r"update for model\.layers\.0\.\S+ has shape \(\d+, \d+\) but the base's "
+                                             r"tensor has shape \(\d+, \d+\)"):
+        stream_merge(tmp_path / "adapter", wider, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    (base_dir / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(lk.ConfigError, match="not a valid safetensors index"):
+        stream_merge(tmp_path / "adapter", base_dir, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
