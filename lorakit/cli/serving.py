@@ -36,7 +36,7 @@ def add_commands(sub) -> None:
     serve.add_argument("--scheduler", default="continuous", choices=["continuous", "static"],
                        help="continuous: requests join and leave the running batch at every decoding step, prompts "
                             "prefilled in chunks between steps; static: a batch runs until its longest row ends")
-    serve.add_argument("--prefill-chunk", type=int, default=128,
+    serve.add_argument("--prefill-chunk", type=int, default=256,
                        help="prompt tokens prefilled between two decoding steps (continuous scheduler)")
     serve.add_argument("--max-queue", type=int, default=128, help="waiting requests before 429")
     serve.add_argument("--max-prompt-tokens", type=int, default=1024)

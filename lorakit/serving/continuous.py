@@ -41,7 +41,7 @@ class _Active:
 
 
 class ContinuousBatcher:
-    def __init__(self, engine, prefill_chunk: int = 128):
+    def __init__(self, engine, prefill_chunk: int = 256):
         self.engine, self.prefill_chunk = engine, prefill_chunk
         self.running: list[_Active] = []     # slot i holds running[i]
         self.prefilling: _Active | None = None  # slot len(running)

@@ -38,7 +38,7 @@ __all__ = ["Engine", "Limits", "Request", "ServingError"]
 class Engine:
     def __init__(self, model, tokenizer, *, base_name: str = "base", adapter_dir: str | None = None,
                  labels: list[str] | None = None, limits: Limits = Limits(), max_loaded_adapters: int | None = None,
-                 scheduler: str = "continuous", prefill_chunk: int = 128):
+                 scheduler: str = "continuous", prefill_chunk: int = 256):
         if scheduler not in ("continuous", "static"):
             raise ServingError(f"unknown scheduler {scheduler!r}; choose continuous or static")
         if prefill_chunk < 1:

@@ -28,7 +28,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 def build_engine(model_name: str, adapters: dict[str, Path], adapter_dir: str | None = None,
                  limits: Limits = Limits(), dtype: str = "fp32", max_loaded_adapters: int | None = None,
-                 scheduler: str = "continuous", prefill_chunk: int = 128) -> Engine:
+                 scheduler: str = "continuous", prefill_chunk: int = 256) -> Engine:
     """Load the base model once (a classifier when the adapters were trained with task classify;
     4-bit when they were trained with QLoRA) in ``dtype``, and every --adapter onto it."""
     import torch
