@@ -1,10 +1,12 @@
-"""Load test of `lorakit serve` on loopback: 64 concurrent requests over 8 adapters (issue 7).
+"""Load test of `lorakit serve` on loopback: 64 concurrent requests over 8 adapters (issues 7, 16).
 
-    python -m benchmarks.serving [--requests 64 --adapters 8 --max-tokens 32]
+    python -m benchmarks.serving [--requests 64 --adapters 8 --max-tokens 32 --serial]
 
-Three ways to answer the same 64 greedy requests, on SmolLM2-135M-Instruct:
-  mixed   - one server, 8 LoRA adapters, all requests concurrent (mixed-adapter batches);
-  serial  - the same server, the requests one at a time;
+Ways to answer the same 64 greedy chat requests (the workload of issue 16's llama.cpp anchor), on
+SmolLM2-135M-Instruct:
+  mixed   - one server, 8 LoRA adapters, all requests concurrent (mixed-adapter batches), with the
+            continuous scheduler and with static batching;
+  serial  - (--serial) the same server, the requests one at a time;
   merged  - a server whose base has one adapter merged in, all requests concurrent to it.
 Every mixed reply is checked against offline `model.generate` with its adapter.
 """
@@ -68,6 +70,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--serial", action="store_true", help="also send the requests one at a time")
     parser.add_argument("--out", type=Path, default=Path("bench-out/serving.json"))
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -79,14 +82,20 @@ def main() -> None:
         names = make_adapters(base, Path(tmp), args.adapters)
         jobs = [(names[i % len(names)], [{"role": "user", "content": f"Summarise this review in a few words: {r['text']}"}])
                 for i, r in enumerate(reviews)]
-        engine = Engine(copy.deepcopy(base), tokenizer, base_name="smollm2-135m", adapter_dir=tmp, limits=limits)
-        for name in names:
-            engine.load_adapter(name)
-        with BackgroundServer(engine) as server:
-            run(server.url, jobs[:4], 4, concurrent=True)  # warm-up
-            mixed_s, mixed = run(server.url, jobs, args.max_tokens, concurrent=True)
-            batches = engine.metrics()["mean_batch_size"]
-            serial_s, _ = run(server.url, jobs, args.max_tokens, concurrent=False)
+        results, batches = {}, {}
+        for scheduler in ("continuous", "static"):
+            engine = Engine(copy.deepcopy(base), tokenizer, base_name="smollm2-135m", adapter_dir=tmp, limits=limits,
+                            scheduler=scheduler)
+            for name in names:
+                engine.load_adapter(name)
+            with BackgroundServer(engine) as server:
+                run(server.url, jobs[:4], 4, concurrent=True)  # warm-up
+                results[scheduler] = run(server.url, jobs, args.max_tokens, concurrent=True)
+                batches[scheduler] = engine.metrics()["mean_batch_size"]
+                if args.serial and scheduler == "continuous":
+                    results["serial"] = run(server.url, jobs, args.max_tokens, concurrent=False)
+            engine.close()
+        mixed_s, mixed = results["continuous"]
 
         merged_model = lk.load_adapter(copy.deepcopy(base), Path(tmp) / names[0])
         merged_model = lk.unload(merged_model, merge=True)
@@ -108,21 +117,26 @@ def main() -> None:
             correct += int(reply["choices"][0]["message"]["content"] == expected)
 
     tokens = lambda replies: sum(r["usage"]["completion_tokens"] for r in replies)  # noqa: E731
-    rows = {"mixed (8 adapters, concurrent)": (mixed_s, tokens(mixed)),
-            "serial (one at a time)": (serial_s, tokens(mixed)),
+    rows = {"mixed, continuous (8 adapters, concurrent)": (mixed_s, tokens(mixed)),
+            "mixed, static batching": (results["static"][0], tokens(results["static"][1])),
+            **({"serial (one at a time)": (results["serial"][0], tokens(mixed))} if "serial" in results else {}),
             "merged single adapter (concurrent)": (merged_s, tokens(merged))}
     print_table(f"{args.requests} chat requests, max_tokens {args.max_tokens}, greedy, SmolLM2-135M on 2 CPU cores",
                 [(k, f"{s:.1f}", n, f"{n / s:.1f}") for k, (s, n) in rows.items()],
                 ("mode", "wall s", "tokens", "tokens/s"))
-    mixed_tps = rows["mixed (8 adapters, concurrent)"][1] / mixed_s
+    mixed_tps = rows["mixed, continuous (8 adapters, concurrent)"][1] / mixed_s
     merged_tps = rows["merged single adapter (concurrent)"][1] / merged_s
-    print(f"answered {len(mixed)}/{args.requests}; equal to offline generate: {correct}/{args.requests}; "
-          f"mean batch {batches}")
-    print(f"mixed / merged throughput = {mixed_tps / merged_tps:.2f} (target >= 0.85); "
-          f"mixed / serial = {serial_s / mixed_s:.2f}x")
+    static_correct = sum(int(a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"])
+                         for a, b in zip(results["static"][1], mixed))
+    print(f"answered {len(mixed)}/{args.requests}; equal to offline generate: {correct}/{args.requests}; static "
+          f"batching's replies equal to continuous: {static_correct}/{args.requests}; mean rows per step {batches}")
+    print(f"mixed / merged throughput = {mixed_tps / merged_tps:.2f} (target >= 0.9); continuous / static = "
+          f"{results['static'][0] / mixed_s:.2f}x; llama-server's anchor on this workload: 50-56 base, 28-29 "
+          f"with 8 LoRAs (issue 16)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "correct": correct, "answered": len(mixed),
-                                    "mixed_over_merged": mixed_tps / merged_tps, "mean_batch": batches}, indent=2))
+                                    "mixed_over_merged": mixed_tps / merged_tps, "mean_batch": batches,
+                                    "prompt_tokens": sum(r["usage"]["prompt_tokens"] for r in mixed)}, indent=2))
 
 
 if __name__ == "__main__":

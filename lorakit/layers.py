@@ -215,22 +215,26 @@ class LoraLayer(nn.Module):
     def mixed_stacks(self, slot_names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stack the adapters for mixed batches: slot 0 = base (zeros); ranks padded to the largest.
 
-        Cached across blocks; the key holds each parameter's version counter, so any in-place update
-        (an optimizer step, a load) rebuilds the stacks.
+        Cached across blocks (a server enters one per decoding step): valid while the slot names
+        and scalings are the same and no parameter of the stacked adapters changed in place (their
+        version counters: an optimizer step, a load); adding or removing an adapter clears it.
         """
-        present = [n for n in slot_names if n in self.adapter_names]
-        key = (tuple(slot_names),
-               tuple((n, self.scaling[n], *(p._version for p in self.adapter_parameters(n))) for n in present))
+        names = tuple(slot_names)
+        scalings = tuple(self.scaling.get(n) for n in names)
         cached = self.__dict__.get("_mixed_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, self._build_stacks(slot_names, present))
-            self.__dict__["_mixed_cache"] = cached
-        return cached[1]
+        if cached is not None and cached[0] == names and cached[1] == scalings \
+                and all(p._version == version for p, version in cached[2]):
+            return cached[3]
+        present = [n for n in names if n in self.adapter_names]
+        versions = [(p, p._version) for n in present for p in self.adapter_parameters(n)]
+        stacks = self._build_stacks(list(names), present)
+        self.__dict__["_mixed_cache"] = (names, scalings, versions, stacks)
+        return stacks
 
     def dora_scale_stack(self, slot_names: list[str]) -> torch.Tensor | None:
         """Per slot, DoRA's m/‖W0 + s·B·A‖ (ones for the base and plain LoRA adapters); None when no
         adapter of the block uses DoRA here."""
-        dora = [n for n in slot_names if n in self.adapter_names and self.uses_dora(n)]
+        dora = [n for n in slot_names if n in self.lora_magnitude_vector]
         if not dora:
             return None
         stack = torch.ones(len(slot_names) + 1, self.lora_dims()[1], device=self.reference().device)

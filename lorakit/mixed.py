@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from .errors import LoraError, MergeStateError
-from .state import BASE, check_names, lora_layers, merged_adapters, saved_modules
+from .layers import LoraLayer
+from .modules_to_save import ModulesToSave
+from .state import BASE, check_names
 
 
 @dataclass
@@ -75,6 +77,22 @@ class MixedRows:
         return self.buffers[key]
 
 
+def _adapted_modules(model: nn.Module):
+    """The LoRA layers and saved modules, in one walk that does not descend into them (their
+    per-adapter submodules are most of a many-adapter model's modules)."""
+    layers, heads, todo = [], [], [("", model)]
+    while todo:
+        path, module = todo.pop()
+        if isinstance(module, LoraLayer):
+            layers.append((path, module))
+            continue
+        if isinstance(module, ModulesToSave):
+            heads.append((path, module))
+        todo.extend((f"{path}.{name}" if path else name, child) for name, child in reversed(module._modules.items())
+                    if child is not None)
+    return layers, heads
+
+
 @contextlib.contextmanager
 def mixed_batch(model: nn.Module, adapter_names: list[str], stack: list[str] | None = None) -> Iterator[nn.Module]:
     """Inside the block, row i of every batch uses ``adapter_names[i]`` ("__base__" = no adapter).
@@ -87,7 +105,8 @@ def mixed_batch(model: nn.Module, adapter_names: list[str], stack: list[str] | N
     names = check_names(model, adapter_names, allow_base=True)
     if not names:
         raise LoraError("mixed_batch needs one adapter name per batch row; got an empty list.")
-    merged = merged_adapters(model)
+    layers, heads = _adapted_modules(model)
+    merged = sorted({n for _, layer in layers for n in layer.merged_adapters})
     if merged:
         raise MergeStateError(f"adapters {merged} are merged into the weights; call lk.unmerge(model) before mixed_batch.")
     distinct = [n for n in dict.fromkeys(names) if n != BASE]
@@ -98,8 +117,6 @@ def mixed_batch(model: nn.Module, adapter_names: list[str], stack: list[str] | N
             raise LoraError(f"mixed_batch: rows name adapters {missing} that are not in stack={stack}.")
         distinct = stack
     slot = {BASE: 0, **{n: i for i, n in enumerate(distinct, start=1)}}
-    layers = lora_layers(model)
-    heads = saved_modules(model)
     row_slots = torch.tensor([slot[n] for n in names])
     on_device: dict[torch.device, torch.Tensor] = {}
     for _, layer in layers:
