@@ -12,7 +12,7 @@ from .injection import set_active
 from .layers import LoraLayer
 from .merging import drop_empty_wrappers
 from .modules_to_save import ModulesToSave
-from .state import check_names, drop_registry, merged_adapters, registry
+from .state import check_names, drop_registry, lora_layers, merged_adapters, registry, saved_modules
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -63,7 +63,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             f"adapters {merged} are merged into the weights, so the base model cannot be recovered by "
             "disabling them; call lk.unmerge(model) first."
         )
-    wrappers = [m for _, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))]
+    wrappers = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
     for module in wrappers:
         module.disabled = True
     try:

@@ -15,9 +15,7 @@ import torch
 from torch import nn
 
 from .errors import LoraError, MergeStateError
-from .layers import LoraLayer
-from .modules_to_save import ModulesToSave
-from .state import BASE, check_names
+from .state import BASE, check_names, lora_layers, saved_modules
 
 
 @dataclass
@@ -77,22 +75,6 @@ class MixedRows:
         return self.buffers[key]
 
 
-def _adapted_modules(model: nn.Module):
-    """The LoRA layers and saved modules, in one walk that does not descend into them (their
-    per-adapter submodules are most of a many-adapter model's modules)."""
-    layers, heads, todo = [], [], [("", model)]
-    while todo:
-        path, module = todo.pop()
-        if isinstance(module, LoraLayer):
-            layers.append((path, module))
-            continue
-        if isinstance(module, ModulesToSave):
-            heads.append((path, module))
-        todo.extend((f"{path}.{name}" if path else name, child) for name, child in reversed(module._modules.items())
-                    if child is not None)
-    return layers, heads
-
-
 @contextlib.contextmanager
 def mixed_batch(model: nn.Module, adapter_names: list[str], stack: list[str] | None = None) -> Iterator[nn.Module]:
     """Inside the block, row i of every batch uses ``adapter_names[i]`` ("__base__" = no adapter).
@@ -105,7 +87,7 @@ def mixed_batch(model: nn.Module, adapter_names: list[str], stack: list[str] | N
     names = check_names(model, adapter_names, allow_base=True)
     if not names:
         raise LoraError("mixed_batch needs one adapter name per batch row; got an empty list.")
-    layers, heads = _adapted_modules(model)
+    layers, heads = lora_layers(model), saved_modules(model)
     merged = sorted({n for _, layer in layers for n in layer.merged_adapters})
     if merged:
         raise MergeStateError(f"adapters {merged} are merged into the weights; call lk.unmerge(model) before mixed_batch.")

@@ -62,8 +62,26 @@ def check_names(model: nn.Module, names, allow_base: bool = False) -> list[str]:
     return names
 
 
+def _walk(model: nn.Module):
+    """named_modules' order and names, without entering a LoRA layer's per-adapter submodules (only
+    its base layer): with many adapters loaded those are most of the model's modules, and servers
+    and mixed batches look the layers up on every step."""
+    seen, todo = set(), [("", model)]
+    while todo:
+        path, module = todo.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield path, module
+        children = module._modules.items()
+        if isinstance(module, LoraLayer):
+            children = [(name, child) for name, child in children if name == "base_layer"]
+        todo.extend((f"{path}.{name}" if path else name, child) for name, child in reversed(list(children))
+                    if child is not None)
+
+
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    return [(n, m) for n, m in _walk(model) if isinstance(m, LoraLayer)]
 
 
 def merged_adapters(model: nn.Module) -> list[str]:
@@ -75,7 +93,7 @@ def merged_adapters(model: nn.Module) -> list[str]:
 
 
 def saved_modules(model: nn.Module) -> list[tuple[str, ModulesToSave]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSave)]
+    return [(n, m) for n, m in _walk(model) if isinstance(m, ModulesToSave)]
 
 
 def apply_trainability(model: nn.Module) -> None:

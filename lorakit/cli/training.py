@@ -47,6 +47,7 @@ TRAIN_FLAGS = [
     ("--prompt-template", str, "sft: format a row into the user turn, e.g. 'Review: {text}'"),
     ("--response-template", str, "sft: format the answer, e.g. '{label}'"),
     ("--log-every", int, None),
+    ("--max-grad-norm", float, "clip the gradients' global norm to this (default 1.0; 0 turns clipping off)"),
 ]
 TRAIN_SWITCHES = [("--use-dora", "DoRA: learn a magnitude per output feature besides the low-rank direction"),
                   ("--rslora", "rank-stabilised scaling alpha/sqrt(r) instead of alpha/r"),

@@ -27,7 +27,7 @@ import lorakit as lk
 from ..state import BASE
 from .decoding import _eos_ids, _pick, _Row, classify_batch
 from .requests import ServingError
-from .slot_cache import SlotCache
+from .slot_cache import SlotCache, cache_keyword
 
 
 class _Active:
@@ -49,6 +49,7 @@ class ContinuousBatcher:
         engine.waiting_elsewhere = lambda: len(self.waiting)  # counted against --max-queue
         self.cache: SlotCache | None = None
         self.eos_ids = _eos_ids(engine)
+        self.cache_keyword = cache_keyword(engine.model)
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -115,7 +116,7 @@ class ContinuousBatcher:
         names = [a.request.adapter for a in rows]
         with engine.model_lock, torch.inference_mode(), self._adapters(names):
             out = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device),
-                        cache=self.cache, use_cache=True, logits_to_keep=1)
+                        use_cache=True, logits_to_keep=1, **{self.cache_keyword: self.cache})
         return out.logits[:, -1]
 
     def _adapters(self, names: list[str]):

@@ -10,6 +10,7 @@ import torch
 import lorakit as lk
 
 from ..state import BASE
+from .slot_cache import cache_keyword
 
 
 def _adapter_block(engine, names: list[str]):
@@ -105,6 +106,7 @@ def generate_batch(engine, requests) -> None:
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     device = next(model.parameters()).device
     ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+    keyword = cache_keyword(model)
     with _adapter_block(engine, [r.adapter for r in requests]):
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         steps = max(r.max_new_tokens for r in requests)
@@ -121,7 +123,8 @@ def generate_batch(engine, requests) -> None:
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             positions = positions[:, -1:] + 1
             out = model(input_ids=torch.tensor(next_ids, device=device).unsqueeze(1), attention_mask=mask,
-                        position_ids=positions, past_key_values=out.past_key_values, use_cache=True)
+                        position_ids=positions, use_cache=True,
+                        **{keyword: out[keyword] if keyword in out else out.past_key_values})
     for row in rows:
         engine.prometheus.prompt_tokens.inc(len(row.request.prompt_ids))
         engine.stats["prompt_tokens"] += len(row.request.prompt_ids)

@@ -12,6 +12,8 @@ by moving the last one into it.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.cache_utils import Cache
 
@@ -93,6 +95,12 @@ class SlotCache(Cache):
         self.capacity = capacity
 
 
+def cache_keyword(model) -> str:
+    """The forward's name for the KV cache: ``cache`` in recent transformers (``past_key_values``
+    still works there, with a deprecation warning), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def slot_cache_fits(model, max_length: int) -> bool:
     """Whether the model writes its keys and values through ``Cache.update`` and takes a 4-D mask as
     given: a short prompt fed in two pieces through a SlotCache must give one plain forward's logits
@@ -111,8 +119,9 @@ def slot_cache_fits(model, max_length: int) -> bool:
             cache = SlotCache(model.config, 1, reference.dtype, reference.device)
             for start, stop in ((0, 3), (3, 5)):
                 mask = cache.plan(slice(0, 1), torch.tensor([start]), stop - start)
-                out = model(input_ids=ids[:, start:stop], attention_mask=mask, cache=cache, use_cache=True,
-                            position_ids=torch.arange(start, stop, device=reference.device).unsqueeze(0))
+                out = model(input_ids=ids[:, start:stop], attention_mask=mask, use_cache=True,
+                            position_ids=torch.arange(start, stop, device=reference.device).unsqueeze(0),
+                            **{cache_keyword(model): cache})
             pieces = out.logits[0, -1].float()
     except Exception:  # noqa: BLE001 - any failure means "does not fit"
         return False

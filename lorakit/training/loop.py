@@ -27,7 +27,7 @@ from ..atomic import staged_directory, staged_file
 from ..errors import ConfigError
 from ..losses import ChunkedLossLM, supports_chunked_loss
 from .optim import build_optimizer, build_scheduler
-from .memory import estimated_bytes, peak_bytes, resident_bytes
+from .memory import estimated_bytes, peak_bytes, peak_since_reset, reset_peak, resident_bytes
 from .packing import pack_examples
 from .reporting import Reporter
 from .artifacts import RUN_FILE, run_record
@@ -152,6 +152,7 @@ class Trainer:
         # loss bypasses the model's output, so the loop adds it there
         self.add_penalty = self.adalora and causal
         self.step, self.best, self.best_step, self.bad_evals = 0, None, None, 0
+        self.train_peak_measured = False
         self.interrupted = False
 
     def _encode(self, rows, split, truncation):
@@ -182,6 +183,7 @@ class Trainer:
         previous = signal.signal(signal.SIGINT, self._on_interrupt)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not self.dist.is_main or self.quiet)
         started, tokens_seen = time.perf_counter(), 0
+        self.train_peak_measured = reset_peak(self.dist.device)
         try:
             while self.step < self.total_steps:
                 loss, tokens, stop = self._train_step()
@@ -350,6 +352,8 @@ class Trainer:
             summary["adalora_ranks"] = ranks
             summary["adalora_live_params"] = sum(k * _triplet_params(self.model, p) for p, k in ranks.items())
         summary["memory"] = {"peak_bytes": peak_bytes(self.dist.device, self.rss_before_model),
+                             "train_peak_bytes": peak_since_reset(self.dist.device, self.rss_before_model)
+                             if self.train_peak_measured else None,
                              "estimate_bytes": estimated_bytes(self.model.config, o, self.seq_len,
                                                                chunked_loss=self.wrapped_is_chunked,
                                                                nproc=self.dist.world_size)}

@@ -1,7 +1,8 @@
 """A run's memory next to `lorakit estimate`'s prediction for the same options (lm / sft runs).
 
 Measured: on CUDA the allocator's peak; on CPU the process's peak resident memory above its
-resident memory just before the model was loaded (the same measure benchmarks/estimate_memory.py
+resident memory just before the model was loaded, over the whole run and over training alone
+(from the first step: loading, which materialises the whole model in every process, excluded) (the same measure benchmarks/estimate_memory.py
 checks the estimate against). The estimate is built from the model's config alone with the run's
 rank, targets, dtype, optimizer, batch, sequence length and checkpointing.
 """
@@ -24,6 +25,29 @@ def peak_bytes(device: torch.device, baseline: int) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+
+
+def reset_peak(device: torch.device) -> bool:
+    """Start a new peak from here (training, after loading): CUDA's counter, or on Linux the
+    process's resident high-water mark (``/proc/self/clear_refs``); False where neither exists."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_since_reset(device: torch.device, baseline: int) -> int:
+    """The peak since reset_peak, above ``baseline`` (the resident memory before the model was loaded)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    with open("/proc/self/status") as handle:
+        kilobytes = next(int(line.split()[1]) for line in handle if line.startswith("VmHWM:"))
+    return kilobytes * 1024 - baseline
 
 
 def estimated_bytes(model_config, options, seq_len: int, chunked_loss: bool = True, nproc: int = 1) -> int | None:
