@@ -7,9 +7,9 @@ task, LoRA r=8 on all linear layers, bf16 frozen base with fp32 LoRA weights and
 same global batch everywhere: one process with 2x the batch, `torchrun --nproc_per_node 2` with
 DDP, and with --fsdp (plus --fsdp --qlora). Each process runs on one thread (2 cores, 2 processes).
 Peak memory is rank 0's peak resident memory above its resident memory before the model was
-loaded (what `lorakit train` reports): over the whole run (loading included, which still reads the
-whole model into every process) and over training alone, beside `lorakit estimate`'s per-process
-prediction. Step time
+loaded (what `lorakit train` reports), beside `lorakit estimate`'s per-process prediction, and its
+resident memory once the model is set up (loaded, adapted, sharded; optimizer built): the frozen
+base as each process holds it while training. Step time
 is the run's training seconds per step (no evaluation inside: --eval-steps past the end).
 """
 
@@ -64,13 +64,13 @@ def main() -> None:
     for name, summary in results.items():
         memory = summary["memory"]
         drift = max(abs(a - b) for a, b in zip(summary["losses"], reference[name]))
-        rows.append((name, f"{memory['peak_bytes'] / 2**20:.0f}", f"{memory['train_peak_bytes'] / 2**20:.0f}",
+        rows.append((name, f"{memory['resident_after_setup_bytes'] / 2**20:.0f}", f"{memory['peak_bytes'] / 2**20:.0f}",
                      f"{memory['estimate_bytes'] / 2**20:.0f}" if memory.get("estimate_bytes") else "-",
                      f"{summary['train_seconds'] / summary['steps']:.2f}", f"{summary['losses'][-1]:.4f}", f"{drift:.1e}"))
     print_table(f"SmolLM2-135M SFT, bf16 base, global batch {2 * args.batch} x {args.seq} tokens, {args.steps} steps",
-                rows, ("run", "peak MiB, whole run", "peak MiB, training", "estimate MiB", "s / step", "last loss",
+                rows, ("run", "resident MiB after setup", "peak MiB", "estimate MiB", "s / step", "last loss",
                        "max |loss - 1 proc|"))
-    for key in ("peak_bytes", "train_peak_bytes"):
+    for key in ("resident_after_setup_bytes", "peak_bytes"):
         fsdp, ddp = results["FSDP x2"]["memory"][key], results["DDP x2"]["memory"][key]
         print(f"FSDP / DDP {key} per process (rank 0): {fsdp / ddp:.2f} (target <= 0.6 for the frozen base)")
     args.out.parent.mkdir(parents=True, exist_ok=True)

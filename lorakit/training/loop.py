@@ -152,7 +152,7 @@ class Trainer:
         # loss bypasses the model's output, so the loop adds it there
         self.add_penalty = self.adalora and causal
         self.step, self.best, self.best_step, self.bad_evals = 0, None, None, 0
-        self.train_peak_measured = False
+        self.train_peak_measured, self.setup_bytes = False, None
         self.interrupted = False
 
     def _encode(self, rows, split, truncation):
@@ -183,6 +183,7 @@ class Trainer:
         previous = signal.signal(signal.SIGINT, self._on_interrupt)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not self.dist.is_main or self.quiet)
         started, tokens_seen = time.perf_counter(), 0
+        self.setup_bytes = resident_bytes() - self.rss_before_model  # the model as it trains (sharded under FSDP)
         self.train_peak_measured = reset_peak(self.dist.device)
         try:
             while self.step < self.total_steps:
@@ -352,6 +353,7 @@ class Trainer:
             summary["adalora_ranks"] = ranks
             summary["adalora_live_params"] = sum(k * _triplet_params(self.model, p) for p, k in ranks.items())
         summary["memory"] = {"peak_bytes": peak_bytes(self.dist.device, self.rss_before_model),
+                             "resident_after_setup_bytes": self.setup_bytes,
                              "train_peak_bytes": peak_since_reset(self.dist.device, self.rss_before_model)
                              if self.train_peak_measured else None,
                              "estimate_bytes": estimated_bytes(self.model.config, o, self.seq_len,
