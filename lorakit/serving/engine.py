@@ -130,20 +130,30 @@ class Engine:
         raise ServingError(f"unknown model {name!r}; available: {', '.join([self.base_name, *self.adapters])}", 404)
 
     def _load_on_demand(self, name: str) -> None:
-        with self.loading:
-            if name in self.adapters:
-                return
-            if self.max_loaded_adapters and len(self.adapters) >= self.max_loaded_adapters:
-                idle_ones = lambda: [a for a in self.adapters if self.in_use.get(a, 0) == 0]  # noqa: E731
-                with self.idle:  # every resident adapter has requests in flight: wait for one to finish
-                    idle = self.idle.wait_for(idle_ones, timeout=self.limits.adapter_wait_s)
-                if not idle:
+        """Load ``name``, first evicting the least recently used idle adapter when the resident ones
+        are --max-loaded-adapters. When all of them have requests in flight it waits for one to
+        finish (up to adapter_wait_s) without holding the loading lock, so requests for resident
+        adapters keep being accepted meanwhile."""
+        deadline = time.monotonic() + self.limits.adapter_wait_s
+        idle_ones = lambda: [a for a in self.adapters if self.in_use.get(a, 0) == 0]  # noqa: E731
+        while True:
+            with self.loading:
+                if name in self.adapters:
+                    return
+                full = bool(self.max_loaded_adapters) and len(self.adapters) >= self.max_loaded_adapters
+                with self.idle:
+                    idle = idle_ones() if full else []
+                if not full or idle:
+                    if idle:
+                        victim = min(idle, key=lambda a: self.last_used.get(a, 0.0))
+                        self.unload_adapter(victim, timeout=0)
+                        self.last_used.pop(victim, None)
+                    self.load_adapter(name)
+                    return
+            with self.idle:  # every resident adapter has requests in flight: wait for one to finish
+                if not self.idle.wait_for(idle_ones, timeout=max(0.0, deadline - time.monotonic())):
                     raise ServingError(f"all {len(self.adapters)} loaded adapters stayed busy for "
                                        f"{self.limits.adapter_wait_s:.0f} s; retry shortly", 503)
-                victim = min(idle, key=lambda a: self.last_used.get(a, 0.0))
-                self.unload_adapter(victim, timeout=0)
-                self.last_used.pop(victim, None)
-            self.load_adapter(name)
 
     def submit(self, request: Request) -> None:
         if not self.running:

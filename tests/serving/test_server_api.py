@@ -126,8 +126,19 @@ def test_adapters_load_on_demand_with_lru_eviction(causal_dir, adapter_dir):  # 
         while engine.in_use.get("alpha", 0) or engine.in_use.get("beta", 0):  # the worker releases after replying
             time.sleep(0.01)
         engine.in_use.update({"alpha": 1, "beta": 1})  # both busy: nothing can be evicted
-        busy = complete(running.url, "gamma", "the plot")  # waits 0.3 s for an idle one, then gives up
+        finished = {}
+
+        def ask(name):
+            finished[name] = (complete(running.url, name, "the plot"), time.monotonic())
+        waiting = threading.Thread(target=ask, args=("gamma",))  # waits 0.3 s for an idle one, then gives up
+        waiting.start()
+        time.sleep(0.05)
+        ask("alpha")  # a resident adapter is served while gamma waits for room
+        waiting.join()
+        busy = finished["gamma"][0]
         assert busy.status_code == 503 and "busy" in busy.json()["error"]["message"]
+        assert finished["alpha"][0].status_code == 200 and finished["alpha"][1] < finished["gamma"][1]
+        engine.in_use.update({"alpha": 1})
 
         def finish_alpha():
             time.sleep(0.1)
