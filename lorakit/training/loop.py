@@ -35,6 +35,7 @@ from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint, tr
 from .data import EMBEDDED_SFT_TEMPLATES, Truncation, collate, encode, label_names, load_splits, require_rows
 from .distributed import Distributed
 from .evaluation import evaluate, split_metrics
+from .learning_check import learning_check
 from .models import load_model
 from .options import TrainOptions, save_options
 
@@ -408,32 +409,6 @@ class Trainer:
             self.tokenizer.save_pretrained(staging)
             record = run_record(self.options, self.labels, self.seq_len, *self.templates)
             (staging / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
-
-
-def learning_check(task: str, test: dict | None, log_path: Path) -> dict:
-    """Did the run learn? A classifier must beat the majority class of its test split and not
-    predict one label for every row; a language model's training loss must have come down."""
-    if task == "classify" and test and "confusion_matrix" in test:
-        confusion = torch.tensor(test["confusion_matrix"], dtype=torch.float64)
-        majority = float(confusion.sum(1).max() / confusion.sum().clamp(min=1))
-        predicted = int((confusion.sum(0) > 0).sum())
-        if predicted <= 1 or test["accuracy"] <= majority + 0.01:
-            return {"ok": False, "majority_class": majority, "message": (
-                f"this run did not learn: test accuracy {test['accuracy']:.3f} vs {majority:.3f} for always "
-                f"answering the majority class{' (it predicts one label for every row)' if predicted <= 1 else ''}. "
-                "Try a higher --lr, more --epochs / --min-steps, or more --targets.")}
-        return {"ok": True, "majority_class": majority}
-    losses = [json.loads(line).get("loss") for line in log_path.read_text().splitlines()] if log_path.is_file() else []
-    losses = [v for v in losses if v is not None]
-    if len(losses) >= 10:
-        window = max(1, len(losses) // 10)
-        first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
-        if last > 0.98 * first:
-            return {"ok": False, "first_loss": first, "last_loss": last, "message": (
-                f"this run did not learn: the training loss went from {first:.4f} to {last:.4f}. Try a higher "
-                "--lr or more steps.")}
-        return {"ok": True, "first_loss": first, "last_loss": last}
-    return {"ok": True}
 
 
 def _atomic_save(tensors: dict, path: Path) -> None:
