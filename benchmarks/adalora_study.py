@@ -27,7 +27,10 @@ def run(task: str, method: str, seed: int, steps: int, eval_examples: int | None
     from lorakit.training.options import resolve_options
 
     model = "minilm" if task == "classify" else "smollm2-135m"
-    fields = dict(model=model, data="rotten-tomatoes", task=task, max_steps=steps, seq_len=64, seed=seed, r=8,
+    # 64 tokens is the demo's review length; SFT rows (chat template + review + answer) need 256, or
+    # long reviews lose their answer tokens and the validation loss sees none
+    fields = dict(model=model, data="rotten-tomatoes", task=task, max_steps=steps, seq_len=64 if task == "classify"
+                  else 256, seed=seed, r=8,
                   overwrite=True, eval_examples=eval_examples)
     if method == "adalora":
         fields.update(method="adalora", init_r=12, target_r=8)
