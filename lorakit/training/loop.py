@@ -153,7 +153,7 @@ class Trainer:
         # loss bypasses the model's output, so the loop adds it there
         self.add_penalty = self.adalora and causal
         self.step, self.best, self.best_step, self.bad_evals = 0, None, None, 0
-        self.train_peak_measured, self.setup_bytes = False, None
+        self.train_peak_measured, self.setup_bytes, self.setup_peak = False, None, 0
         self.interrupted = False
 
     def _encode(self, rows, split, truncation):
@@ -185,6 +185,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not self.dist.is_main or self.quiet)
         started, tokens_seen = time.perf_counter(), 0
         self.setup_bytes = resident_bytes() - self.rss_before_model  # the model as it trains (sharded under FSDP)
+        self.setup_peak = peak_bytes(self.dist.device, self.rss_before_model)  # the reset below clears it
         self.train_peak_measured = reset_peak(self.dist.device)
         try:
             while self.step < self.total_steps:
@@ -353,10 +354,11 @@ class Trainer:
             ranks = lk.current_ranks(self.model)
             summary["adalora_ranks"] = ranks
             summary["adalora_live_params"] = sum(k * _triplet_params(self.model, p) for p, k in ranks.items())
-        summary["memory"] = {"peak_bytes": peak_bytes(self.dist.device, self.rss_before_model),
+        train_peak = peak_since_reset(self.dist.device, self.rss_before_model) if self.train_peak_measured else None
+        whole_run = max(self.setup_peak, train_peak) if train_peak is not None else \
+            peak_bytes(self.dist.device, self.rss_before_model)
+        summary["memory"] = {"peak_bytes": whole_run, "train_peak_bytes": train_peak,
                              "resident_after_setup_bytes": self.setup_bytes,
-                             "train_peak_bytes": peak_since_reset(self.dist.device, self.rss_before_model)
-                             if self.train_peak_measured else None,
                              "estimate_bytes": estimated_bytes(self.model.config, o, self.seq_len,
                                                                chunked_loss=self.wrapped_is_chunked,
                                                                nproc=self.dist.world_size)}
