@@ -128,8 +128,10 @@ class Trainer:
         self.micro_per_epoch = len(self.encoded["train"]) // per_micro
         steps_per_epoch = self.micro_per_epoch // options.grad_accum
         self.total_steps = options.max_steps or max(options.min_steps or 1, math.ceil(options.epochs * steps_per_epoch))
-        self.model = prepare_model(model, options, self.total_steps).to(self.dist.device)
         self.adalora, self.fsdp = options.method == "adalora", options.fsdp
+        self.model = prepare_model(model, options, self.total_steps)
+        if not self.fsdp:  # FSDP moves each process's shards to its device, never the whole model
+            self.model.to(self.dist.device)
         self.report = lk.trainable_parameters(self.model)
         # causal LMs train through the chunked loss (never the full logits); DDP wraps, or FSDP
         # shards, what runs the step; the optimizer is built after sharding, on the shards
@@ -137,6 +139,8 @@ class Trainer:
         self.wrapped_is_chunked = causal
         self.wrapped = self.dist.wrap(ChunkedLossLM(self.model) if causal else self.model,
                                       fsdp_of=self.model if self.fsdp else None)
+        if self.fsdp:
+            self.model.to(self.dist.device)  # what FSDP does not manage: buffers (rotary tables)
         if options.compile:  # the weights stay the model's own: saving and evaluation use self.model
             self.wrapped = torch.compile(self.wrapped)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
