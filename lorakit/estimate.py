@@ -27,6 +27,7 @@ from .config import LoraConfig
 from .errors import ConfigError
 from .injection import inject
 from .report import trainable_parameters
+from .targeting import decoder_blocks
 
 NF4_BITS_PER_WEIGHT = 4 + 8 / 64 + 32 / (64 * 256)  # codes + 8-bit absmax per 64 + fp32 per 256 blocks = 4.127
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -222,8 +223,7 @@ def shard_rows(rows: list[MemoryRow], model, model_params: int, nproc: int) -> l
     weights, gradients and optimizer states split N ways; on top, what is whole while it runs:
     the root unit (embeddings, final norm, head: gathered for the whole step) and two blocks (the
     one computing and the one prefetched). Activations are per process as before."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    blocks = decoder_blocks(model)
     sizes = [sum(p.numel() for n, p in b.named_parameters() if "lora_" not in n) for b in blocks]  # base weights
     block_params, root_params = max(sizes, default=0), model_params - sum(sizes)
     gathered_share = (root_params + 2 * block_params) / model_params  # of the weights, whole at a time

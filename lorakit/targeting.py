@@ -38,6 +38,13 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks (decoder layers and the like): modules of a class transformers
+    marks as not to be split (``_no_split_modules``); empty when the model names none."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
 def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
     """Put ``module`` at ``path`` (a dotted module path) inside ``model``."""
     parent_path, _, child = path.rpartition(".")

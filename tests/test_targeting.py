@@ -50,3 +50,16 @@ def test_no_match_suggests_close_candidates():
 def test_unsupported_module_type_is_named():
     with pytest.raises(lk.TargetNotFoundError, match="LayerNorm"):
         targets(tiny_bert(), target_modules=["attention.output.LayerNorm"])
+
+
+def test_decoder_blocks_are_the_classes_transformers_will_not_split():
+    from torch import nn
+
+    from lorakit.targeting import decoder_blocks
+
+    model = tiny_llama(layers=3)
+    blocks = decoder_blocks(model)
+    assert blocks == list(model.model.layers)
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["q_proj"]))  # wrappers do not hide the blocks
+    assert decoder_blocks(model) == list(model.model.layers)
+    assert decoder_blocks(nn.Sequential(nn.Linear(2, 2))) == []

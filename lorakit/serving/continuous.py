@@ -79,22 +79,8 @@ class ContinuousBatcher:
         except queue.Empty:
             pass
         if classify:
-            self._classify(classify)
+            self.engine.run_batch(classify_batch, classify, "classification")
         return True
-
-    def _classify(self, requests) -> None:
-        engine = self.engine
-        try:
-            with engine.model_lock, torch.inference_mode():
-                classify_batch(engine, requests)
-        except Exception as exc:  # a failed forward fails its requests, never the server
-            for request in requests:
-                engine.stats["failed"] += 1
-                engine.prometheus.errors.labels(status="500").inc()
-                request.sink("error", ServingError(f"classification failed: {exc}", 500))
-        finally:
-            for request in requests:
-                engine._release(request)
 
     def _admit(self) -> None:
         if self.prefilling is not None or not self.waiting or len(self.running) >= self.engine.limits.max_batch:

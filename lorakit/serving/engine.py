@@ -241,17 +241,21 @@ class Engine:
             self.prometheus.running.set(len(batch))
             for kind, run in (("generate", generate_batch), ("classify", classify_batch)):
                 group = [r for r in batch if r.kind == kind]
-                if not group:
-                    continue
-                try:
-                    with self.model_lock, torch.inference_mode():
-                        run(self, group)
-                except Exception as exc:  # a failed batch fails its requests, never the server
-                    self.stats["failed"] += len(group)
-                    self.prometheus.errors.labels(status="500").inc(len(group))
-                    for request in group:
-                        request.sink("error", ServingError(f"generation failed: {exc}", 500))
-                finally:
-                    for request in group:
-                        self._release(request)
+                if group:
+                    self.run_batch(run, group, f"{'generation' if kind == 'generate' else 'classification'}")
             self.prometheus.running.set(0)
+
+    def run_batch(self, run, requests: list, what: str) -> None:
+        """``run(self, requests)`` under the model lock; a failure fails these requests with a 500,
+        never the server; their adapters are released either way."""
+        try:
+            with self.model_lock, torch.inference_mode():
+                run(self, requests)
+        except Exception as exc:
+            self.stats["failed"] += len(requests)
+            self.prometheus.errors.labels(status="500").inc(len(requests))
+            for request in requests:
+                request.sink("error", ServingError(f"{what} failed: {exc}", 500))
+        finally:
+            for request in requests:
+                self._release(request)

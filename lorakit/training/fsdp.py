@@ -20,11 +20,12 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from .. import targeting
 
-def decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks: modules of a class transformers marks as not to be split."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+
+def shardable_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks FSDP shards one by one; a model that names none cannot be sharded."""
+    blocks = targeting.decoder_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} names no decoder blocks (_no_split_modules); --fsdp cannot shard it")
     return blocks
@@ -40,7 +41,7 @@ def shard(model: nn.Module, chunked_loss: bool) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     _shardable_4bit_codes(model)
-    for block in decoder_blocks(model):
+    for block in shardable_blocks(model):
         fully_shard(block)
     if chunked_loss:
         _add_chunked_loss_forward(model)
