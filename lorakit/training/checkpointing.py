@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from ..atomic import staged_directory
 from ..errors import AdapterFileError
+from .placement import Replicated
 
 CHECKPOINT = "checkpoint"
 
@@ -56,9 +57,9 @@ def find_checkpoint(output: Path, name: str = CHECKPOINT) -> Path | None:
     return None
 
 
-def load_checkpoint(directory: Path, model, optimizer, scheduler, fsdp: bool = False) -> dict:
+def load_checkpoint(directory: Path, model, optimizer, scheduler, placement: Replicated | None = None) -> dict:
     """Restore everything saved by save_checkpoint; checks names and shapes before touching the model.
-    With ``fsdp`` every process calls it and the whole tensors are scattered into the shards."""
+    Under a sharded placement every process calls it and the whole tensors are scattered into the shards."""
     try:
         weights = load_file(str(directory / "trainable.safetensors"))
         state = torch.load(directory / "training_state.pt", weights_only=False)
@@ -75,16 +76,9 @@ def load_checkpoint(directory: Path, model, optimizer, scheduler, fsdp: bool = F
         if tensor.shape != params[name].shape:
             raise AdapterFileError(f"checkpoint {directory}: {name} has shape {tuple(tensor.shape)}, the model "
                                    f"expects {tuple(params[name].shape)}; resume with the same options")
-    if fsdp:
-        from .fsdp import load_full_trainable, load_optimizer_state
-
-        load_full_trainable(model, weights)
-        load_optimizer_state(model, optimizer, state["optimizer"])
-    else:
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                params[name].copy_(tensor)
-        optimizer.load_state_dict(state["optimizer"])
+    placement = placement or Replicated()
+    placement.load_trainable(model, weights)
+    placement.load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return progress

@@ -1,8 +1,8 @@
-"""Multi-process training through torchrun: DDP over gloo (CPU) or nccl (GPU). One process is plain."""
+"""Multi-process training through torchrun: process group over gloo (CPU) or nccl (GPU), and the
+small collectives the loop needs. How the model is replicated or sharded: placement.py."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 
@@ -15,7 +15,6 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
-    fsdp: bool = False
 
     @classmethod
     def from_env(cls) -> "Distributed":
@@ -32,30 +31,6 @@ class Distributed:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    def wrap(self, model: torch.nn.Module, fsdp_of: torch.nn.Module | None = None) -> torch.nn.Module:
-        """DDP around ``model`` (what runs the training step); with ``fsdp_of`` (the transformers model
-        inside it), FSDP2 shards that instead and it runs the step (fsdp.py)."""
-        if fsdp_of is not None:
-            from .fsdp import shard
-
-            self.fsdp = True
-            return shard(fsdp_of, chunked_loss=model is not fsdp_of)
-        if self.world_size == 1:
-            return model
-        from torch.nn.parallel import DistributedDataParallel
-
-        # DDP registers only parameters that require grad: the frozen base is never all-reduced
-        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-
-    def no_sync(self, wrapped, last: bool):
-        """Skip the gradient all-reduce (FSDP: reduce-scatter) on all but the last micro-batch of an
-        accumulated step."""
-        if self.fsdp:
-            return _fsdp_sync(wrapped, last)
-        if self.world_size > 1 and not last:
-            return wrapped.no_sync()
-        return contextlib.nullcontext()
 
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) for k, v in batch.items()}
@@ -83,11 +58,3 @@ class Distributed:
         if self.world_size > 1 and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
 
-
-@contextlib.contextmanager
-def _fsdp_sync(wrapped, sync: bool):
-    wrapped.set_requires_gradient_sync(sync)
-    try:
-        yield
-    finally:
-        wrapped.set_requires_gradient_sync(True)

@@ -34,6 +34,7 @@ from .artifacts import RUN_FILE, run_record
 from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint, trainable_state
 from .data import EMBEDDED_SFT_TEMPLATES, Truncation, collate, encode, label_names, load_splits, require_rows
 from .distributed import Distributed
+from .placement import placement_for
 from .evaluation import evaluate, split_metrics
 from .learning_check import learning_check
 from .models import load_model
@@ -128,19 +129,14 @@ class Trainer:
         self.micro_per_epoch = len(self.encoded["train"]) // per_micro
         steps_per_epoch = self.micro_per_epoch // options.grad_accum
         self.total_steps = options.max_steps or max(options.min_steps or 1, math.ceil(options.epochs * steps_per_epoch))
-        self.adalora, self.fsdp = options.method == "adalora", options.fsdp
+        self.adalora, self.placement = options.method == "adalora", placement_for(options.fsdp)
         self.model = prepare_model(model, options, self.total_steps)
-        if not self.fsdp:  # FSDP moves each process's shards to its device, never the whole model
-            self.model.to(self.dist.device)
         self.report = lk.trainable_parameters(self.model)
         # causal LMs train through the chunked loss (never the full logits); DDP wraps, or FSDP
         # shards, what runs the step; the optimizer is built after sharding, on the shards
         causal = options.task != "classify" and supports_chunked_loss(self.model)
         self.wrapped_is_chunked = causal
-        self.wrapped = self.dist.wrap(ChunkedLossLM(self.model) if causal else self.model,
-                                      fsdp_of=self.model if self.fsdp else None)
-        if self.fsdp:
-            self.model.to(self.dist.device)  # what FSDP does not manage: buffers (rotary tables)
+        self.wrapped = self.placement.place(self.model, ChunkedLossLM(self.model) if causal else self.model, self.dist)
         if options.compile:  # the weights stay the model's own: saving and evaluation use self.model
             self.wrapped = torch.compile(self.wrapped)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -151,8 +147,7 @@ class Trainer:
         self.eval_steps = options.eval_steps or steps_per_epoch
         self.scheduler = build_scheduler(self.optimizer, options, self.total_steps)
         self.reporter = Reporter(self.output, options.report_to) if self.dist.is_main else Reporter(None, None)
-        # every process runs evaluation forwards under FSDP (each holds a shard); otherwise rank 0 alone
-        self.evaluates = self.dist.is_main or self.fsdp
+        self.evaluates = self.placement.evaluates(self.dist)
         # AdaLoRA's orthogonality penalty joins the model's own loss (a hook, as in PEFT); the chunked
         # loss bypasses the model's output, so the loop adds it there
         self.add_penalty = self.adalora and causal
@@ -240,12 +235,11 @@ class Trainer:
         for k in range(o.grad_accum):
             examples = self.micro_batch(self.step * o.grad_accum + k)
             batch = self.dist.to_device(collate(examples, self.tokenizer.pad_token_id))
-            with self.dist.no_sync(self.wrapped, last=k == o.grad_accum - 1), \
+            with self.placement.no_sync(self.wrapped, k == o.grad_accum - 1, self.dist), \
                     torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=o.bf16):
                 # packed rows: no KV cache, so transformers reads the position restarts as boundaries
                 extra = {"use_cache": False} if "position_ids" in batch else {}
-                if self.fsdp and self.wrapped_is_chunked:
-                    extra["chunked_loss"] = True  # the sharded model runs the chunked loss itself
+                extra.update(self.placement.step_kwargs(self.wrapped_is_chunked))
                 loss = self.wrapped(**batch, **extra).loss
                 if self.add_penalty:
                     loss = loss + lk.adalora_penalty(self.model)
@@ -296,11 +290,7 @@ class Trainer:
         return self.dist.broadcast_flag(stop)
 
     def _trainable_state(self) -> dict:
-        if not self.fsdp:
-            return trainable_state(self.model)
-        from .fsdp import full_trainable
-
-        with full_trainable(self.model):
+        with self.placement.whole_trainable(self.model):  # a gather when sharded: every process joins
             return trainable_state(self.model)
 
     def _progress(self) -> dict:
@@ -309,12 +299,7 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         trainable = self._trainable_state()
-        if self.fsdp:
-            from .fsdp import optimizer_state
-
-            optimizer = optimizer_state(self.model, self.optimizer)
-        else:
-            optimizer = self.optimizer.state_dict()
+        optimizer = self.placement.optimizer_state(self.model, self.optimizer)
         if self.dist.is_main:
             save_checkpoint(self.output, trainable, optimizer, self.scheduler, self._progress())
         self.dist.barrier()
@@ -323,7 +308,7 @@ class Trainer:
         found = find_checkpoint(self.output)
         if found is None:
             raise ConfigError(f"--resume: no checkpoint in {self.output}; start without --resume")
-        progress = load_checkpoint(found, self.model, self.optimizer, self.scheduler, fsdp=self.fsdp)
+        progress = load_checkpoint(found, self.model, self.optimizer, self.scheduler, placement=self.placement)
         self.step, self.best, self.best_step = progress["step"], progress["best"], progress["best_step"]
         self.bad_evals = progress["bad_evals"]
         if progress["total_steps"] != self.total_steps:
@@ -339,16 +324,7 @@ class Trainer:
         o = self.options
         self.dist.barrier()  # rank 0's best weights are on disk
         if self.best_step is not None and (self.output / BEST).is_file():
-            best = load_file(str(self.output / BEST))
-            if self.fsdp:
-                from .fsdp import load_full_trainable
-
-                load_full_trainable(self.model, best)
-            else:
-                with torch.no_grad():
-                    for name, p in self.model.named_parameters():
-                        if name in best:
-                            p.copy_(best[name])
+            self.placement.load_trainable(self.model, load_file(str(self.output / BEST)))
         summary = {"output": str(self.output), "task": o.task, "model": o.model, "data": o.data,
                    "method": "full" if o.full else ("qlora" if o.qlora else "lora"), "r": None if o.full else o.r,
                    "steps": self.step, "best_step": self.best_step, "train_seconds": round(train_seconds, 1),
@@ -396,14 +372,9 @@ class Trainer:
         """output/adapter (PEFT format) or output/model (full fine-tune), with the tokenizer and the run
         record, staged and renamed into place as a whole (rank 0 writes; under FSDP all gather)."""
         target = self.output / ("model" if self.options.full else "adapter")
-        if self.fsdp:
-            from .fsdp import full_trainable
-
-            with full_trainable(self.model):
-                if self.dist.is_main:
-                    self._write_files(target)
-        elif self.dist.is_main:
-            self._write_files(target)
+        with self.placement.whole_trainable(self.model):
+            if self.dist.is_main:
+                self._write_files(target)
         return target
 
     def _write_files(self, target: Path) -> None:
