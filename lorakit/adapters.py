@@ -9,10 +9,8 @@ from torch import nn
 
 from .errors import MergeStateError
 from .injection import set_active
-from .layers import LoraLayer
 from .merging import drop_empty_wrappers
-from .modules_to_save import ModulesToSave
-from .state import check_names, drop_registry, lora_layers, merged_adapters, registry, saved_modules
+from .state import adapter_wrappers, check_names, drop_registry, lora_layers, merged_adapters, registry, saved_modules
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -41,8 +39,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if name in merged_adapters(model):
         raise MergeStateError(f"adapter {name!r} is merged into the weights; call lk.unmerge(model) first.")
     reg = registry(model)
-    for _, module in list(model.named_modules()):
-        if isinstance(module, (LoraLayer, ModulesToSave)) and name in module.adapter_names:
+    for _, module in adapter_wrappers(model):
+        if name in module.adapter_names:
             module.remove_adapter(name)
     del reg.configs[name]
     drop_empty_wrappers(model)

@@ -35,7 +35,7 @@ from .layers import LoraLayer, lora_dims_of
 from .modules_to_save import ModulesToSave
 from .moe import nested_path
 from .param_layers import innermost, param_geometry
-from .state import apply_trainability, check_names, lora_layers, registry, saved_modules
+from .state import check_names, lora_layers, registry, saved_modules
 from .targeting import iter_base_modules, unwrap
 
 PREFIX = "base_model.model."
@@ -208,8 +208,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         for (owner, attr), tensor in assignments:
             target = _resolve(model, owner, attr, adapter_name)
             target.copy_(tensor.to(dtype=target.dtype, device=target.device))
-    apply_trainability(model)
-    return model
+    return model  # apply_plan has set what trains
 
 
 def _match_tensors(model, plan, tensors, directory):

@@ -22,7 +22,7 @@ from .linear_layers import LoraLinear
 from .modules_to_save import ModulesToSave
 from .moe import convert_moe_config, find_param_targets, nested_path
 from .param_layers import LoraParam
-from .state import apply_trainability, ensure_registry, has_adapters, registry
+from .state import adapter_wrappers, apply_trainability, ensure_registry, has_adapters, registry, walk_modules
 from .targeting import find_modules_to_save, find_targets, iter_base_modules, minimal_suffixes, replace_module, unwrap
 
 
@@ -114,9 +114,8 @@ def apply_plan(model: nn.Module, plan: InjectionPlan, adapter_name: str) -> None
 
 def set_active(model: nn.Module, names: list[str]) -> None:
     registry(model).active = list(names)
-    for _, module in model.named_modules():
-        if isinstance(module, (LoraLayer, ModulesToSave)):
-            module.active_adapters = [n for n in names if n in module.adapter_names]
+    for _, module in adapter_wrappers(model):
+        module.active_adapters = [n for n in names if n in module.adapter_names]
     apply_trainability(model)
 
 
@@ -153,7 +152,7 @@ def _wrap(model: nn.Module, path: str, wrapper_cls: type) -> nn.Module:
 
 def link_shared_inputs(model: nn.Module) -> None:
     """Group sibling LoRA linear layers that read the same input (see SHARED_INPUT_SETS)."""
-    for parent in model.modules():
+    for _, parent in walk_modules(model):
         children = dict(parent.named_children())
         for names in SHARED_INPUT_SETS:
             members = [children[n] for n in names if isinstance(children.get(n), LoraLinear)

@@ -11,10 +11,9 @@ from torch import nn
 
 from .errors import ConfigError, LoraError, MergeStateError
 from .layers import LoraLayer
-from .modules_to_save import ModulesToSave
 from .qlora import dequantize
 from .quantization import requantize_warning
-from .state import check_names, drop_registry, lora_layers, merged_adapters, registry
+from .state import adapter_wrappers, check_names, drop_registry, lora_layers, merged_adapters, registry
 from .targeting import replace_module
 
 
@@ -110,8 +109,8 @@ def _replace_wrappers(model: nn.Module, keep_copy: str | None, only_empty: bool 
 
 def _replace_wrappers_once(model: nn.Module, keep_copy: str | None, only_empty: bool) -> bool:
     changed = False
-    for path, module in list(model.named_modules()):
-        if not isinstance(module, (LoraLayer, ModulesToSave)) or (only_empty and module.adapter_names):
+    for path, module in adapter_wrappers(model):
+        if only_empty and module.adapter_names:
             continue
         if model.get_submodule(path) is not module:
             continue  # moved by replacing its outer wrapper in this pass

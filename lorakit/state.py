@@ -62,10 +62,11 @@ def check_names(model: nn.Module, names, allow_base: bool = False) -> list[str]:
     return names
 
 
-def _walk(model: nn.Module):
+def _walk(model: nn.Module, into_copies: bool = True):
     """named_modules' order and names, without entering a LoRA layer's per-adapter submodules (only
-    its base layer): with many adapters loaded those are most of the model's modules, and servers
-    and mixed batches look the layers up on every step."""
+    its base layer) and, unless ``into_copies``, a saved module's trainable copies: with many adapters
+    loaded those are most of the model's modules, and servers, mixed batches and adapter loads look
+    the layers up on every step."""
     seen, todo = set(), [("", model)]
     while todo:
         path, module = todo.pop()
@@ -76,8 +77,15 @@ def _walk(model: nn.Module):
         children = module._modules.items()
         if isinstance(module, LoraLayer):
             children = [(name, child) for name, child in children if name == "base_layer"]
+        elif isinstance(module, ModulesToSave) and not into_copies:
+            children = [(name, child) for name, child in children if name == "original_module"]
         todo.extend((f"{path}.{name}" if path else name, child) for name, child in reversed(list(children))
                     if child is not None)
+
+
+def walk_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's modules as named_modules gives them, less the adapters' own (see _walk)."""
+    return list(_walk(model))
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
@@ -96,12 +104,27 @@ def saved_modules(model: nn.Module) -> list[tuple[str, ModulesToSave]]:
     return [(n, m) for n, m in _walk(model) if isinstance(m, ModulesToSave)]
 
 
+def adapter_wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every LoRA layer and saved module, outermost first (parameter wrappers nest)."""
+    return [(n, m) for n, m in _walk(model) if isinstance(m, (LoraLayer, ModulesToSave))]
+
+
+def base_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The base model's parameters by name (a saved module's frozen original included, its copies
+    not), found without walking the adapters' own modules."""
+    found = {}
+    for path, module in _walk(model, into_copies=False):
+        for name, param in module._parameters.items():
+            if param is not None and "lora_" not in name:
+                found[f"{path}.{name}" if path else name] = param
+    return found
+
+
 def apply_trainability(model: nn.Module) -> None:
     """Only active adapters train (unless loaded for inference); the base stays frozen."""
     reg = registry(model)
     trainable = {n for n in reg.active if not reg.configs[n].inference_mode}
-    base = {pname: p for pname, p in model.named_parameters()
-            if "lora_" not in pname and ".modules_to_save." not in pname}
+    base = base_parameters(model)
     for p in base.values():
         p.requires_grad_(False)
     for _, layer in lora_layers(model):
