@@ -38,6 +38,17 @@ def test_adamw8bit_keeps_8_bit_moments():
     assert sizes["adamw8bit"] <= 0.3 * sizes["adamw"]
 
 
+def test_adamw8bit_quantizes_small_lora_factors_too():
+    model = lk.inject(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    optimizer = build_optimizer(model, resolve_options(None, dict(optim="adamw8bit", lr=1e-3, task="sft")))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn_like(p)
+    optimizer.step()
+    moments = [state["state1"] for state in optimizer.state.values()]
+    assert moments and all(m.dtype == torch.uint8 for m in moments)  # 2 x 16 factors: far under 4,096
+
+
 def test_bad_recipe_options_are_named(classifier_dir, reviews_csv, tmp_path):
     with pytest.raises(ConfigError, match="unknown --optim 'adam'; choose one of adamw, adamw8bit, sgd, adafactor"):
         options(classifier_dir, reviews_csv, tmp_path / "a", optim="adam")
