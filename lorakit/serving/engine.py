@@ -54,6 +54,7 @@ class Engine:
         self.max_loaded_adapters = max_loaded_adapters
         self.last_used: dict[str, float] = {}
         self.loading = threading.RLock()  # one on-demand load (and eviction) at a time
+        self.adapter_line: deque[object] = deque()  # requests waiting for room to load their adapter
         self.stats = {"requests": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0, "batches": 0,
                       "batched_rows": 0}
         self.latencies: deque[float] = deque(maxlen=2000)
@@ -131,29 +132,44 @@ class Engine:
 
     def _load_on_demand(self, name: str) -> None:
         """Load ``name``, first evicting the least recently used idle adapter when the resident ones
-        are --max-loaded-adapters. When all of them have requests in flight it waits for one to
-        finish (up to adapter_wait_s) without holding the loading lock, so requests for resident
-        adapters keep being accepted meanwhile."""
-        deadline = time.monotonic() + self.limits.adapter_wait_s
+        are --max-loaded-adapters. When all of them have requests in flight, requests that need room
+        queue for it first come, first served, without holding the loading lock (requests for
+        resident adapters keep being accepted meanwhile); only the first in line waits against
+        adapter_wait_s, so a long line under load is a queue, not a failure."""
+        ticket = object()
         idle_ones = lambda: [a for a in self.adapters if self.in_use.get(a, 0) == 0]  # noqa: E731
-        while True:
-            with self.loading:
-                if name in self.adapters:
-                    return
-                full = bool(self.max_loaded_adapters) and len(self.adapters) >= self.max_loaded_adapters
+        with self.idle:
+            self.adapter_line.append(ticket)
+        try:
+            deadline = None
+            while True:
+                with self.loading:
+                    if name in self.adapters:
+                        return
+                    full = bool(self.max_loaded_adapters) and len(self.adapters) >= self.max_loaded_adapters
+                    with self.idle:
+                        first = self.adapter_line[0] is ticket
+                        idle = idle_ones() if full and first else []
+                    if not full or idle:
+                        if idle:
+                            victim = min(idle, key=lambda a: self.last_used.get(a, 0.0))
+                            self.unload_adapter(victim, timeout=0)
+                            self.last_used.pop(victim, None)
+                        self.load_adapter(name)
+                        return
                 with self.idle:
-                    idle = idle_ones() if full else []
-                if not full or idle:
-                    if idle:
-                        victim = min(idle, key=lambda a: self.last_used.get(a, 0.0))
-                        self.unload_adapter(victim, timeout=0)
-                        self.last_used.pop(victim, None)
-                    self.load_adapter(name)
-                    return
-            with self.idle:  # every resident adapter has requests in flight: wait for one to finish
-                if not self.idle.wait_for(idle_ones, timeout=max(0.0, deadline - time.monotonic())):
-                    raise ServingError(f"all {len(self.adapters)} loaded adapters stayed busy for "
-                                       f"{self.limits.adapter_wait_s:.0f} s; retry shortly", 503)
+                    if self.adapter_line[0] is not ticket:  # behind others: wait for the line to move
+                        self.idle.wait(timeout=1.0)
+                        continue
+                    deadline = deadline or time.monotonic() + self.limits.adapter_wait_s
+                    ready = lambda: bool(idle_ones()) or name in self.adapters  # noqa: E731
+                    if not self.idle.wait_for(ready, timeout=max(0.0, deadline - time.monotonic())):
+                        raise ServingError(f"all {len(self.adapters)} loaded adapters stayed busy for "
+                                           f"{self.limits.adapter_wait_s:.0f} s; retry shortly", 503)
+        finally:
+            with self.idle:
+                self.adapter_line.remove(ticket)
+                self.idle.notify_all()
 
     def submit(self, request: Request) -> None:
         if not self.running:
@@ -177,8 +193,8 @@ class Engine:
         self.queue.put(request)
 
     def waiting(self) -> int:
-        """Requests accepted but not started yet."""
-        return self.queue.qsize() + self.waiting_elsewhere()
+        """Requests accepted but not started yet (those waiting for room for their adapter included)."""
+        return self.queue.qsize() + self.waiting_elsewhere() + len(self.adapter_line)
 
     def _release(self, request: Request) -> None:
         with self.idle:

@@ -151,6 +151,41 @@ def test_adapters_load_on_demand_with_lru_eviction(causal_dir, adapter_dir):  # 
         engine.in_use.update({"beta": 0})
 
 
+def test_requests_waiting_for_room_queue_first_come_first_served(causal_dir, adapter_dir):  # noqa: F811
+    from lorakit.serving import ServingError
+
+    engine = build_engine(causal_dir, {}, adapter_dir=str(adapter_dir), limits=Limits(adapter_wait_s=1.0),
+                          max_loaded_adapters=1)
+    try:
+        engine.check_model("alpha")
+        engine.in_use["alpha"] = 1  # the only slot is busy
+        loads, outcome = [], {}
+        load = engine.load_adapter
+        engine.load_adapter = lambda name, path=None: (loads.append(name), load(name, path))
+
+        def ask(name):
+            try:
+                outcome[name] = engine.check_model(name)
+            except ServingError as exc:
+                outcome[name] = exc.status
+        first, second = threading.Thread(target=ask, args=("beta",)), threading.Thread(target=ask, args=("gamma",))
+        first.start()
+        time.sleep(0.2)
+        second.start()
+        time.sleep(0.1)
+        assert engine.waiting() == 2  # both count against --max-queue while they wait
+        time.sleep(1.2)  # beta, first in line, gives up after 1 s; gamma's wait starts only then
+        with engine.idle:
+            engine.in_use["alpha"] = 0
+            engine.idle.notify_all()
+        first.join()
+        second.join()
+        assert outcome == {"beta": 503, "gamma": "gamma"} and loads == ["gamma"]
+        assert engine.waiting() == 0
+    finally:
+        engine.close()
+
+
 def test_request_bodies_are_in_the_openapi_schema(keyed):
     spec = httpx.get(f"{keyed.url}/openapi.json", headers=AUTH).json()
     body = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
