@@ -146,7 +146,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         request.sink = lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value))
-        engine.submit(request)
+        await asyncio.to_thread(engine.submit, request)  # it may wait for room to reload an evicted adapter
         return events
 
     async def final(events: asyncio.Queue):

@@ -181,13 +181,19 @@ class Engine:
                                f"{self.limits.max_prompt_tokens}")
         if request.kind == "generate" and not 1 <= request.max_new_tokens <= self.limits.max_new_tokens:
             raise ServingError(f"max_tokens must be between 1 and {self.limits.max_new_tokens}")
-        with self.loading:  # evictions happen under this lock: once counted in use, the adapter stays
+        while True:
             if request.adapter != BASE and request.adapter not in self.adapters:
-                self.check_model(request.adapter)  # evicted since the request named it: load it again
-            with self.idle:
-                if request.adapter in self.draining:
-                    raise ServingError(f"adapter {request.adapter!r} is being unloaded", 404)
-                self.in_use[request.adapter] = self.in_use.get(request.adapter, 0) + 1
+                # evicted since the request named it: load it again, without holding the loading lock
+                # (waiting for room while holding it would stop the requests ahead in line)
+                self.check_model(request.adapter)
+            with self.loading:  # evictions happen under this lock: once counted in use, the adapter stays
+                if request.adapter != BASE and request.adapter not in self.adapters:
+                    continue  # evicted again in between
+                with self.idle:
+                    if request.adapter in self.draining:
+                        raise ServingError(f"adapter {request.adapter!r} is being unloaded", 404)
+                    self.in_use[request.adapter] = self.in_use.get(request.adapter, 0) + 1
+                break
         self.stats["requests"] += 1
         self.prometheus.requests.labels(kind=request.kind).inc()
         self.queue.put(request)
