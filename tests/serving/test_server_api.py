@@ -186,6 +186,37 @@ def test_requests_waiting_for_room_queue_first_come_first_served(causal_dir, ada
         engine.close()
 
 
+def test_a_request_whose_adapter_was_evicted_waits_in_line_without_stopping_it(causal_dir, adapter_dir):  # noqa: F811
+    from lorakit.serving.requests import Request
+
+    engine = build_engine(causal_dir, {}, adapter_dir=str(adapter_dir), limits=Limits(adapter_wait_s=5.0),
+                          max_loaded_adapters=1)
+    try:
+        engine.check_model("alpha")
+        engine.in_use["alpha"] = 1  # the only slot is busy
+        first = threading.Thread(target=engine.check_model, args=("beta",))  # first in line for room
+        first.start()
+        time.sleep(0.2)
+        replies = []
+        request = Request(kind="generate", adapter="gamma", prompt_ids=[1, 2, 3], max_new_tokens=1,
+                          sink=lambda kind, value: replies.append(kind))
+        submitting = threading.Thread(target=engine.submit, args=(request,))  # gamma was evicted: reload it
+        submitting.start()
+        time.sleep(0.2)
+        with engine.idle:
+            engine.in_use["alpha"] = 0
+            engine.idle.notify_all()
+        first.join(timeout=3)
+        submitting.join(timeout=3)
+        assert not first.is_alive() and not submitting.is_alive()  # the line moved: beta, then gamma
+        deadline = time.monotonic() + 10
+        while "done" not in replies and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "done" in replies and engine.adapters == ["gamma"]
+    finally:
+        engine.close()
+
+
 def test_request_bodies_are_in_the_openapi_schema(keyed):
     spec = httpx.get(f"{keyed.url}/openapi.json", headers=AUTH).json()
     body = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
