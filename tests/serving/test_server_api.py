@@ -1,5 +1,6 @@
 """Prometheus metrics, the API key, vLLM's adapter endpoints and the OpenAI details (n, prompt lists)."""
 
+import contextlib
 import json
 import threading
 import time
@@ -142,23 +143,37 @@ def test_adapters_load_on_demand_with_lru_eviction(causal_dir, adapter_dir):  # 
 
         def finish_alpha():
             time.sleep(0.1)
-            with engine.idle:
-                engine.in_use["alpha"] = 0
-                engine.idle.notify_all()
+            finish_requests(engine, "alpha")
         threading.Thread(target=finish_alpha).start()
         waited = complete(running.url, "gamma", "the plot")  # alpha's request ends meanwhile: it is evicted
         assert waited.status_code == 200 and sorted(engine.adapters) == ["beta", "gamma"]
         engine.in_use.update({"beta": 0})
 
 
-def test_requests_waiting_for_room_queue_first_come_first_served(causal_dir, adapter_dir):  # noqa: F811
-    from lorakit.serving import ServingError
-
-    engine = build_engine(causal_dir, {}, adapter_dir=str(adapter_dir), limits=Limits(adapter_wait_s=1.0),
+@contextlib.contextmanager
+def one_busy_slot(causal_dir, adapter_dir, wait_s: float):
+    """An engine with room for one adapter, held by "alpha" with a request in flight."""
+    engine = build_engine(causal_dir, {}, adapter_dir=str(adapter_dir), limits=Limits(adapter_wait_s=wait_s),
                           max_loaded_adapters=1)
     try:
         engine.check_model("alpha")
-        engine.in_use["alpha"] = 1  # the only slot is busy
+        engine.in_use["alpha"] = 1
+        yield engine
+    finally:
+        engine.close()
+
+
+def finish_requests(engine, name: str) -> None:
+    """As the worker does when the last request of ``name`` ends: it is idle, waiters are woken."""
+    with engine.idle:
+        engine.in_use[name] = 0
+        engine.idle.notify_all()
+
+
+def test_requests_waiting_for_room_queue_first_come_first_served(causal_dir, adapter_dir):  # noqa: F811
+    from lorakit.serving import ServingError
+
+    with one_busy_slot(causal_dir, adapter_dir, wait_s=1.0) as engine:
         loads, outcome = [], {}
         load = engine.load_adapter
         engine.load_adapter = lambda name, path=None: (loads.append(name), load(name, path))
@@ -175,25 +190,17 @@ def test_requests_waiting_for_room_queue_first_come_first_served(causal_dir, ada
         time.sleep(0.1)
         assert engine.waiting() == 2  # both count against --max-queue while they wait
         time.sleep(1.2)  # beta, first in line, gives up after 1 s; gamma's wait starts only then
-        with engine.idle:
-            engine.in_use["alpha"] = 0
-            engine.idle.notify_all()
+        finish_requests(engine, "alpha")
         first.join()
         second.join()
         assert outcome == {"beta": 503, "gamma": "gamma"} and loads == ["gamma"]
         assert engine.waiting() == 0
-    finally:
-        engine.close()
 
 
 def test_a_request_whose_adapter_was_evicted_waits_in_line_without_stopping_it(causal_dir, adapter_dir):  # noqa: F811
     from lorakit.serving.requests import Request
 
-    engine = build_engine(causal_dir, {}, adapter_dir=str(adapter_dir), limits=Limits(adapter_wait_s=5.0),
-                          max_loaded_adapters=1)
-    try:
-        engine.check_model("alpha")
-        engine.in_use["alpha"] = 1  # the only slot is busy
+    with one_busy_slot(causal_dir, adapter_dir, wait_s=5.0) as engine:
         first = threading.Thread(target=engine.check_model, args=("beta",))  # first in line for room
         first.start()
         time.sleep(0.2)
@@ -203,9 +210,7 @@ def test_a_request_whose_adapter_was_evicted_waits_in_line_without_stopping_it(c
         submitting = threading.Thread(target=engine.submit, args=(request,))  # gamma was evicted: reload it
         submitting.start()
         time.sleep(0.2)
-        with engine.idle:
-            engine.in_use["alpha"] = 0
-            engine.idle.notify_all()
+        finish_requests(engine, "alpha")
         first.join(timeout=3)
         submitting.join(timeout=3)
         assert not first.is_alive() and not submitting.is_alive()  # the line moved: beta, then gamma
@@ -213,8 +218,6 @@ def test_a_request_whose_adapter_was_evicted_waits_in_line_without_stopping_it(c
         while "done" not in replies and time.monotonic() < deadline:
             time.sleep(0.05)
         assert "done" in replies and engine.adapters == ["gamma"]
-    finally:
-        engine.close()
 
 
 def test_request_bodies_are_in_the_openapi_schema(keyed):
