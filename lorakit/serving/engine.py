@@ -261,10 +261,11 @@ class Engine:
             for request in batch:
                 self.prometheus.queue_time.observe(started - request.submitted)
             self.prometheus.running.set(len(batch))
-            for kind, run in (("generate", generate_batch), ("classify", classify_batch)):
+            for kind, run, what in (("generate", generate_batch, "generation"),
+                                    ("classify", classify_batch, "classification")):
                 group = [r for r in batch if r.kind == kind]
                 if group:
-                    self.run_batch(run, group, f"{'generation' if kind == 'generate' else 'classification'}")
+                    self.run_batch(run, group, what)
             self.prometheus.running.set(0)
 
     def run_batch(self, run, requests: list, what: str) -> None:
