@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .adalora import is_adalora
 from .checkpoint import PREFIX, pair_keys, read_adapter, write_adapter
 from .config import LoraConfig
 from .errors import AdapterMismatchError, ConfigError
@@ -76,6 +77,7 @@ def load_updates(directory: str | os.PathLike) -> tuple[LoraConfig, list[ModuleU
         if set(pair) != {"A", "B"}:
             raise AdapterMismatchError(f"{directory}: module {path!r} has only lora_{''.join(pair)}; the file is incomplete.")
         embedding = pair_keys(path, True)[0] in tensors
+        _check_rank(config, path, pair["A"], pair["B"], directory)
         updates.append(ModuleUpdate(path, pair["A"], pair["B"], config.scaling_for(path), embedding))
     return config, updates, others
 
@@ -157,6 +159,21 @@ def compare(first: str | os.PathLike, second: str | os.PathLike) -> dict[str, to
     if not grids:
         raise AdapterMismatchError(f"{first} and {second} adapt no module in common; nothing to compare.")
     return grids
+
+
+def _check_rank(config: LoraConfig, path: str, A: torch.Tensor, B: torch.Tensor, directory) -> None:
+    """A's rows, B's columns and the config's rank for ``path`` must agree; otherwise the scaling
+    (alpha / r) and every figure derived from it would be silently wrong."""
+    if A.shape[0] != B.shape[1]:
+        raise AdapterMismatchError(f"{directory}: {path}'s lora_A has {A.shape[0]} rows but its lora_B has "
+                                   f"{B.shape[1]} columns; the adapter file is inconsistent (save it again).")
+    if is_adalora(config) or config.target_parameters:
+        return  # AdaLoRA's live ranks and fused experts' r × experts rows are checked where they load
+    if A.shape[0] != config.rank_for(path):
+        raise AdapterMismatchError(
+            f"{directory}: {path} has rank {A.shape[0]} in adapter_model.safetensors but adapter_config.json says "
+            f"r={config.rank_for(path)}; the two files do not belong together (copy the adapter directory whole, "
+            "or fix r / rank_pattern in the config).")
 
 
 def compress(directory: str | os.PathLike, output: str | os.PathLike, rank: int | None = None,

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adalora import config_from_peft_dict, is_adalora, saved_pattern
-from .atomic import make_staging
+from .atomic import staged_directory
 from .config import LoraConfig
 from .conv_layers import CONV_TYPES, conv_pair_shapes
 from .errors import AdapterFileError, AdapterMismatchError, ConfigError
@@ -144,21 +144,37 @@ def _convert_to_plain_lora(state, config: LoraConfig, layers, adapter_name: str,
 
 
 def write_adapter(directory: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors; files appear complete or not at all."""
+    """Write adapter_config.json + adapter_model.safetensors; files appear complete or not at all.
+
+    Over an existing directory, the other files it holds (a tokenizer, a run record) are linked into
+    the new one and the two directories are swapped in one step: a kill at any point leaves the old
+    adapter or the new one, never new weights beside an old config."""
     directory = Path(directory)
-    staging = make_staging(directory)  # also removes what an earlier, killed save left behind
-    try:
+    with staged_directory(directory) as staging:  # also removes what an earlier, killed save left behind
+        if directory.is_dir():
+            _carry_other_files(directory, staging, skip=(WEIGHTS_FILE, CONFIG_FILE, LEGACY_WEIGHTS_FILE))
         save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
         (staging / WEIGHTS_FILE).chmod(0o644)
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if not directory.exists():
-            staging.rename(directory)  # the whole adapter appears at once
-        else:  # keep other files in the directory; replace ours one atomic rename each
-            for name in (WEIGHTS_FILE, CONFIG_FILE):
-                os.replace(staging / name, directory / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def _carry_other_files(source: Path, staging: Path, skip: tuple[str, ...]) -> None:
+    """Hard-link (or copy, where links are refused) what ``source`` holds besides the adapter files."""
+    def link_or_copy(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    for entry in source.iterdir():
+        if entry.name in skip:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, staging / entry.name, copy_function=link_or_copy, symlinks=True)
+        else:
+            link_or_copy(entry, staging / entry.name) if not entry.is_symlink() else \
+                os.symlink(os.readlink(entry), staging / entry.name)
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:

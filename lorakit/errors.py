@@ -34,3 +34,7 @@ class AdapterFileError(LoraError):
 
 class MergeStateError(LoraError):
     """An operation that needs unmerged (or merged) adapters was called in the wrong state."""
+
+
+class TrainingDivergedError(LoraError):
+    """The loss or the gradients became NaN / infinite: the run stops before anything more is written."""

@@ -84,7 +84,11 @@ def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str, stri
 
 
 def apply_plan(model: nn.Module, plan: InjectionPlan, adapter_name: str) -> None:
+    """Add the planned adapter. Every module it creates takes the train/eval mode of the module it
+    wraps (as PEFT: an adapter loaded into a model in eval mode runs without dropout)."""
     config = plan.config
+    paths = [*plan.targets, *(p for p, _ in plan.param_targets), *plan.modules_to_save]
+    modes = {path: model.get_submodule(path).training for path in paths}
     for path in plan.targets:
         base = unwrap(model.get_submodule(path))
         layer = _wrap(model, path, LoraConv if isinstance(base, CONV_TYPES) else
@@ -101,6 +105,8 @@ def apply_plan(model: nn.Module, plan: InjectionPlan, adapter_name: str) -> None
                               config.init_lora_weights)
     for path in plan.modules_to_save:
         _wrap(model, path, ModulesToSave).add_adapter(adapter_name)
+    for path, training in modes.items():
+        model.get_submodule(path).train(training)
     reg = ensure_registry(model)
     reg.configs[adapter_name] = config
     if is_adalora(config) and not config.inference_mode and config.orth_reg_weight > 0:

@@ -42,6 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # lorakit's errors are ValueErrors with a readable message
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as exc:  # a full disk met outside lorakit's staged writes (a log line)
+        from ..atomic import write_failure
+
+        message = write_failure(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

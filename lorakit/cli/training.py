@@ -194,8 +194,12 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from ..training.artifacts import read_run
     from ..training.inference import generate, load_for_eval
 
+    if args.run and read_run(args.run)[1].get("task") == "classify":
+        raise ConfigError(f"{args.run} is a classifier (task classify): it predicts labels, it does not generate "
+                          f"text; use `lorakit predict {args.run} --text ...`")
     model, tokenizer, record = load_for_eval(args.run, args.model, "sft" if args.chat else "lm", None)
     replies = generate(model, tokenizer, args.prompt, record, args.max_new_tokens, args.temperature)
     for prompt, reply in zip(args.prompt, replies):
@@ -203,9 +207,30 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _own_classifier_base(run: str, base: str) -> bool:
+    """Is ``base`` the base a lorakit classifier run at ``run`` was trained on?"""
+    from ..training.artifacts import RUN_FILE
+    from ..training.models import resolve_model_path
+
+    from pathlib import Path
+
+    record_file = next((d / RUN_FILE for d in (Path(run), Path(run) / "adapter") if (d / RUN_FILE).is_file()), None)
+    if record_file is None:
+        return False
+    record = json.loads(record_file.read_text())
+    if record.get("task") != "classify" or record.get("full"):
+        return False
+    return Path(resolve_model_path(base)).resolve() == Path(resolve_model_path(record["model"])).resolve()
+
+
 def _merge(args: argparse.Namespace) -> int:
     from ..training.inference import merge_run
 
+    if args.base and _own_classifier_base(args.run, args.base):
+        # a classifier's head is in the adapter, not in the base checkpoint (a bare encoder whose
+        # tensors lack the head model's prefix): the streaming merge has nowhere to put it, so the
+        # run is merged as a whole model; such bases are small
+        args.base = None
     if args.base:  # any PEFT-format adapter onto a safetensors base, shard by shard
         from ..streaming_merge import stream_merge
         from ..training.models import resolve_model_path

@@ -21,6 +21,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .engine import Engine, Request, ServingError
 
 
+DISCONNECT_POLL_S = 0.05  # how often a waiting handler checks that its client is still there
+
+
+class ClientGone(ServingError):
+    """The client disconnected before its answer was ready (nginx's 499: nobody reads it)."""
+
+    def __init__(self):
+        super().__init__("the client closed the connection", 499)
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -35,6 +45,8 @@ class CompletionBody(_Body):
     stop: str | list[str] | None = None
     stream: bool = False
     seed: int | None = Field(None, ge=0, lt=2**63)
+    logprobs: int | bool | None = None       # refused (400) when asked for, never silently ignored
+    top_logprobs: int | None = None
 
     @field_validator("stop")
     @classmethod
@@ -69,13 +81,23 @@ class VllmLoraBody(_Body):
     lora_path: str | None = None
 
 
-async def parse(request: HttpRequest, schema: type[BaseModel], limit: int):
+async def read_body(request: HttpRequest, limit: int) -> bytes:
+    """The body, refused with a 413 as soon as it passes ``limit`` bytes: a declared length is
+    checked before reading, and a chunked body is counted while it streams in (never buffered whole)."""
     declared = request.headers.get("content-length", "0")
     if declared.isdigit() and int(declared) > limit:  # refuse before reading it
         raise ServingError(f"request body of {declared} bytes exceeds the limit of {limit}", 413)
-    raw = await request.body()
-    if len(raw) > limit:
-        raise ServingError(f"request body of {len(raw)} bytes exceeds the limit of {limit}", 413)
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise ServingError(f"request body exceeds the limit of {limit} bytes (read {size} so far)", 413)
+        parts.append(part)
+    return b"".join(parts)
+
+
+async def parse(request: HttpRequest, schema: type[BaseModel], limit: int):
+    raw = await read_body(request, limit)
     try:
         return schema.model_validate_json(raw)
     except ValidationError as exc:
@@ -99,6 +121,22 @@ def documented(schema: type[BaseModel]) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(full)}}}}
 
 
+def _document_bearer_auth(app: FastAPI) -> None:
+    """Tell the schema (and so the /docs page's Authorize button) that calls need a bearer key."""
+    build = app.openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "the server's --api-key"}}
+            schema["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="lorakit serve", description="One base model, many LoRA adapters.")
     limit = engine.limits.max_body_bytes
@@ -112,12 +150,17 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         return error(str(exc), exc.status)
 
     if api_key:
-        expected = f"Bearer {api_key}".encode()
+        expected = api_key.encode()
+        # the docs page and its schema hold no data; the browser cannot send a header to load them, so
+        # they are public and the page's "Authorize" button sends the key with every call it makes
+        public = {"/health", app.docs_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url}
+        _document_bearer_auth(app)
 
         @app.middleware("http")
         async def _authorize(request: HttpRequest, call_next):
-            given = request.headers.get("authorization", "").encode()
-            if request.url.path != "/health" and not hmac.compare_digest(given, expected):
+            scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+            given = token.strip().encode() if scheme.lower() == "bearer" else b""  # RFC 7235: any case
+            if request.url.path not in public and not hmac.compare_digest(given, expected):
                 response = error("missing or wrong API key: send 'Authorization: Bearer <key>'", 401)
                 response.headers["WWW-Authenticate"] = "Bearer"
                 return response
@@ -149,9 +192,25 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         await asyncio.to_thread(engine.submit, request)  # it may wait for room to reload an evicted adapter
         return events
 
-    async def final(events: asyncio.Queue):
+    async def next_event(http: HttpRequest, events: asyncio.Queue, requests: list[Request]):
+        """The next event of a request, watching its client meanwhile: a client that went away
+        cancels its requests (the scheduler drops them at the next step) and ends the handler."""
+        getter = asyncio.ensure_future(events.get())
+        try:
+            while True:
+                done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return getter.result()
+                if await http.is_disconnected():
+                    for request in requests:
+                        request.cancel()
+                    raise ClientGone()
+        finally:
+            getter.cancel()
+
+    async def final(http: HttpRequest, events: asyncio.Queue, requests: list[Request]):
         while True:
-            kind, value = await events.get()
+            kind, value = await next_event(http, events, requests)
             if kind == "done":
                 return value
             if kind == "error":
@@ -179,13 +238,24 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
                                                     add_generation_prompt=True, tokenize=False)
         return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    async def respond(body, prompts: list[list[int]], chat: bool):
+    async def respond(http: HttpRequest, body, prompts: list[list[int]], chat: bool):
         if engine.labels is not None:
             raise ServingError("this server hosts a classifier; use /v1/classify")
         if body.n > 1:
             raise ServingError("n > 1 is not supported: send n requests (with different seeds when sampling)")
+        if body.logprobs not in (None, False) or body.top_logprobs:
+            raise ServingError("logprobs / top_logprobs are not supported by lorakit serve; drop them (lorakit "
+                               "never returns a reply without what was asked)")
         adapter = await asyncio.to_thread(engine.check_model, body.model)  # may load it from --adapter-dir
-        queues = [await run(generation_request(body, ids, adapter)) for ids in prompts]
+        requests = [generation_request(body, ids, adapter) for ids in prompts]
+        queues = []
+        try:
+            for request in requests:
+                queues.append(await run(request))
+        except BaseException:
+            for request in requests:
+                request.cancel()  # those already accepted stop; they were never answered
+            raise
         events = queues[0]
         ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
         kind = "chat.completion" if chat else "text_completion"
@@ -198,7 +268,12 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             return {"index": 0, key: content, "finish_reason": finish}
 
         if not body.stream:
-            results = [await final(q) for q in queues]
+            try:
+                results = [await final(http, q, requests) for q in queues]
+            except asyncio.CancelledError:  # the server is stopping this handler
+                for request in requests:
+                    request.cancel()
+                raise
             prompt_tokens = sum(r["prompt_tokens"] for r in results)
             completion_tokens = sum(r["completion_tokens"] for r in results)
             return {"id": ident, "object": kind, "created": created, "model": body.model,
@@ -207,9 +282,18 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
                               "total_tokens": prompt_tokens + completion_tokens}}
 
         async def stream():
+            try:
+                async for chunk in chunks():
+                    yield chunk
+            except ClientGone:
+                return  # nobody is reading: no error chunk
+            finally:  # the client went away (or the server stops): its request stops at the next step
+                requests[0].cancel()
+
+        async def chunks():
             chunk_kind = "chat.completion.chunk" if chat else "text_completion"
             while True:
-                event, value = await events.get()
+                event, value = await next_event(http, events, requests)
                 if event == "error":
                     yield f"data: {json.dumps({'error': {'message': str(value), 'code': value.status}})}\n\n"
                     break
@@ -230,12 +314,12 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/completions", openapi_extra=documented(CompletionBody))
     async def completions(request: HttpRequest):
         body = await parse(request, CompletionBody, limit)
-        return await respond(body, completion_ids(body), chat=False)
+        return await respond(request, body, completion_ids(body), chat=False)
 
     @app.post("/v1/chat/completions", openapi_extra=documented(ChatBody))
     async def chat_completions(request: HttpRequest):
         body = await parse(request, ChatBody, limit)
-        return await respond(body, [chat_ids(body)], chat=True)
+        return await respond(request, body, [chat_ids(body)], chat=True)
 
     @app.post("/v1/classify", openapi_extra=documented(ClassifyBody))
     async def classify(request: HttpRequest):
@@ -246,11 +330,12 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         if not texts or len(texts) > engine.limits.max_batch or any(not t for t in texts):
             raise ServingError(f"input must hold 1 to {engine.limits.max_batch} non-empty texts")
         adapter = await asyncio.to_thread(engine.check_model, body.model)
-        queues = []
+        queues, requests = [], []
         for text in texts:
             ids = engine.tokenizer(text, truncation=True, max_length=engine.limits.max_prompt_tokens)["input_ids"]
-            queues.append(await run(Request(kind="classify", adapter=adapter, prompt_ids=ids, sink=None)))
-        results = [await final(q) for q in queues]
+            requests.append(Request(kind="classify", adapter=adapter, prompt_ids=ids, sink=None))
+            queues.append(await run(requests[-1]))
+        results = [await final(request, q, requests) for q in queues]
         return {"object": "list", "model": body.model,
                 "data": [{"index": i, **r} for i, r in enumerate(results)]}
 
@@ -262,7 +347,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str):
-        await asyncio.to_thread(engine.unload_adapter, name)
+        await asyncio.to_thread(engine.unload_adapter, name, forget=True)
         return {"unloaded": name, "adapters": engine.adapters}
 
     # vLLM's names for the same two operations (its clients and scripts call these)
@@ -279,7 +364,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/unload_lora_adapter", openapi_extra=documented(VllmLoraBody))
     async def vllm_unload(request: HttpRequest):
         body = await parse(request, VllmLoraBody, limit)
-        await asyncio.to_thread(engine.unload_adapter, body.lora_name)
+        await asyncio.to_thread(engine.unload_adapter, body.lora_name, forget=True)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     return app

@@ -57,6 +57,7 @@ class ContinuousBatcher:
         while engine.running:
             if not self._pull(block=not (self.running or self.prefilling or self.waiting)):
                 break
+            self._drop_cancelled()
             self._admit()
             if self.running:
                 self._guarded(self.running[:], self._decode_step)
@@ -151,9 +152,26 @@ class ContinuousBatcher:
         active.next_token = token
 
     # --- leaving -------------------------------------------------------------------------------
-    def _leave(self, index: int) -> None:
-        """Running row ``index`` is done: answer it, refill its slot with the last running row and
-        move the prompt being prefilled down behind them."""
+    def _drop_cancelled(self) -> None:
+        """Requests whose client went away leave before the next step: their slots and adapters free."""
+        for request in [r for r in self.waiting if r.cancelled]:
+            self.waiting.remove(request)
+            self._cancelled(request)
+        if self.prefilling is not None and self.prefilling.request.cancelled:
+            active, self.prefilling = self.prefilling, None  # it sat in slot len(running): nothing moves
+            active.answered = True
+            self._cancelled(active.request)
+        for index in reversed(range(len(self.running))):
+            if self.running[index].request.cancelled:
+                self._leave(index, cancelled=True)
+
+    def _cancelled(self, request) -> None:
+        self.engine.count_cancelled(request)
+        self.engine._release(request)
+
+    def _leave(self, index: int, cancelled: bool = False) -> None:
+        """Running row ``index`` is done (or its client went away): answer it, refill its slot with the
+        last running row and move the prompt being prefilled down behind them."""
         active = self.running[index]
         last = len(self.running) - 1
         if index != last:
@@ -162,7 +180,12 @@ class ContinuousBatcher:
         self.running.pop()
         if self.prefilling is not None:
             self.cache.move(last + 1, last, self.prefilling.length)
-        self._finish(active)
+        if cancelled:
+            active.answered = True
+            self.engine.stats["completion_tokens"] += len(active.row.tokens)
+            self._cancelled(active.request)
+        else:
+            self._finish(active)
 
     def _finish(self, active: _Active) -> None:
         active.answered = True

@@ -113,6 +113,10 @@ def generate_batch(engine, requests) -> None:
         for _ in range(steps):
             logits = out.logits[:, -1]
             next_ids = []
+            for row in rows:
+                if row.finish is None and row.request.cancelled:  # its client went away: stop its row now
+                    row.finish = "cancelled"
+                    engine.count_cancelled(row.request)
             for i, row in enumerate(rows):
                 token = _pick(logits[i], row.request, row.generator) if row.finish is None else tokenizer.pad_token_id or 0
                 if row.finish is None:
@@ -127,6 +131,9 @@ def generate_batch(engine, requests) -> None:
                         **{keyword: out[keyword] if keyword in out else out.past_key_values})
     for row in rows:
         engine.prometheus.prompt_tokens.inc(len(row.request.prompt_ids))
+        if row.finish == "cancelled":
+            engine.stats["completion_tokens"] += len(row.tokens)
+            continue
         engine.stats["prompt_tokens"] += len(row.request.prompt_ids)
         engine.stats["completion_tokens"] += len(row.tokens)
         row.close()

@@ -53,10 +53,11 @@ class Engine:
         self.idle = threading.Condition()
         self.max_loaded_adapters = max_loaded_adapters
         self.last_used: dict[str, float] = {}
+        self.sources: dict[str, Path] = {}  # adapters given at start: reloaded from here after an eviction
         self.loading = threading.RLock()  # one on-demand load (and eviction) at a time
         self.adapter_line: deque[object] = deque()  # requests waiting for room to load their adapter
         self.stats = {"requests": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0, "batches": 0,
-                      "batched_rows": 0}
+                      "batched_rows": 0, "cancelled": 0}
         self.latencies: deque[float] = deque(maxlen=2000)
         self.waiting_elsewhere = lambda: 0  # requests a scheduler took off the queue but has not started
         self.prometheus = ServerMetrics(waiting=self.waiting, loaded_adapters=lambda: len(self.adapters))
@@ -65,6 +66,10 @@ class Engine:
         self.worker.start()
 
     # --- adapters ------------------------------------------------------------------------------
+    # Residency: at most --max-loaded-adapters adapters are in memory, whichever path loads them (a
+    # request naming one, POST /v1/adapters, vLLM's /v1/load_lora_adapter). Adapters given at start
+    # are reloadable, not pinned: they are evicted like the others and come back from their path when
+    # a request names them again, so the cap holds exactly and no name ever becomes unknown.
     @property
     def adapters(self) -> list[str]:
         try:
@@ -72,9 +77,28 @@ class Engine:
         except LoraError:
             return []
 
+    def _resident(self) -> list[str]:
+        """Every adapter in memory, those being unloaded included (they still take room)."""
+        try:
+            return lk.list_adapters(self.model)
+        except LoraError:
+            return []
+
+    def known(self, name: str) -> bool:
+        """Can ``name`` be loaded by name: given at start, or an adapter of --adapter-dir?"""
+        if name in self.sources:
+            return True
+        try:
+            self.resolve_adapter_path(name)
+        except ServingError:
+            return False
+        return True
+
     def resolve_adapter_path(self, name: str) -> Path:
-        """An adapter directory strictly inside the configured adapter dir (no paths, no `..`, no
-        symlinks pointing out)."""
+        """An adapter given at start, or a directory strictly inside the configured adapter dir (no
+        paths, no `..`, no symlinks pointing out)."""
+        if name in self.sources:
+            return self.sources[name]
         if self.adapter_dir is None:
             raise ServingError("this server has no --adapter-dir; adapters cannot be loaded at run time", 403)
         if not ADAPTER_NAME.match(name) or ".." in name:
@@ -86,45 +110,61 @@ class Engine:
             raise ServingError(f"no adapter named {name!r} in the adapter directory", 404)
         return path
 
-    def load_adapter(self, name: str, path: str | Path | None = None) -> None:
-        if not ADAPTER_NAME.match(name) or name == BASE:
+    def add_start_adapter(self, name: str, path: str | Path) -> None:
+        """An adapter named at start (--adapter NAME=PATH): loaded now, and reloadable after eviction."""
+        if not ADAPTER_NAME.match(name) or name in (BASE, self.base_name):
             raise ServingError(f"invalid adapter name {name!r}")
-        if name in self.adapters or name == self.base_name:
-            raise ServingError(f"adapter {name!r} is already loaded", 409)
-        path = Path(path) if path is not None else self.resolve_adapter_path(name)
+        if self.max_loaded_adapters and len(self.sources) >= self.max_loaded_adapters:
+            raise ServingError(f"{len(self.sources) + 1} adapters given at start but --max-loaded-adapters is "
+                               f"{self.max_loaded_adapters}; raise the cap or give fewer --adapter")
+        self._load(name, Path(path))
+        self.sources[name] = Path(path)
+
+    def _load(self, name: str, path: Path) -> None:
         with self.model_lock:
             try:
                 lk.load_adapter(self.model, path, adapter_name=name)
             except LoraError as exc:
                 raise ServingError(f"adapter {name!r} cannot be loaded: {exc}", 422) from None
 
-    def unload_adapter(self, name: str, timeout: float = 60.0) -> None:
-        """Stop accepting requests for ``name``, wait for its running ones, then drop it."""
-        if name not in self.adapters:
-            raise ServingError(f"unknown adapter {name!r}", 404)
-        self.draining.add(name)
+    def load_adapter(self, name: str) -> None:
+        """POST /v1/adapters: load ``name`` by name, within the cap like any on-demand load."""
+        if not ADAPTER_NAME.match(name) or name in (BASE, self.base_name):
+            raise ServingError(f"invalid adapter name {name!r}")
+        if name in self.adapters:
+            raise ServingError(f"adapter {name!r} is already loaded", 409)
+        self.resolve_adapter_path(name)  # 403 / 404 before waiting for anything
+        self._load_on_demand(name)
+
+    def unload_adapter(self, name: str, timeout: float = 60.0, forget: bool = False) -> None:
+        """Stop accepting requests for ``name``, wait for its running ones, then drop it. forget=True
+        (DELETE /v1/adapters/NAME) also drops a start adapter's path, so it is not reloaded by name."""
+        with self.idle:
+            if name not in self.adapters:
+                raise ServingError(f"unknown adapter {name!r}", 404)
+            self.draining.add(name)
         try:
             with self.idle:
                 if not self.idle.wait_for(lambda: self.in_use.get(name, 0) == 0, timeout=timeout):
                     raise ServingError(f"adapter {name!r} is still busy after {timeout:.0f} s; try again", 503)
             with self.model_lock:
                 lk.delete_adapter(self.model, name)
+            self.last_used.pop(name, None)
+            if forget:
+                self.sources.pop(name, None)
         finally:
-            self.draining.discard(name)
+            with self.idle:
+                self.draining.discard(name)
+                self.idle.notify_all()
 
     # --- requests ------------------------------------------------------------------------------
     def check_model(self, name: str) -> str:
-        """The adapter a request names: loaded already, or loaded now from --adapter-dir (evicting the
-        least recently used idle adapter when --max-loaded-adapters are resident)."""
+        """The adapter a request names: loaded already, or loaded now (given at start, or from
+        --adapter-dir), evicting the least recently used idle adapter when the cap is reached."""
         if name in (self.base_name, BASE):
             return BASE
-        if name not in self.adapters and self.adapter_dir is not None and ADAPTER_NAME.match(name):
-            try:
-                self.resolve_adapter_path(name)
-            except ServingError:
-                pass
-            else:
-                self._load_on_demand(name)
+        if name not in self.adapters and self.known(name):
+            self._load_on_demand(name)
         if name in self.adapters:
             self.last_used[name] = time.monotonic()
             return name
@@ -135,9 +175,12 @@ class Engine:
         are --max-loaded-adapters. When all of them have requests in flight, requests that need room
         queue for it first come, first served, without holding the loading lock (requests for
         resident adapters keep being accepted meanwhile); only the first in line waits against
-        adapter_wait_s, so a long line under load is a queue, not a failure."""
+        adapter_wait_s, so a long line under load is a queue, not a failure. A request for an
+        adapter being unloaded waits for the unload to finish and then loads it again: it never
+        evicts another adapter to make room for a name that is still resident."""
         ticket = object()
         idle_ones = lambda: [a for a in self.adapters if self.in_use.get(a, 0) == 0]  # noqa: E731
+        wait_s = self.limits.adapter_wait_s
         with self.idle:
             self.adapter_line.append(ticket)
         try:
@@ -146,26 +189,33 @@ class Engine:
                 with self.loading:
                     if name in self.adapters:
                         return
-                    full = bool(self.max_loaded_adapters) and len(self.adapters) >= self.max_loaded_adapters
                     with self.idle:
+                        draining = name in self.draining
+                        full = bool(self.max_loaded_adapters) and len(self._resident()) >= self.max_loaded_adapters
                         first = self.adapter_line[0] is ticket
-                        idle = idle_ones() if full and first else []
-                    if not full or idle:
+                        idle = idle_ones() if full and first and not draining else []
+                    if not draining and (not full or idle):
                         if idle:
                             victim = min(idle, key=lambda a: self.last_used.get(a, 0.0))
                             self.unload_adapter(victim, timeout=0)
-                            self.last_used.pop(victim, None)
-                        self.load_adapter(name)
+                        self._load(name, self.resolve_adapter_path(name))
                         return
                 with self.idle:
+                    if draining:  # wait for its unload to finish, then load it again
+                        deadline = deadline or time.monotonic() + wait_s
+                        if not self.idle.wait_for(lambda: name not in self.draining,
+                                                  timeout=max(0.0, deadline - time.monotonic())):
+                            raise ServingError(f"adapter {name!r} is being unloaded and stayed busy for "
+                                               f"{wait_s:.0f} s; retry shortly", 503)
+                        continue
                     if self.adapter_line[0] is not ticket:  # behind others: wait for the line to move
                         self.idle.wait(timeout=1.0)
                         continue
-                    deadline = deadline or time.monotonic() + self.limits.adapter_wait_s
+                    deadline = deadline or time.monotonic() + wait_s
                     ready = lambda: bool(idle_ones()) or name in self.adapters  # noqa: E731
                     if not self.idle.wait_for(ready, timeout=max(0.0, deadline - time.monotonic())):
                         raise ServingError(f"all {len(self.adapters)} loaded adapters stayed busy for "
-                                           f"{self.limits.adapter_wait_s:.0f} s; retry shortly", 503)
+                                           f"{wait_s:.0f} s; retry shortly", 503)
         finally:
             with self.idle:
                 self.adapter_line.remove(ticket)
@@ -190,13 +240,17 @@ class Engine:
                 if request.adapter != BASE and request.adapter not in self.adapters:
                     continue  # evicted again in between
                 with self.idle:
-                    if request.adapter in self.draining:
-                        raise ServingError(f"adapter {request.adapter!r} is being unloaded", 404)
+                    if request.adapter in self.draining:  # its unload began in between: wait, reload
+                        continue
                     self.in_use[request.adapter] = self.in_use.get(request.adapter, 0) + 1
                 break
         self.stats["requests"] += 1
         self.prometheus.requests.labels(kind=request.kind).inc()
         self.queue.put(request)
+
+    def count_cancelled(self, request: Request) -> None:
+        self.stats["cancelled"] += 1
+        self.prometheus.cancelled.inc()
 
     def waiting(self) -> int:
         """Requests accepted but not started yet (those waiting for room for their adapter included)."""

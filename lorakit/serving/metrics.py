@@ -22,6 +22,8 @@ class ServerMetrics:
         self.requests = Counter("lorakit_requests", "Requests accepted, by kind", ["kind"], registry=registry)
         self.errors = Counter("lorakit_request_errors", "Requests answered with an error, by HTTP status",
                               ["status"], registry=registry)
+        self.cancelled = Counter("lorakit_cancelled_requests", "Requests dropped because their client disconnected",
+                                 registry=registry)
         self.prompt_tokens = Counter("lorakit_prompt_tokens", "Prompt tokens processed", registry=registry)
         self.generated_tokens = Counter("lorakit_generated_tokens", "Tokens generated", registry=registry)
         self.time_to_first_token = Histogram("lorakit_time_to_first_token_seconds", "Submission to first token",

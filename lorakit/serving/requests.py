@@ -43,3 +43,7 @@ class Request:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     submitted: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False         # its client went away: the scheduler drops it at the next step
+
+    def cancel(self) -> None:
+        self.cancelled = True

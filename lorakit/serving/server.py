@@ -38,6 +38,11 @@ def build_engine(model_name: str, adapters: dict[str, Path], adapter_dir: str | 
     from ..training.artifacts import RUN_FILE
     from ..training.models import load_model
 
+    if max_loaded_adapters is not None and max_loaded_adapters < 1:
+        raise ConfigError(f"--max-loaded-adapters must be at least 1, got {max_loaded_adapters}")
+    if max_loaded_adapters and len(adapters) > max_loaded_adapters:
+        raise ConfigError(f"{len(adapters)} --adapter given but --max-loaded-adapters is {max_loaded_adapters}: "
+                          "raise the cap, or give fewer and put the rest in --adapter-dir (loaded on demand)")
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     labels, qlora = None, False
@@ -50,7 +55,7 @@ def build_engine(model_name: str, adapters: dict[str, Path], adapter_dir: str | 
     if adapter_dir is not None and not Path(adapter_dir).is_dir():
         raise ConfigError(f"--adapter-dir {adapter_dir} is not a directory")
     torch_dtype = getattr(torch, DTYPES[dtype])
-    model, tokenizer = load_model(model_name, "classify" if labels else "lm", labels,
+    model, tokenizer = load_model(model_name, "classify" if labels else "lm", labels, head_from_adapter=bool(labels),
                                   dtype=torch.float32 if qlora else torch_dtype)
     if qlora:  # adapters trained on the 4-bit base are served on the same base
         lk.quantize(model, compute_dtype=torch.float32 if dtype == "fp32" else torch_dtype)
@@ -58,7 +63,7 @@ def build_engine(model_name: str, adapters: dict[str, Path], adapter_dir: str | 
                     labels=labels, limits=limits, max_loaded_adapters=max_loaded_adapters, scheduler=scheduler,
                     prefill_chunk=prefill_chunk)
     for name, path in adapters.items():
-        engine.load_adapter(name, path)
+        engine.add_start_adapter(name, path)
     return engine
 
 

@@ -42,7 +42,8 @@ def load_trained(path: str | Path, base_model: str | None = None):
     if record["full"]:
         model, tokenizer = load_model(str(directory), record["task"], record["labels"])
     else:
-        model, tokenizer = load_model(base_model or record["model"], record["task"], record["labels"])
+        model, tokenizer = load_model(base_model or record["model"], record["task"], record["labels"],
+                                      head_from_adapter=True)
         if record.get("qlora"):  # the adapter was trained on the 4-bit base: evaluate on the same one
             import torch
 

@@ -86,7 +86,8 @@ def combine_adapters(paths: list[str], weights: list[float], output: str, method
     if record is not None and record.get("full"):
         raise ConfigError(f"{directories[0]} is a full fine-tune, not an adapter.")
     task = record["task"] if record else "lm"
-    model, _ = load_model(base_model or record["model"], task, record.get("labels") if record else None)
+    model, _ = load_model(base_model or record["model"], task, record.get("labels") if record else None,
+                          head_from_adapter=True)
     names = [f"adapter_{i}" for i in range(len(directories))]
     for name, directory in zip(names, directories):
         lk.load_adapter(model, directory, name)

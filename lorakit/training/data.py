@@ -98,12 +98,46 @@ def _read_file(path: Path) -> list[dict]:
     import datasets
 
     datasets.disable_progress_bars()
+    if path.stat().st_size == 0 or not path.read_bytes()[:4096].strip():
+        raise ConfigError(f"{path} is empty: a {kind} file needs {'a header line and ' if kind == 'csv' else ''}rows")
+    if kind == "csv" and path.stat().st_size < 65536 and len([l for l in path.read_text(errors="replace").splitlines()
+                                                              if l.strip()]) < 2:
+        raise ConfigError(f"{path} has a header line but no rows; add rows below the header")
+    if kind == "json":
+        _check_json(path)  # datasets' messages give a byte position; this names the line and column
     extra = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     try:
         table = datasets.load_dataset(kind, data_files=str(path), split="train", **extra)
     except Exception as exc:  # datasets raises many types for unreadable files; name the file
-        raise ConfigError(f"cannot read {path} as {kind}: {exc}") from None
+        cause = exc.__cause__ or exc.__context__
+        detail = f"{exc}" + (f" ({type(cause).__name__}: {cause})" if cause and str(cause) not in str(exc) else "")
+        raise ConfigError(f"cannot read {path} as {kind}: {detail}") from None
     return table.to_list()
+
+
+def _check_json(path: Path) -> None:
+    """A JSON array/object file or JSON Lines: the first malformed line, with its line and column."""
+    import json
+
+    text = path.read_text(errors="replace")
+    try:
+        json.loads(text)
+        return  # one JSON document
+    except json.JSONDecodeError as whole:
+        if text.lstrip().startswith("["):
+            raise ConfigError(f"{path} line {whole.lineno}, column {whole.colno}: {whole.msg}; fix that line "
+                              "(a .json file holds one JSON array, or use JSON Lines: one object per line)") from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} line {number}, column {exc.colno}: {exc.msg}; every line of a JSON Lines "
+                              "file must be one complete JSON object") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path} line {number}: expected a JSON object ({{\"column\": value, ...}}), got "
+                              f"{type(row).__name__}")
 
 
 def require_rows(rows: list[dict], split: str, data: str) -> None:
@@ -213,25 +247,46 @@ def _answer_text(tokenizer, messages: list[dict], answer: str, prompt: str) -> s
 
 
 class Truncation:
-    """Counts rows cut to the sequence length, per split, and reports them in one line."""
+    """Cuts rows to the sequence length and counts them, per split, for one report line.
+
+    An SFT row keeps its answer: the prompt is cut from the left (its start, usually a system prompt
+    or the beginning of a long input, goes first), as chat-template-aware trainers do; only an answer
+    longer than half the length is itself cut at its end."""
 
     def __init__(self, seq_len: int):
         self.seq_len = seq_len
         self.cut_rows: dict[str, int] = {}
         self.total_rows: dict[str, int] = {}
 
-    def cut(self, ids: list[int], split: str) -> list[int]:
+    def _count(self, split: str, cut: bool) -> None:
         self.total_rows[split] = self.total_rows.get(split, 0) + 1
-        if len(ids) > self.seq_len:
+        if cut:
             self.cut_rows[split] = self.cut_rows.get(split, 0) + 1
-            return ids[:self.seq_len]
-        return ids
+
+    def cut(self, ids: list[int], split: str) -> list[int]:
+        self._count(split, len(ids) > self.seq_len)
+        return ids[:self.seq_len]
+
+    def cut_pair(self, prompt: list[int], answer: list[int], split: str) -> tuple[list[int], list[int]]:
+        """(input ids, labels) of a prompt + answer row within seq_len; prompt tokens carry -100."""
+        self._count(split, len(prompt) + len(answer) > self.seq_len)
+        if len(prompt) + len(answer) > self.seq_len:
+            keep_prompt = min(len(prompt), max(self.seq_len - len(answer), self.seq_len // 2, 1))
+            prompt = prompt[len(prompt) - keep_prompt:]
+            answer = answer[:self.seq_len - keep_prompt]
+        return prompt + answer, [-100] * len(prompt) + answer
 
     def report(self) -> None:
         if self.cut_rows:
             parts = ", ".join(f"{n:,} of {self.total_rows[s]:,} {s}" for s, n in self.cut_rows.items())
-            warnings.warn(f"rows longer than {self.seq_len} tokens were truncated ({parts}); raise --seq-len to "
-                          "keep them whole", stacklevel=3)
+            warnings.warn(f"rows longer than {self.seq_len} tokens were truncated ({parts}; sft rows lose the start "
+                          "of their prompt first); raise --seq-len to keep them whole", stacklevel=3)
+
+
+def answer_tokens(examples: list[dict]) -> int:
+    """Tokens that carry loss in lm / sft examples: labels other than -100 after the first position
+    (a causal LM predicts token i from the tokens before it, so the first one is never a target)."""
+    return sum(sum(1 for t in e["labels"][1:] if t != -100) for e in examples)
 
 
 def encode(rows: list[dict], tokenizer, task: str, seq_len: int, split: str, *, text_column="text",
@@ -262,8 +317,7 @@ def encode(rows: list[dict], tokenizer, task: str, seq_len: int, split: str, *, 
             prompt = prompt_text(tokenizer, messages)
             prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             answer_ids = tokenizer(_answer_text(tokenizer, messages, answer, prompt), add_special_tokens=False)["input_ids"]
-            ids = cut(prompt_ids + answer_ids)
-            labels_ = ([-100] * len(prompt_ids) + answer_ids)[:len(ids)]
+            ids, labels_ = truncation.cut_pair(prompt_ids, answer_ids, split)
             examples.append({"input_ids": ids, "labels": labels_})
     else:
         require_columns(rows, [text_column], split, hint=" (set --text-column)")

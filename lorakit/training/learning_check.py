@@ -21,12 +21,16 @@ def learning_check(task: str, test: dict | None, log_path: Path) -> dict:
                 f"answering the majority class{' (it predicts one label for every row)' if predicted <= 1 else ''}. "
                 "Try a higher --lr, more --epochs / --min-steps, or more --targets.")}
         return {"ok": True, "majority_class": majority}
+    if test is not None and test.get("tokens") == 0:
+        return {"ok": False, "message": (
+            "this run did not learn: its test split has no target tokens (every answer was empty or cut away), so "
+            "its loss and perplexity mean nothing. Raise --seq-len or check the answer column.")}
     losses = [json.loads(line).get("loss") for line in log_path.read_text().splitlines()] if log_path.is_file() else []
     losses = [v for v in losses if v is not None]
     if len(losses) >= 10:
         window = max(1, len(losses) // 10)
         first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
-        if last > 0.98 * first:
+        if last > 0.98 * first or first == 0:
             return {"ok": False, "first_loss": first, "last_loss": last, "message": (
                 f"this run did not learn: the training loss went from {first:.4f} to {last:.4f}. Try a higher "
                 "--lr or more steps.")}

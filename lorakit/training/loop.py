@@ -24,15 +24,15 @@ from tqdm.auto import tqdm
 import lorakit as lk
 
 from ..atomic import staged_directory, staged_file
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingDivergedError
 from ..losses import ChunkedLossLM, supports_chunked_loss
 from .optim import build_optimizer, build_scheduler
 from .memory import estimated_bytes, peak_bytes, peak_since_reset, reset_peak, resident_bytes
 from .packing import pack_examples
-from .reporting import Reporter
+from .reporting import Reporter, json_record
 from .artifacts import RUN_FILE, run_record
 from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint, trainable_state
-from .data import EMBEDDED_SFT_TEMPLATES, Truncation, collate, encode, label_names, load_splits, require_rows
+from .data import EMBEDDED_SFT_TEMPLATES, Truncation, answer_tokens, collate, encode, label_names, load_splits, require_rows
 from .distributed import Distributed
 from .placement import placement_for
 from .evaluation import evaluate, split_metrics
@@ -123,6 +123,9 @@ class Trainer:
                         for split, rows in splits.items()}
         if self.dist.is_main:
             truncation.report()
+        if options.task != "classify" and not answer_tokens(self.encoded["train"]):
+            raise ConfigError(f"no training row keeps a token to learn from at --seq-len {self.seq_len} (every answer "
+                              "is empty or cut away); raise --seq-len or check the answer column / --response-template")
         if options.packing:
             self.encoded["train"] = pack_examples(self.encoded["train"], self.seq_len)
         per_micro = options.batch_size * self.dist.world_size
@@ -194,7 +197,7 @@ class Trainer:
                 speed = tokens_seen / max(1e-9, time.perf_counter() - started)
                 lr = self.scheduler.get_last_lr()[0]
                 if log and (self.step % o.log_every == 0 or self.step == self.total_steps):
-                    log.write(json.dumps({"step": self.step, "epoch": round(self.step * o.grad_accum / self.micro_per_epoch, 4),
+                    log.write(json_record({"step": self.step, "epoch": round(self.step * o.grad_accum / self.micro_per_epoch, 4),
                                           "loss": round(loss, 6), "lr": lr, "tokens_per_s": round(speed, 1)}) + "\n")
                     log.flush()
                     self.reporter.scalars(self.step, {"train/loss": loss, "train/lr": lr, "train/tokens_per_s": speed})
@@ -247,8 +250,14 @@ class Trainer:
                 loss.backward()
             loss_sum += float(loss.detach())
             tokens += sum(len(e["input_ids"]) for e in examples)
-        if o.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm) if o.max_grad_norm else None
+        if not math.isfinite(loss_sum) or (norm is not None and not math.isfinite(float(norm))):
+            # stop before the step writes NaN into the weights; nothing of this run is saved
+            what = f"loss {loss_sum:g}" if not math.isfinite(loss_sum) else f"gradient norm {float(norm):g}"
+            raise TrainingDivergedError(
+                f"training diverged at step {self.step + 1}: the {what} is not finite. Nothing was saved from this "
+                f"step on; lower --lr (now {o.lr:g}), keep --max-grad-norm on, or drop --bf16 / --qlora to check "
+                "the numerics; earlier checkpoints in the run directory are intact.")
         self.optimizer.step()
         self.scheduler.step()
         if self.adalora:  # after the step, before the gradients go (PEFT's order)
@@ -280,7 +289,7 @@ class Trainer:
             stop = bool(patience and self.bad_evals >= patience)
             brief = {k: v for k, v in metrics.items() if k not in ("confusion_matrix", "labels")}
             if self.dist.is_main:
-                log.write(json.dumps({"step": self.step, "eval": brief, "best_step": self.best_step}) + "\n")
+                log.write(json_record({"step": self.step, "eval": brief, "best_step": self.best_step}) + "\n")
                 log.flush()
                 if not self.quiet:
                     tqdm.write(f"step {self.step}: validation {_fmt(brief)}{' (best)' if self.best_step == self.step else ''}",
@@ -353,7 +362,7 @@ class Trainer:
             from ..plots import loss_curve
 
             summary["loss_curve"] = str(loss_curve(self.output / "train_log.jsonl", self.output / "loss_curve.png"))
-            (self.output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            (self.output / "summary.json").write_text(json_record(summary, indent=2) + "\n")
         else:
             summary["is_main"] = False
         self.dist.barrier()

@@ -99,8 +99,10 @@ def _report_new_weights(missing, n_labels: int) -> None:
               f"{', '.join(other[:5])}{' ...' if len(other) > 5 else ''}", file=sys.stderr)
 
 
-def load_model(name: str, task: str, labels: list[str] | None = None, dtype=None):
-    """(model, tokenizer) for a task: a sequence classifier with len(labels) outputs, or a causal LM."""
+def load_model(name: str, task: str, labels: list[str] | None = None, dtype=None, head_from_adapter: bool = False):
+    """(model, tokenizer) for a task: a sequence classifier with len(labels) outputs, or a causal LM.
+    head_from_adapter: a trained adapter about to be loaded brings the classification head, so the
+    base's missing head is expected and not announced as new."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -115,7 +117,10 @@ def load_model(name: str, task: str, labels: list[str] | None = None, dtype=None
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=len(labels), id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)}, output_loading_info=True, **kwargs)
-        _report_new_weights(info.get("missing_keys") or [], len(labels))
+        missing = info.get("missing_keys") or []
+        if head_from_adapter:
+            missing = [k for k in missing if k.split(".")[0] not in HEAD_PREFIXES]
+        _report_new_weights(missing, len(labels))
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if tokenizer.pad_token is None:  # causal LMs often ship without one; padding is masked out anyway

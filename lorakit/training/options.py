@@ -149,8 +149,20 @@ def _check(options: TrainOptions) -> None:
     for name in ("r", "batch_size", "grad_accum", "seq_len", "min_steps"):
         if getattr(options, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(options, name)}")
-    if options.lr < 0:
-        raise ConfigError(f"lr must be >= 0, got {options.lr}")
+    import math
+
+    if not (math.isfinite(options.lr) and options.lr > 0):
+        raise ConfigError(f"--lr must be a positive finite number, got {options.lr}; LoRA usually trains at 1e-4 to "
+                          "2e-3 (leave it out for the task's default)")
+    for name in ("head_lr", "max_grad_norm", "weight_decay", "epochs"):
+        value = getattr(options, name)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if options.head_lr is not None and options.head_lr <= 0:
+        raise ConfigError(f"--head-lr must be positive, got {options.head_lr}")
+    if options.max_steps is not None and options.max_steps < 1:
+        raise ConfigError(f"--max-steps must be at least 1, got {options.max_steps}; leave it out to train for "
+                          "--epochs instead")
     if not 0 <= options.dropout < 1:
         raise ConfigError(f"dropout must be in [0, 1), got {options.dropout}")
     if options.max_steps is None and options.epochs <= 0:

@@ -24,8 +24,9 @@ def adapter_dir(causal_dir, tmp_path_factory):
     for i, name in enumerate(["alpha", "beta", "gamma"]):
         model = AutoModelForCausalLM.from_pretrained(causal_dir)
         # beta is a DoRA adapter: its rows share the batch with plain LoRA rows (vLLM serves no DoRA)
-        lk.inject(model, lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                       use_dora=name == "beta"))
+        # dropout as `lorakit train` saves it: served replies must still be deterministic (eval mode)
+        lk.inject(model, lk.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3,
+                                       target_modules=["q_proj", "v_proj", "down_proj"], use_dora=name == "beta"))
         randomize_lora(model, scale=0.8, seed=i)
         lk.save_adapter(model, root / name)
     return root

@@ -35,14 +35,26 @@ def metric_values(text: str) -> dict[str, float]:
     return values
 
 
-def test_every_endpoint_but_health_needs_the_key(keyed):
+def test_every_endpoint_but_health_and_docs_needs_the_key(keyed):
     assert httpx.get(f"{keyed.url}/health").status_code == 200
     for method, path in (("get", "/v1/models"), ("get", "/metrics"), ("post", "/v1/completions"),
-                         ("post", "/v1/load_lora_adapter"), ("get", "/docs")):
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                         ("post", "/v1/load_lora_adapter")):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                        {"Authorization": "Basic s3cret"}):
             answer = getattr(httpx, method)(f"{keyed.url}{path}", headers=headers)
             assert answer.status_code == 401 and answer.headers["www-authenticate"] == "Bearer", (path, headers)
-    assert httpx.get(f"{keyed.url}/v1/models", headers=AUTH).status_code == 200
+    for scheme in ("Bearer", "bearer", "BEARER"):  # RFC 7235: the scheme is case-insensitive
+        assert httpx.get(f"{keyed.url}/v1/models", headers={"Authorization": f"{scheme} s3cret"}).status_code == 200
+
+
+def test_docs_page_loads_its_schema_and_offers_the_key(keyed):
+    # a browser cannot send a header to load /docs: the page and its schema are public, and the
+    # schema declares bearer auth so the page's Authorize button sends the key with each call
+    assert httpx.get(f"{keyed.url}/docs").status_code == 200
+    schema = httpx.get(f"{keyed.url}/openapi.json")
+    assert schema.status_code == 200
+    assert schema.json()["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert schema.json()["security"] == [{"bearer": []}]
 
 
 def test_prometheus_metrics_count_requests_tokens_and_latencies(keyed):
@@ -175,8 +187,8 @@ def test_requests_waiting_for_room_queue_first_come_first_served(causal_dir, ada
 
     with one_busy_slot(causal_dir, adapter_dir, wait_s=1.0) as engine:
         loads, outcome = [], {}
-        load = engine.load_adapter
-        engine.load_adapter = lambda name, path=None: (loads.append(name), load(name, path))
+        load = engine._load
+        engine._load = lambda name, path: (loads.append(name), load(name, path))
 
         def ask(name):
             try:
