@@ -31,6 +31,34 @@ class ClientGone(ServingError):
         super().__init__("the client closed the connection", 499)
 
 
+class ClientWatch:
+    """Hands out a request's events while watching its client: one that went away cancels the
+    requests (the scheduler drops them at its next step) and ends the handler with ClientGone.
+    The client is checked at least every DISCONNECT_POLL_S, however often events arrive."""
+
+    def __init__(self, http: HttpRequest, requests: list[Request]):
+        self.http, self.requests, self.checked = http, requests, time.monotonic()
+
+    async def _check(self) -> None:
+        self.checked = time.monotonic()
+        if await self.http.is_disconnected():
+            for request in self.requests:
+                request.cancel()
+            raise ClientGone()
+
+    async def next_event(self, events: asyncio.Queue):
+        getter = asyncio.ensure_future(events.get())
+        try:
+            while True:
+                if time.monotonic() - self.checked >= DISCONNECT_POLL_S:
+                    await self._check()
+                done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return getter.result()
+        finally:
+            getter.cancel()
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -192,25 +220,9 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         await asyncio.to_thread(engine.submit, request)  # it may wait for room to reload an evicted adapter
         return events
 
-    async def next_event(http: HttpRequest, events: asyncio.Queue, requests: list[Request]):
-        """The next event of a request, watching its client meanwhile: a client that went away
-        cancels its requests (the scheduler drops them at the next step) and ends the handler."""
-        getter = asyncio.ensure_future(events.get())
-        try:
-            while True:
-                done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
-                if done:
-                    return getter.result()
-                if await http.is_disconnected():
-                    for request in requests:
-                        request.cancel()
-                    raise ClientGone()
-        finally:
-            getter.cancel()
-
-    async def final(http: HttpRequest, events: asyncio.Queue, requests: list[Request]):
+    async def final(watch: "ClientWatch", events: asyncio.Queue):
         while True:
-            kind, value = await next_event(http, events, requests)
+            kind, value = await watch.next_event(events)
             if kind == "done":
                 return value
             if kind == "error":
@@ -269,7 +281,8 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
         if not body.stream:
             try:
-                results = [await final(http, q, requests) for q in queues]
+                watch = ClientWatch(http, requests)
+                results = [await final(watch, q) for q in queues]
             except asyncio.CancelledError:  # the server is stopping this handler
                 for request in requests:
                     request.cancel()
@@ -292,8 +305,9 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
         async def chunks():
             chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+            watch = ClientWatch(http, requests)
             while True:
-                event, value = await next_event(http, events, requests)
+                event, value = await watch.next_event(events)
                 if event == "error":
                     yield f"data: {json.dumps({'error': {'message': str(value), 'code': value.status}})}\n\n"
                     break
@@ -335,7 +349,8 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             ids = engine.tokenizer(text, truncation=True, max_length=engine.limits.max_prompt_tokens)["input_ids"]
             requests.append(Request(kind="classify", adapter=adapter, prompt_ids=ids, sink=None))
             queues.append(await run(requests[-1]))
-        results = [await final(request, q, requests) for q in queues]
+        watch = ClientWatch(request, requests)
+        results = [await final(watch, q) for q in queues]
         return {"object": "list", "model": body.model,
                 "data": [{"index": i, **r} for i, r in enumerate(results)]}
 

@@ -126,6 +126,7 @@ class Engine:
                 lk.load_adapter(self.model, path, adapter_name=name)
             except LoraError as exc:
                 raise ServingError(f"adapter {name!r} cannot be loaded: {exc}", 422) from None
+        self.last_used[name] = time.monotonic()  # just loaded counts as just used: not the next to go
 
     def load_adapter(self, name: str) -> None:
         """POST /v1/adapters: load ``name`` by name, within the cap like any on-demand load."""
