@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import ConfigError
 from ..training.options import DEFAULTS_WHY
 
 # flags that map onto TrainOptions fields; every default is None so a YAML value is not overridden

@@ -110,6 +110,11 @@ def _read_file(path: Path) -> list[dict]:
         table = datasets.load_dataset(kind, data_files=str(path), split="train", **extra)
     except Exception as exc:  # datasets raises many types for unreadable files; name the file
         cause = exc.__cause__ or exc.__context__
+        from ..atomic import write_failure
+
+        full = write_failure(cause or exc, datasets.config.HF_DATASETS_CACHE) if cause or exc else None
+        if full:  # datasets writes a cache of the parsed file: a full disk shows up here first
+            raise ConfigError(f"cannot read {path}: {full}") from None
         detail = f"{exc}" + (f" ({type(cause).__name__}: {cause})" if cause and str(cause) not in str(exc) else "")
         raise ConfigError(f"cannot read {path} as {kind}: {detail}") from None
     return table.to_list()
