@@ -13,28 +13,34 @@ from lorakit.serving import BackgroundServer, Limits, build_engine
 from tests.serving.test_server import adapter_dir, complete, offline  # noqa: F401 (fixture)
 
 
-def slow_and_endless(engine, step_s=0.02):
-    """Each forward takes ``step_s`` (a bigger model's pace) and the end-of-sequence token is never
-    chosen, so a request runs to max_tokens unless something stops it."""
-    eos = sorted(engine.model.generation_config.eos_token_id if isinstance(
-        engine.model.generation_config.eos_token_id, list) else [engine.model.generation_config.eos_token_id])
+def paced_engine(causal_dir, adapters=None, step_s=0.02, **engine_kwargs):
+    """An engine whose forwards take ``step_s`` each (a bigger model's pace) and never choose the
+    end-of-sequence token, so a request runs to max_tokens unless something stops it. The hooks go
+    on before the engine starts, so its slot-cache check sees the same model (continuous batching)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    def pace(module, args):
-        time.sleep(step_s)
+    from lorakit.serving.engine import Engine
+
+    model = AutoModelForCausalLM.from_pretrained(causal_dir)
+    eos = model.generation_config.eos_token_id
 
     def no_eos(module, args, output):
-        output.logits[..., eos] = float("-inf")
+        output.logits[..., eos] = -1e9
         return output
-    engine.model.register_forward_pre_hook(pace)
-    engine.model.register_forward_hook(no_eos)
+    model.register_forward_pre_hook(lambda module, args: time.sleep(step_s))
+    model.register_forward_hook(no_eos)
+    engine = Engine(model, AutoTokenizer.from_pretrained(causal_dir), **engine_kwargs)
+    for name, path in (adapters or {}).items():
+        engine.add_start_adapter(name, path)
+    return engine
 
 
 @pytest.fixture
 def endless(causal_dir, adapter_dir):  # noqa: F811
-    engine = build_engine(causal_dir, {"alpha": adapter_dir / "alpha"},
+    engine = paced_engine(causal_dir, {"alpha": adapter_dir / "alpha"},
                           limits=Limits(max_new_tokens=100, max_prompt_tokens=16, max_body_bytes=4000))
-    slow_and_endless(engine)
     with BackgroundServer(engine) as running:
+        assert engine.scheduler == "continuous"
         yield running
 
 
@@ -166,9 +172,9 @@ def test_unload_reload_loop_never_fails_a_request(causal_dir, adapter_dir):  # n
     """Before: 26 of 60 requests failed with 422 during a load/unload loop."""
     from concurrent.futures import ThreadPoolExecutor
 
-    engine = build_engine(causal_dir, {}, adapter_dir=str(adapter_dir), limits=Limits(max_new_tokens=4),
+    # paced: requests last long enough for unloads to wait on them
+    engine = paced_engine(causal_dir, step_s=0.01, adapter_dir=str(adapter_dir), limits=Limits(max_new_tokens=4),
                           max_loaded_adapters=2)
-    slow_and_endless(engine, step_s=0.01)  # requests last long enough for unloads to wait on them
     with BackgroundServer(engine) as running:
         stop = threading.Event()
 
