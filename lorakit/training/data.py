@@ -262,6 +262,7 @@ class Truncation:
         self.seq_len = seq_len
         self.cut_rows: dict[str, int] = {}
         self.total_rows: dict[str, int] = {}
+        self.cut_prompts = False
 
     def _count(self, split: str, cut: bool) -> None:
         self.total_rows[split] = self.total_rows.get(split, 0) + 1
@@ -276,6 +277,7 @@ class Truncation:
         """(input ids, labels) of a prompt + answer row within seq_len; prompt tokens carry -100."""
         self._count(split, len(prompt) + len(answer) > self.seq_len)
         if len(prompt) + len(answer) > self.seq_len:
+            self.cut_prompts = True
             keep_prompt = min(len(prompt), max(self.seq_len - len(answer), self.seq_len // 2, 1))
             prompt = prompt[len(prompt) - keep_prompt:]
             answer = answer[:self.seq_len - keep_prompt]
@@ -284,8 +286,9 @@ class Truncation:
     def report(self) -> None:
         if self.cut_rows:
             parts = ", ".join(f"{n:,} of {self.total_rows[s]:,} {s}" for s, n in self.cut_rows.items())
-            warnings.warn(f"rows longer than {self.seq_len} tokens were truncated ({parts}; sft rows lose the start "
-                          "of their prompt first); raise --seq-len to keep them whole", stacklevel=3)
+            how = "; prompts lost their start first, so answers stay whole where they fit" if self.cut_prompts else ""
+            warnings.warn(f"rows longer than {self.seq_len} tokens were truncated ({parts}){how}; raise --seq-len to "
+                          "keep them whole", stacklevel=3)
 
 
 def answer_tokens(examples: list[dict]) -> int:

@@ -84,9 +84,9 @@ def test_output_directory_must_be_empty_unless_overwrite(classifier_dir, reviews
 
 
 def test_early_stopping_and_best_checkpoint(classifier_dir, reviews_csv, tmp_path):
-    summary = train(options(classifier_dir, reviews_csv, tmp_path / "es", max_steps=60, eval_steps=2, lr=0.0,
+    summary = train(options(classifier_dir, reviews_csv, tmp_path / "es", max_steps=60, eval_steps=2, lr=1e-12,
                             warmup_steps=0, early_stopping_patience=2), quiet=True)
-    assert summary["steps"] == 6 and summary["best_step"] == 2  # lr 0: nothing improves after the first eval
+    assert summary["steps"] == 6 and summary["best_step"] == 2  # lr ~0: nothing improves after the first eval
 
 
 def test_full_fine_tune_saves_a_plain_model(classifier_dir, reviews_csv, tmp_path):
