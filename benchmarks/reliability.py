@@ -146,7 +146,7 @@ def all_kill_points(root: Path) -> dict:
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
             state = {n: p for n, p in model.named_parameters() if p.requires_grad}
             optimizer.param_groups[0]["lr"] = \
-                float(next(p for n, p in state.items() if "lora_B" in n).flatten()[0])  # tells old from new
+                float(next(p for n, p in state.items() if "lora_B" in n).detach().flatten()[0])  # tells old from new
             save_checkpoint(target.parent, state, optimizer.state_dict(), scheduler, {"step": 1}, name=target.name)
         return write
 
@@ -186,8 +186,10 @@ def disconnect_storm(root: Path, clients: int = 50, max_tokens: int = 100) -> di
     model = AutoModelForCausalLM.from_pretrained(base)
     model.register_forward_pre_hook(lambda module, args: time.sleep(0.02))  # a bigger model's pace
 
+    eos = sorted({1, model.generation_config.eos_token_id})  # the tokenizer's and the model config's
+
     def no_eos(module, args, output):  # every request runs to max_tokens unless something stops it
-        output.logits[..., 1] = -1e9
+        output.logits[..., eos] = -1e9
         return output
     model.register_forward_hook(no_eos)
     engine = Engine(model, AutoTokenizer.from_pretrained(base),
@@ -209,7 +211,9 @@ def disconnect_storm(root: Path, clients: int = 50, max_tokens: int = 100) -> di
         return {"clients": clients, "max_tokens": max_tokens, "tokens_generated_in_all": int(after),
                 "tokens_if_nobody_stopped": clients * max_tokens,
                 "tokens_generated_after_the_last_client_left": int(after - left_at),
-                "cancelled": engine.stats["cancelled"], "running_after": engine.prometheus.running._value.get()}
+                "cancelled": engine.stats["cancelled"], "failed": engine.stats["failed"],
+                "finished": engine.stats["requests"] - engine.stats["cancelled"] - engine.stats["failed"],
+                "running_after": engine.prometheus.running._value.get()}
 
 
 def body_flood(root: Path, megabytes: int = 300) -> dict:

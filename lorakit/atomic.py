@@ -21,14 +21,10 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import LoraError
+from .errors import WriteFailedError
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
-
-
-class WriteFailedError(LoraError):
-    """Writing an output failed (a full disk, a quota, a read-only place); nothing was replaced."""
 
 
 def _libc_renameat2():

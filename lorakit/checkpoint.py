@@ -170,11 +170,12 @@ def _carry_other_files(source: Path, staging: Path, skip: tuple[str, ...]) -> No
     for entry in source.iterdir():
         if entry.name in skip:
             continue
-        if entry.is_dir() and not entry.is_symlink():
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), staging / entry.name)
+        elif entry.is_dir():
             shutil.copytree(entry, staging / entry.name, copy_function=link_or_copy, symlinks=True)
         else:
-            link_or_copy(entry, staging / entry.name) if not entry.is_symlink() else \
-                os.symlink(os.readlink(entry), staging / entry.name)
+            link_or_copy(entry, staging / entry.name)
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:

@@ -38,3 +38,7 @@ class MergeStateError(LoraError):
 
 class TrainingDivergedError(LoraError):
     """The loss or the gradients became NaN / infinite: the run stops before anything more is written."""
+
+
+class WriteFailedError(LoraError):
+    """Writing an output failed (a full disk, a quota, a read-only place); nothing was replaced."""

@@ -210,15 +210,15 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _own_classifier_base(run: str, base: str) -> bool:
     """Is ``base`` the base a lorakit classifier run at ``run`` was trained on?"""
-    from ..training.artifacts import RUN_FILE
-    from ..training.models import resolve_model_path
-
     from pathlib import Path
 
-    record_file = next((d / RUN_FILE for d in (Path(run), Path(run) / "adapter") if (d / RUN_FILE).is_file()), None)
-    if record_file is None:
+    from ..training.artifacts import read_run
+    from ..training.models import resolve_model_path
+
+    try:
+        record = read_run(run)[1]
+    except ConfigError:  # any PEFT adapter, not a lorakit run
         return False
-    record = json.loads(record_file.read_text())
     if record.get("task") != "classify" or record.get("full"):
         return False
     return Path(resolve_model_path(base)).resolve() == Path(resolve_model_path(record["model"])).resolve()
@@ -227,12 +227,11 @@ def _own_classifier_base(run: str, base: str) -> bool:
 def _merge(args: argparse.Namespace) -> int:
     from ..training.inference import merge_run
 
-    if args.base and _own_classifier_base(args.run, args.base):
-        # a classifier's head is in the adapter, not in the base checkpoint (a bare encoder whose
-        # tensors lack the head model's prefix): the streaming merge has nowhere to put it, so the
-        # run is merged as a whole model; such bases are small
-        args.base = None
-    if args.base:  # any PEFT-format adapter onto a safetensors base, shard by shard
+    # a classifier's head is in the adapter, not in its base checkpoint (a bare encoder whose tensors
+    # lack the head model's prefix): the streaming merge has nowhere to put it, so such a run is
+    # merged as a whole model; such bases are small
+    streaming = bool(args.base) and not _own_classifier_base(args.run, args.base)
+    if streaming:  # any PEFT-format adapter onto a safetensors base, shard by shard
         from ..streaming_merge import stream_merge
         from ..training.models import resolve_model_path
 

@@ -131,12 +131,10 @@ def generate_batch(engine, requests) -> None:
                         **{keyword: out[keyword] if keyword in out else out.past_key_values})
     for row in rows:
         engine.prometheus.prompt_tokens.inc(len(row.request.prompt_ids))
-        if row.finish == "cancelled":
-            engine.stats["completion_tokens"] += len(row.tokens)
-            continue
         engine.stats["prompt_tokens"] += len(row.request.prompt_ids)
         engine.stats["completion_tokens"] += len(row.tokens)
-        row.close()
+        if row.finish != "cancelled":  # nobody is there to answer
+            row.close()
 
 
 def classify_batch(engine, requests) -> None:

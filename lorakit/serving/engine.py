@@ -72,10 +72,8 @@ class Engine:
     # a request names them again, so the cap holds exactly and no name ever becomes unknown.
     @property
     def adapters(self) -> list[str]:
-        try:
-            return [n for n in lk.list_adapters(self.model) if n not in self.draining]
-        except LoraError:
-            return []
+        """The adapters requests may use: resident and not being unloaded."""
+        return [n for n in self._resident() if n not in self.draining]
 
     def _resident(self) -> list[str]:
         """Every adapter in memory, those being unloaded included (they still take room)."""

@@ -98,13 +98,6 @@ def _read_file(path: Path) -> list[dict]:
     import datasets
 
     datasets.disable_progress_bars()
-    if path.stat().st_size == 0 or not path.read_bytes()[:4096].strip():
-        raise ConfigError(f"{path} is empty: a {kind} file needs {'a header line and ' if kind == 'csv' else ''}rows")
-    if kind == "csv" and path.stat().st_size < 65536 and len([l for l in path.read_text(errors="replace").splitlines()
-                                                              if l.strip()]) < 2:
-        raise ConfigError(f"{path} has a header line but no rows; add rows below the header")
-    if kind == "json":
-        _check_json(path)  # datasets' messages give a byte position; this names the line and column
     extra = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     try:
         table = datasets.load_dataset(kind, data_files=str(path), split="train", **extra)
@@ -112,12 +105,25 @@ def _read_file(path: Path) -> list[dict]:
         cause = exc.__cause__ or exc.__context__
         from ..atomic import write_failure
 
-        full = write_failure(cause or exc, datasets.config.HF_DATASETS_CACHE) if cause or exc else None
+        full = write_failure(cause or exc, datasets.config.HF_DATASETS_CACHE)
         if full:  # datasets writes a cache of the parsed file: a full disk shows up here first
             raise ConfigError(f"cannot read {path}: {full}") from None
+        _diagnose(path, kind)  # datasets' own messages give no line (or only a byte position)
         detail = f"{exc}" + (f" ({type(cause).__name__}: {cause})" if cause and str(cause) not in str(exc) else "")
         raise ConfigError(f"cannot read {path} as {kind}: {detail}") from None
     return table.to_list()
+
+
+def _diagnose(path: Path, kind: str) -> None:
+    """Why a file datasets could not read is unreadable, in the user's terms (raises), if known."""
+    with path.open("rb") as handle:
+        head = handle.read(4096)
+    if not head.strip():
+        raise ConfigError(f"{path} is empty: a {kind} file needs {'a header line and ' if kind == 'csv' else ''}rows")
+    if kind == "csv" and len([line for line in path.read_text(errors="replace").splitlines() if line.strip()]) < 2:
+        raise ConfigError(f"{path} has a header line but no rows; add rows below the header")
+    if kind == "json":
+        _check_json(path)
 
 
 def _check_json(path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,8 +150,6 @@ def _check(options: TrainOptions) -> None:
     for name in ("r", "batch_size", "grad_accum", "seq_len", "min_steps"):
         if getattr(options, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(options, name)}")
-    import math
-
     if not (math.isfinite(options.lr) and options.lr > 0):
         raise ConfigError(f"--lr must be a positive finite number, got {options.lr}; LoRA usually trains at 1e-4 to "
                           "2e-3 (leave it out for the task's default)")
