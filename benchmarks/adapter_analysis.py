@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 import lorakit as lk
-from lorakit import analysis
+from lorakit.tools import analysis
 from lorakit.training.data import encode, load_splits
 from lorakit.training.evaluation import evaluate
-from lorakit.training.models import load_model
-from lorakit.plots import similarity_heatmaps
+from lorakit.hub.models import load_model
+from lorakit.tools.plots import similarity_heatmaps
 
 from .common import print_table
 

@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--work", help="keep runs here (default: a temporary folder)")
     args = parser.parse_args()
     from lorakit.cli import quiet_libraries
-    from lorakit.training.combine import combine_adapters
+    from lorakit.tools.combine import combine_adapters
     from lorakit.training.inference import evaluate_run
     from lorakit.training.loop import train
     from lorakit.training.options import resolve_options

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from lorakit.cli import quiet_libraries
-from lorakit.datasets import package_data_dir
+from lorakit.hub.datasets import package_data_dir
 
 
 def debates_csv(folder: Path) -> str:

@@ -52,7 +52,7 @@ def main() -> None:
         shape, method = args.child.split(":")
         print(json.dumps(child(shape, method, args.batch, args.seq, args.rank, args.steps)))
         return
-    from lorakit.estimate import estimate
+    from lorakit.tools.estimate import estimate
 
     rows = []
     for shape in args.shapes:

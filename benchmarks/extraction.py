@@ -22,7 +22,7 @@ from pathlib import Path
 CHILD = r"""
 import json, sys
 import torch, transformers  # imported before the baseline is read, with the model's own code
-from lorakit.extraction import extract
+from lorakit.tools.extraction import extract
 getattr(transformers, json.load(open(sys.argv[2] + "/config.json"))["architectures"][0])
 
 def status(field):
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=32)
     args = parser.parse_args()
     from lorakit.cli import quiet_libraries
-    from lorakit.training.models import resolve_model_path
+    from lorakit.hub.models import resolve_model_path
 
     quiet_libraries()
     base = resolve_model_path(args.base)

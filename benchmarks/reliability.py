@@ -32,7 +32,7 @@ import lorakit as lk
 
 STEPS = [("os", "replace"), ("os", "rename"), ("os", "link"), ("os", "unlink"), ("os", "remove"),
          ("shutil", "rmtree"), ("shutil", "copyfile"), ("shutil", "copy2"), ("tempfile", "mkdtemp"),
-         ("tempfile", "mkstemp"), ("lorakit.atomic", "exchange"), ("lorakit.checkpoint", "save_file"),
+         ("tempfile", "mkstemp"), ("lorakit.io.atomic", "exchange"), ("lorakit.io.checkpoint", "save_file"),
          ("lorakit.training.checkpointing", "save_file"), ("torch", "save")]
 
 
@@ -124,8 +124,8 @@ def adapter_of(base: Path, alpha: int):
 
 
 def all_kill_points(root: Path) -> dict:
-    from lorakit.export_gguf import export_gguf
-    from lorakit.streaming_merge import stream_merge
+    from lorakit.io.gguf import export_gguf
+    from lorakit.io.streaming_merge import stream_merge
     from lorakit.training.checkpointing import save_checkpoint
 
     base = tiny_llama_dir(root)

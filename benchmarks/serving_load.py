@@ -34,7 +34,7 @@ import torch
 import lorakit as lk
 from lorakit.serving import BackgroundServer, Engine, Limits
 from lorakit.training.data import load_splits
-from lorakit.training.models import load_model
+from lorakit.hub.models import load_model
 
 from .common import print_table
 

@@ -5,7 +5,7 @@
 A random-init Llama (fp32, about 2.1 GB at the defaults) is saved as >= 10 safetensors shards with
 a LoRA adapter (r=16 on the seven projections). Each merge runs in a fresh process; the figure is its
 peak RSS above its RSS after importing torch, transformers and lorakit:
-  streaming  `lorakit merge ADAPTER --base BASE` (lorakit/streaming_merge.py): one shard at a time
+  streaming  `lorakit merge ADAPTER --base BASE` (lorakit/io/streaming_merge.py): one shard at a time
   in-memory  load the base with transformers, lk.load_adapter, lk.unload(merge=True), save_pretrained
 Then both outputs are compared tensor by tensor.
 """
@@ -23,7 +23,7 @@ CHILD = r"""
 import json, sys
 import torch, transformers
 import lorakit as lk  # library code imported before the baseline: only the merge's own memory counts
-from lorakit.streaming_merge import stream_merge
+from lorakit.io.streaming_merge import stream_merge
 def status(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):

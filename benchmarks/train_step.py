@@ -13,7 +13,7 @@ Rows: full (full fine-tuning), floor (no LoRA: the frozen base's forward and inp
 lorakit's chunked loss: a lower bound for any LoRA step on this model), peft, lorakit-layers
 (lorakit's fused LoRA layers under transformers' loss), lorakit (the layers plus the chunked loss:
 what `lorakit train` runs for a causal LM). DoRA rows (--impls peft-dora lorakit-dora): the same
-with use_dora=True; lorakit-dora goes through the fused DoRA path (lorakit/dora_kernels.py) and the
+with use_dora=True; lorakit-dora goes through the fused DoRA path (lorakit/kernels/dora.py) and the
 chunked loss, and its ratios are taken against peft-dora and against lorakit's own LoRA row.
 
 Each measurement runs in a fresh child process (so peak RSS belongs to one case), the cases
@@ -55,7 +55,7 @@ def child(impl: str, shape: str, batch: int, seq: int, rank: int, dropout: float
           dtype: str = "fp32") -> dict:
     import torch
 
-    from lorakit.losses import linear_cross_entropy, shift_labels
+    from lorakit.kernels.losses import linear_cross_entropy, shift_labels
 
     from .common import build_llama
 

@@ -6,27 +6,42 @@
     lk.save_adapter(model, "out/")
 """
 
-from .adalora import AdaLoraConfig, adalora_penalty, orthogonal_penalty
-from .adapters import active_adapters, delete_adapter, disable_adapters, list_adapters, merged_adapters, set_adapter
-from .checkpoint import adapter_state_dict, load_adapter, read_adapter, save_adapter
 from .config import PRESET_TARGET_MODULES, LoraConfig
-from .errors import (AdapterFileError, AdapterMismatchError, AdapterNotFoundError, ConfigError, LoraError,
-                     MergeStateError, TargetNotFoundError)
-from .injection import inject
-from .embedding_layers import LoraEmbedding
-from .layers import LoraLayer
-from .linear_layers import LoraLinear
-from .losses import ChunkedLossLM, causal_lm_loss, linear_cross_entropy
-from .combining import add_weighted_adapter
-from .merging import cast_base, merge, unload, unmerge
-from .mixed import mixed_batch
-from .modules_to_save import ModulesToSave
-from .optimizers import loraplus_optimizer, loraplus_param_groups
-from .qlora import dequantize, load_quantized, quantize, save_quantized
-from .quantization import Linear4bit
-from .rank_allocator import current_ranks, update_and_allocate
-from .report import ParameterReport, trainable_parameters
-from .state import BASE
+from .errors import (
+                     AdapterFileError,
+                     AdapterMismatchError,
+                     AdapterNotFoundError,
+                     ConfigError,
+                     LoraError,
+                     MergeStateError,
+                     TargetNotFoundError,
+)
+from .io.checkpoint import adapter_state_dict, load_adapter, read_adapter, save_adapter
+from .io.quantized import load_quantized, save_quantized
+from .kernels.losses import ChunkedLossLM, causal_lm_loss, linear_cross_entropy
+from .kernels.nf4 import Linear4bit
+from .layers.base import LoraLayer
+from .layers.embedding import LoraEmbedding
+from .layers.linear import LoraLinear
+from .layers.modules_to_save import ModulesToSave
+from .model.adalora import adalora_penalty, current_ranks, update_and_allocate
+from .model.adapters import (
+                     active_adapters,
+                     delete_adapter,
+                     disable_adapters,
+                     list_adapters,
+                     merged_adapters,
+                     set_adapter,
+)
+from .model.combining import add_weighted_adapter
+from .model.injection import inject
+from .model.loraplus import loraplus_optimizer, loraplus_param_groups
+from .model.merging import cast_base, merge, unload, unmerge
+from .model.mixed import mixed_batch
+from .model.qlora import dequantize, quantize
+from .model.report import ParameterReport, trainable_parameters
+from .model.state import BASE
+from .variants.adalora import AdaLoraConfig, orthogonal_penalty
 
 __version__ = "0.1.0"
 

@@ -65,7 +65,7 @@ class LoraConfig:
     bias: BiasMode = "none"
     modules_to_save: list[str] | None = None
     use_rslora: bool = False
-    use_dora: bool = False  # DoRA (lorakit/dora.py): a learned magnitude per output feature
+    use_dora: bool = False  # DoRA (lorakit/variants/dora.py): a learned magnitude per output feature
     init_lora_weights: bool | str = True  # True, False, "gaussian", "pissa", "pissa_niter_K", "olora" (inits.py)
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lorakit as lk
-from lorakit.rank_allocator import RankAllocator
+from lorakit.model.adalora import RankAllocator
 from tests.conftest import VOCAB, logits, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import lorakit as lk
-from lorakit.layers import LoraLayer
+from lorakit.layers.base import LoraLayer
 from tests.conftest import logits, randomize_lora, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lorakit as lk
-from lorakit import analysis
+from lorakit.tools import analysis
 from tests.conftest import logits, randomize_lora, tiny_bert, tiny_llama
 
 

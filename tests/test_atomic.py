@@ -1,4 +1,4 @@
-"""All-or-nothing writes under kill -9 at every file-system step (lorakit/atomic.py)."""
+"""All-or-nothing writes under kill -9 at every file-system step (lorakit/io/atomic.py)."""
 
 import json
 import os
@@ -9,14 +9,14 @@ import textwrap
 import pytest
 
 import lorakit as lk
-from lorakit.atomic import staged_file
+from lorakit.io.atomic import staged_file
 
 from conftest import tiny_llama
 
 # the writer runs in a child that SIGKILLs itself just before its N-th call of any of these steps
 KILLER = textwrap.dedent("""
     import os, shutil, signal, sys
-    import lorakit.atomic as atomic, lorakit.checkpoint as checkpoint
+    import lorakit.io.atomic as atomic, lorakit.io.checkpoint as checkpoint
     calls, stop_at = [0], int(sys.argv[1])
     def deadly(function):
         def step(*args, **kwargs):
@@ -95,7 +95,7 @@ def test_saving_over_an_adapter_is_all_or_nothing_under_kill_at_every_step(tmp_p
 def test_a_killed_file_write_is_removed_by_the_next_write(tmp_path):
     target = tmp_path / "best.safetensors"
     script = KILLER + textwrap.dedent(f"""
-        from lorakit.atomic import staged_file
+        from lorakit.io.atomic import staged_file
         with staged_file({str(target)!r}) as tmp:
             open(tmp, "w").write("half")
             os.replace(tmp, tmp)  # the kill lands here, with the temporary file written
@@ -128,7 +128,7 @@ def test_a_full_disk_is_one_clear_error_and_replaces_nothing(tmp_path):
         try:
             torch.save(torch.zeros(10000), {str(tmp_path / "x.pt")!r})
         except RuntimeError as exc:
-            from lorakit.atomic import write_failure
+            from lorakit.io.atomic import write_failure
             print(write_failure(exc, {str(tmp_path / "x.pt")!r}))
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

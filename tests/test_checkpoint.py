@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lorakit as lk
-from lorakit.layers import LoraLayer
+from lorakit.layers.base import LoraLayer
 from tests.conftest import FAMILIES, logits, randomize_lora, tiny_bert, tiny_llama
 
 CASES = {  # family -> extra config: covers Linear, Conv1D, Embedding, heads, patterns, rsLoRA
@@ -148,7 +148,7 @@ def test_mixed_key_prefixes_are_refused(tmp_path):
 
 def test_a_crash_while_saving_leaves_no_half_written_adapter(tmp_path, monkeypatch):
     model = lk.inject(tiny_llama(), lk.LoraConfig(target_modules=["q_proj"]))
-    import lorakit.checkpoint as ckpt
+    import lorakit.io.checkpoint as ckpt
 
     def crash(tensors, filename, metadata=None):
         with open(filename, "wb") as handle:
@@ -179,7 +179,7 @@ def test_a_killed_save_leaves_staging_that_the_next_save_removes(tmp_path):
     lk.save_adapter(model, tmp_path / "ad")
     good = (tmp_path / "ad" / "adapter_model.safetensors").read_bytes()
     script = textwrap.dedent(f"""
-        import os, signal, lorakit as lk, lorakit.checkpoint as ckpt
+        import os, signal, lorakit as lk, lorakit.io.checkpoint as ckpt
         from transformers import LlamaConfig, LlamaForCausalLM
         cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                           num_attention_heads=2, num_key_value_heads=1)

@@ -158,8 +158,8 @@ def test_fused_dora_path_equals_the_reference_formula(kind, p, monkeypatch):
     from torch import nn
     from transformers.pytorch_utils import Conv1D
 
-    import lorakit.dora_kernels as kernels
-    from lorakit.dora import DoraVariant
+    import lorakit.kernels.dora as kernels
+    from lorakit.variants.dora import DoraVariant
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 10) if kind == "linear" else Conv1D(10, 12))
@@ -216,8 +216,8 @@ def test_inference_norm_cache_follows_weight_updates():
 def test_dora_members_of_a_shared_input_share_one_projection_and_mask(p, monkeypatch):
     """q/k/v and gate/up DoRA members take their h from one A-projection and one dropout mask: the
     same loss and gradients as each layer on its own fed that mask, and 4 mask draws per block."""
-    import lorakit.dora_kernels as dora_kernels
-    import lorakit.kernels as kernels
+    import lorakit.kernels.dora as dora_kernels
+    import lorakit.kernels.lora as kernels
     from tests.conftest import tiny_llama
 
     draws = []

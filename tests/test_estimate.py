@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lorakit as lk
-from lorakit import estimate as est
+from lorakit.tools import estimate as est
 
 
 def run(preset, **kwargs):
@@ -81,8 +81,8 @@ def test_cli_json():
 
 
 def test_chunked_loss_holds_the_logits_of_one_chunk():
-    from lorakit.estimate import estimate, load_config
-    from lorakit.losses import CHUNK_ELEMENTS
+    from lorakit.tools.estimate import estimate, load_config
+    from lorakit.kernels.losses import CHUNK_ELEMENTS
 
     config = load_config("smollm2-135m")
     full, chunked = (estimate(config, batch_size=4, seq_len=512, chunked_loss=c).memory[1].activations

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lorakit.cli import main
-from lorakit.export_gguf import rotary_rows
+from lorakit.io.gguf import rotary_rows
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

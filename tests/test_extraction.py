@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
 
 import lorakit as lk
-from lorakit.extraction import extract
+from lorakit.tools.extraction import extract
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@ import torch
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
 import lorakit as lk
-from lorakit.linear_layers import LoraLinear
-from lorakit.modules_to_save import ModulesToSave
+from lorakit.layers.linear import LoraLinear
+from lorakit.layers.modules_to_save import ModulesToSave
 from tests.conftest import logits, tiny_bert, tiny_gpt2, tiny_llama
 
 QKVO = ["query", "key", "value", "attention.output.dense"]

@@ -6,8 +6,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorakit as lk
-from lorakit import kernels
-from lorakit.kernels import FusedLoraLinear
+from lorakit.kernels import lora as kernels
+from lorakit.kernels.lora import FusedLoraLinear
 from tests.conftest import randomize_lora, tiny_llama
 
 

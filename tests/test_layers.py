@@ -6,8 +6,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorakit as lk
-from lorakit.embedding_layers import LoraEmbedding
-from lorakit.linear_layers import LoraLinear
+from lorakit.layers.embedding import LoraEmbedding
+from lorakit.layers.linear import LoraLinear
 
 
 def single(module, r=4, alpha=8, init=True, dropout=0.0):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 import lorakit as lk
-from lorakit.losses import IGNORE_INDEX, supports_chunked_loss
+from lorakit.kernels.losses import IGNORE_INDEX, supports_chunked_loss
 from tests.conftest import randomize_lora, tiny_gpt2, tiny_llama
 
 

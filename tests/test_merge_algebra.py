@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lorakit as lk
-from lorakit.merge_algebra import combine_tensors, majority_sign_mask, prune_by_magnitude, prune_randomly
+from lorakit.model.task_arithmetic import combine_tensors, majority_sign_mask, prune_by_magnitude, prune_randomly
 
 
 def test_magnitude_pruning_keeps_the_largest_entries():

@@ -3,8 +3,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import lorakit as lk
-from lorakit.layers import LoraLayer
-from lorakit.modules_to_save import ModulesToSave
+from lorakit.layers.base import LoraLayer
+from lorakit.layers.modules_to_save import ModulesToSave
 from tests.conftest import FAMILIES, logits, randomize_lora, tiny_bert
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import lorakit as lk
-from lorakit.param_layers import LoraParam
+from lorakit.layers.param import LoraParam
 from tests.zoo import BY_NAME, main_output
 
 MIXTRAL = BY_NAME["mixtral-moe"]

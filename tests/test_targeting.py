@@ -1,7 +1,7 @@
 import pytest
 
 import lorakit as lk
-from lorakit.targeting import find_targets, minimal_suffixes
+from lorakit.model.targeting import find_targets, minimal_suffixes
 from tests.conftest import tiny_bert, tiny_gpt2, tiny_llama
 
 
@@ -55,7 +55,7 @@ def test_unsupported_module_type_is_named():
 def test_decoder_blocks_are_the_classes_transformers_will_not_split():
     from torch import nn
 
-    from lorakit.targeting import decoder_blocks
+    from lorakit.model.targeting import decoder_blocks
 
     model = tiny_llama(layers=3)
     blocks = decoder_blocks(model)

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (OSError, RuntimeError) as exc:  # a full disk met outside lorakit's staged writes (a log line)
-        from ..atomic import write_failure
+        from ..io.atomic import write_failure
 
         message = write_failure(exc)
         if message is None:

@@ -10,7 +10,7 @@ from .training import list_flag
 
 
 def _combine(args: argparse.Namespace) -> int:
-    from ..training.combine import combine_adapters
+    from ..tools.combine import combine_adapters
 
     weights = [float(w) for w in list_flag(args.weights)] if args.weights else [1.0] * len(args.adapters)
     result = combine_adapters(args.adapters, weights, args.output, method=args.method, density=args.density,
@@ -26,9 +26,9 @@ def _combine(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from ..extraction import extract
-    from ..training.artifacts import RUN_FILE, read_run
-    from ..training.models import resolve_model_path
+    from ..hub.models import resolve_model_path
+    from ..io.runs import RUN_FILE, read_run
+    from ..tools.extraction import extract
 
     tuned = args.tuned
     extra = {}
@@ -41,7 +41,7 @@ def _extract(args: argparse.Namespace) -> int:
     report = extract(resolve_model_path(args.base), resolve_model_path(tuned), args.output, rank=args.rank,
                      energy=args.energy, keep_changed=args.keep_changed, extra_files=extra)
     if args.plot:
-        from ..plots import extraction_plot
+        from ..tools.plots import extraction_plot
 
         report["plot"] = str(extraction_plot(report, args.plot))
     if args.json:
@@ -64,7 +64,7 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub) -> None:
-    from ..combining import COMBINATIONS
+    from ..model.combining import COMBINATIONS
 
     combine = sub.add_parser(
         "combine", help="combine adapters of one base model into one (linear, cat, svd, TIES, DARE, ...)",

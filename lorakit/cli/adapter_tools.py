@@ -11,8 +11,7 @@ def _gb(n: int) -> str:
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    from .. import estimate as est
-
+    from ..tools import estimate as est
     from .training import list_flag
 
     targets = list_flag(args.targets)
@@ -53,14 +52,14 @@ def _estimate(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from .. import analysis
+    from ..tools import analysis
 
     if args.compare:
         grids = analysis.compare(args.adapter, args.compare)
         result = {path: grid.tolist() for path, grid in grids.items()}
         plots = []
         if args.plot:
-            from ..plots import similarity_heatmaps
+            from ..tools.plots import similarity_heatmaps
 
             plots = [str(p) for p in similarity_heatmaps(grids, args.plot, labels=(args.adapter, args.compare))]
         if args.json:
@@ -76,7 +75,7 @@ def _analyze(args: argparse.Namespace) -> int:
         return 0
     report = analysis.analyze(args.adapter)
     if args.plot:
-        from ..plots import spectrum_plots
+        from ..tools.plots import spectrum_plots
 
         report["plots"] = [str(p) for p in spectrum_plots(report, args.plot)]
     if args.json:
@@ -97,7 +96,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from .. import analysis
+    from ..tools import analysis
 
     result = analysis.compress(args.adapter, args.output, rank=args.rank, energy=args.energy)
     if args.json:
@@ -112,8 +111,8 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ..export_gguf import export_gguf
-    from ..training.models import resolve_model_path
+    from ..hub.models import resolve_model_path
+    from ..io.gguf import export_gguf
 
     result = export_gguf(args.adapter, resolve_model_path(args.base), args.output, args.outtype)
     if args.json:

@@ -195,7 +195,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from ..training.artifacts import read_run
+    from ..io.runs import read_run
     from ..training.inference import generate, load_for_eval
 
     if args.run and read_run(args.run)[1].get("task") == "classify":
@@ -212,8 +212,8 @@ def _own_classifier_base(run: str, base: str) -> bool:
     """Is ``base`` the base a lorakit classifier run at ``run`` was trained on?"""
     from pathlib import Path
 
-    from ..training.artifacts import read_run
-    from ..training.models import resolve_model_path
+    from ..hub.models import resolve_model_path
+    from ..io.runs import read_run
 
     try:
         record = read_run(run)[1]
@@ -232,8 +232,8 @@ def _merge(args: argparse.Namespace) -> int:
     # merged as a whole model; such bases are small
     streaming = bool(args.base) and not _own_classifier_base(args.run, args.base)
     if streaming:  # any PEFT-format adapter onto a safetensors base, shard by shard
-        from ..streaming_merge import stream_merge
-        from ..training.models import resolve_model_path
+        from ..hub.models import resolve_model_path
+        from ..io.streaming_merge import stream_merge
 
         result = stream_merge(args.run, resolve_model_path(args.base), args.output, overwrite=args.overwrite,
                               qlora=True if args.qlora else None)
@@ -266,7 +266,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from .demo import run_demo
 
     s = run_demo(output=args.output, steps=args.steps, seed=args.seed, eval_examples=args.eval_examples,
                  r=args.r, alpha=args.alpha)

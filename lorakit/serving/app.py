@@ -14,12 +14,12 @@ import uuid
 from pathlib import Path
 from typing import Literal
 
-from fastapi import FastAPI, Request as HttpRequest
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .engine import Engine, Request, ServingError
-
 
 DISCONNECT_POLL_S = 0.05  # how often a waiting handler checks that its client is still there
 

@@ -24,7 +24,7 @@ import torch
 
 import lorakit as lk
 
-from ..state import BASE
+from ..model.state import BASE
 from .decoding import _eos_ids, _pick, _Row, classify_batch
 from .requests import ServingError
 from .slot_cache import SlotCache, cache_keyword

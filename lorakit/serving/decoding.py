@@ -9,7 +9,7 @@ import torch
 
 import lorakit as lk
 
-from ..state import BASE
+from ..model.state import BASE
 from .slot_cache import cache_keyword
 
 

@@ -24,7 +24,7 @@ import torch
 import lorakit as lk
 
 from ..errors import LoraError
-from ..state import BASE
+from ..model.state import BASE
 from .continuous import ContinuousBatcher
 from .decoding import classify_batch, generate_batch
 from .metrics import ServerMetrics

@@ -35,8 +35,8 @@ def build_engine(model_name: str, adapters: dict[str, Path], adapter_dir: str | 
 
     import lorakit as lk
 
-    from ..training.artifacts import RUN_FILE
-    from ..training.models import load_model
+    from ..hub.models import load_model
+    from ..io.runs import RUN_FILE
 
     if max_loaded_adapters is not None and max_loaded_adapters < 1:
         raise ConfigError(f"--max-loaded-adapters must be at least 1, got {max_loaded_adapters}")

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..atomic import staged_directory
 from ..errors import AdapterFileError
+from ..io.atomic import staged_directory
 from .placement import Replicated
 
 CHECKPOINT = "checkpoint"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..datasets import package_data_dir, rotten_tomatoes
 from ..errors import ConfigError
+from ..hub.datasets import package_data_dir, rotten_tomatoes
 
 SPLITS = ("train", "validation", "test")
 FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
@@ -103,7 +103,7 @@ def _read_file(path: Path) -> list[dict]:
         table = datasets.load_dataset(kind, data_files=str(path), split="train", **extra)
     except Exception as exc:  # datasets raises many types for unreadable files; name the file
         cause = exc.__cause__ or exc.__context__
-        from ..atomic import write_failure
+        from ..io.atomic import write_failure
 
         full = write_failure(cause or exc, datasets.config.HF_DATASETS_CACHE)
         if full:  # datasets writes a cache of the parsed file: a full disk shows up here first

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .. import targeting
+from ..model import targeting
 
 
 def shardable_blocks(model: nn.Module) -> list[nn.Module]:
@@ -53,7 +53,7 @@ def _shardable_4bit_codes(model: nn.Module) -> None:
     """FSDP shards parameters, not buffers: a QLoRA base keeps its NF4 codes and block scales in
     buffers, so they become frozen parameters here (uint8 / int8 storage, gathered per block with
     the rest and dequantized inside the layer's forward, as the FSDP-QLoRA work stores them)."""
-    from ..quantization import Linear4bit
+    from ..kernels.nf4 import Linear4bit
 
     for module in model.modules():
         if isinstance(module, Linear4bit):
@@ -65,7 +65,7 @@ def _shardable_4bit_codes(model: nn.Module) -> None:
 def _add_chunked_loss_forward(model: nn.Module) -> None:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    from ..losses import causal_lm_loss
+    from ..kernels.losses import causal_lm_loss
 
     original = model.forward
 

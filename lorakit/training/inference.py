@@ -8,12 +8,11 @@ import torch
 
 import lorakit as lk
 
-from ..atomic import staged_directory
 from ..errors import ConfigError
-from .artifacts import load_trained
+from ..hub.models import load_model, load_trained
+from ..io.atomic import staged_directory
 from .data import EMBEDDED_SFT_TEMPLATES, SPLITS, encode, load_splits, prompt_text, read_file_rows, require_rows
 from .evaluation import split_metrics
-from .models import load_model
 
 
 def load_for_eval(run: str | None, model_name: str | None, task: str | None, data: str | None, labels=None):

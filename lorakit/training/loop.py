@@ -23,22 +23,31 @@ from tqdm.auto import tqdm
 
 import lorakit as lk
 
-from ..atomic import staged_directory, staged_file
 from ..errors import ConfigError, TrainingDivergedError
-from ..losses import ChunkedLossLM, supports_chunked_loss
-from .optim import build_optimizer, build_scheduler
-from .memory import estimated_bytes, peak_bytes, peak_since_reset, reset_peak, resident_bytes
-from .packing import pack_examples
-from .reporting import Reporter, json_record
-from .artifacts import RUN_FILE, run_record
+from ..hub.models import load_model
+from ..io.atomic import staged_directory, staged_file
+from ..io.runs import RUN_FILE, run_record
+from ..kernels.losses import ChunkedLossLM, supports_chunked_loss
 from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint, trainable_state
-from .data import EMBEDDED_SFT_TEMPLATES, Truncation, answer_tokens, collate, encode, label_names, load_splits, require_rows
+from .data import (
+    EMBEDDED_SFT_TEMPLATES,
+    Truncation,
+    answer_tokens,
+    collate,
+    encode,
+    label_names,
+    load_splits,
+    require_rows,
+)
 from .distributed import Distributed
-from .placement import placement_for
 from .evaluation import evaluate, split_metrics
 from .learning_check import learning_check
-from .models import load_model
+from .memory import estimated_bytes, peak_bytes, peak_since_reset, reset_peak, resident_bytes
+from .optim import build_optimizer, build_scheduler
 from .options import TrainOptions, save_options
+from .packing import pack_examples
+from .placement import placement_for
+from .reporting import Reporter, json_record
 
 BEST = "best_trainable.safetensors"
 
@@ -359,7 +368,7 @@ class Trainer:
             if not summary["learning_check"]["ok"]:
                 print(f"\nWARNING: {summary['learning_check']['message']}\n", file=sys.stderr)
             summary["artifact"] = str(artifact)
-            from ..plots import loss_curve
+            from ..tools.plots import loss_curve
 
             summary["loss_curve"] = str(loss_curve(self.output / "train_log.jsonl", self.output / "loss_curve.png"))
             (self.output / "summary.json").write_text(json_record(summary, indent=2) + "\n")

@@ -53,7 +53,7 @@ def peak_since_reset(device: torch.device, baseline: int) -> int:
 def estimated_bytes(model_config, options, seq_len: int, chunked_loss: bool = True, nproc: int = 1) -> int | None:
     """The estimate's total for this run, or None where its memory model does not apply (a classifier
     head, AdaLoRA, Adafactor)."""
-    from ..estimate import OPTIMIZER_STATES, estimate
+    from ..tools.estimate import OPTIMIZER_STATES, estimate
 
     if options.task == "classify" or options.method != "lora" or options.optim not in OPTIMIZER_STATES:
         return None

@@ -16,7 +16,7 @@ import torch
 import lorakit as lk
 
 from ..errors import ConfigError
-from ..state import saved_modules
+from ..model.state import saved_modules
 
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "adafactor")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")

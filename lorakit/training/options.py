@@ -140,7 +140,7 @@ def _read_yaml(path: str) -> dict:
 
 
 def _check_task(task: str) -> None:
-    from .models import TASK_KINDS
+    from ..hub.models import TASK_KINDS
 
     if task not in TASK_KINDS:
         raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASK_KINDS)}")

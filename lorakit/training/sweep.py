@@ -52,7 +52,7 @@ def sweep(base: TrainOptions, ranks: list[int], seeds: list[int], quiet: bool = 
 
 
 def sweep_plot(result: dict, path: Path) -> Path:
-    from ..plots import _pyplot
+    from ..tools.plots import _pyplot
 
     plt = _pyplot()
     rows = [row for row in result["rows"] if row["mean"] is not None]

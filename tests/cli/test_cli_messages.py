@@ -41,7 +41,7 @@ def test_merge_with_the_runs_own_base_works(trained, classifier_dir, tmp_path, c
     code, _, err = run(capsys, "merge", trained, "--base", classifier_dir, "--output", tmp_path / "merged")
     assert code == 0, err
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
-    from lorakit.training.artifacts import load_trained
+    from lorakit.hub.models import load_trained
 
     model, _, _ = load_trained(trained)
     ids = AutoTokenizer.from_pretrained(classifier_dir)(["the film was good"], return_tensors="pt")["input_ids"]
@@ -50,7 +50,7 @@ def test_merge_with_the_runs_own_base_works(trained, classifier_dir, tmp_path, c
 
 
 def test_reloading_a_trained_classifier_does_not_announce_a_new_head(trained, capsys):  # noqa: F811
-    from lorakit.training.artifacts import load_trained
+    from lorakit.hub.models import load_trained
 
     capsys.readouterr()
     load_trained(trained)

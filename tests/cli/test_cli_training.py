@@ -6,7 +6,7 @@ import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lorakit.cli import build_parser, main
-from lorakit.training.artifacts import load_trained
+from lorakit.hub.models import load_trained
 
 TINY = ["--max-steps", "8", "--batch-size", "8", "--seq-len", "32", "--warmup-steps", "1", "--lr", "1e-2"]
 

@@ -35,7 +35,7 @@ def test_classify_run_writes_log_curve_adapter_and_learns(classifier_dir, review
     # the adapter is a PEFT adapter: PEFT loads it onto the same base and predicts the same
     base = AutoModelForSequenceClassification.from_pretrained(classifier_dir, num_labels=2)
     peft_model = PeftModel.from_pretrained(base, out / "adapter").eval()
-    ours, _, _ = __import__("lorakit.training.artifacts", fromlist=["x"]).load_trained(out)
+    ours, _, _ = __import__("lorakit.hub.models", fromlist=["x"]).load_trained(out)
     ids = torch.tensor([[2, 10, 20, 30, 3]])
     torch.testing.assert_close(peft_model(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
@@ -130,5 +130,5 @@ def test_too_little_data_for_one_step(classifier_dir, reviews_csv, tmp_path):
 def test_qlora_run_trains_on_a_4bit_base_and_evaluates_on_it(causal_dir, sft_jsonl, tmp_path):
     summary = train(options(causal_dir, sft_jsonl, tmp_path / "q", task="sft", qlora=True, max_steps=4), quiet=True)
     assert summary["method"] == "qlora"
-    model, _, record = __import__("lorakit.training.artifacts", fromlist=["x"]).load_trained(tmp_path / "q")
+    model, _, record = __import__("lorakit.hub.models", fromlist=["x"]).load_trained(tmp_path / "q")
     assert record["qlora"] and any(type(m).__name__ == "Linear4bit" for m in model.modules())

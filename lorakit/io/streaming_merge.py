@@ -1,0 +1,205 @@
+"""Merge an adapter into a base checkpoint shard by shard, within a memory cap.
+
+The base's safetensors shards are read one at a time; in each, every adapted weight gets the
+adapter's update added in fp32 and rounded once to the weight's dtype (what `lk.merge` does in
+memory, so the result is the same bit for bit), tensors of the adapter's saved modules are
+replaced by the adapter's copies, and the shard is written under its own name before the next one
+is read. Peak memory is about the largest tensor (twice, while it is merged) plus the adapter,
+whatever the model's size (tensors are read straight into their own buffers and written
+straight out: no memory map, no whole-shard dict). The output
+directory (shards, the index, config and tokenizer files copied from the base) appears whole or
+not at all.
+
+Plain LoRA on linear layers, GPT-2's Conv1D and embeddings, and AdaLoRA's SVD form are merged;
+DoRA (whose merge needs the full weight's norm, per row: fine per tensor too) as well. An adapter
+trained with QLoRA learned its update against the 4-bit base: each weight that ``lk.quantize``
+turns into NF4 is quantized and dequantized on its own (the same code, the same values) before
+the update is added, and the export is 16/32-bit, never 4-bit again.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from ..variants.adalora import is_adalora
+from .atomic import staged_directory
+from .checkpoint import PREFIX, read_adapter
+from .runs import trained_on_4bit
+
+INDEX = "model.safetensors.index.json"
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def shard_files(base_dir: Path) -> tuple[list[str], dict | None]:
+    index_path = base_dir / INDEX
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+            files = sorted(set(index["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"{index_path} is not a valid safetensors index ({type(exc).__name__}: {exc}); it "
+                              "must be JSON with a weight_map of tensor name -> shard file. Copy it from the "
+                              "original checkpoint") from None
+        missing = [f for f in files if not (base_dir / f).is_file()]
+        if missing:
+            raise ConfigError(f"{base_dir} lists shard {missing[0]} in {INDEX} but the file is missing "
+                              f"({len(missing)} of {len(files)} shards missing); copy the whole checkpoint")
+        return files, index
+    if (base_dir / "model.safetensors").is_file():
+        return ["model.safetensors"], None
+    raise ConfigError(f"{base_dir} holds no model.safetensors (or sharded index): streaming merge reads safetensors")
+
+
+def _updates(directory: Path) -> tuple[dict, dict, dict, object]:
+    """(module path -> its update's parts {"A", "B", optional "E" (AdaLoRA) and "m" (DoRA), "embedding"},
+    the tensors that replace base tensors (saved modules, trained biases), the adapter's config)."""
+    config, tensors = read_adapter(directory)
+    plain = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
+    pairs: dict[str, dict] = {}
+    others: dict[str, torch.Tensor] = {}
+    suffixes = (("lora_A.weight", "A"), ("lora_B.weight", "B"), ("lora_embedding_A", "A"),
+                ("lora_embedding_B", "B"), ("lora_A", "A"), ("lora_B", "B"), ("lora_E", "E"),
+                ("lora_magnitude_vector", "m"))
+    for key, tensor in plain.items():
+        for suffix, part in suffixes:
+            if key.endswith("." + suffix):
+                module = key[: -len(suffix) - 1]
+                pairs.setdefault(module, {})[part] = tensor
+                pairs[module]["embedding"] = suffix.startswith("lora_embedding")
+                break
+        else:
+            others[key.replace(".base_layer.", ".")] = tensor  # saved modules, trained biases
+    return pairs, others, config
+
+
+def check_shape(key: str, weight: torch.Tensor, update: dict, transposed: bool) -> None:
+    """The update B·A must have the weight's shape; name both when it has not (another base)."""
+    rows, cols = update["B"].shape[0], update["A"].flatten(1).shape[1]
+    expected = (cols, rows) if transposed else (rows, cols)
+    actual = tuple(weight.shape) if transposed or weight.dim() == 2 else (weight.shape[0], weight[0].numel())
+    if actual != expected:
+        raise ConfigError(f"the adapter's update for {key} has shape {expected} but the base's tensor has shape "
+                          f"{tuple(weight.shape)}: the adapter was made for another base model")
+
+
+def merged_tensor(weight: torch.Tensor, update: dict, scaling: float, transposed: bool) -> torch.Tensor:
+    """The weight with its update folded in: computed in fp32 and rounded once to the weight's dtype
+    (the same operations as lk.merge, so the same bits). ``transposed``: the weight is stored in×out
+    (GPT-2's Conv1D) or num×dim (an embedding table). One extra weight-sized buffer: the update,
+    into which the base is added in place."""
+    A, B = update["A"].float(), update["B"].float()
+    if "E" in update:  # AdaLoRA: Λ folded into A's rows
+        A = A * update["E"].float()
+    delta = (B.flatten(1) @ A.flatten(1)).mul_(scaling)  # out × (in · kernel)
+    merged = (delta.T if transposed else delta.view(weight.shape)).add_(weight.float())
+    if "m" in update:  # DoRA: each output feature rescaled to its learned magnitude
+        out_in = merged.T if transposed else merged.view(merged.shape[0], -1)
+        out_in.mul_(update["m"].float().reshape(-1, 1) / out_in.norm(p=2, dim=1, keepdim=True))
+    return merged.to(weight.dtype)
+
+
+def read_header(path: Path) -> tuple[int, dict]:
+    """(bytes before the data, the header) of a safetensors file."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return 8 + length, json.loads(handle.read(length))
+
+
+def read_tensor(path: Path, data_start: int, entry: dict) -> torch.Tensor:
+    """One tensor, read straight into its own buffer (no memory map whose pages would linger)."""
+    start, end = entry["data_offsets"]
+    buffer = torch.empty(end - start, dtype=torch.uint8)
+    with open(path, "rb") as handle:
+        handle.seek(data_start + start)
+        handle.readinto(buffer.numpy().data)
+    return buffer.view(TORCH_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+def quantized_weight_names(base_dir: Path) -> set[str]:
+    """The tensors ``lk.quantize`` stores in NF4 for this base: its linear layers' weights but the
+    output head's (the model is built on the meta device from its config: no weights read)."""
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..model.targeting import name_matches, output_head_names
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_dir))
+    keep = output_head_names(model)  # the rule of qlora.quantize
+    return {f"{path}.weight" for path, module in model.named_modules()
+            if type(module) is nn.Linear and not any(name_matches(path, k) for k in keep)}
+
+
+def through_4bit(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as a QLoRA run saw it: NF4-quantized and dequantized (fp32)."""
+    from ..kernels.nf4 import Linear4bit
+
+    layer = Linear4bit(weight.shape[1], weight.shape[0], bias=False)
+    layer.set_weight(weight.float())
+    return layer.dequantized_weight(torch.float32)
+
+
+def _merge_shard(source: Path, target: Path, updates: dict, replaced: dict, config, pending: set,
+                 quantized: set[str] = frozenset()) -> int:
+    """Write ``target`` as ``source`` with the adapter folded in, one tensor in memory at a time.
+
+    Every tensor keeps its name, dtype, shape and place, so the source's header is the target's:
+    it is written first, then each tensor as it is computed (the safetensors package writes whole
+    dicts only, which would hold a shard at once)."""
+    data_start, header = read_header(source)
+    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+    with open(source, "rb") as handle, open(target, "wb") as out:
+        out.write(handle.read(data_start))  # the length and the header, unchanged
+        for key, entry in entries:
+            tensor = read_tensor(source, data_start, entry)
+            module = key.removesuffix(".weight")
+            if module in updates and key.endswith(".weight"):
+                check_shape(key, tensor, updates[module], bool(config.fan_in_fan_out) or updates[module]["embedding"])
+            if key in quantized:  # merged or not, the export holds what the 4-bit base computed with
+                tensor = through_4bit(tensor).to(tensor.dtype) if module not in updates else \
+                    merged_tensor(through_4bit(tensor), updates[module], config.scaling_for(module),
+                                  bool(config.fan_in_fan_out)).to(tensor.dtype)
+            elif key.endswith(".weight") and module in updates:
+                tensor = merged_tensor(tensor, updates[module], config.scaling_for(module),
+                                       bool(config.fan_in_fan_out) or updates[module]["embedding"])
+            elif key in replaced:
+                tensor = replaced[key].to(tensor.dtype)
+            pending.discard(key)
+            out.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return entries[-1][1]["data_offsets"][1] if entries else 0
+
+
+def stream_merge(adapter_dir: str | Path, base_dir: str | Path, output: str | Path, overwrite: bool = False,
+                 qlora: bool | None = None) -> dict:
+    """``qlora``: the adapter was trained on the NF4-quantized base (None: as its run record says)."""
+    base_dir, target = Path(base_dir), Path(output)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise ConfigError(f"output directory {target} is not empty; pass --overwrite or choose another --output")
+    files, index = shard_files(base_dir)
+    updates, replaced, config = _updates(Path(adapter_dir))
+    qlora = trained_on_4bit(Path(adapter_dir)) if qlora is None else qlora
+    quantized = quantized_weight_names(base_dir) if qlora else frozenset()
+    pending = {f"{m}.weight" for m in updates} | set(replaced)
+    largest = 0
+    with staged_directory(target) as staging:
+        for name in sorted(p.name for p in base_dir.iterdir() if p.is_file()):
+            if not name.endswith(".safetensors") and name != INDEX:
+                shutil.copyfile(base_dir / name, staging / name)  # config, tokenizer, generation config
+        if index is not None:
+            (staging / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        for file in files:
+            largest = max(largest, _merge_shard(base_dir / file, staging / file, updates, replaced, config, pending,
+                                                quantized))
+        if pending:
+            raise ConfigError(f"the adapter adapts {sorted(pending)[0]}, which {base_dir} does not hold "
+                              f"({len(pending)} such tensors); it was made for another base model")
+    return {"output": str(target), "shards": len(files), "largest_shard_bytes": largest,
+            "adapted": len(updates), "replaced": len(replaced), "adalora": is_adalora(config), "qlora": qlora}

@@ -1,0 +1,1 @@
+"""The LoRA wrappers: one abstraction (base.LoraLayer) and a module per wrapped layer type."""

@@ -1,0 +1,308 @@
+"""LoRA layers: a frozen base module plus any number of named low-rank adapters.
+
+h = W0·x + s·B(A(dropout(x)))  with A: r×in, B: out×r and s = alpha/r (alpha/sqrt(r) for rsLoRA).
+
+The wrapper keeps the original module as ``base_layer`` and the adapters in ``lora_A`` / ``lora_B``
+(``lora_embedding_A`` / ``lora_embedding_B`` for embeddings), the same attribute layout as PEFT,
+so state-dict keys translate one-to-one to PEFT's adapter format.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.nf4 import Linear4bit
+from ..variants.dora import DoraVariant
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def conv1d_class():
+    """transformers' GPT-2 Conv1D (weight stored in×out), imported lazily."""
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, conv1d_class(), Linear4bit))
+
+
+def lora_dims_of(base: nn.Module) -> tuple[int, int]:
+    """(k, d) of a base layer's LoRA pair, A: r×k and B: d×r."""
+    if isinstance(base, nn.Embedding) or isinstance(base, conv1d_class()):
+        return tuple(base.weight.shape)  # num_embeddings×dim, or Conv1D's in×out
+    return base.in_features, base.out_features
+
+
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    # Train LoRA in fp32 on a 16-bit base: the update is tiny and would drown in bf16 rounding.
+    return torch.float32 if weight.dtype in LOW_PRECISION or not weight.is_floating_point() else weight.dtype
+
+
+class LoraLayer(nn.Module):
+    """Common state of a LoRA-wrapped module: adapters, which are active, which are merged."""
+
+    # True where the base weight is stored transposed relative to B@A (out×in).
+    transpose_delta = False
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only (lorakit/variants/dora.py)
+        self.lora_E = nn.ParameterDict()  # AdaLoRA's singular values, r×1 (lorakit/variants/adalora.py)
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.mixed = None  # a mixed.MixedRows inside lk.mixed_batch (built there)
+
+    def __getattr__(self, name: str):
+        # Model code reads attributes of the modules it owns (T5: ``self.wo.weight.dtype``); a wrapped
+        # layer answers them as its base layer does.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__["_modules"].get("base_layer")
+            if base is None or name.startswith("lora_"):
+                raise
+            return getattr(base, name)
+
+    # --- to implement per layer type ---------------------------------------------------------
+    def lora_pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (A, B) parameters of adapter ``name``: A is r×in, B is out×r."""
+        raise NotImplementedError
+
+    def create_pair(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def adapter_containers(self) -> tuple[nn.Module, nn.Module]:
+        raise NotImplementedError
+
+    def lora_dims(self) -> tuple[int, int]:
+        """(k, d) with A: r×k and B: d×r."""
+        raise NotImplementedError
+
+    @property
+    def adapter_names(self) -> list[str]:
+        raise NotImplementedError
+
+    # --- shared behaviour --------------------------------------------------------------------
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.base_layer, Linear4bit)
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        """The base weight (for a 4-bit base: a dequantized fp32 copy, read-only in effect)."""
+        if self.quantized:
+            return self.base_layer.dequantized_weight(torch.float32)
+        return self.base_layer.weight
+
+    def reference(self) -> torch.Tensor:
+        """A tensor with the base's compute dtype and device, which new adapters follow."""
+        if self.quantized:
+            return self.base_layer.packed.new_empty(0, dtype=self.base_layer.compute_dtype)
+        return self.base_layer.weight
+
+    def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init, use_dora: bool = False) -> None:
+        weight = self.reference()
+        self.create_pair(name, r, adapter_dtype(weight), weight.device)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[name] = scaling
+        self.reset_adapter(name, init)
+        if use_dora:
+            DoraVariant.add_magnitude(self, name)
+        self.clear_mixed_cache()
+
+    def uses_dora(self, name: str) -> bool:
+        return name in self.lora_magnitude_vector
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) as the update s·B·A uses them: AdaLoRA's SVD form P·Λ·Q folds Λ into A's rows."""
+        A, B = self.lora_pair(name)
+        return (A * self.lora_E[name], B) if name in self.lora_E else (A, B)
+
+    def adapter_parameters(self, name: str) -> list[torch.Tensor]:
+        """Everything adapter ``name`` trains in this layer: A, B, DoRA's magnitude, AdaLoRA's Λ."""
+        extra = [self.lora_magnitude_vector[name]] if self.uses_dora(name) else []
+        extra += [self.lora_E[name]] if name in self.lora_E else []
+        return [*self.lora_pair(name), *extra]
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.lora_E:
+            del self.lora_E[name]
+        if self.uses_dora(name):
+            del self.lora_magnitude_vector[name]
+        for container in (*self.adapter_containers(), self.lora_dropout):
+            del container[name]
+        del self.scaling[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+        self.clear_mixed_cache()
+
+    def clear_mixed_cache(self) -> None:
+        """Drop the stacked adapters and row buffers kept for mixed batches."""
+        self.__dict__.pop("_mixed_cache", None)
+        self.__dict__.pop("_row_buffers", None)
+
+    def row_buffers(self) -> dict:
+        return self.__dict__.setdefault("_row_buffers", {})
+
+    def rank(self, name: str) -> int:
+        return self.lora_pair(name)[0].shape[0]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s·B·A in the base weight's layout, in the adapter's (fp32 for a 16-bit base) precision."""
+        A, B = self.factors(name)
+        delta = (B @ A) * self.scaling[name]
+        return delta.T if self.transpose_delta else delta
+
+    def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` with adapter ``name`` folded in (fp32 for a 16-bit base: rounded once, by the caller)."""
+        if self.uses_dora(name):
+            return DoraVariant.merged_weight(self, name, weight, self.unmerged_base_weight())
+        return weight + self.delta_weight(name)
+
+    def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if self.uses_dora(name):
+            return DoraVariant.unmerged_weight(self, name, weight)
+        return weight - self.delta_weight(name)
+
+    def unmerged_base_weight(self) -> torch.Tensor:
+        """The base weight with every merged adapter taken back out (on a copy)."""
+        weight = self.base_weight.detach().clone()
+        for name in reversed(self.merged_adapters):
+            weight = self.unmerged_weight(name, weight)
+        return weight
+
+    def _pop_merged(self) -> None:
+        DoraVariant.forget_merge(self, self.merged_adapters.pop())
+
+    def merge(self, names: list[str]) -> None:
+        with torch.no_grad():
+            if self.quantized:  # lossy: the caller (lk.merge(requantize=True)) has warned
+                weight = self.base_weight
+                for name in names:
+                    weight = self.merged_weight(name, weight)
+                    self.merged_adapters.append(name)
+                self.base_layer.set_weight(weight)
+                return
+            weight = self.base_weight
+            for name in names:
+                weight.copy_(self.merged_weight(name, weight))  # computed in fp32, rounded once
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        with torch.no_grad():
+            if self.quantized and self.merged_adapters:
+                weight = self.base_weight
+                while self.merged_adapters:
+                    weight = self.unmerged_weight(self.merged_adapters[-1], weight)
+                    self._pop_merged()
+                self.base_layer.set_weight(weight)
+                return
+            weight = self.base_weight
+            while self.merged_adapters:
+                weight.copy_(self.unmerged_weight(self.merged_adapters[-1], weight))
+                self._pop_merged()
+
+    def unmerged_active(self) -> list[str]:
+        names = self.adapter_names
+        return [a for a in self.active_adapters if a in names and a not in self.merged_adapters]
+
+    def mixed_stacks(self, slot_names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stack the adapters for mixed batches: slot 0 = base (zeros); ranks padded to the largest.
+
+        Cached across blocks (a server enters one per decoding step): valid while the slot names
+        and scalings are the same and no parameter of the stacked adapters changed in place (their
+        version counters: an optimizer step, a load); adding or removing an adapter clears it.
+        """
+        names = tuple(slot_names)
+        scalings = tuple(self.scaling.get(n) for n in names)
+        cached = self.__dict__.get("_mixed_cache")
+        if cached is not None and cached[0] == names and cached[1] == scalings \
+                and all(p._version == version for p, version in cached[2]):
+            return cached[3]
+        present = [n for n in names if n in self.adapter_names]
+        versions = [(p, p._version) for n in present for p in self.adapter_parameters(n)]
+        stacks = self._build_stacks(list(names), present)
+        self.__dict__["_mixed_cache"] = (names, scalings, versions, stacks)
+        return stacks
+
+    def dora_scale_stack(self, slot_names: list[str]) -> torch.Tensor | None:
+        """Per slot, DoRA's m/‖W0 + s·B·A‖ (ones for the base and plain LoRA adapters); None when no
+        adapter of the block uses DoRA here."""
+        dora = [n for n in slot_names if n in self.lora_magnitude_vector]
+        if not dora:
+            return None
+        stack = torch.ones(len(slot_names) + 1, self.lora_dims()[1], device=self.reference().device)
+        for slot, name in enumerate(slot_names, start=1):
+            if name in dora:
+                stack[slot] = DoraVariant.mixed_scale(self, name)
+        return stack
+
+    def _build_stacks(self, slot_names, present):
+        # Stored pre-transposed (Aᵀ: in×r, s·Bᵀ: r×out) so a row gather is a plain index_select.
+        # A layer may hold none of the block's adapters: its stacks are then all zeros (base only).
+        r_max = max((self.rank(n) for n in present), default=1)
+        in_dim, out_dim = self.lora_dims()
+        dtype = self.lora_pair(present[0])[0].dtype if present else adapter_dtype(self.reference())
+        device = self.reference().device
+        A_stack = torch.zeros(len(slot_names) + 1, in_dim, r_max, dtype=dtype, device=device)
+        B_stack = torch.zeros(len(slot_names) + 1, r_max, out_dim, dtype=dtype, device=device)
+        dropout = torch.zeros(len(slot_names) + 1, dtype=dtype, device=device)
+        with torch.no_grad():
+            for slot, name in enumerate(slot_names, start=1):
+                if name not in present:
+                    continue
+                A, B = self.factors(name)
+                A_stack[slot, :, : A.shape[0]] = A.T
+                B_stack[slot, : B.shape[1]] = (B * self.scaling[name]).T
+                drop = self.lora_dropout[name]
+                dropout[slot] = drop.p if isinstance(drop, nn.Dropout) else 0.0
+        return A_stack, B_stack, dropout
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        if self.mixed is not None:
+            return self.add_mixed(result, x)
+        for name in self.unmerged_active():
+            result = self.add_dora(result, x, name) if self.uses_dora(name) else self.add_lora(result, x, name)
+        return result
+
+
+class RowGroupedMixed:
+    """For layers whose adapters cannot be gathered per row into one batched matmul (convolutions,
+    whole-parameter updates): no stacks are built; ``add_mixed`` runs each adapter's rows together
+    (``MixedRows.adapter_rows``), a loop over the batch's adapters, not its rows."""
+
+    def mixed_stacks(self, slot_names):
+        empty = self.reference().new_zeros(1, 1, 1, dtype=torch.float32)  # on the layer's device: rows go there
+        return empty, empty, empty.new_zeros(1)
+
+    def dora_scale_stack(self, slot_names):
+        return None
+
+
+class ModulePairLayer(LoraLayer):
+    """A layer whose adapters are two modules each, ``lora_A[name]`` and ``lora_B[name]`` (PEFT's
+    attribute names, hence its keys): linear layers, convolutions, parameters."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def adapter_containers(self):
+        return self.lora_A, self.lora_B
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def lora_pair(self, name):
+        return self.lora_A[name].weight, self.lora_B[name].weight

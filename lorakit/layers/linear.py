@@ -1,0 +1,172 @@
+"""LoRA around ``nn.Linear`` and GPT-2's ``Conv1D``: the general path, the fused training paths
+(plain LoRA, DoRA, and the shared-input groups of q/k/v and gate/up), and loop-free mixed batches."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels.dora import FusedDoraLinear, SharedDoraMember, row_sq_norms
+from ..kernels.lora import FusedLoraLinear, SharedMemberOutput, compute_dtype
+from ..variants.dora import DoraVariant
+from ..variants.principal import is_principal_init, principal_init
+from .base import ModulePairLayer, conv1d_class, lora_dims_of
+
+
+class LoraLinear(ModulePairLayer):
+    """LoRA around ``nn.Linear`` or GPT-2's ``Conv1D`` (whose weight is stored in×out)."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.fan_in_fan_out = isinstance(base_layer, conv1d_class())
+        self.transpose_delta = self.fan_in_fan_out
+        # Exactly nn.Linear / Conv1D (not a subclass with its own forward): their output is not kept
+        # for backward, and their weight is all the fused path needs.
+        self.plain_base = type(base_layer) in (nn.Linear, conv1d_class())
+        self.in_features, self.out_features = lora_dims_of(base_layer)
+
+    def lora_dims(self):
+        return self.in_features, self.out_features
+
+    def create_pair(self, name, r, dtype, device):
+        # rank 0 (an AdaLoRA layer pruned to nothing) is built empty: nn.Linear warns when initialising it
+        if r == 0:
+            self.lora_A[name] = nn.Linear(self.in_features, 0, bias=False, dtype=dtype, device="meta").to_empty(device=device)
+            self.lora_B[name] = nn.Linear(0, self.out_features, bias=False, dtype=dtype, device="meta").to_empty(device=device)
+            return
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device=device)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, dtype=dtype, device=device)
+
+    def reset_adapter(self, name: str, init) -> None:
+        A, B = self.lora_pair(name)
+        with torch.no_grad():
+            if A.numel() == 0:
+                return
+            if init is True:
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+                nn.init.zeros_(B)
+            elif init == "gaussian":
+                nn.init.normal_(A, std=1 / A.shape[0])
+                nn.init.zeros_(B)
+            elif is_principal_init(init):  # PiSSA / OLoRA: also leaves the residual in the base
+                principal_init(self, name, init)
+            # init False keeps nn.Linear's random init for both: a non-identity start, for tests.
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        fused = self.fused_adapter(x, args, kwargs)
+        if fused is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        group = self.__dict__.get("shared_input")
+        if group is not None and group.usable(fused, x):
+            # q/k/v (gate/up) share one A-projection GEMM and one dropout mask
+            h, mask = group.slice_for(self, fused, x)
+            if self.uses_dora(fused):
+                return self.shared_dora(x, fused, h, mask)
+            return SharedMemberOutput.apply(x, base.weight, base.bias, h, self.lora_B[fused].weight, compute_dtype(x))
+        if self.uses_dora(fused):
+            return self.fused_dora(x, fused)
+
+        A, B = self.factors(fused)
+        drop = self.lora_dropout[fused]
+        p = drop.p if isinstance(drop, nn.Dropout) and self.training else 0.0
+        return FusedLoraLinear.apply(x, base.weight, base.bias, A, B, self.scaling[fused], p, self.fan_in_fan_out,
+                                     compute_dtype(x))
+
+    def weight_sq_norms(self) -> torch.Tensor:
+        weight = self.base_layer.weight
+        key = (weight.data_ptr(), weight._version)
+        cached = self.__dict__.get("_weight_sq_norms")
+        if cached is None or cached[0] != key:  # the frozen base's ‖W0‖² per row, once
+            cached = (key, row_sq_norms(weight, self.fan_in_fan_out))
+            self.__dict__["_weight_sq_norms"] = cached
+        return cached[1]
+
+    def shared_dora(self, x: torch.Tensor, name: str, h: torch.Tensor, mask) -> torch.Tensor:
+        drop = self.lora_dropout[name]
+        p = drop.p if isinstance(drop, nn.Dropout) and self.training else 0.0
+        A, B = self.factors(name)
+        return SharedDoraMember.apply(x, self.base_layer.weight, self.base_layer.bias, h, B,
+                                      self.lora_magnitude_vector[name], self.weight_sq_norms(), A, self.scaling[name],
+                                      p, mask, self.fan_in_fan_out, compute_dtype(x))
+
+    def fused_dora(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        weight = self.base_layer.weight
+        A, B = self.lora_pair(name)
+        drop = self.lora_dropout[name]
+        p = drop.p if isinstance(drop, nn.Dropout) and self.training else 0.0
+        return FusedDoraLinear.apply(x, weight, self.base_layer.bias, A, B, self.lora_magnitude_vector[name],
+                                     self.weight_sq_norms(), self.scaling[name], p, self.fan_in_fan_out, compute_dtype(x))
+
+    def fused_adapter(self, x: torch.Tensor, args, kwargs) -> str | None:
+        """The adapter to run through the fused autograd path, or None for the general path: used
+        when training one unmerged adapter on a frozen plain Linear/Conv1D in a single dtype."""
+        if args or kwargs or self.disabled or self.mixed is not None or not torch.is_grad_enabled():
+            return None
+        active = self.unmerged_active()
+        if len(active) != 1 or not self.plain_base:
+            return None
+        A, B = self.lora_pair(active[0])
+        weight = self.base_layer.weight
+        if weight.requires_grad or not (A.requires_grad or B.requires_grad) or A.dtype != B.dtype or A.shape[0] == 0:
+            return None
+        # one compute dtype: autocast's, or x's when x and the base weight agree (a 16-bit base with
+        # fp32 LoRA weights computes its LoRA matmuls in 16 bits, as autocast does)
+        if not torch.is_autocast_enabled(x.device.type) and x.dtype != weight.dtype:
+            return None
+        return active[0]
+
+    def accumulates_in_place(self, result: torch.Tensor) -> bool:
+        # nn.Linear / Conv1D do not keep their output for backward, so the LoRA term can be added
+        # into it inside the GEMM (beta=1): no extra pass over the output, no extra tensor.
+        return self.plain_base and result.is_contiguous()
+
+    def add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        A, B = self.factors(name)
+        if A.shape[0] == 0:  # AdaLoRA may prune a layer down to no triplet at all
+            return result
+        # Scale the r-wide intermediate rather than the out-wide result: same math, less work.
+        h = F.linear(self.lora_dropout[name](x.to(A.dtype)), A) * self.scaling[name]
+        if h.dtype != result.dtype:
+            return result + F.linear(h, B).to(result.dtype)
+        h2 = h.reshape(-1, h.shape[-1])
+        if self.accumulates_in_place(result):
+            # in-place ops escape autocast: under it h is 16-bit while B stays fp32
+            result.view(-1, result.shape[-1]).addmm_(h2, B.t().to(h2.dtype))
+            return result
+        return torch.addmm(result.reshape(-1, result.shape[-1]), h2, B.t()).view(result.shape)
+
+    def add_dora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        return DoraVariant.add_linear(self, result, x, name)
+
+    def add_mixed_dora(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Mixed rows when some adapter uses DoRA: y + (k−1)⊙(y − b) + k⊙s·B·A·x with k each row's
+        scale (1 for plain LoRA and base rows): still two batched matmuls, no loop over adapters."""
+        batch = x.shape[0]
+        A_rows, B_rows, _ = self.mixed.row_pairs(batch)
+        scale = self.mixed.scale_stack.index_select(0, self.mixed.rows_for(batch)).unsqueeze(1)
+        lora = torch.bmm(torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(A_rows.dtype), A_rows), B_rows)
+        y = result.reshape(batch, -1, result.shape[-1])
+        bias = getattr(self.base_layer, "bias", None)
+        base = y if bias is None else y - bias
+        return (y + (scale - 1) * base + scale * lora).view(result.shape).to(result.dtype)
+
+    def add_mixed(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        if self.mixed.scale_stack is not None:
+            return self.add_mixed_dora(result, x)
+        A_rows, B_rows, p = self.mixed.row_pairs(batch)
+        x3 = x.reshape(batch, -1, x.shape[-1]).to(A_rows.dtype)
+        if self.training and bool(p.any()):
+            p = p.view(batch, 1, 1)
+            x3 = x3 * (torch.rand_like(x3) >= p) / (1 - p)
+        h = torch.bmm(x3, A_rows)
+        if result.dtype != h.dtype:
+            return result + torch.bmm(h, B_rows).view(result.shape).to(result.dtype)
+        if self.accumulates_in_place(result):
+            result.view(batch, -1, result.shape[-1]).baddbmm_(h, B_rows)
+            return result
+        return torch.baddbmm(result.reshape(batch, -1, result.shape[-1]), h, B_rows).view(result.shape)

@@ -1,0 +1,71 @@
+"""Many adapters on one model: list, switch, delete, disable."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from torch import nn
+
+from ..errors import MergeStateError
+from .injection import set_active
+from .merging import drop_empty_wrappers
+from .state import adapter_wrappers, check_names, drop_registry, lora_layers, merged_adapters, registry, saved_modules
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters the model holds, in the order they were added."""
+    return list(registry(model).configs)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(registry(model).active)
+
+
+def set_adapter(model: nn.Module, names: str | list[str]) -> None:
+    """Make ``names`` the active adapter(s); several active adapters add their updates."""
+    names = check_names(model, names)
+    merged = merged_adapters(model)
+    if merged and set(merged) != set(names):
+        raise MergeStateError(
+            f"adapters {merged} are merged into the weights; call lk.unmerge(model) before switching adapters."
+        )
+    set_active(model, names)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` and its weights; the base model and other adapters stay as they are."""
+    check_names(model, name)
+    if name in merged_adapters(model):
+        raise MergeStateError(f"adapter {name!r} is merged into the weights; call lk.unmerge(model) first.")
+    reg = registry(model)
+    for _, module in adapter_wrappers(model):
+        if name in module.adapter_names:
+            module.remove_adapter(name)
+    del reg.configs[name]
+    drop_empty_wrappers(model)
+    if not reg.configs:
+        drop_registry(model)
+        return
+    remaining = [a for a in reg.active if a != name]
+    set_active(model, remaining or [next(iter(reg.configs))])
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the plain base model inside the block (adapters stay loaded)."""
+    registry(model)
+    merged = merged_adapters(model)
+    if merged:
+        raise MergeStateError(
+            f"adapters {merged} are merged into the weights, so the base model cannot be recovered by "
+            "disabling them; call lk.unmerge(model) first."
+        )
+    wrappers = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
+    for module in wrappers:
+        module.disabled = True
+    try:
+        yield model
+    finally:
+        for module in wrappers:
+            module.disabled = False

@@ -1,0 +1,176 @@
+"""Put LoRA into a model: plan (no side effects, all checks) and then apply.
+
+Planning first means every bad-input error is raised before the model is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..config import CLASSIFIER_HEAD_NAMES, HEAD_TASK_TYPES, LoraConfig, resolve_target_modules
+from ..errors import ConfigError, LoraError
+from ..kernels.lora import SHARED_INPUT_SETS, SharedInputGroup
+from ..layers.base import LoraLayer, conv1d_class
+from ..layers.conv import CONV_TYPES, LoraConv, check_conv
+from ..layers.embedding import LoraEmbedding
+from ..layers.linear import LoraLinear
+from ..layers.modules_to_save import ModulesToSave
+from ..layers.moe import convert_moe_config, find_param_targets, nested_path
+from ..layers.param import LoraParam
+from ..variants.adalora import add_singular_values, is_adalora
+from ..variants.principal import check_principal_init
+from .adalora import add_penalty_hook
+from .state import adapter_wrappers, apply_trainability, ensure_registry, has_adapters, registry, walk_modules
+from .targeting import find_modules_to_save, find_targets, iter_base_modules, minimal_suffixes, replace_module, unwrap
+
+
+@dataclass(frozen=True)
+class InjectionPlan:
+    config: LoraConfig  # resolved: presets filled in, "all-linear" written out as names
+    targets: list[str]
+    modules_to_save: list[str]
+    # modules owning adapted parameters (target_parameters), with those parameters in nesting order
+    param_targets: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)
+
+
+def check_svd_target(module: nn.Module, path: str) -> None:
+    """AdaLoRA's SVD form exists for linear layers (nn.Linear, GPT-2's Conv1D) here."""
+    if not isinstance(module, (nn.Linear, conv1d_class())):
+        raise ConfigError(f"{path!r} is a {type(module).__name__}; lorakit's AdaLoRA adapts nn.Linear and Conv1D "
+                          "layers only. Leave it out of target_modules (or use LoraConfig for it).")
+
+
+def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str, strict: bool = True) -> InjectionPlan:
+    """Resolve ``config`` against ``model``; strict=False (loading a saved adapter) tolerates
+    modules_to_save entries that the model lacks."""
+    if not isinstance(config, LoraConfig):
+        raise ConfigError(f"expected a lorakit.LoraConfig, got {type(config).__name__}.")
+    if not adapter_name or adapter_name == "__base__" or "." in adapter_name:
+        raise ConfigError(f"invalid adapter name {adapter_name!r}: use a non-empty name without dots.")
+    if has_adapters(model) and adapter_name in registry(model).configs:
+        raise LoraError(
+            f"adapter {adapter_name!r} already exists; pick another adapter_name or lk.delete_adapter it first."
+        )
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    config = resolve_target_modules(config, model_type)
+    user_save = list(config.modules_to_save or [])
+    if config.task_type in HEAD_TASK_TYPES:
+        # as PEFT: the classification head names join modules_to_save (whichever the model has)
+        heads = [n for n in CLASSIFIER_HEAD_NAMES if n not in user_save]
+        config = dataclasses.replace(config, modules_to_save=user_save + heads)
+    config = convert_moe_config(config, model_type, lambda: sorted(
+        {p.rsplit(".", 1)[-1] for p in find_targets(model, dataclasses.replace(config, target_parameters=None))}))
+    targets = find_targets(model, config)
+    param_targets = find_param_targets(model, config, list(iter_base_modules(model)))
+    if config.target_modules == "all-linear":
+        config = dataclasses.replace(config, target_modules=minimal_suffixes(model, targets))
+    find_modules_to_save(model, user_save, strict=strict)  # the user's own names must match something
+    save = find_modules_to_save(model, config.modules_to_save, strict=False)
+    if is_adalora(config):
+        trainable = [n for n, c in registry(model).configs.items() if is_adalora(c) and not c.inference_mode] \
+            if has_adapters(model) else []
+        if trainable and not config.inference_mode:
+            raise LoraError(f"AdaLoRA trains one adapter at a time (as PEFT); {trainable[0]!r} already trains. Load "
+                            "the other for inference (inference_mode=True) or delete it.")
+        for path in targets:
+            check_svd_target(unwrap(model.get_submodule(path)), path)
+    for path in targets:
+        check_principal_init(unwrap(model.get_submodule(path)), config.init_lora_weights, path)
+        check_conv(unwrap(model.get_submodule(path)), path)
+        if isinstance(model.get_submodule(path), ModulesToSave):
+            raise LoraError(f"{path!r} is trained in full by another adapter (modules_to_save); it cannot also get LoRA.")
+    for path in save:
+        if isinstance(model.get_submodule(path), LoraLayer):
+            raise LoraError(f"{path!r} already has LoRA from another adapter; it cannot also be in modules_to_save.")
+    if config.base_model_name_or_path is None:
+        name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        config = dataclasses.replace(config, base_model_name_or_path=name)
+    return InjectionPlan(config=config, targets=targets, modules_to_save=save, param_targets=param_targets)
+
+
+def apply_plan(model: nn.Module, plan: InjectionPlan, adapter_name: str) -> None:
+    """Add the planned adapter. Every module it creates takes the train/eval mode of the module it
+    wraps (as PEFT: an adapter loaded into a model in eval mode runs without dropout)."""
+    config = plan.config
+    paths = [*plan.targets, *(p for p, _ in plan.param_targets), *plan.modules_to_save]
+    modes = {path: model.get_submodule(path).training for path in paths}
+    for path in plan.targets:
+        base = unwrap(model.get_submodule(path))
+        layer = _wrap(model, path, LoraConv if isinstance(base, CONV_TYPES) else
+                      LoraEmbedding if isinstance(base, nn.Embedding) else LoraLinear)
+        layer.add_adapter(adapter_name, config.rank_for(path), config.scaling_for(path),
+                          config.lora_dropout, config.init_lora_weights, use_dora=config.use_dora)
+        if is_adalora(config):
+            add_singular_values(layer, adapter_name, config.init_lora_weights)
+    for path, names in plan.param_targets:
+        for name in names:
+            layer = _param_wrapper(model, path, names, name)
+            key = f"{path}.{name}"
+            layer.add_adapter(adapter_name, config.rank_for(key), config.scaling_for(key), 0.0,
+                              config.init_lora_weights)
+    for path in plan.modules_to_save:
+        _wrap(model, path, ModulesToSave).add_adapter(adapter_name)
+    for path, training in modes.items():
+        model.get_submodule(path).train(training)
+    reg = ensure_registry(model)
+    reg.configs[adapter_name] = config
+    if is_adalora(config) and not config.inference_mode and config.orth_reg_weight > 0:
+        reg.hooks.append(add_penalty_hook(model))
+    link_shared_inputs(model)
+    if not reg.active:
+        set_active(model, [adapter_name])
+    else:
+        apply_trainability(model)
+
+
+def set_active(model: nn.Module, names: list[str]) -> None:
+    registry(model).active = list(names)
+    for _, module in adapter_wrappers(model):
+        module.active_adapters = [n for n in names if n in module.adapter_names]
+    apply_trainability(model)
+
+
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
+    """Add a LoRA adapter to ``model`` in place and freeze the base; returns the model.
+
+    The first adapter becomes active; later ones are added inactive (``lk.set_adapter`` them).
+    """
+    apply_plan(model, plan_injection(model, config, adapter_name), adapter_name)
+    return model
+
+
+def _param_wrapper(model: nn.Module, path: str, names: list[str], name: str) -> LoraParam:
+    """The wrapper adapting parameter ``name`` of the module at ``path``, created (outermost) if new."""
+    try:
+        existing = model.get_submodule(nested_path(path, names, name))
+    except AttributeError:  # not wrapped that deep yet
+        existing = None
+    if isinstance(existing, LoraParam) and existing.parameter_name == name:
+        return existing
+    wrapper = LoraParam(model.get_submodule(path), name)
+    replace_module(model, path, wrapper)
+    return wrapper
+
+
+def _wrap(model: nn.Module, path: str, wrapper_cls: type) -> nn.Module:
+    module = model.get_submodule(path)
+    if isinstance(module, wrapper_cls):
+        return module
+    wrapper = wrapper_cls(module)
+    replace_module(model, path, wrapper)
+    return wrapper
+
+
+def link_shared_inputs(model: nn.Module) -> None:
+    """Group sibling LoRA linear layers that read the same input (see SHARED_INPUT_SETS)."""
+    for _, parent in walk_modules(model):
+        children = dict(parent.named_children())
+        for names in SHARED_INPUT_SETS:
+            members = [children[n] for n in names if isinstance(children.get(n), LoraLinear)
+                       and not children[n].fan_in_fan_out]
+            group = SharedInputGroup(members) if len(members) > 1 else None
+            for member in members:
+                member.__dict__["shared_input"] = group

@@ -1,0 +1,119 @@
+"""Mixed-adapter batches: every row of one batch runs through its own adapter.
+
+Each LoRA layer stacks the adapters' A and B (scaling folded into B, slot 0 = base = zeros) once
+on entering the block; a forward then gathers each row's pair and applies them with two batched
+matmuls, with no Python loop over adapters or sub-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..errors import LoraError, MergeStateError
+from .state import BASE, check_names, lora_layers, saved_modules
+
+
+@dataclass
+class MixedRows:
+    """Per-row adapter choice for one layer during ``lk.mixed_batch``.
+
+    slot_of_row[i] indexes the stacked adapters; slot 0 is the base model (all zeros).
+    A_stack: slots×in×r_max (Aᵀ), B_stack: slots×r_max×out (s·Bᵀ, the scaling folded in).
+    """
+
+    slot_of_row: torch.Tensor
+    A_stack: torch.Tensor
+    B_stack: torch.Tensor
+    dropout_of_slot: torch.Tensor
+    buffers: dict = field(default_factory=dict)  # the layer's, reused across blocks
+    scale_stack: torch.Tensor | None = None  # DoRA: slots×out scales m/‖W0 + s·B·A‖ (1 elsewhere)
+    slot_names: tuple[str, ...] = ()  # the adapter of slot i + 1
+
+    def adapter_rows(self, batch: int):
+        """(adapter name or None for the base, row indices) for each slot present in the batch: for
+        layers that run each adapter's rows together instead of gathering per row."""
+        slots = self.rows_for(batch)
+        for slot in torch.unique(slots).tolist():
+            yield (self.slot_names[slot - 1] if slot > 0 else None), (slots == slot).nonzero().squeeze(1)
+    _per_batch: dict = field(default_factory=dict)
+
+    def rows_for(self, batch: int) -> torch.Tensor:
+        n = self.slot_of_row.numel()
+        if batch == n:
+            return self.slot_of_row
+        if batch % n == 0:  # generate() repeats each row for beams / num_return_sequences
+            return self.slot_of_row.repeat_interleave(batch // n)
+        raise LoraError(
+            f"mixed_batch got {n} adapter names but the batch has {batch} rows; pass one name per row."
+        )
+
+    def row_pairs(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's Aᵀ (batch×in×r) and s·Bᵀ (batch×r×out), gathered once per block and batch size
+        (the rows do not change inside the block, e.g. across generate's decoding steps)."""
+        if batch not in self._per_batch:
+            rows = self.rows_for(batch)
+            A_rows, B_rows = self._outputs(batch)
+            torch.index_select(self.A_stack, 0, rows, out=A_rows)
+            torch.index_select(self.B_stack, 0, rows, out=B_rows)
+            self._per_batch[batch] = (A_rows, B_rows, self.dropout_of_slot.index_select(0, rows))
+        return self._per_batch[batch]
+
+    def _outputs(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Fresh multi-MB tensors on every block cost page faults, so they are kept and reused;
+        # not under autograd, whose graph may still hold the previous block's rows.
+        shape_a, shape_b = (batch, *self.A_stack.shape[1:]), (batch, *self.B_stack.shape[1:])
+        if torch.is_grad_enabled():
+            return self.A_stack.new_empty(shape_a), self.B_stack.new_empty(shape_b)
+        key = (shape_a, shape_b, self.A_stack.dtype, self.A_stack.device)
+        if key not in self.buffers:
+            self.buffers[key] = (self.A_stack.new_empty(shape_a), self.B_stack.new_empty(shape_b))
+        return self.buffers[key]
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names: list[str], stack: list[str] | None = None) -> Iterator[nn.Module]:
+    """Inside the block, row i of every batch uses ``adapter_names[i]`` ("__base__" = no adapter).
+
+    The batch must have len(adapter_names) rows, or a multiple of it when ``generate`` repeats each
+    row for beams / num_return_sequences. ``stack``: the adapters to stack (a superset of the rows'
+    names); a caller entering many blocks over changing rows (a server's decoding steps) passes
+    the same list each time so that every block reuses one set of stacks.
+    """
+    names = check_names(model, adapter_names, allow_base=True)
+    if not names:
+        raise LoraError("mixed_batch needs one adapter name per batch row; got an empty list.")
+    layers, heads = lora_layers(model), saved_modules(model)
+    merged = sorted({n for _, layer in layers for n in layer.merged_adapters})
+    if merged:
+        raise MergeStateError(f"adapters {merged} are merged into the weights; call lk.unmerge(model) before mixed_batch.")
+    distinct = [n for n in dict.fromkeys(names) if n != BASE]
+    if stack is not None:
+        stack = check_names(model, stack)
+        missing = [n for n in distinct if n not in stack]
+        if missing:
+            raise LoraError(f"mixed_batch: rows name adapters {missing} that are not in stack={stack}.")
+        distinct = stack
+    slot = {BASE: 0, **{n: i for i, n in enumerate(distinct, start=1)}}
+    row_slots = torch.tensor([slot[n] for n in names])
+    on_device: dict[torch.device, torch.Tensor] = {}
+    for _, layer in layers:
+        A_stack, B_stack, dropout = layer.mixed_stacks(distinct)
+        if A_stack.device not in on_device:
+            on_device[A_stack.device] = row_slots.to(A_stack.device)
+        rows = on_device[A_stack.device]
+        layer.mixed = MixedRows(rows, A_stack, B_stack, dropout, buffers=layer.row_buffers(),
+                                scale_stack=layer.dora_scale_stack(distinct), slot_names=tuple(distinct))
+    for _, head in heads:
+        head.mixed_names = names
+    try:
+        yield model
+    finally:
+        for _, layer in layers:
+            layer.mixed = None
+        for _, head in heads:
+            head.mixed_names = None

@@ -1,0 +1,238 @@
+"""Know the cost before training: exact LoRA parameter counts and a memory model, from a config alone.
+
+Counts are exact: the model is built on the meta device (shapes, no memory) and LoRA is injected
+with the same code that training uses. Memory follows the usual accounting (SPEC.md):
+
+    full fine-tune = weights + gradients + optimizer states + activations
+    LoRA           = frozen weights + LoRA (weights + gradients + states) + activations
+    QLoRA          = LoRA with the linear layers' weights in NF4 (4.127 bits with double quantization)
+
+Optimizer states are kept in the training dtype (2 × 2 bytes for Adam in 16-bit, as in SPEC's
+LLaMA-7B breakdown); LoRA parameters and their states are fp32. Activations per transformer layer
+follow Korthikanti et al. (2022): s·b·h·(34 + 5·a·s/h) bytes in 16-bit, the attention-score
+term dropped for fused (SDPA / flash) attention; with gradient checkpointing only each layer's
+input (2·s·b·h) plus one layer's full activations are kept. The loss head adds 4·b·s·vocab fp32
+values (logits, log-softmax and their gradients, alive together when backward starts).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import LoraConfig
+from ..errors import ConfigError
+from ..model.injection import inject
+from ..model.report import trainable_parameters
+from ..model.targeting import decoder_blocks
+
+NF4_BITS_PER_WEIGHT = 4 + 8 / 64 + 32 / (64 * 256)  # codes + 8-bit absmax per 64 + fp32 per 256 blocks = 4.127
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+OPTIMIZER_STATES = {"adamw": 2, "adamw8bit": 2, "sgd": 0}
+ENCODERS = {"bert", "roberta", "xlm-roberta", "electra", "distilbert", "deberta-v2", "mpnet"}
+
+PRESETS: dict[str, dict] = {
+    "bert-base-uncased": dict(model_type="bert", vocab_size=30522, hidden_size=768, num_hidden_layers=12,
+                              num_attention_heads=12, intermediate_size=3072),
+    "roberta-base": dict(model_type="roberta", vocab_size=50265, hidden_size=768, num_hidden_layers=12,
+                         num_attention_heads=12, intermediate_size=3072, max_position_embeddings=514,
+                         type_vocab_size=1, pad_token_id=1),
+    "llama-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                     max_position_embeddings=2048, tie_word_embeddings=False),
+    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         max_position_embeddings=131072, tie_word_embeddings=False),
+    # GPT-3 175B's shapes (96 layers, d=12288, 96 heads, 2048 context) on an architecture with separate
+    # q/k/v projections (GPT-J), so that "Wq, Wv" can be targeted as in the LoRA paper.
+    "gpt3-175b": dict(model_type="gptj", vocab_size=50257, n_embd=12288, n_layer=96, n_head=96, n_positions=2048,
+                      rotary_dim=128, tie_word_embeddings=False),
+    "minilm": dict(model_type="bert", vocab_size=30522, hidden_size=384, num_hidden_layers=6,
+                   num_attention_heads=12, intermediate_size=1536),
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         max_position_embeddings=8192, tie_word_embeddings=True),
+}
+
+# Targets when none are given: the attention q/k/v/o projections of each family.
+DEFAULT_TARGETS = {
+    "bert": ["query", "key", "value", "attention.output.dense"],
+    "roberta": ["query", "key", "value", "attention.output.dense"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gptj": ["q_proj", "k_proj", "v_proj", "out_proj"],
+}
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    method: str
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+@dataclass(frozen=True)
+class Estimate:
+    model: str
+    model_params: int  # without LoRA
+    lora_params: int
+    per_target: dict[str, int]
+    per_layer: int  # LoRA parameters in one transformer layer (the first adapted one)
+    adapter_bytes_fp32: int
+    adapter_bytes_fp16: int
+    memory: list[MemoryRow] = field(default_factory=list)
+
+    @property
+    def percent(self) -> float:
+        """LoRA share of all parameters (model + LoRA), as PEFT's trainable% counts it."""
+        return 100.0 * self.lora_params / (self.model_params + self.lora_params)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model, "model_params": self.model_params, "lora_params": self.lora_params,
+            "percent": self.percent, "per_target": self.per_target, "per_layer": self.per_layer,
+            "adapter_bytes_fp32": self.adapter_bytes_fp32, "adapter_bytes_fp16": self.adapter_bytes_fp16,
+            "memory": [{"method": m.method, "weights": m.weights, "gradients": m.gradients,
+                        "optimizer": m.optimizer, "activations": m.activations, "total": m.total}
+                       for m in self.memory],
+        }
+
+
+def load_config(preset: str | None = None, config_path: str | None = None, model_dir: str | None = None):
+    from transformers import AutoConfig
+
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(sorted(PRESETS))}.")
+        kwargs = dict(PRESETS[preset])
+        return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    path = Path(config_path or model_dir or "")
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; pass --config PATH/config.json, --model DIR or --preset NAME.")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ConfigError(f"{path} is not a usable transformers config ({exc}); it needs at least model_type "
+                          "and the model's size fields (hidden_size, num_hidden_layers, ...).") from None
+
+
+def build_on_meta(config) -> torch.nn.Module:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    auto = AutoModel if config.model_type in ENCODERS else AutoModelForCausalLM
+    try:
+        with torch.device("meta"):
+            return auto.from_config(config)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"cannot build a {config.model_type!r} model from this config ({exc}); "
+                          "is a required field missing?") from None
+
+
+def estimate(config, r: int = 8, targets: list[str] | str | None = None, lora_alpha: float | None = None,
+             dtype: str = "bf16", optimizer: str = "adamw", batch_size: int = 1, seq_len: int = 512,
+             grad_checkpointing: bool = False, name: str | None = None, attention: str = "eager",
+             use_dora: bool = False, chunked_loss: bool = False, nproc: int = 1, fsdp: bool = False) -> Estimate:
+    """Parameter counts and memory for LoRA on the model described by ``config`` (no weights loaded).
+    The memory is per process: with ``nproc`` processes under DDP each holds it all (batch_size is
+    per process); with ``fsdp`` see shard_rows."""
+    if dtype not in DTYPE_BYTES:
+        raise ConfigError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}.")
+    if optimizer not in OPTIMIZER_STATES:
+        raise ConfigError(f"optimizer must be one of {sorted(OPTIMIZER_STATES)}, got {optimizer!r}.")
+    if nproc < 1 or (fsdp and nproc < 2):
+        raise ConfigError(f"nproc must be at least 1 (at least 2 with fsdp), got {nproc}.")
+    if attention not in ("eager", "sdpa"):
+        raise ConfigError(f"attention must be 'eager' (scores kept for backward) or 'sdpa' (fused), got {attention!r}.")
+    model = build_on_meta(config)
+    model_params = sum(p.numel() for p in model.parameters())
+    linear_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    targets = targets if targets is not None else DEFAULT_TARGETS.get(config.model_type)
+    inject(model, LoraConfig(r=r, lora_alpha=lora_alpha or r, target_modules=targets, use_dora=use_dora))
+    report = trainable_parameters(model)
+    per_target: dict[str, int] = {}
+    per_layer: dict[int, int] = {}
+    for row in report.rows:
+        target = row.module.rsplit(".", 1)[-1]
+        per_target[target] = per_target.get(target, 0) + row.trainable
+        found = re.search(r"\.(\d+)\.", row.module)
+        if found:
+            layer = int(found.group(1))
+            per_layer[layer] = per_layer.get(layer, 0) + row.trainable
+    memory = memory_table(config, model_params, linear_params, report.lora, len(report.rows), DTYPE_BYTES[dtype],
+                          optimizer, batch_size, seq_len, grad_checkpointing, r, attention == "eager", chunked_loss)
+    if fsdp:
+        memory = shard_rows(memory, model, model_params, nproc)
+    return Estimate(
+        model=name or getattr(config, "_name_or_path", "") or config.model_type,
+        model_params=model_params, lora_params=report.lora, per_target=per_target,
+        per_layer=per_layer[min(per_layer)] if per_layer else report.lora,
+        adapter_bytes_fp32=4 * report.lora, adapter_bytes_fp16=2 * report.lora, memory=memory,
+    )
+
+
+def activation_bytes(config, batch: int, seq: int, bytes_per: int, checkpointing: bool, scores: bool = True,
+                     chunked_loss: bool = False) -> int:
+    h = config.hidden_size
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    per_layer_16bit = seq * batch * h * (34 + (5 * heads * seq / h if scores else 0))
+    per_layer = per_layer_16bit * bytes_per / 2
+    if checkpointing:
+        layers_total = layers * 2 * seq * batch * h * bytes_per / 2 + per_layer
+    else:
+        layers_total = layers * per_layer
+    # At the start of backward the fp32 logits, their log-softmax and both gradients coexist; the
+    # chunked loss (lorakit train's, losses.py) holds them for one chunk of tokens at a time.
+    tokens = batch * seq
+    if chunked_loss:
+        from ..kernels.losses import CHUNK_ELEMENTS
+
+        tokens = min(tokens, max(16, CHUNK_ELEMENTS[torch.float32] // config.vocab_size))
+    logits = 4 * tokens * config.vocab_size * 4
+    return int(layers_total + logits)
+
+
+def memory_table(config, model_params, linear_params, lora_params, adapted_layers, bytes_per, optimizer,
+                 batch, seq, checkpointing, r, scores=True, chunked_loss=False) -> list[MemoryRow]:
+    states = OPTIMIZER_STATES[optimizer]
+    state_bytes = 1 if optimizer == "adamw8bit" else bytes_per
+    acts = activation_bytes(config, batch, seq, bytes_per, checkpointing, scores, chunked_loss)
+    lora_acts = adapted_layers * batch * seq * r * 4  # each adapted layer's fp32 r-wide intermediate
+    lora_states = lora_params * 4 * states  # LoRA trains in fp32: fp32 optimizer states
+    nf4_weights = int(linear_params * NF4_BITS_PER_WEIGHT / 8) + (model_params - linear_params) * bytes_per
+    return [
+        MemoryRow("full", model_params * bytes_per, model_params * bytes_per, model_params * states * state_bytes,
+                  acts),
+        MemoryRow("lora", model_params * bytes_per + lora_params * 4, lora_params * 4, lora_states, acts + lora_acts),
+        MemoryRow("qlora", nf4_weights + lora_params * 4, lora_params * 4, lora_states, acts + lora_acts),
+    ]
+
+
+def shard_rows(rows: list[MemoryRow], model, model_params: int, nproc: int) -> list[MemoryRow]:
+    """Per-process memory under FSDP (fully_shard per decoder block, the rest in the root unit):
+    weights, gradients and optimizer states split N ways; on top, what is whole while it runs:
+    the root unit (embeddings, final norm, head: gathered for the whole step) and two blocks (the
+    one computing and the one prefetched). Activations are per process as before."""
+    blocks = decoder_blocks(model)
+    sizes = [sum(p.numel() for n, p in b.named_parameters() if "lora_" not in n) for b in blocks]  # base weights
+    block_params, root_params = max(sizes, default=0), model_params - sum(sizes)
+    gathered_share = (root_params + 2 * block_params) / model_params  # of the weights, whole at a time
+    return [MemoryRow(row.method, int(row.weights / nproc + row.weights * gathered_share * (1 - 1 / nproc)),
+                      row.gradients // nproc, row.optimizer // nproc, row.activations) for row in rows]
+
+
+def single_projection(out_features: int, in_features: int, r: int) -> tuple[int, int, float]:
+    """LoRA parameters for one out×in projection: (lora, base, percent of base)."""
+    lora = r * (in_features + out_features)
+    base = in_features * out_features
+    return lora, base, 100.0 * lora / base
