@@ -1,13 +1,11 @@
 """Save and load adapters in PEFT's format (adapter_config.json + adapter_model.safetensors).
 
-Key translation, both ways (the adapter name never appears in the file):
-  <path>.lora_A.<name>.weight           <->  base_model.model.<path>.lora_A.weight
-  <path>.lora_embedding_A.<name>        <->  base_model.model.<path>.lora_embedding_A
-  <path>.modules_to_save.<name>.<param> <->  base_model.model.<path>.<param>
-  bias of a LoRA layer                  <->  base_model.model.<path>.base_layer.bias  (bias="all"/"lora_only")
-  bias of another module <path>.bias    <->  base_model.model.<path>.bias             (bias="all")
-(PEFT's keys: it saves a wrapped layer's bias under its base_layer; loading also takes <path>.bias.)
-Loading also accepts PEFT's base_model.model.<path>.base_layer.weight (a saved embedding table).
+A model's adapter ``name`` goes to the file's keys and back (the key names: io/peft_format.py):
+  <path>.lora_A.<name>.weight           <->  <path>.lora_A.weight
+  <path>.lora_embedding_A.<name>        <->  <path>.lora_embedding_A
+  <path>.modules_to_save.<name>.<param> <->  <path>.<param>
+  bias of a LoRA layer                  <->  <path>.base_layer.bias  (bias="all"/"lora_only")
+(loading also takes a LoRA layer's bias as <path>.bias, and PEFT's saved embedding table).
 """
 
 from __future__ import annotations
@@ -37,19 +35,8 @@ from ..model.targeting import iter_base_modules, unwrap
 from ..variants.adalora import config_from_peft_dict, is_adalora, saved_pattern
 from ..variants.principal import initial_pair
 from .atomic import staged_directory
-
-PREFIX = "base_model.model."
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-LEGACY_WEIGHTS_FILE = "adapter_model.bin"
-
-
-def pair_keys(path: str, embedding: bool, prefix: str = PREFIX) -> tuple[str, str]:
-    """PEFT's keys of a module's (A, B) in the adapter file."""
-    if embedding:
-        return f"{prefix}{path}.lora_embedding_A", f"{prefix}{path}.lora_embedding_B"
-    return f"{prefix}{path}.lora_A.weight", f"{prefix}{path}.lora_B.weight"
-
+from .peft_format import (CONFIG_FILE, LEGACY_WEIGHTS_FILE, PREFIX, WEIGHTS_FILE, adalora_keys, base_weight_key,
+                          bias_key, magnitude_key, pair_keys, saved_key)
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's keys."""
@@ -62,27 +49,25 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
             # PEFT's AdaLoRA keys (plain parameters: no ".weight"), live triplets only
             keep = adalora_rows.get(path, slice(None))
             A, B = layer.lora_pair(adapter_name)
-            state[f"{PREFIX}{path}.lora_A"] = A[keep]
-            state[f"{PREFIX}{path}.lora_B"] = B[:, keep]
-            state[f"{PREFIX}{path}.lora_E"] = layer.lora_E[adapter_name][keep]
+            key_a, key_b, key_e = adalora_keys(path)
+            state[key_a], state[key_b], state[key_e] = A[keep], B[:, keep], layer.lora_E[adapter_name][keep]
         elif adapter_name in layer.adapter_names:
             for key, tensor in zip(pair_keys(path, isinstance(layer, LoraEmbedding)), layer.lora_pair(adapter_name)):
                 state[key] = tensor
             if layer.uses_dora(adapter_name):
-                state[f"{PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name]
+                state[magnitude_key(path)] = layer.lora_magnitude_vector[adapter_name]
             bias = getattr(layer.base_layer, "bias", None)
             if config.bias == "lora_only" and bias is not None:
-                state[f"{PREFIX}{path}.base_layer.bias"] = bias
+                state[bias_key(path, wrapped=True)] = bias
     for path, wrapper in saved_modules(model):
         if adapter_name in wrapper.adapter_names:
             for param, tensor in wrapper.modules_to_save[adapter_name].state_dict().items():
-                state[f"{PREFIX}{path}.{param}"] = tensor
+                state[saved_key(path, param)] = tensor
     if config.bias == "all":
         for path, module in iter_base_modules(model):
             bias = getattr(unwrap(module), "bias", None)
             if isinstance(bias, torch.Tensor) and not isinstance(module, ModulesToSave):
-                wrapped = ".base_layer" if isinstance(module, LoraLayer) else ""
-                state[f"{PREFIX}{path}{wrapped}.bias"] = bias
+                state[bias_key(path, wrapped=isinstance(module, LoraLayer))] = bias
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
@@ -128,7 +113,7 @@ def _convert_to_plain_lora(state, config: LoraConfig, layers, adapter_name: str,
         A, B = layer.lora_pair(adapter_name)
         experts = getattr(layer, "num_experts", 1)
         if experts > 1:  # expert rows interleave (A: E×r×in, B: out×r×E): pad each expert's block
-            key_a, key_b = f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
+            key_a, key_b = pair_keys(path, embedding=False)
             A3, B3 = A.detach().view(experts, -1, A.shape[-1]), B.detach().view(B.shape[0], -1, experts)
             state[key_a] = torch.cat([A3, torch.zeros_like(A3)], dim=1).reshape(-1, A.shape[-1]).contiguous()
             state[key_b] = torch.cat([B3, torch.zeros_like(B3)], dim=1).reshape(B.shape[0], -1).contiguous()
@@ -143,8 +128,10 @@ def _convert_to_plain_lora(state, config: LoraConfig, layers, adapter_name: str,
                                alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()})
 
 
-def write_adapter(directory: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors; files appear complete or not at all.
+def write_adapter(directory: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor],
+                  extra_files: dict[str, str] | None = None) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors (and ``extra_files``, name -> text, such
+    as a README); files appear complete or not at all.
 
     Over an existing directory, the other files it holds (a tokenizer, a run record) are linked into
     the new one and the two directories are swapped in one step: a kill at any point leaves the old
@@ -156,6 +143,8 @@ def write_adapter(directory: str | os.PathLike, config: dict, tensors: dict[str,
         save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
         (staging / WEIGHTS_FILE).chmod(0o644)
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for file_name, text in (extra_files or {}).items():
+            (staging / file_name).write_text(text)
     return directory
 
 
@@ -262,26 +251,27 @@ def _match_tensors(model, plan, tensors, directory):
             k, d = lora_dims_of(base)
             shape_a, shape_b, magnitude = (r, k), (d, r), (d,)
         if is_adalora(config):  # PEFT's AdaLoRA keys: plain parameters, and Λ
-            key_a, key_b = f"{path}.lora_A", f"{path}.lora_B"
-            take(f"{path}.lora_E", (r, 1), path, "E")
+            key_a, key_b, key_e = adalora_keys(path, prefix="")
+            take(key_e, (r, 1), path, "E")
         take(key_a, shape_a, path, "A")
         take(key_b, shape_b, path, "B")
         if config.use_dora:  # one magnitude per output feature (per embedding dimension)
-            take(f"{path}.lora_magnitude_vector", magnitude, path, "magnitude")
+            take(magnitude_key(path, prefix=""), magnitude, path, "magnitude")
         # PEFT also saves the full embedding table when it adapts an embedding (it may have been
         # resized for new tokens); like PEFT, load it into the base layer.
-        if f"{path}.base_layer.weight" in remaining:
-            take(f"{path}.base_layer.weight", tuple(base.weight.shape), path, "base_weight")
+        if base_weight_key(path, prefix="") in remaining:
+            take(base_weight_key(path, prefix=""), tuple(base.weight.shape), path, "base_weight")
     for path, names in plan.param_targets:
         owner = innermost(model.get_submodule(path))
         for name in names:
             experts, k, d, _ = param_geometry(owner, getattr(owner, name))
             r, wrapper = config.rank_for(f"{path}.{name}"), nested_path(path, names, name)
-            take(f"{wrapper}.lora_A.weight", (r * experts, k), wrapper, "A")
-            take(f"{wrapper}.lora_B.weight", (d, r * experts), wrapper, "B")
+            key_a, key_b = pair_keys(wrapper, embedding=False, prefix="")
+            take(key_a, (r * experts, k), wrapper, "A")
+            take(key_b, (d, r * experts), wrapper, "B")
     for path in plan.modules_to_save:
         for param, value in unwrap(model.get_submodule(path)).state_dict().items():
-            take(f"{path}.{param}", tuple(value.shape), path, f"save:{param}")
+            take(saved_key(path, param, prefix=""), tuple(value.shape), path, f"save:{param}")
     for key in [k for k in remaining if k.endswith(".bias")]:
         path = key.removesuffix(".bias").removesuffix(".base_layer")
         try:

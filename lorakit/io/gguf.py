@@ -22,7 +22,8 @@ import torch
 from ..errors import ConfigError
 from ..variants.adalora import is_adalora
 from .atomic import staged_file
-from .checkpoint import PREFIX, read_adapter
+from .checkpoint import read_adapter
+from .peft_format import split_tensors
 
 
 def _arches():
@@ -61,16 +62,12 @@ def export_gguf(adapter_dir: str | Path, base_dir: str | Path, output: str | Pat
     heads, kv_heads = base_config["num_attention_heads"], base_config.get("num_key_value_heads") or \
         base_config["num_attention_heads"]
 
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        path = key.removeprefix(PREFIX)
-        for suffix, part in ((".lora_A.weight", "A"), (".lora_B.weight", "B")):
-            if path.endswith(suffix):
-                pairs.setdefault(path.removesuffix(suffix), {})[part] = tensor
-                break
-        else:
-            raise ConfigError(f"{adapter_dir} holds {key}, which llama.cpp's LoRA format cannot carry (only linear "
-                              "layers' lora_A / lora_B: no embeddings, biases or modules_to_save)")
+    pairs, others = split_tensors(tensors, adapter_dir)
+    carried = [path for path, part in pairs.items() if part.embedding]
+    if others or carried:
+        key = next(iter(others)) if others else f"{carried[0]}.lora_embedding_A"
+        raise ConfigError(f"{adapter_dir} holds {key}, which llama.cpp's LoRA format cannot carry (only linear "
+                          "layers' lora_A / lora_B: no embeddings, biases or modules_to_save)")
     alpha = float(config.lora_alpha)
     dtype = torch.float32 if outtype == "f32" else torch.float16
     written = []
@@ -83,7 +80,7 @@ def export_gguf(adapter_dir: str | Path, base_dir: str | Path, output: str | Pat
             name = name_map.get_name(f"{module}.weight", try_suffixes=(".weight",))
             if name is None:
                 raise ConfigError(f"{module} has no llama.cpp tensor name for {architecture}; leave it out of the adapter")
-            A, B = pair["A"].float(), pair["B"].float()
+            A, B = pair.A.float(), pair.B.float()
             B = B * (config.scaling_for(module) * A.shape[0] / alpha)  # llama.cpp's scale is alpha / rank
             if arch == gguf.MODEL_ARCH.LLAMA and module.endswith("q_proj"):
                 B = rotary_rows(B, heads)

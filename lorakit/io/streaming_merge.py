@@ -26,10 +26,12 @@ from pathlib import Path
 
 import torch
 
+from .. import delta as arith
 from ..errors import ConfigError
 from ..variants.adalora import is_adalora
 from .atomic import staged_directory
-from .checkpoint import PREFIX, read_adapter
+from .checkpoint import read_adapter
+from .peft_format import ModuleParts, base_name, split_tensors
 from .runs import trained_on_4bit
 
 INDEX = "model.safetensors.index.json"
@@ -58,31 +60,17 @@ def shard_files(base_dir: Path) -> tuple[list[str], dict | None]:
     raise ConfigError(f"{base_dir} holds no model.safetensors (or sharded index): streaming merge reads safetensors")
 
 
-def _updates(directory: Path) -> tuple[dict, dict, dict, object]:
-    """(module path -> its update's parts {"A", "B", optional "E" (AdaLoRA) and "m" (DoRA), "embedding"},
-    the tensors that replace base tensors (saved modules, trained biases), the adapter's config)."""
+def _updates(directory: Path) -> tuple[dict[str, ModuleParts], dict[str, torch.Tensor], object]:
+    """(module path -> its update's parts, the base tensors the adapter replaces (saved modules,
+    trained biases) under their base names, the adapter's config)."""
     config, tensors = read_adapter(directory)
-    plain = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
-    pairs: dict[str, dict] = {}
-    others: dict[str, torch.Tensor] = {}
-    suffixes = (("lora_A.weight", "A"), ("lora_B.weight", "B"), ("lora_embedding_A", "A"),
-                ("lora_embedding_B", "B"), ("lora_A", "A"), ("lora_B", "B"), ("lora_E", "E"),
-                ("lora_magnitude_vector", "m"))
-    for key, tensor in plain.items():
-        for suffix, part in suffixes:
-            if key.endswith("." + suffix):
-                module = key[: -len(suffix) - 1]
-                pairs.setdefault(module, {})[part] = tensor
-                pairs[module]["embedding"] = suffix.startswith("lora_embedding")
-                break
-        else:
-            others[key.replace(".base_layer.", ".")] = tensor  # saved modules, trained biases
-    return pairs, others, config
+    parts, others = split_tensors(tensors, directory)
+    return parts, {base_name(key): tensor for key, tensor in others.items()}, config
 
 
-def check_shape(key: str, weight: torch.Tensor, update: dict, transposed: bool) -> None:
+def check_shape(key: str, weight: torch.Tensor, update: ModuleParts, transposed: bool) -> None:
     """The update B·A must have the weight's shape; name both when it has not (another base)."""
-    rows, cols = update["B"].shape[0], update["A"].flatten(1).shape[1]
+    rows, cols = update.B.shape[0], update.A.flatten(1).shape[1]
     expected = (cols, rows) if transposed else (rows, cols)
     actual = tuple(weight.shape) if transposed or weight.dim() == 2 else (weight.shape[0], weight[0].numel())
     if actual != expected:
@@ -90,19 +78,14 @@ def check_shape(key: str, weight: torch.Tensor, update: dict, transposed: bool) 
                           f"{tuple(weight.shape)}: the adapter was made for another base model")
 
 
-def merged_tensor(weight: torch.Tensor, update: dict, scaling: float, transposed: bool) -> torch.Tensor:
-    """The weight with its update folded in: computed in fp32 and rounded once to the weight's dtype
-    (the same operations as lk.merge, so the same bits). ``transposed``: the weight is stored in×out
-    (GPT-2's Conv1D) or num×dim (an embedding table). One extra weight-sized buffer: the update,
-    into which the base is added in place."""
-    A, B = update["A"].float(), update["B"].float()
-    if "E" in update:  # AdaLoRA: Λ folded into A's rows
-        A = A * update["E"].float()
-    delta = (B.flatten(1) @ A.flatten(1)).mul_(scaling)  # out × (in · kernel)
-    merged = (delta.T if transposed else delta.view(weight.shape)).add_(weight.float())
-    if "m" in update:  # DoRA: each output feature rescaled to its learned magnitude
-        out_in = merged.T if transposed else merged.view(merged.shape[0], -1)
-        out_in.mul_(update["m"].float().reshape(-1, 1) / out_in.norm(p=2, dim=1, keepdim=True))
+def merged_tensor(weight: torch.Tensor, update: ModuleParts, scaling: float, transposed: bool) -> torch.Tensor:
+    """The weight with its update folded in by delta.py, the arithmetic lk.merge uses (so the same
+    bits), rounded once to the weight's dtype. ``transposed``: the weight is stored in×out (GPT-2's
+    Conv1D) or num×dim (an embedding table)."""
+    delta = arith.lora_delta(update.A.float(), update.B.float(), scaling,
+                             E=None if update.E is None else update.E.float(),
+                             shape=tuple(weight.shape), transposed=transposed)
+    merged = arith.merged_weight(weight, delta, update.m, axis=arith.feature_axis(transposed))
     return merged.to(weight.dtype)
 
 
@@ -162,14 +145,14 @@ def _merge_shard(source: Path, target: Path, updates: dict, replaced: dict, conf
             tensor = read_tensor(source, data_start, entry)
             module = key.removesuffix(".weight")
             if module in updates and key.endswith(".weight"):
-                check_shape(key, tensor, updates[module], bool(config.fan_in_fan_out) or updates[module]["embedding"])
+                check_shape(key, tensor, updates[module], bool(config.fan_in_fan_out) or updates[module].embedding)
             if key in quantized:  # merged or not, the export holds what the 4-bit base computed with
                 tensor = through_4bit(tensor).to(tensor.dtype) if module not in updates else \
                     merged_tensor(through_4bit(tensor), updates[module], config.scaling_for(module),
                                   bool(config.fan_in_fan_out)).to(tensor.dtype)
             elif key.endswith(".weight") and module in updates:
                 tensor = merged_tensor(tensor, updates[module], config.scaling_for(module),
-                                       bool(config.fan_in_fan_out) or updates[module]["embedding"])
+                                       bool(config.fan_in_fan_out) or updates[module].embedding)
             elif key in replaced:
                 tensor = replaced[key].to(tensor.dtype)
             pending.discard(key)

@@ -157,15 +157,15 @@ class SharedInputGroup:
         self._taken: set[int] = set()
 
     def usable(self, name: str, x: torch.Tensor) -> bool:
-        """Every member trains ``name`` on the fused path, all DoRA or none, with one dropout p."""
-        ps, dora = set(), set()
+        """Every member trains ``name`` on the fused path, of one variant (all DoRA or none), with one
+        dropout p."""
+        ps, kinds = set(), set()
         for layer in self.layers:
             if layer.fused_adapter(x, (), {}) != name:
                 return False
-            dora.add(layer.uses_dora(name))
-            drop = layer.lora_dropout[name]
-            ps.add(drop.p if isinstance(drop, torch.nn.Dropout) and layer.training else 0.0)
-        return len(ps) == 1 and len(dora) == 1 and not torch.compiler.is_compiling()
+            kinds.add(type(layer.variants[name]))
+            ps.add(layer.dropout_p(name))
+        return len(ps) == 1 and len(kinds) == 1 and not torch.compiler.is_compiling()
 
     def slice_for(self, layer, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(this member's r-wide h, the group's dropout mask or None)."""
@@ -173,8 +173,7 @@ class SharedInputGroup:
         if self._x is not x or index in self._taken:
             A_cat = torch.cat([m.factors(name)[0] for m in self.layers])
             scales = torch.cat([A_cat.new_full((m.rank(name),), m.scaling[name]) for m in self.layers])
-            drop = layer.lora_dropout[name]
-            p = drop.p if isinstance(drop, torch.nn.Dropout) and layer.training else 0.0
+            p = layer.dropout_p(name)
             dtype = compute_dtype(x)
             self._mask = dropout_mask(x.to(dtype), p) if p > 0 else None
             self._x, self._taken = x, set()

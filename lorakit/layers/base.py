@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import delta as arith
 from ..kernels.nf4 import Linear4bit
-from ..variants.dora import DoraVariant
+from ..variants.lora import LoraVariant
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -46,11 +47,16 @@ class LoraLayer(nn.Module):
 
     # True where the base weight is stored transposed relative to B@A (out×in).
     transpose_delta = False
+    # the variant object each adapter gets: plain LoRA, or this layer type's DoRA (None: not offered)
+    lora_variant = LoraVariant
+    dora_variant = None
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.lora_dropout = nn.ModuleDict()
+        self.dropout_rate: dict[str, float] = {}
+        self.variants: dict[str, LoraVariant] = {}  # per adapter: what its variant computes (variants/)
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only (lorakit/variants/dora.py)
         self.lora_E = nn.ParameterDict()  # AdaLoRA's singular values, r×1 (lorakit/variants/adalora.py)
         self.scaling: dict[str, float] = {}
@@ -111,14 +117,26 @@ class LoraLayer(nn.Module):
         weight = self.reference()
         self.create_pair(name, r, adapter_dtype(weight), weight.device)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_rate[name] = dropout
         self.scaling[name] = scaling
         self.reset_adapter(name, init)
-        if use_dora:
-            DoraVariant.add_magnitude(self, name)
+        self.variants[name] = (self.dora_variant if use_dora else self.lora_variant)()
+        self.variants[name].init(self, name)
         self.clear_mixed_cache()
 
     def uses_dora(self, name: str) -> bool:
-        return name in self.lora_magnitude_vector
+        return self.variants[name].has_magnitude
+
+    def dropout_p(self, name: str) -> float:
+        """The dropout probability adapter ``name`` applies now (0 in eval mode)."""
+        return self.dropout_rate[name] if self.training else 0.0
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The base weight's shape (a 4-bit base's as it dequantizes: out×in)."""
+        if self.quantized:
+            return self.base_layer.out_features, self.base_layer.in_features
+        return tuple(self.base_layer.weight.shape)
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) as the update s·B·A uses them: AdaLoRA's SVD form P·Λ·Q folds Λ into A's rows."""
@@ -127,18 +145,17 @@ class LoraLayer(nn.Module):
 
     def adapter_parameters(self, name: str) -> list[torch.Tensor]:
         """Everything adapter ``name`` trains in this layer: A, B, DoRA's magnitude, AdaLoRA's Λ."""
-        extra = [self.lora_magnitude_vector[name]] if self.uses_dora(name) else []
+        extra = self.variants[name].parameters(self, name)
         extra += [self.lora_E[name]] if name in self.lora_E else []
         return [*self.lora_pair(name), *extra]
 
     def remove_adapter(self, name: str) -> None:
         if name in self.lora_E:
             del self.lora_E[name]
-        if self.uses_dora(name):
-            del self.lora_magnitude_vector[name]
+        self.variants.pop(name).remove(self, name)
         for container in (*self.adapter_containers(), self.lora_dropout):
             del container[name]
-        del self.scaling[name]
+        del self.scaling[name], self.dropout_rate[name]
         self.active_adapters = [a for a in self.active_adapters if a != name]
         self.clear_mixed_cache()
 
@@ -155,20 +172,16 @@ class LoraLayer(nn.Module):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """s·B·A in the base weight's layout, in the adapter's (fp32 for a 16-bit base) precision."""
-        A, B = self.factors(name)
-        delta = (B @ A) * self.scaling[name]
-        return delta.T if self.transpose_delta else delta
+        A, B = self.lora_pair(name)
+        return arith.lora_delta(A, B, self.scaling[name], E=self.lora_E[name] if name in self.lora_E else None,
+                                shape=self.weight_shape, transposed=self.transpose_delta)
 
     def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` with adapter ``name`` folded in (fp32 for a 16-bit base: rounded once, by the caller)."""
-        if self.uses_dora(name):
-            return DoraVariant.merged_weight(self, name, weight, self.unmerged_base_weight())
-        return weight + self.delta_weight(name)
+        return self.variants[name].merged_weight(self, name, weight)
 
     def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        if self.uses_dora(name):
-            return DoraVariant.unmerged_weight(self, name, weight)
-        return weight - self.delta_weight(name)
+        return self.variants[name].unmerged_weight(self, name, weight)
 
     def unmerged_base_weight(self) -> torch.Tensor:
         """The base weight with every merged adapter taken back out (on a copy)."""
@@ -178,7 +191,8 @@ class LoraLayer(nn.Module):
         return weight
 
     def _pop_merged(self) -> None:
-        DoraVariant.forget_merge(self, self.merged_adapters.pop())
+        name = self.merged_adapters.pop()
+        self.variants[name].forget_merge(self, name)
 
     def merge(self, names: list[str]) -> None:
         with torch.no_grad():
@@ -234,13 +248,14 @@ class LoraLayer(nn.Module):
     def dora_scale_stack(self, slot_names: list[str]) -> torch.Tensor | None:
         """Per slot, DoRA's m/‖W0 + s·B·A‖ (ones for the base and plain LoRA adapters); None when no
         adapter of the block uses DoRA here."""
-        dora = [n for n in slot_names if n in self.lora_magnitude_vector]
-        if not dora:
+        scales = {slot: self.variants[name].mixed_scale(self, name)
+                  for slot, name in enumerate(slot_names, start=1) if name in self.variants}
+        scales = {slot: scale for slot, scale in scales.items() if scale is not None}
+        if not scales:
             return None
         stack = torch.ones(len(slot_names) + 1, self.lora_dims()[1], device=self.reference().device)
-        for slot, name in enumerate(slot_names, start=1):
-            if name in dora:
-                stack[slot] = DoraVariant.mixed_scale(self, name)
+        for slot, scale in scales.items():
+            stack[slot] = scale.flatten()
         return stack
 
     def _build_stacks(self, slot_names, present):
@@ -260,8 +275,7 @@ class LoraLayer(nn.Module):
                 A, B = self.factors(name)
                 A_stack[slot, :, : A.shape[0]] = A.T
                 B_stack[slot, : B.shape[1]] = (B * self.scaling[name]).T
-                drop = self.lora_dropout[name]
-                dropout[slot] = drop.p if isinstance(drop, nn.Dropout) else 0.0
+                dropout[slot] = self.dropout_rate[name]
         return A_stack, B_stack, dropout
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -271,7 +285,7 @@ class LoraLayer(nn.Module):
         if self.mixed is not None:
             return self.add_mixed(result, x)
         for name in self.unmerged_active():
-            result = self.add_dora(result, x, name) if self.uses_dora(name) else self.add_lora(result, x, name)
+            result = self.variants[name].add(self, result, x, name)
         return result
 
 

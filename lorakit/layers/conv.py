@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..variants.dora import DoraVariant
+from ..variants.dora import DoraConv
 from .base import ModulePairLayer, RowGroupedMixed
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -33,6 +33,8 @@ def conv_pair_shapes(base: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[in
 
 
 class LoraConv(RowGroupedMixed, ModulePairLayer):
+    dora_variant = DoraConv
+
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         self.conv_cls = type(base_layer) if type(base_layer) in CONV_TYPES else next(
@@ -59,18 +61,10 @@ class LoraConv(RowGroupedMixed, ModulePairLayer):
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5))
             nn.init.zeros_(B)
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        A, B = self.lora_pair(name)
-        delta = B.flatten(1) @ A.flatten(1)  # out × (in·k…)
-        return delta.view(self.base_layer.weight.shape) * self.scaling[name]
-
     def add_lora(self, result, x, name):
         A, B = self.lora_A[name], self.lora_B[name]
         h = A(self.lora_dropout[name](x.to(A.weight.dtype)))
         return result + (B(h) * self.scaling[name]).to(result.dtype)
-
-    def add_dora(self, result, x, name):
-        return DoraVariant.add_conv(self, result, x, name)
 
     def add_mixed(self, result, x):
         """Each adapter's rows through that adapter (RowGroupedMixed): a convolution's A cannot be
@@ -81,5 +75,5 @@ class LoraConv(RowGroupedMixed, ModulePairLayer):
                 continue
             part = result.index_select(0, rows)
             x_rows = x.index_select(0, rows)
-            out[rows] = self.add_dora(part, x_rows, name) if self.uses_dora(name) else self.add_lora(part, x_rows, name)
+            out[rows] = self.variants[name].add(self, part, x_rows, name)
         return out

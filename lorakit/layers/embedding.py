@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..variants.dora import DoraVariant
+from ..variants.dora import DoraEmbedding
 from .base import LoraLayer, lora_dims_of
 
 
@@ -18,6 +18,7 @@ class LoraEmbedding(LoraLayer):
     """LoRA around ``nn.Embedding``: A (r×num_embeddings) is looked up, B (dim×r) projects."""
 
     transpose_delta = True  # the embedding table is num_embeddings×dim, B@A is dim×num_embeddings
+    dora_variant = DoraEmbedding
 
     def __init__(self, base_layer: nn.Embedding):
         super().__init__(base_layer)
@@ -61,9 +62,6 @@ class LoraEmbedding(LoraLayer):
         A, B = self.lora_pair(name)
         h = self._lookup(x, A.T) * self.scaling[name]
         return result + (h @ B.T).to(result.dtype)
-
-    def add_dora(self, result, x, name):
-        return DoraVariant.add_embedding(self, result, x, name)
 
     def add_mixed(self, result, x):
         batch = x.shape[0]

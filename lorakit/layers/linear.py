@@ -9,15 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.dora import FusedDoraLinear, SharedDoraMember, row_sq_norms
-from ..kernels.lora import FusedLoraLinear, SharedMemberOutput, compute_dtype
-from ..variants.dora import DoraVariant
+from ..kernels.dora import row_sq_norms
+from ..variants.dora import DoraLinear
 from ..variants.principal import is_principal_init, principal_init
 from .base import ModulePairLayer, conv1d_class, lora_dims_of
 
 
 class LoraLinear(ModulePairLayer):
     """LoRA around ``nn.Linear`` or GPT-2's ``Conv1D`` (whose weight is stored in×out)."""
+
+    dora_variant = DoraLinear
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
@@ -64,17 +65,8 @@ class LoraLinear(ModulePairLayer):
         if group is not None and group.usable(fused, x):
             # q/k/v (gate/up) share one A-projection GEMM and one dropout mask
             h, mask = group.slice_for(self, fused, x)
-            if self.uses_dora(fused):
-                return self.shared_dora(x, fused, h, mask)
-            return SharedMemberOutput.apply(x, base.weight, base.bias, h, self.lora_B[fused].weight, compute_dtype(x))
-        if self.uses_dora(fused):
-            return self.fused_dora(x, fused)
-
-        A, B = self.factors(fused)
-        drop = self.lora_dropout[fused]
-        p = drop.p if isinstance(drop, nn.Dropout) and self.training else 0.0
-        return FusedLoraLinear.apply(x, base.weight, base.bias, A, B, self.scaling[fused], p, self.fan_in_fan_out,
-                                     compute_dtype(x))
+            return self.variants[fused].shared_member(self, x, fused, h, mask)
+        return self.variants[fused].fused_linear(self, x, fused)
 
     def weight_sq_norms(self) -> torch.Tensor:
         weight = self.base_layer.weight
@@ -84,22 +76,6 @@ class LoraLinear(ModulePairLayer):
             cached = (key, row_sq_norms(weight, self.fan_in_fan_out))
             self.__dict__["_weight_sq_norms"] = cached
         return cached[1]
-
-    def shared_dora(self, x: torch.Tensor, name: str, h: torch.Tensor, mask) -> torch.Tensor:
-        drop = self.lora_dropout[name]
-        p = drop.p if isinstance(drop, nn.Dropout) and self.training else 0.0
-        A, B = self.factors(name)
-        return SharedDoraMember.apply(x, self.base_layer.weight, self.base_layer.bias, h, B,
-                                      self.lora_magnitude_vector[name], self.weight_sq_norms(), A, self.scaling[name],
-                                      p, mask, self.fan_in_fan_out, compute_dtype(x))
-
-    def fused_dora(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        weight = self.base_layer.weight
-        A, B = self.lora_pair(name)
-        drop = self.lora_dropout[name]
-        p = drop.p if isinstance(drop, nn.Dropout) and self.training else 0.0
-        return FusedDoraLinear.apply(x, weight, self.base_layer.bias, A, B, self.lora_magnitude_vector[name],
-                                     self.weight_sq_norms(), self.scaling[name], p, self.fan_in_fan_out, compute_dtype(x))
 
     def fused_adapter(self, x: torch.Tensor, args, kwargs) -> str | None:
         """The adapter to run through the fused autograd path, or None for the general path: used
@@ -138,9 +114,6 @@ class LoraLinear(ModulePairLayer):
             result.view(-1, result.shape[-1]).addmm_(h2, B.t().to(h2.dtype))
             return result
         return torch.addmm(result.reshape(-1, result.shape[-1]), h2, B.t()).view(result.shape)
-
-    def add_dora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        return DoraVariant.add_linear(self, result, x, name)
 
     def add_mixed_dora(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Mixed rows when some adapter uses DoRA: y + (k−1)⊙(y − b) + k⊙s·B·A·x with k each row's

@@ -18,11 +18,9 @@ import torch
 
 from ..config import LoraConfig
 from ..errors import AdapterMismatchError, ConfigError
-from ..io.checkpoint import PREFIX, pair_keys, read_adapter, write_adapter
+from ..io.checkpoint import read_adapter, write_adapter
+from ..io.peft_format import magnitude_key, pair_keys, split_tensors
 from ..variants.adalora import is_adalora
-
-_PAIR = re.compile(r"^(?P<path>.+)\.(?P<which>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
-
 
 @dataclass(frozen=True)
 class ModuleUpdate:
@@ -62,23 +60,17 @@ class ModuleStats:
 
 
 def load_updates(directory: str | os.PathLike) -> tuple[LoraConfig, list[ModuleUpdate], dict[str, torch.Tensor]]:
-    """The adapter's per-module (A, B, scaling), plus its other tensors (heads, biases) untouched."""
+    """The adapter's per-module (A, B, scaling), plus its other tensors (heads, biases) untouched.
+    AdaLoRA's Λ is folded into A (the update is s·B·(A⊙Λ)); DoRA's magnitude stays with the others."""
     config, tensors = read_adapter(directory)
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    others = {}
-    for key, tensor in tensors.items():
-        found = _PAIR.match(key.removeprefix(PREFIX))
-        if found:
-            pairs.setdefault(found["path"], {})[found["which"].split(".")[0][-1]] = tensor.float()
-        else:
-            others[key] = tensor
+    parts, others = split_tensors(tensors, directory)
     updates = []
-    for path, pair in pairs.items():
-        if set(pair) != {"A", "B"}:
-            raise AdapterMismatchError(f"{directory}: module {path!r} has only lora_{''.join(pair)}; the file is incomplete.")
-        embedding = pair_keys(path, True)[0] in tensors
-        _check_rank(config, path, pair["A"], pair["B"], directory)
-        updates.append(ModuleUpdate(path, pair["A"], pair["B"], config.scaling_for(path), embedding))
+    for path, part in parts.items():
+        A, B = part.folded_A().float(), part.B.float()
+        _check_rank(config, path, A, B, directory)
+        updates.append(ModuleUpdate(path, A, B, config.scaling_for(path), part.embedding))
+        if part.m is not None:
+            others[magnitude_key(path)] = part.m
     return config, updates, others
 
 
@@ -184,6 +176,9 @@ def compress(directory: str | os.PathLike, output: str | os.PathLike, rank: int 
     if energy is not None and not 0 < energy <= 1:
         raise ConfigError(f"energy must be in (0, 1], got {energy}.")
     config, updates, others = load_updates(directory)
+    if is_adalora(config) or config.use_dora:
+        raise ConfigError(f"{directory} is a{'n AdaLoRA' if is_adalora(config) else ' DoRA'} adapter; compress "
+                          "re-factors plain LoRA updates only (merge it with `lorakit merge` instead).")
     trained = max(u.rank for u in updates)
     if rank is not None and not 1 <= rank <= trained:
         raise ConfigError(f"rank {rank} is not below the adapter's rank {trained}; choose 1..{trained}.")

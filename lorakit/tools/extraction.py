@@ -26,8 +26,8 @@ from safetensors import safe_open
 
 from ..config import LoraConfig
 from ..errors import ConfigError
-from ..io.atomic import staged_directory
-from ..io.checkpoint import CONFIG_FILE, PREFIX, WEIGHTS_FILE, pair_keys
+from ..io.checkpoint import write_adapter
+from ..io.peft_format import WEIGHTS_FILE, bias_key, pair_keys, saved_key
 
 TASK_TYPES = {"ForSequenceClassification": "SEQ_CLS", "ForCausalLM": "CAUSAL_LM",
               "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
@@ -175,12 +175,12 @@ def extract(base_dir: str | Path, tuned_dir: str | Path, output: str | Path, ran
         for module in sorted(saved):
             for name in tuned.keys():
                 if name.rpartition(".")[0] == module:
-                    tensors[f"{PREFIX}{name}"] = tuned.get(name).contiguous()
+                    tensors[saved_key(module, name.rpartition(".")[2])] = tuned.get(name).contiguous()
         if lora_biases:  # bias="lora_only" stores every adapted layer's bias: the unchanged ones too
             for module in ranks:
                 bias_name = f"{module}.bias"
                 if bias_name in names:
-                    tensors[f"{PREFIX}{module}.base_layer.bias"] = lora_biases.get(module, tuned.get(bias_name).float()).contiguous()
+                    tensors[bias_key(module, wrapped=True)] = lora_biases.get(module, tuned.get(bias_name).float()).contiguous()
 
         common = Counter(ranks.values()).most_common(1)[0][0]
         pattern = {m: k for m, k in ranks.items() if k != common}
@@ -191,15 +191,9 @@ def extract(base_dir: str | Path, tuned_dir: str | Path, output: str | Path, ran
                             bias="lora_only" if lora_biases else "none", task_type=task_type,
                             fan_in_fan_out=any(kinds.get(m) == "conv1d" for m in ranks),
                             base_model_name_or_path=str(base_dir))
-        with staged_directory(output) as staging:
-            from safetensors.torch import save_file
-
-            save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
-            data = config.to_peft_dict()
-            data["inference_mode"] = True
-            (staging / CONFIG_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-            for file_name, text in (extra_files or {}).items():
-                (staging / file_name).write_text(text)
+        data = config.to_peft_dict()
+        data["inference_mode"] = True
+        write_adapter(output, data, tensors, extra_files=extra_files)
     energies = [m["retained_energy"] for m in modules]
     return {"output": str(output), "rank": rank, "energy": energy, "r": common, "rank_pattern": pattern,
             "modules": modules, "changed_not_linear": changed, "stored_modules_to_save": sorted(saved),

@@ -1,2 +1,3 @@
-"""What differs between LoRA variants, as objects a layer holds per adapter: plain LoRA, DoRA,
-the PiSSA / OLoRA initialisations, AdaLoRA's SVD form and config."""
+"""What differs between LoRA variants, as objects a layer holds per adapter (variants/lora.py says
+the protocol): plain LoRA, DoRA; and the other variant pieces: the PiSSA / OLoRA initialisations
+(principal.py) and AdaLoRA's config and SVD form (adalora.py)."""

@@ -13,8 +13,8 @@ name and key). With W0·x (bias excluded) as the base result, a layer computes
 with x' = dropout(x) (PEFT: when dropout is active the W0 term is recomputed on the dropped x).
 An embedding scales its whole output: y = (m/‖·‖) ⊙ (y_base + s·lookup(x, Aᵀ)·Bᵀ).
 
-This module is the DoRA piece of the layer family: a layer with a magnitude for an adapter asks
-``DoraVariant`` for that adapter's forward, merge and unmerge; plain LoRA never comes here.
+One variant class per layer type that differs in its forward (linear, convolution, embedding);
+merging is the shared arithmetic of delta.py.
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def feature_axis(layer) -> int:
-    """The axis of the base weight that holds the features m scales: out×in Linear → 0; GPT-2's
-    Conv1D (in×out) and an embedding table (num×dim) → 1. The norm runs over the other axis."""
-    return 1 if layer.transpose_delta else 0
+from .. import delta as arith
+from ..kernels.dora import FusedDoraLinear, SharedDoraMember
+from ..kernels.lora import compute_dtype
+from .lora import LoraVariant
 
 
 def column_norm(layer, name: str, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -36,37 +35,39 @@ def column_norm(layer, name: str, weight: torch.Tensor, dtype: torch.dtype | Non
     with torch.no_grad():
         dtype = dtype or weight.dtype
         total = weight.to(dtype) + layer.delta_weight(name).to(dtype)
-        axis = feature_axis(layer)
-        return torch.linalg.vector_norm(total, dim=[d for d in range(total.dim()) if d != axis])
-
-
-def _along_features(layer, vector: torch.Tensor) -> torch.Tensor:
-    """``vector`` shaped to broadcast over the base weight's feature axis."""
-    shape = [1] * layer.base_weight.dim()
-    shape[feature_axis(layer)] = -1
-    return vector.reshape(shape)
+        return arith.feature_norm(total, arith.feature_axis(layer.transpose_delta))
 
 
 def magnitude_shape(layer) -> tuple[int, ...]:
     """PEFT's stored shape: (features,), or (1, out, 1, ...) for a convolution (it broadcasts over
     the convolution's output, channels second)."""
     features = layer.lora_dims()[1]
-    ndim = layer.base_weight.dim()
+    ndim = len(layer.weight_shape)
     return (1, features, *([1] * (ndim - 2))) if ndim > 2 else (features,)
 
 
-class DoraVariant:
-    """DoRA's forward, merge and unmerge for a LoraLinear / LoraEmbedding adapter."""
+class Dora(LoraVariant):
+    """DoRA's parameters, scale and merging; the forward term per layer type in the subclasses."""
 
-    @staticmethod
-    def add_magnitude(layer, name: str) -> None:
-        """Create m = ‖W0 + s·B·A‖ (B is usually still zero) for a new adapter."""
+    has_magnitude = True
+
+    def __init__(self):
+        self.norm_cache = None  # (key, norm) for inference: see scale()
+        self.merge_norm = None  # ‖W0 + ΔW‖ of the clean weight while merged, so unmerge divides it back out
+
+    def init(self, layer, name: str) -> None:
+        """m = ‖W0 + s·B·A‖ (B is usually still zero) for a new adapter."""
         A, _ = layer.lora_pair(name)
         norm = column_norm(layer, name, layer.base_weight, torch.float32)
         layer.lora_magnitude_vector[name] = nn.Parameter(norm.to(A.dtype).reshape(magnitude_shape(layer)))
 
-    @staticmethod
-    def scale(layer, name: str, dtype: torch.dtype) -> torch.Tensor:
+    def parameters(self, layer, name):
+        return [layer.lora_magnitude_vector[name]]
+
+    def remove(self, layer, name):
+        del layer.lora_magnitude_vector[name]
+
+    def scale(self, layer, name: str, dtype: torch.dtype) -> torch.Tensor:
         """m / ‖W0 + s·B·A‖: gradient flows into m only. Without autograd (inference) the norm is
         cached until a weight changes (every in-place update bumps a version counter), so an
         unmerged DoRA adapter then costs what a LoRA adapter costs."""
@@ -76,16 +77,40 @@ class DoraVariant:
         else:
             weight = layer.base_weight
             key = (dtype, layer.scaling[name], *((t.data_ptr(), t._version) for t in (weight, *layer.lora_pair(name))))
-            cache = layer.__dict__.setdefault("_dora_norm_cache", {})
-            if cache.get(name, (None,))[0] != key:
-                cache[name] = (key, column_norm(layer, name, weight, dtype))
-            norm = cache[name][1]
+            if self.norm_cache is None or self.norm_cache[0] != key:
+                self.norm_cache = (key, column_norm(layer, name, weight, dtype))
+            norm = self.norm_cache[1]
         return magnitude / norm.to(magnitude.dtype).reshape(magnitude.shape)
 
-    @staticmethod
-    def add_linear(layer, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    # merging: PEFT's rule. W ← (m/‖W0 + ΔW‖) ⊙ (W + ΔW), the norm from the weight with no adapter
+    # merged, kept so that unmerge can divide it back out exactly.
+    def merged_weight(self, layer, name, weight):
+        axis = arith.feature_axis(layer.transpose_delta)
+        self.merge_norm = column_norm(layer, name, layer.unmerged_base_weight(), torch.float32)
+        return arith.merged_weight(weight, layer.delta_weight(name).detach(), layer.lora_magnitude_vector[name].detach(),
+                                   axis=axis, norm=self.merge_norm)
+
+    def unmerged_weight(self, layer, name, weight):
+        """``weight`` with a merged adapter taken out; the kept norm stays until the layer's unmerge
+        forgets it (``forget_merge``), so the base can also be recovered on a copy."""
+        return arith.unmerged_weight(weight, layer.delta_weight(name).detach(), layer.lora_magnitude_vector[name].detach(),
+                                     axis=arith.feature_axis(layer.transpose_delta), norm=self.merge_norm)
+
+    def forget_merge(self, layer, name):
+        self.merge_norm = None
+
+    def mixed_scale(self, layer, name):
+        """m/‖·‖ for a mixed batch's stacks (inference: no gradient)."""
+        with torch.no_grad():
+            return self.scale(layer, name, torch.float32)
+
+
+class DoraLinear(Dora):
+    """DoRA around nn.Linear / GPT-2's Conv1D, with fused training paths (kernels/dora.py)."""
+
+    def add(self, layer, result, x, name):
         A, B = layer.lora_pair(name)
-        scale = DoraVariant.scale(layer, name, x.dtype)
+        scale = self.scale(layer, name, x.dtype)
         dropout = layer.lora_dropout[name]
         bias = getattr(layer.base_layer, "bias", None)
         if isinstance(dropout, nn.Identity) or not layer.training:
@@ -97,11 +122,26 @@ class DoraVariant:
         lora = F.linear(F.linear(x.to(A.dtype), A), B) * layer.scaling[name]
         return result + ((scale - 1) * base + scale * lora).to(result.dtype)
 
-    @staticmethod
-    def add_conv(layer, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        """A convolution: the scale (1, out, 1, ...) broadcasts over channels; the base term is the
-        output without bias, or the base convolution of the dropped input under dropout."""
-        scale = DoraVariant.scale(layer, name, x.dtype)
+    def fused_linear(self, layer, x, name):
+        A, B = layer.lora_pair(name)
+        return FusedDoraLinear.apply(x, layer.base_layer.weight, layer.base_layer.bias, A, B,
+                                     layer.lora_magnitude_vector[name], layer.weight_sq_norms(), layer.scaling[name],
+                                     layer.dropout_p(name), layer.fan_in_fan_out, compute_dtype(x))
+
+    def shared_member(self, layer, x, name, h, mask):
+        A, B = layer.factors(name)
+        return SharedDoraMember.apply(x, layer.base_layer.weight, layer.base_layer.bias, h, B,
+                                      layer.lora_magnitude_vector[name], layer.weight_sq_norms(), A,
+                                      layer.scaling[name], layer.dropout_p(name), mask, layer.fan_in_fan_out,
+                                      compute_dtype(x))
+
+
+class DoraConv(Dora):
+    """A convolution: the scale (1, out, 1, ...) broadcasts over channels; the base term is the
+    output without bias, or the base convolution of the dropped input under dropout."""
+
+    def add(self, layer, result, x, name):
+        scale = self.scale(layer, name, x.dtype)
         dropout = layer.lora_dropout[name]
         bias = layer.base_layer.bias
         if isinstance(dropout, nn.Identity) or not layer.training:
@@ -113,36 +153,12 @@ class DoraVariant:
         lora = B(A(x.to(A.weight.dtype))) * layer.scaling[name]
         return result + ((scale - 1) * base + scale * lora).to(result.dtype)
 
-    @staticmethod
-    def add_embedding(layer, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+
+class DoraEmbedding(Dora):
+    """An embedding scales its whole output (its lookup has no separate base term)."""
+
+    def add(self, layer, result, x, name):
         A, B = layer.lora_pair(name)
-        scale = DoraVariant.scale(layer, name, result.dtype)
+        scale = self.scale(layer, name, result.dtype)
         lora = (layer._lookup(x, A.T) @ B.T) * layer.scaling[name]
         return (scale * (result + lora)).to(result.dtype)
-
-    # merging: PEFT's rule. W ← (m/‖W0 + ΔW‖) ⊙ (W + ΔW), the norm from the weight with no adapter
-    # merged, kept so that unmerge can divide it back out exactly.
-    @staticmethod
-    def merged_weight(layer, name: str, weight: torch.Tensor, clean_weight: torch.Tensor) -> torch.Tensor:
-        norm = column_norm(layer, name, clean_weight, torch.float32)
-        layer.__dict__.setdefault("_dora_merge_norms", {})[name] = norm
-        factor = _along_features(layer, layer.lora_magnitude_vector[name].detach().float().flatten() / norm)
-        return factor * (weight.float() + layer.delta_weight(name).detach().float())
-
-    @staticmethod
-    def unmerged_weight(layer, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """``weight`` with a merged adapter taken out; its kept norm stays until the layer's unmerge
-        forgets it (``forget_merge``), so the base can also be recovered on a copy."""
-        norm = layer.__dict__["_dora_merge_norms"][name]
-        factor = _along_features(layer, layer.lora_magnitude_vector[name].detach().float().flatten() / norm)
-        return weight.float() / factor - layer.delta_weight(name).detach().float()
-
-    @staticmethod
-    def forget_merge(layer, name: str) -> None:
-        layer.__dict__.get("_dora_merge_norms", {}).pop(name, None)
-
-    @staticmethod
-    def mixed_scale(layer, name: str) -> torch.Tensor:
-        """m/‖·‖ for a mixed batch's stacks (inference: no gradient)."""
-        with torch.no_grad():
-            return DoraVariant.scale(layer, name, torch.float32)
