@@ -87,7 +87,7 @@ def main() -> None:
             engine = Engine(copy.deepcopy(base), tokenizer, base_name="smollm2-135m", adapter_dir=tmp, limits=limits,
                             scheduler=scheduler)
             for name in names:
-                engine.load_adapter(name)
+                engine.pool.load(name)
             with BackgroundServer(engine) as server:
                 run(server.url, jobs[:4], 4, concurrent=True)  # warm-up
                 results[scheduler] = run(server.url, jobs, args.max_tokens, concurrent=True)

@@ -35,8 +35,19 @@ from ..model.targeting import iter_base_modules, unwrap
 from ..variants.adalora import config_from_peft_dict, is_adalora, saved_pattern
 from ..variants.principal import initial_pair
 from .atomic import staged_directory
-from .peft_format import (CONFIG_FILE, LEGACY_WEIGHTS_FILE, PREFIX, WEIGHTS_FILE, adalora_keys, base_weight_key,
-                          bias_key, magnitude_key, pair_keys, saved_key)
+from .peft_format import (
+    CONFIG_FILE,
+    LEGACY_WEIGHTS_FILE,
+    PREFIX,
+    WEIGHTS_FILE,
+    adalora_keys,
+    base_weight_key,
+    bias_key,
+    magnitude_key,
+    pair_keys,
+    saved_key,
+)
+
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's keys."""

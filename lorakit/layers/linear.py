@@ -60,7 +60,6 @@ class LoraLinear(ModulePairLayer):
         fused = self.fused_adapter(x, args, kwargs)
         if fused is None:
             return super().forward(x, *args, **kwargs)
-        base = self.base_layer
         group = self.__dict__.get("shared_input")
         if group is not None and group.usable(fused, x):
             # q/k/v (gate/up) share one A-projection GEMM and one dropout mask

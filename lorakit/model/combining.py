@@ -53,18 +53,15 @@ def add_weighted_adapter(
     names = check_names(model, adapters)
     if adapter_name in registry(model).configs:
         raise ConfigError(f"an adapter named {adapter_name!r} already exists; pick a new name or delete it first.")
-    if len(weights) != len(names):
-        raise ConfigError(f"got {len(names)} adapters but {len(weights)} weights; pass one weight per adapter.")
-    if combination_type not in COMBINATIONS:
-        raise ConfigError(f"unknown combination {combination_type!r}; use one of {', '.join(COMBINATIONS)}.")
     if len(names) == 1:
         combination_type = "linear"  # as PEFT: one adapter is only ever scaled
-    base_method = combination_type.removesuffix("_svd") if combination_type != "svd" else "linear"
-    check_density(base_method, density)
-    if majority_sign_method not in SIGN_METHODS:
-        raise ConfigError(f"majority_sign_method must be one of {SIGN_METHODS}, got {majority_sign_method!r}.")
+    check_combination(combination_type, len(names), len(weights), density, majority_sign_method)
+    base_method = algebra_of(combination_type)
     configs = [registry(model).configs[n] for n in names]
-    _check_combinable(model, names, configs)
+    check_combinable([f"adapter {n!r}" for n in names], configs)
+    shared = [c for c in saved_modules(model) if sum(n in c[1].adapter_names for n in names) > 1]
+    if shared:
+        raise LoraError(f"adapters {names} all train {shared[0][0]!r} in full (modules_to_save); it cannot be combined.")
 
     ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in configs]
     if combination_type in FACTOR_METHODS and len(set(ranks)) != 1:
@@ -96,19 +93,38 @@ def add_weighted_adapter(
                 _svd_into(layer, present, A_new, B_new, base_method, density, majority_sign_method, **svd)
 
 
-def _check_combinable(model: nn.Module, names: list[str], configs) -> None:
-    for name, config in zip(names, configs):
+def algebra_of(combination_type: str) -> str:
+    """The task-vector algebra a combination applies: "cat" and "svd" sum plainly ("linear"),
+    "ties_svd" applies "ties" to the updates, the factor methods are their own."""
+    if combination_type in ("cat", "svd"):
+        return "linear"
+    return combination_type.removesuffix("_svd")
+
+
+def check_combination(combination_type: str, adapters: int, weights: int, density: float | None,
+                      majority_sign_method: str = "total") -> None:
+    """The arguments of a combination, checked before anything is built (lk.add_weighted_adapter
+    and `lorakit combine` both call this)."""
+    if weights != adapters:
+        raise ConfigError(f"got {adapters} adapters but {weights} weights; pass one weight per adapter.")
+    if combination_type not in COMBINATIONS:
+        raise ConfigError(f"unknown combination {combination_type!r}; use one of {', '.join(COMBINATIONS)}.")
+    check_density(algebra_of(combination_type), density)
+    if majority_sign_method not in SIGN_METHODS:
+        raise ConfigError(f"majority_sign_method must be one of {SIGN_METHODS}, got {majority_sign_method!r}.")
+
+
+def check_combinable(labels: list[str], configs) -> None:
+    """Adapters whose updates can be summed: plain LoRA on modules (``labels`` name them in errors)."""
+    for label, config in zip(labels, configs):
         if config.target_parameters:
-            raise ConfigError(f"adapter {name!r} adapts parameters (target_parameters); they cannot be combined.")
+            raise ConfigError(f"{label} adapts parameters (target_parameters); they cannot be combined.")
         if is_adalora(config):
-            raise ConfigError(f"adapter {name!r} is AdaLoRA: as in PEFT, AdaLoRA adapters are not combined (their "
-                              "scaling and pruned triplets do not add); merge it with lk.merge instead.")
+            raise ConfigError(f"{label} is AdaLoRA: as in PEFT, AdaLoRA adapters are not combined (their "
+                              "scaling and pruned triplets do not add); merge it instead (lk.merge, `lorakit merge`).")
         if config.use_dora:
-            raise ConfigError(f"adapter {name!r} uses DoRA: its magnitude vector rescales the whole weight, so "
-                              "weighted sums of DoRA adapters have no meaning; merge it with lk.merge instead.")
-    shared = [c for c in saved_modules(model) if sum(n in c[1].adapter_names for n in names) > 1]
-    if shared:
-        raise LoraError(f"adapters {names} all train {shared[0][0]!r} in full (modules_to_save); it cannot be combined.")
+            raise ConfigError(f"{label} uses DoRA: its magnitude vector rescales the whole weight, so weighted "
+                              "sums of DoRA adapters have no meaning; merge it instead (lk.merge, `lorakit merge`).")
 
 
 def _union_targets(configs) -> list[str] | str:

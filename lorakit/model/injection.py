@@ -23,7 +23,7 @@ from ..layers.param import LoraParam
 from ..variants.adalora import add_singular_values, is_adalora
 from ..variants.principal import check_principal_init
 from .adalora import add_penalty_hook
-from .state import adapter_wrappers, apply_trainability, ensure_registry, has_adapters, registry, walk_modules
+from .state import BASE, adapter_wrappers, apply_trainability, ensure_registry, has_adapters, registry, walk_modules
 from .targeting import find_modules_to_save, find_targets, iter_base_modules, minimal_suffixes, replace_module, unwrap
 
 
@@ -48,7 +48,7 @@ def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str, stri
     modules_to_save entries that the model lacks."""
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"expected a lorakit.LoraConfig, got {type(config).__name__}.")
-    if not adapter_name or adapter_name == "__base__" or "." in adapter_name:
+    if not adapter_name or adapter_name == BASE or "." in adapter_name:
         raise ConfigError(f"invalid adapter name {adapter_name!r}: use a non-empty name without dots.")
     if has_adapters(model) and adapter_name in registry(model).configs:
         raise LoraError(

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import queue
-import time
 from collections import deque
 
 import torch
@@ -46,7 +45,7 @@ class ContinuousBatcher:
         self.running: list[_Active] = []     # slot i holds running[i]
         self.prefilling: _Active | None = None  # slot len(running)
         self.waiting: deque = deque()
-        engine.waiting_elsewhere = lambda: len(self.waiting)  # counted against --max-queue
+        engine.report_waiting(lambda: len(self.waiting))  # counted against --max-queue
         self.cache: SlotCache | None = None
         self.eos_ids = _eos_ids(engine)
         self.cache_keyword = cache_keyword(engine.model)
@@ -63,7 +62,7 @@ class ContinuousBatcher:
                 self._guarded(self.running[:], self._decode_step)
             if self.prefilling is not None:
                 self._guarded([self.prefilling], self._prefill_chunk)
-            engine.prometheus.running.set(len(self.running) + (self.prefilling is not None))
+            engine.counters.running(len(self.running) + (self.prefilling is not None))
         for active in [*self.running, *([self.prefilling] if self.prefilling else [])]:
             self._fail(active, ServingError("the server is shutting down", 503))
 
@@ -71,12 +70,12 @@ class ContinuousBatcher:
         """Move queued requests to ``waiting`` (classification requests run at once); False on close."""
         classify = []
         try:
-            item = self.engine.queue.get() if block else self.engine.queue.get_nowait()
+            item = self.engine.take(block)
             while True:
                 if item is None:
                     return False
                 (classify if item.kind == "classify" else self.waiting).append(item)
-                item = self.engine.queue.get_nowait()
+                item = self.engine.take(block=False)
         except queue.Empty:
             pass
         if classify:
@@ -87,8 +86,8 @@ class ContinuousBatcher:
         if self.prefilling is not None or not self.waiting or len(self.running) >= self.engine.limits.max_batch:
             return
         request = self.waiting.popleft()
-        self.engine.prometheus.queue_time.observe(time.perf_counter() - request.submitted)
-        self.prefilling = _Active(_Row(request, self.engine.tokenizer, self.eos_ids, self.engine.prometheus.token))
+        self.engine.counters.started(request)
+        self.prefilling = _Active(_Row(request, self.engine.tokenizer, self.eos_ids, self.engine.counters.prometheus.token))
 
     # --- forwards ------------------------------------------------------------------------------
     def _forward(self, rows: list[_Active], first_slot: int, ids: torch.Tensor, starts: torch.Tensor):
@@ -109,7 +108,7 @@ class ContinuousBatcher:
     def _adapters(self, names: list[str]):
         model = self.engine.model
         if all(n == BASE for n in names):
-            return lk.disable_adapters(model) if self.engine.adapters else contextlib.nullcontext()
+            return lk.disable_adapters(model) if self.engine.has_adapters() else contextlib.nullcontext()
         # every loaded adapter is stacked, so steps over changing rows reuse one set of stacks
         return lk.mixed_batch(model, names, stack=lk.list_adapters(model))
 
@@ -118,8 +117,7 @@ class ContinuousBatcher:
         ids = torch.tensor([[a.next_token] for a in rows])
         starts = torch.tensor([a.length for a in rows])
         logits = self._forward(rows, 0, ids, starts)
-        self.engine.stats["batches"] += 1
-        self.engine.stats["batched_rows"] += len(rows)
+        self.engine.counters.step(len(rows))
         finished = []
         for index, (active, row_logits) in enumerate(zip(rows, logits)):
             active.length += 1
@@ -139,8 +137,7 @@ class ContinuousBatcher:
             return
         self.prefilling = None
         self._take(active, logits[0])
-        self.engine.prometheus.prompt_tokens.inc(len(prompt))
-        self.engine.stats["prompt_tokens"] += len(prompt)
+        self.engine.counters.prompt(len(prompt))
         if active.row.finish:
             self._finish(active)
         else:
@@ -166,8 +163,8 @@ class ContinuousBatcher:
                 self._leave(index, cancelled=True)
 
     def _cancelled(self, request) -> None:
-        self.engine.count_cancelled(request)
-        self.engine._release(request)
+        self.engine.counters.cancelled()
+        self.engine.finish(request)
 
     def _leave(self, index: int, cancelled: bool = False) -> None:
         """Running row ``index`` is done (or its client went away): answer it, refill its slot with the
@@ -182,27 +179,26 @@ class ContinuousBatcher:
             self.cache.move(last + 1, last, self.prefilling.length)
         if cancelled:
             active.answered = True
-            self.engine.stats["completion_tokens"] += len(active.row.tokens)
+            self.engine.counters.completion(len(active.row.tokens))
             self._cancelled(active.request)
         else:
             self._finish(active)
 
     def _finish(self, active: _Active) -> None:
         active.answered = True
-        self.engine.stats["completion_tokens"] += len(active.row.tokens)
+        self.engine.counters.completion(len(active.row.tokens))
         try:
             active.row.close()
         finally:
-            self.engine._release(active.request)
+            self.engine.finish(active.request)
 
     def _fail(self, active: _Active, error: ServingError) -> None:
         active.answered = True
-        self.engine.stats["failed"] += 1
-        self.engine.prometheus.errors.labels(status=str(error.status)).inc()
+        self.engine.counters.failed(1, error.status)
         try:
             active.request.sink("error", error)
         finally:
-            self.engine._release(active.request)
+            self.engine.finish(active.request)
 
     def _guarded(self, rows: list[_Active], step) -> None:
         """Run a forward; if it fails, fail the requests it carried (the server goes on)."""

@@ -15,7 +15,7 @@ from .slot_cache import cache_keyword
 
 def _adapter_block(engine, names: list[str]):
     if all(n == BASE for n in names):  # nothing to mix (possibly no adapter loaded at all)
-        if engine.adapters:
+        if engine.has_adapters():
             return lk.disable_adapters(engine.model)
         return contextlib.nullcontext()
     return lk.mixed_batch(engine.model, names)
@@ -101,7 +101,7 @@ def _eos_ids(engine) -> set[int]:
 def generate_batch(engine, requests) -> None:
     model, tokenizer = engine.model, engine.tokenizer
     eos_ids = _eos_ids(engine)
-    rows = [_Row(r, tokenizer, eos_ids, engine.prometheus.token) for r in requests]
+    rows = [_Row(r, tokenizer, eos_ids, engine.counters.prometheus.token) for r in requests]
     ids, mask = _pad([r.prompt_ids for r in requests], tokenizer.pad_token_id or 0, left=True)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     device = next(model.parameters()).device
@@ -116,7 +116,7 @@ def generate_batch(engine, requests) -> None:
             for row in rows:
                 if row.finish is None and row.request.cancelled:  # its client went away: stop its row now
                     row.finish = "cancelled"
-                    engine.count_cancelled(row.request)
+                    engine.counters.cancelled()
             for i, row in enumerate(rows):
                 token = _pick(logits[i], row.request, row.generator) if row.finish is None else tokenizer.pad_token_id or 0
                 if row.finish is None:
@@ -130,9 +130,8 @@ def generate_batch(engine, requests) -> None:
                         position_ids=positions, use_cache=True,
                         **{keyword: out[keyword] if keyword in out else out.past_key_values})
     for row in rows:
-        engine.prometheus.prompt_tokens.inc(len(row.request.prompt_ids))
-        engine.stats["prompt_tokens"] += len(row.request.prompt_ids)
-        engine.stats["completion_tokens"] += len(row.tokens)
+        engine.counters.prompt(len(row.request.prompt_ids))
+        engine.counters.completion(len(row.tokens))
         if row.finish != "cancelled":  # nobody is there to answer
             row.close()
 
@@ -145,7 +144,6 @@ def classify_batch(engine, requests) -> None:
         probs = model(input_ids=ids, attention_mask=mask).logits.float().softmax(-1)
     labels = engine.labels or [str(i) for i in range(probs.shape[-1])]
     for request, row in zip(requests, probs):
-        engine.prometheus.prompt_tokens.inc(len(request.prompt_ids))
-        engine.stats["prompt_tokens"] += len(request.prompt_ids)
+        engine.counters.prompt(len(request.prompt_ids))
         request.sink("done", {"label": labels[int(row.argmax())],
                               "probabilities": {name: round(float(p), 6) for name, p in zip(labels, row)}})

@@ -2,12 +2,14 @@
 
 Counters: requests by kind, answers with an error by status code, prompt and generated tokens.
 Histograms: time to first token, inter-token latency, time waiting in the queue.
-Gauges: requests running, requests waiting, adapters loaded.
+Gauges: requests running, requests waiting, adapters loaded. ``Counters`` keeps these and the JSON
+totals of /v1/stats together.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -49,3 +51,55 @@ class ServerMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class Counters:
+    """What the engine and its schedulers count, kept in two views at once: the JSON totals of
+    /v1/stats (``stats``) and the Prometheus series of /metrics (``prometheus``)."""
+
+    def __init__(self, waiting, loaded_adapters):
+        self.stats = {"requests": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0, "batches": 0,
+                      "batched_rows": 0, "cancelled": 0}
+        self.latencies: deque[float] = deque(maxlen=2000)
+        self.prometheus = ServerMetrics(waiting=waiting, loaded_adapters=loaded_adapters)
+
+    def accepted(self, request) -> None:
+        self.stats["requests"] += 1
+        self.prometheus.requests.labels(kind=request.kind).inc()
+
+    def started(self, request) -> None:
+        """The request leaves the queue for a batch."""
+        self.prometheus.queue_time.observe(time.perf_counter() - request.submitted)
+
+    def step(self, rows: int) -> None:
+        """One forward over ``rows`` requests (a static batch, or one decoding step)."""
+        self.stats["batches"] += 1
+        self.stats["batched_rows"] += rows
+
+    def running(self, rows: int) -> None:
+        self.prometheus.running.set(rows)
+
+    def prompt(self, tokens: int) -> None:
+        self.prometheus.prompt_tokens.inc(tokens)
+        self.stats["prompt_tokens"] += tokens
+
+    def completion(self, tokens: int) -> None:
+        self.stats["completion_tokens"] += tokens  # the Prometheus counter counts each token as it comes
+
+    def failed(self, requests: int, status: int) -> None:
+        self.stats["failed"] += requests
+        self.prometheus.errors.labels(status=str(status)).inc(requests)
+
+    def cancelled(self) -> None:
+        self.stats["cancelled"] += 1
+        self.prometheus.cancelled.inc()
+
+    def finished(self, request) -> None:
+        self.latencies.append(time.perf_counter() - request.submitted)
+
+    def summary(self, waiting: int, adapters: int) -> dict:
+        ordered = sorted(self.latencies)
+        pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4) if ordered else None  # noqa: E731
+        return {**self.stats, "queue_length": waiting, "adapters": adapters,
+                "mean_batch_size": round(self.stats["batched_rows"] / max(1, self.stats["batches"]), 2),
+                "latency_s": {"p50": pick(0.5), "p95": pick(0.95), "count": len(ordered)}}

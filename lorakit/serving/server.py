@@ -63,7 +63,7 @@ def build_engine(model_name: str, adapters: dict[str, Path], adapter_dir: str | 
                     labels=labels, limits=limits, max_loaded_adapters=max_loaded_adapters, scheduler=scheduler,
                     prefill_chunk=prefill_chunk)
     for name, path in adapters.items():
-        engine.add_start_adapter(name, path)
+        engine.pool.add_start_adapter(name, path)
     return engine
 
 

@@ -22,6 +22,7 @@ from ..io.checkpoint import read_adapter, write_adapter
 from ..io.peft_format import magnitude_key, pair_keys, split_tensors
 from ..variants.adalora import is_adalora
 
+
 @dataclass(frozen=True)
 class ModuleUpdate:
     path: str  # module path in the base model

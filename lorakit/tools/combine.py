@@ -14,23 +14,23 @@ from pathlib import Path
 
 import lorakit as lk
 
+from ..config import LoraConfig
 from ..errors import ConfigError
 from ..hub.models import load_model
 from ..io.atomic import staged_directory
 from ..io.checkpoint import read_adapter
+from ..io.peft_format import CONFIG_FILE
 from ..io.runs import RUN_FILE, read_run
-from ..model.combining import COMBINATIONS
-from ..model.task_arithmetic import check_density
+from ..model.combining import check_combinable, check_combination
 
 COMBINED = "combined"
 
 
-def _describe(directory: Path) -> dict:
-    config_path = directory / "adapter_config.json"
-    if not config_path.is_file():
-        raise ConfigError(f"{directory} is not an adapter directory (no adapter_config.json); pass the directories "
+def _read(directory: Path) -> LoraConfig:
+    if not (directory / CONFIG_FILE).is_file():
+        raise ConfigError(f"{directory} is not an adapter directory (no {CONFIG_FILE}); pass the directories "
                           "`lorakit train` wrote (their adapter/ folder or the run folder).")
-    return json.loads(config_path.read_text())
+    return read_adapter(directory)[0]  # weights readable, config valid: before loading a model
 
 
 def _adapter_dir(path: str) -> Path:
@@ -38,31 +38,25 @@ def _adapter_dir(path: str) -> Path:
     return candidate / "adapter" if (candidate / "adapter" / "adapter_config.json").is_file() else candidate
 
 
-def check_inputs(directories: list[Path], weights: list[float], method: str, density: float | None) -> list[dict]:
+def check_inputs(directories: list[Path], weights: list[float], method: str, density: float | None,
+                 majority_sign_method: str = "total") -> list[LoraConfig]:
     """The adapters' configs, after every check that needs no model."""
     if len(directories) < 2:
         raise ConfigError("give at least two adapters to combine.")
-    if len(weights) != len(directories):
-        raise ConfigError(f"got {len(directories)} adapters but {len(weights)} --weights; pass one weight per adapter.")
-    if method not in COMBINATIONS:
-        raise ConfigError(f"unknown --method {method!r}; use one of {', '.join(COMBINATIONS)}.")
-    base_method = "linear" if method in ("svd", "cat") else method.removesuffix("_svd")
-    check_density(base_method, density)
-    configs = [_describe(d) for d in directories]
+    check_combination(method, len(directories), len(weights), density, majority_sign_method)
+    configs = [_read(d) for d in directories]
     first = configs[0]
+    def identity(config: LoraConfig) -> dict:
+        return {"peft_type": config.PEFT_TYPE, "base_model_name_or_path": config.base_model_name_or_path,
+                "task_type": config.task_type}
+
     for directory, config in zip(directories[1:], configs[1:]):
-        for field in ("peft_type", "base_model_name_or_path", "task_type"):
-            if config.get(field) != first.get(field):
-                raise ConfigError(f"{directories[0]} and {directory} differ in {field} ({first.get(field)!r} vs "
-                                  f"{config.get(field)!r}): only adapters of one type, trained on one base model "
-                                  "for one task, can be combined.")
-    if first.get("peft_type", "LORA") != "LORA":
-        raise ConfigError(f"combine works on LoRA adapters; {directories[0]} is {first.get('peft_type')} "
-                          "(PEFT does not combine AdaLoRA adapters either).")
-    for directory, config in zip(directories, configs):
-        if config.get("use_dora"):
-            raise ConfigError(f"{directory} is a DoRA adapter: its magnitude vector rescales the whole weight, so "
-                              "weighted sums of DoRA adapters have no meaning; merge it with `lorakit merge` instead.")
+        for field, value in identity(config).items():
+            if value != identity(first)[field]:
+                raise ConfigError(f"{directories[0]} and {directory} differ in {field} ({identity(first)[field]!r} vs "
+                                  f"{value!r}): only adapters of one type, trained on one base model for one task, "
+                                  "can be combined.")
+    check_combinable([str(d) for d in directories], configs)
     return configs
 
 
@@ -70,12 +64,10 @@ def combine_adapters(paths: list[str], weights: list[float], output: str, method
                      density: float | None = None, majority_sign_method: str = "total", svd_rank: int | None = None,
                      base_model: str | None = None, overwrite: bool = False) -> dict:
     directories = [_adapter_dir(p) for p in paths]
-    check_inputs(directories, weights, method, density)
+    check_inputs(directories, weights, method, density, majority_sign_method)
     target = Path(output)
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise ConfigError(f"output directory {target} is not empty; pass --overwrite or choose another --output")
-    for directory in directories:
-        read_adapter(directory)  # weights readable, config valid: before loading a model
     try:
         _, record = read_run(directories[0])
     except ConfigError:
@@ -97,7 +89,7 @@ def combine_adapters(paths: list[str], weights: list[float], output: str, method
         lk.save_adapter(model, staging, adapter_name=COMBINED)
         if record is not None:  # `lorakit eval` / `predict` / `merge` then work on the result as on a run
             shutil.copyfile(directories[0] / RUN_FILE, staging / RUN_FILE)
-    new_config = json.loads((target / "adapter_config.json").read_text())
+    new_config = json.loads((target / CONFIG_FILE).read_text())
     return {"output": str(target), "method": method, "adapters": [str(d) for d in directories], "weights": weights,
             "density": density, "r": new_config["r"],
             "adapter_bytes": sum(f.stat().st_size for f in target.glob("adapter_*"))}

@@ -141,8 +141,11 @@ def build_on_meta(config) -> torch.nn.Module:
 def estimate(config, r: int = 8, targets: list[str] | str | None = None, lora_alpha: float | None = None,
              dtype: str = "bf16", optimizer: str = "adamw", batch_size: int = 1, seq_len: int = 512,
              grad_checkpointing: bool = False, name: str | None = None, attention: str = "eager",
-             use_dora: bool = False, chunked_loss: bool = False, nproc: int = 1, fsdp: bool = False) -> Estimate:
-    """Parameter counts and memory for LoRA on the model described by ``config`` (no weights loaded).
+             use_dora: bool = False, chunked_loss: bool = False, nproc: int = 1, fsdp: bool = False,
+             adapter: LoraConfig | None = None) -> Estimate:
+    """Parameter counts and memory for LoRA on the model described by ``config`` (no weights loaded):
+    the adapter ``adapter`` when given (a run's own LoraConfig), else one built from r, targets,
+    lora_alpha and use_dora.
     The memory is per process: with ``nproc`` processes under DDP each holds it all (batch_size is
     per process); with ``fsdp`` see shard_rows."""
     if dtype not in DTYPE_BYTES:
@@ -156,8 +159,11 @@ def estimate(config, r: int = 8, targets: list[str] | str | None = None, lora_al
     model = build_on_meta(config)
     model_params = sum(p.numel() for p in model.parameters())
     linear_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    targets = targets if targets is not None else DEFAULT_TARGETS.get(config.model_type)
-    inject(model, LoraConfig(r=r, lora_alpha=lora_alpha or r, target_modules=targets, use_dora=use_dora))
+    if adapter is None:
+        targets = targets if targets is not None else DEFAULT_TARGETS.get(config.model_type)
+        adapter = LoraConfig(r=r, lora_alpha=lora_alpha or r, target_modules=targets, use_dora=use_dora)
+    r = adapter.r
+    inject(model, adapter)
     report = trainable_parameters(model)
     per_target: dict[str, int] = {}
     per_layer: dict[int, int] = {}

@@ -80,20 +80,7 @@ def prepare_model(model, options: TrainOptions, total_steps: int | None = None):
         return model
     if options.qlora:
         lk.quantize(model, compute_dtype=torch.bfloat16 if options.bf16 else torch.float32)
-    task_type = "SEQ_CLS" if options.task == "classify" else "CAUSAL_LM"
-    save = options.modules_to_save  # SEQ_CLS adds the classifier head, as PEFT does
-    fields = dict(lora_alpha=options.lora_alpha, lora_dropout=options.dropout, target_modules=options.targets,
-                  task_type=task_type, modules_to_save=save, use_rslora=options.rslora)
-    if options.method == "adalora":
-        steps = total_steps or options.max_steps or 1
-        config = lk.AdaLoraConfig(init_r=options.init_r, target_r=options.target_r, total_step=steps,
-                                  tinit=options.tinit if options.tinit is not None else steps // 10,
-                                  tfinal=options.tfinal if options.tfinal is not None else steps // 5,
-                                  deltaT=options.delta_t, **fields)
-    else:
-        config = lk.LoraConfig(r=options.r, use_dora=options.use_dora,
-                               init_lora_weights=options.init if options.init is not None else True, **fields)
-    lk.inject(model, config)
+    lk.inject(model, options.lora_config(total_steps))
     if options.bf16 and not options.qlora:
         lk.cast_base(model, torch.bfloat16)  # frozen base in bf16; LoRA weights and heads stay fp32
     return model

@@ -58,11 +58,10 @@ def estimated_bytes(model_config, options, seq_len: int, chunked_loss: bool = Tr
     if options.task == "classify" or options.method != "lora" or options.optim not in OPTIMIZER_STATES:
         return None
     try:
-        result = estimate(model_config, r=options.r, targets=options.targets, lora_alpha=options.lora_alpha,
-                          dtype="bf16" if options.bf16 else "fp32", optimizer=options.optim,
-                          batch_size=options.batch_size, seq_len=seq_len, grad_checkpointing=options.grad_checkpointing,
-                          attention="sdpa", use_dora=options.use_dora, chunked_loss=chunked_loss, nproc=nproc,
-                          fsdp=options.fsdp)
+        result = estimate(model_config, adapter=options.lora_config(), dtype="bf16" if options.bf16 else "fp32",
+                          optimizer=options.optim, batch_size=options.batch_size, seq_len=seq_len,
+                          grad_checkpointing=options.grad_checkpointing, attention="sdpa", chunked_loss=chunked_loss,
+                          nproc=nproc, fsdp=options.fsdp)
     except LoraError:
         return None
     method = "full" if options.full else "qlora" if options.qlora else "lora"

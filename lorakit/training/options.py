@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,42 @@ class TrainOptions:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def lora_config(self, total_steps: int | None = None):
+        """The adapter config this run trains, built here only: the trainer, the memory estimate and
+        the option checks all use it, and its own checks are the only ones (their messages name the
+        command-line flags). ``total_steps``: the run's length, which AdaLoRA's schedule needs
+        (--max-steps when not given)."""
+        from ..config import LoraConfig
+        from ..variants.adalora import AdaLoraConfig
+
+        fields = dict(lora_alpha=self.lora_alpha, lora_dropout=self.dropout, target_modules=self.targets,
+                      task_type="SEQ_CLS" if self.task == "classify" else "CAUSAL_LM",
+                      modules_to_save=self.modules_to_save,  # SEQ_CLS adds the classifier head, as PEFT does
+                      use_rslora=self.rslora)
+        try:
+            if self.method == "adalora":
+                steps = total_steps or self.max_steps or 1
+                return AdaLoraConfig(init_r=self.init_r, target_r=self.target_r, total_step=steps,
+                                     tinit=self.tinit if self.tinit is not None else steps // 10,
+                                     tfinal=self.tfinal if self.tfinal is not None else steps // 5,
+                                     deltaT=self.delta_t, **fields)
+            return LoraConfig(r=self.r, use_dora=self.use_dora,
+                              init_lora_weights=self.init if self.init is not None else True, **fields)
+        except ConfigError as exc:
+            raise ConfigError(in_flag_terms(str(exc))) from None
+
+
+# LoraConfig's field names as `lorakit train` spells them
+CONFIG_FLAGS = {"lora_alpha": "--alpha", "lora_dropout": "--dropout", "target_r": "--target-r",
+                "init_r": "--init-r", "tinit": "--tinit", "tfinal": "--tfinal", "total_step": "--max-steps",
+                "deltaT": "--delta-t", "init_lora_weights": "--init", "r": "--r", "target_modules": "--targets"}
+
+
+def in_flag_terms(message: str) -> str:
+    """A LoraConfig message with its field names replaced by the flags that set them."""
+    return re.sub(r"(?<![\w-])(" + "|".join(sorted(CONFIG_FLAGS, key=len, reverse=True)) + r")(?![\w(])",
+                  lambda m: CONFIG_FLAGS[m.group(1)], message)
+
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainOptions)}
 
@@ -147,7 +184,7 @@ def _check_task(task: str) -> None:
 
 
 def _check(options: TrainOptions) -> None:
-    for name in ("r", "batch_size", "grad_accum", "seq_len", "min_steps"):
+    for name in ("batch_size", "grad_accum", "seq_len", "min_steps"):
         if getattr(options, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(options, name)}")
     if not (math.isfinite(options.lr) and options.lr > 0):
@@ -162,8 +199,6 @@ def _check(options: TrainOptions) -> None:
     if options.max_steps is not None and options.max_steps < 1:
         raise ConfigError(f"--max-steps must be at least 1, got {options.max_steps}; leave it out to train for "
                           "--epochs instead")
-    if not 0 <= options.dropout < 1:
-        raise ConfigError(f"dropout must be in [0, 1), got {options.dropout}")
     if options.max_steps is None and options.epochs <= 0:
         raise ConfigError("give a positive --epochs or --max-steps")
     if options.loraplus_ratio is not None and options.loraplus_ratio <= 0:
@@ -175,15 +210,6 @@ def _check(options: TrainOptions) -> None:
             raise ConfigError("--method adalora trains its own SVD-form adapter: drop --full, --use-dora and --init")
         if options.resume:
             raise ConfigError("--resume does not restore AdaLoRA's importance scores yet; rerun the AdaLoRA run whole")
-        if options.max_steps:  # the schedule is known now: refuse it before anything is loaded
-            tinit = options.tinit if options.tinit is not None else options.max_steps // 10
-            tfinal = options.tfinal if options.tfinal is not None else options.max_steps // 5
-            if tinit >= options.max_steps - tfinal:
-                raise ConfigError(f"the AdaLoRA schedule leaves no budgeting phase: --tinit ({tinit}) must be below "
-                                  f"--max-steps − --tfinal ({options.max_steps} − {tfinal}); lower them or train longer")
-        if not 0 < options.target_r <= options.init_r:
-            raise ConfigError(f"--target-r ({options.target_r}) must be between 1 and --init-r ({options.init_r}): "
-                              "AdaLoRA prunes from init_r triplets per layer down to target_r on average")
     if options.full and (options.use_dora or options.init or options.loraplus_ratio):
         raise ConfigError("--use-dora, --init and --loraplus-ratio configure adapters; --full trains no adapter")
     from .optim import check_choices
@@ -193,6 +219,8 @@ def _check(options: TrainOptions) -> None:
                           "with one label: drop --packing")
 
     check_choices(options)
+    if not options.full:  # the adapter config's own checks; AdaLoRA's schedule once the run's length is known
+        options.lora_config(options.max_steps or (options.tinit or 0) + (options.tfinal or 0) + 1)
     if options.report_to not in (None, "none", "tensorboard"):
         raise ConfigError(f"unknown --report-to {options.report_to!r}; lorakit writes tensorboard (or none)")
     if options.report_to == "tensorboard":

@@ -31,7 +31,7 @@ def paced_engine(causal_dir, adapters=None, step_s=0.02, **engine_kwargs):
     model.register_forward_hook(no_eos)
     engine = Engine(model, AutoTokenizer.from_pretrained(causal_dir), **engine_kwargs)
     for name, path in (adapters or {}).items():
-        engine.add_start_adapter(name, path)
+        engine.pool.add_start_adapter(name, path)
     return engine
 
 
@@ -61,7 +61,7 @@ def test_a_streaming_client_that_leaves_stops_its_generation(endless):
     time.sleep(0.3)  # ~15 more decoding steps, were it still running
     assert engine.stats["cancelled"] == 1
     assert generated(engine) - left_at <= 6  # detection within a few steps (0.05 s polling, 0.02 s steps)
-    assert engine.in_use.get("alpha", 0) == 0 and engine.prometheus.running._value.get() == 0  # slot freed
+    assert engine.pool.in_use.get("alpha", 0) == 0 and engine.prometheus.running._value.get() == 0  # slot freed
     metrics = httpx.get(f"{endless.url}/metrics").text
     assert "lorakit_cancelled_requests_total 1.0" in metrics
 
@@ -148,19 +148,19 @@ def test_a_request_for_an_adapter_being_unloaded_waits_and_evicts_nothing(causal
     try:
         engine.check_model("alpha")
         engine.check_model("beta")
-        engine.in_use["alpha"] = 1  # a request of alpha in flight: its unload waits for it
-        unloading = threading.Thread(target=engine.unload_adapter, args=("alpha",))
+        engine.pool.in_use["alpha"] = 1  # a request of alpha in flight: its unload waits for it
+        unloading = threading.Thread(target=engine.pool.unload, args=("alpha",))
         unloading.start()
-        while "alpha" not in engine.draining:
+        while "alpha" not in engine.pool.draining:
             time.sleep(0.01)
         outcome = {}
         asking = threading.Thread(target=lambda: outcome.update(name=engine.check_model("alpha")))
         asking.start()
         time.sleep(0.3)
         assert "name" not in outcome and "beta" in engine.adapters  # waiting, and beta untouched
-        with engine.idle:
-            engine.in_use["alpha"] = 0
-            engine.idle.notify_all()
+        with engine.pool.idle:
+            engine.pool.in_use["alpha"] = 0
+            engine.pool.idle.notify_all()
         unloading.join(10)
         asking.join(10)
         assert outcome == {"name": "alpha"} and sorted(engine.adapters) == ["alpha", "beta"]

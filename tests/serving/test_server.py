@@ -147,7 +147,7 @@ def test_unloading_waits_for_running_requests(server):
     results = {}
     worker = threading.Thread(target=lambda: results.update(reply=complete(server.url, "gamma", "the plot", max_tokens=4)))
     worker.start()
-    while engine.in_use.get("gamma", 0) == 0:
+    while engine.pool.in_use.get("gamma", 0) == 0:
         time.sleep(0.01)
     deleting = threading.Thread(target=lambda: results.update(deleted=httpx.delete(f"{server.url}/v1/adapters/gamma", timeout=60)))
     deleting.start()

@@ -136,9 +136,9 @@ def test_adapters_load_on_demand_with_lru_eviction(causal_dir, adapter_dir):  # 
         assert complete(running.url, "alpha", "the plot").status_code == 200  # alpha is now the most recent
         assert complete(running.url, "beta", "the plot").status_code == 200   # evicts gamma, the least recent
         assert sorted(engine.adapters) == ["alpha", "beta"]
-        while engine.in_use.get("alpha", 0) or engine.in_use.get("beta", 0):  # the worker releases after replying
+        while engine.pool.in_use.get("alpha", 0) or engine.pool.in_use.get("beta", 0):  # the worker releases after replying
             time.sleep(0.01)
-        engine.in_use.update({"alpha": 1, "beta": 1})  # both busy: nothing can be evicted
+        engine.pool.in_use.update({"alpha": 1, "beta": 1})  # both busy: nothing can be evicted
         finished = {}
 
         def ask(name):
@@ -151,7 +151,7 @@ def test_adapters_load_on_demand_with_lru_eviction(causal_dir, adapter_dir):  # 
         busy = finished["gamma"][0]
         assert busy.status_code == 503 and "busy" in busy.json()["error"]["message"]
         assert finished["alpha"][0].status_code == 200 and finished["alpha"][1] < finished["gamma"][1]
-        engine.in_use.update({"alpha": 1})
+        engine.pool.in_use.update({"alpha": 1})
 
         def finish_alpha():
             time.sleep(0.1)
@@ -159,7 +159,7 @@ def test_adapters_load_on_demand_with_lru_eviction(causal_dir, adapter_dir):  # 
         threading.Thread(target=finish_alpha).start()
         waited = complete(running.url, "gamma", "the plot")  # alpha's request ends meanwhile: it is evicted
         assert waited.status_code == 200 and sorted(engine.adapters) == ["beta", "gamma"]
-        engine.in_use.update({"beta": 0})
+        engine.pool.in_use.update({"beta": 0})
 
 
 @contextlib.contextmanager
@@ -169,7 +169,7 @@ def one_busy_slot(causal_dir, adapter_dir, wait_s: float):
                           max_loaded_adapters=1)
     try:
         engine.check_model("alpha")
-        engine.in_use["alpha"] = 1
+        engine.pool.in_use["alpha"] = 1
         yield engine
     finally:
         engine.close()
@@ -177,9 +177,9 @@ def one_busy_slot(causal_dir, adapter_dir, wait_s: float):
 
 def finish_requests(engine, name: str) -> None:
     """As the worker does when the last request of ``name`` ends: it is idle, waiters are woken."""
-    with engine.idle:
-        engine.in_use[name] = 0
-        engine.idle.notify_all()
+    with engine.pool.idle:
+        engine.pool.in_use[name] = 0
+        engine.pool.idle.notify_all()
 
 
 def test_requests_waiting_for_room_queue_first_come_first_served(causal_dir, adapter_dir):  # noqa: F811
@@ -187,8 +187,8 @@ def test_requests_waiting_for_room_queue_first_come_first_served(causal_dir, ada
 
     with one_busy_slot(causal_dir, adapter_dir, wait_s=1.0) as engine:
         loads, outcome = [], {}
-        load = engine._load
-        engine._load = lambda name, path: (loads.append(name), load(name, path))
+        load = engine.pool._load
+        engine.pool._load = lambda name, path: (loads.append(name), load(name, path))
 
         def ask(name):
             try:

@@ -27,8 +27,9 @@ def test_train_adalora_end_to_end(causal_dir, sft_jsonl, tmp_path, capsys):
 def test_adalora_bad_flags_fail_before_training(causal_dir, sft_jsonl, tmp_path, capsys):
     code = main(["train", "--model", causal_dir, "--data", sft_jsonl, "--task", "sft", "--output", str(tmp_path / "r"),
                  "--method", "adalora", "--init-r", "4", "--target-r", "8"])
-    assert code == 2 and "--target-r (8) must be between 1 and --init-r (4)" in capsys.readouterr().err
+    assert code == 2 and "--target-r must be in 1..--init-r (4), got 8" in capsys.readouterr().err
     code = main(["train", "--model", causal_dir, "--data", sft_jsonl, "--task", "sft", "--output", str(tmp_path / "r"),
                  "--method", "adalora", "--max-steps", "10", "--tinit", "8", "--tfinal", "4"])
-    assert code == 2 and "no budgeting phase" in capsys.readouterr().err
+    message = capsys.readouterr().err
+    assert code == 2 and "no budgeting phase: --tinit (8) must be below --max-steps − --tfinal (10 − 4)" in message
     assert not (tmp_path / "r").exists()  # refused before anything was written

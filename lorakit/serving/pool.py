@@ -1,0 +1,217 @@
+"""Adapter residency for a server: which adapters are in memory, loading them by name, evicting the
+least recently used idle one, and the line of requests waiting for room.
+
+At most ``max_loaded`` adapters are in memory, whichever path loads them (a request naming one,
+POST /v1/adapters, vLLM's /v1/load_lora_adapter). Adapters given at start are reloadable, not
+pinned: they are evicted like the others and come back from their path when a request names them
+again, so the cap holds exactly and no name ever becomes unknown.
+
+Locks, outermost first: ``loading`` (one load or eviction at a time), ``model_lock`` (shared with
+the engine: held while a batch runs and while adapters change), ``idle`` (guards ``in_use``,
+``draining`` and the line; notified whenever any of them changes).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+import lorakit as lk
+
+from ..errors import LoraError
+from ..io.peft_format import CONFIG_FILE
+from ..model.state import BASE
+from .requests import ADAPTER_NAME, ServingError
+
+
+class AdapterPool:
+    def __init__(self, model, model_lock: threading.Lock, *, base_name: str, adapter_dir: str | None = None,
+                 max_loaded: int | None = None, wait_s: float = 30.0):
+        self.model, self.model_lock, self.base_name = model, model_lock, base_name
+        self.adapter_dir = Path(adapter_dir).resolve() if adapter_dir else None
+        self.max_loaded, self.wait_s = max_loaded, wait_s
+        self.in_use: dict[str, int] = {}  # requests accepted and not finished, per adapter
+        self.draining: set[str] = set()  # being unloaded: no new requests
+        self.idle = threading.Condition()
+        self.last_used: dict[str, float] = {}
+        self.sources: dict[str, Path] = {}  # adapters given at start: reloaded from here after an eviction
+        self.loading = threading.RLock()
+        self.line: deque[object] = deque()  # requests waiting for room to load their adapter
+
+    # --- what is there -------------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        """The adapters requests may use: resident and not being unloaded."""
+        return [n for n in self.resident() if n not in self.draining]
+
+    def resident(self) -> list[str]:
+        """Every adapter in memory, those being unloaded included (they still take room)."""
+        try:
+            return lk.list_adapters(self.model)
+        except LoraError:
+            return []
+
+    def known(self, name: str) -> bool:
+        """Can ``name`` be loaded by name: given at start, or an adapter of --adapter-dir?"""
+        if name in self.sources:
+            return True
+        try:
+            self.resolve_path(name)
+        except ServingError:
+            return False
+        return True
+
+    def resolve_path(self, name: str) -> Path:
+        """An adapter given at start, or a directory strictly inside the configured adapter dir (no
+        paths, no `..`, no symlinks pointing out)."""
+        if name in self.sources:
+            return self.sources[name]
+        if self.adapter_dir is None:
+            raise ServingError("this server has no --adapter-dir; adapters cannot be loaded at run time", 403)
+        if not ADAPTER_NAME.match(name) or ".." in name:
+            raise ServingError(f"invalid adapter name {name!r}: use letters, digits, '_', '-', '.' (no paths)")
+        path = (self.adapter_dir / name).resolve()
+        if path.parent != self.adapter_dir:
+            raise ServingError(f"adapter {name!r} resolves outside the adapter directory; refused", 403)
+        if not (path / CONFIG_FILE).is_file():
+            raise ServingError(f"no adapter named {name!r} in the adapter directory", 404)
+        return path
+
+    def _check_name(self, name: str) -> None:
+        if not ADAPTER_NAME.match(name) or name in (BASE, self.base_name):
+            raise ServingError(f"invalid adapter name {name!r}")
+
+    # --- loading and unloading -----------------------------------------------------------------
+    def add_start_adapter(self, name: str, path: str | Path) -> None:
+        """An adapter named at start (--adapter NAME=PATH): loaded now, and reloadable after eviction."""
+        self._check_name(name)
+        if self.max_loaded and len(self.sources) >= self.max_loaded:
+            raise ServingError(f"{len(self.sources) + 1} adapters given at start but --max-loaded-adapters is "
+                               f"{self.max_loaded}; raise the cap or give fewer --adapter")
+        self._load(name, Path(path))
+        self.sources[name] = Path(path)
+
+    def _load(self, name: str, path: Path) -> None:
+        with self.model_lock:
+            try:
+                lk.load_adapter(self.model, path, adapter_name=name)
+            except LoraError as exc:
+                raise ServingError(f"adapter {name!r} cannot be loaded: {exc}", 422) from None
+        self.last_used[name] = time.monotonic()  # just loaded counts as just used: not the next to go
+
+    def load(self, name: str) -> None:
+        """POST /v1/adapters: load ``name`` by name, within the cap like any on-demand load."""
+        self._check_name(name)
+        if name in self.adapters:
+            raise ServingError(f"adapter {name!r} is already loaded", 409)
+        self.resolve_path(name)  # 403 / 404 before waiting for anything
+        self._load_on_demand(name)
+
+    def unload(self, name: str, timeout: float = 60.0, forget: bool = False) -> None:
+        """Stop accepting requests for ``name``, wait for its running ones, then drop it. forget=True
+        (DELETE /v1/adapters/NAME) also drops a start adapter's path, so it is not reloaded by name."""
+        with self.idle:
+            if name not in self.adapters:
+                raise ServingError(f"unknown adapter {name!r}", 404)
+            self.draining.add(name)
+        try:
+            with self.idle:
+                if not self.idle.wait_for(lambda: self.in_use.get(name, 0) == 0, timeout=timeout):
+                    raise ServingError(f"adapter {name!r} is still busy after {timeout:.0f} s; try again", 503)
+            with self.model_lock:
+                lk.delete_adapter(self.model, name)
+            self.last_used.pop(name, None)
+            if forget:
+                self.sources.pop(name, None)
+        finally:
+            with self.idle:
+                self.draining.discard(name)
+                self.idle.notify_all()
+
+    # --- requests ------------------------------------------------------------------------------
+    def resolve(self, name: str) -> str:
+        """The adapter a request names (BASE for the base model): loaded already, or loaded now
+        (given at start, or from --adapter-dir), evicting the least recently used idle adapter when
+        the cap is reached."""
+        if name in (self.base_name, BASE):
+            return BASE
+        if name not in self.adapters and self.known(name):
+            self._load_on_demand(name)
+        if name in self.adapters:
+            self.last_used[name] = time.monotonic()
+            return name
+        raise ServingError(f"unknown model {name!r}; available: {', '.join([self.base_name, *self.adapters])}", 404)
+
+    def acquire(self, adapter: str) -> None:
+        """Count a request against ``adapter`` (reloading it if it was evicted since the request
+        named it): from here until ``release`` it cannot be evicted or unloaded."""
+        while True:
+            if adapter != BASE and adapter not in self.adapters:
+                # load it again without holding the loading lock (waiting for room while holding it
+                # would stop the requests ahead in line)
+                self.resolve(adapter)
+            with self.loading:  # evictions happen under this lock: once counted in use, the adapter stays
+                if adapter != BASE and adapter not in self.adapters:
+                    continue  # evicted again in between
+                with self.idle:
+                    if adapter in self.draining:  # its unload began in between: wait, reload
+                        continue
+                    self.in_use[adapter] = self.in_use.get(adapter, 0) + 1
+                return
+
+    def release(self, adapter: str) -> None:
+        with self.idle:
+            self.in_use[adapter] -= 1
+            self.idle.notify_all()
+
+    def _load_on_demand(self, name: str) -> None:
+        """Load ``name``, first evicting the least recently used idle adapter when the resident ones
+        are at the cap. When all of them have requests in flight, requests that need room queue for
+        it first come, first served, without holding the loading lock (requests for resident
+        adapters keep being accepted meanwhile); only the first in line waits against ``wait_s``, so
+        a long line under load is a queue, not a failure. A request for an adapter being unloaded
+        waits for the unload to finish and then loads it again: it never evicts another adapter to
+        make room for a name that is still resident."""
+        ticket = object()
+        idle_ones = lambda: [a for a in self.adapters if self.in_use.get(a, 0) == 0]  # noqa: E731
+        with self.idle:
+            self.line.append(ticket)
+        try:
+            deadline = None
+            while True:
+                with self.loading:
+                    if name in self.adapters:
+                        return
+                    with self.idle:
+                        draining = name in self.draining
+                        full = bool(self.max_loaded) and len(self.resident()) >= self.max_loaded
+                        first = self.line[0] is ticket
+                        idle = idle_ones() if full and first and not draining else []
+                    if not draining and (not full or idle):
+                        if idle:
+                            victim = min(idle, key=lambda a: self.last_used.get(a, 0.0))
+                            self.unload(victim, timeout=0)
+                        self._load(name, self.resolve_path(name))
+                        return
+                with self.idle:
+                    if draining:  # wait for its unload to finish, then load it again
+                        deadline = deadline or time.monotonic() + self.wait_s
+                        if not self.idle.wait_for(lambda: name not in self.draining,
+                                                  timeout=max(0.0, deadline - time.monotonic())):
+                            raise ServingError(f"adapter {name!r} is being unloaded and stayed busy for "
+                                               f"{self.wait_s:.0f} s; retry shortly", 503)
+                        continue
+                    if self.line[0] is not ticket:  # behind others: wait for the line to move
+                        self.idle.wait(timeout=1.0)
+                        continue
+                    deadline = deadline or time.monotonic() + self.wait_s
+                    ready = lambda: bool(idle_ones()) or name in self.adapters  # noqa: E731
+                    if not self.idle.wait_for(ready, timeout=max(0.0, deadline - time.monotonic())):
+                        raise ServingError(f"all {len(self.adapters)} loaded adapters stayed busy for "
+                                           f"{self.wait_s:.0f} s; retry shortly", 503)
+        finally:
+            with self.idle:
+                self.line.remove(ticket)
+                self.idle.notify_all()
