@@ -1,46 +1,19 @@
-"""Small random-init models of several families; the weights don't matter for shape or format."""
+"""Fixtures shared by every test: token ids, tiny models saved on disk, small data files. Builders
+and other helpers are in helpers.py."""
 
+import csv
+import json
 import warnings
 
 import pytest
 import torch
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM)
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
+
+from tests.helpers import CHATML, VOCAB, _word_tokenizer, review_rows
 
 hf_logging.set_verbosity_error()
 warnings.filterwarnings("ignore", message=".*target_modules entries matched no module.*")
-
-VOCAB = 96
-
-
-def tiny_bert(seed=0, num_labels=2, hidden=32, layers=2):
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                     intermediate_size=2 * hidden, num_labels=num_labels, max_position_embeddings=64)
-    return BertForSequenceClassification(cfg).eval()
-
-
-def tiny_gpt2(seed=0):
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                     bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    return GPT2LMHeadModel(cfg).eval()
-
-
-def tiny_llama(seed=0, layers=2):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    return LlamaForCausalLM(cfg).eval()
-
-
-FAMILIES = {
-    "bert": (tiny_bert, ["query", "key", "value", "attention.output.dense"]),
-    "gpt2": (tiny_gpt2, ["c_attn", "c_proj", "c_fc", "wte"]),
-    "llama": (tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "embed_tokens"]),
-}
 
 
 @pytest.fixture
@@ -49,20 +22,61 @@ def ids():
     return torch.randint(2, VOCAB, (4, 10))
 
 
-def logits(model, input_ids, **kwargs):
-    with torch.no_grad():
-        return model(input_ids=input_ids, **kwargs).logits
+@pytest.fixture(scope="session")
+def classifier_dir(tmp_path_factory):
+    """A 2-layer BERT encoder (no head) with a word-level tokenizer, saved like a hub model."""
+    from tokenizers import processors
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    backend, size = _word_tokenizer()
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                        cls_token="[CLS]", sep_token="[SEP]")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
 
 
-def randomize_lora(model, scale=0.5, seed=7):
-    """Give every LoRA B a non-zero value so adapters change outputs (B starts at zero)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    return model
+@pytest.fixture(scope="session")
+def causal_dir(tmp_path_factory):
+    """A 2-layer Llama with a ChatML chat template, as SmolLM2 has."""
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    backend, size = _word_tokenizer(extra_special=("<|im_start|>", "<|im_end|>", "user", "assistant"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                        eos_token="<|im_end|>", bos_token="[CLS]")
+    tokenizer.chat_template = CHATML
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=0, eos_token_id=tokenizer.eos_token_id, bos_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
 
 
-# tiny models saved on disk and small data files, for the training and CLI tests
-from saved_models import causal_dir, classifier_dir, reviews_csv, sft_jsonl, text_file  # noqa: E402,F401
+@pytest.fixture
+def reviews_csv(tmp_path):
+    path = tmp_path / "reviews.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(review_rows(160))
+    return str(path)
+
+
+@pytest.fixture
+def sft_jsonl(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    with path.open("w") as handle:
+        for row in review_rows(160):
+            handle.write(json.dumps({"prompt": f"review: {row['text']}", "response": row["label"]}) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "story.txt"
+    path.write_text("\n".join(row["text"] + "." for row in review_rows(200)))
+    return str(path)

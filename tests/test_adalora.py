@@ -8,7 +8,7 @@ import torch
 
 import lorakit as lk
 from lorakit.model.adalora import RankAllocator
-from tests.conftest import VOCAB, logits, tiny_llama
+from tests.helpers import VOCAB, logits, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 SCHEDULE = dict(init_r=6, target_r=3, tinit=2, tfinal=2, total_step=10, deltaT=1, lora_alpha=16)

@@ -3,7 +3,7 @@ import torch
 
 import lorakit as lk
 from lorakit.layers.base import LoraLayer
-from tests.conftest import logits, randomize_lora, tiny_llama
+from tests.helpers import logits, randomize_lora, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

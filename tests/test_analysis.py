@@ -8,7 +8,7 @@ import torch
 
 import lorakit as lk
 from lorakit.tools import analysis
-from tests.conftest import logits, randomize_lora, tiny_bert, tiny_llama
+from tests.helpers import logits, randomize_lora, tiny_bert, tiny_llama
 
 
 def saved(tmp_path, name, r, seed=0, targets=("q_proj", "v_proj", "embed_tokens")):
@@ -100,6 +100,7 @@ def test_compare_refuses_different_base_models(tmp_path):
         analysis.compare(first, second)
 
 
+@pytest.mark.slow
 def test_cli_analyze_compare_and_plots(tmp_path):
     first, _ = saved(tmp_path, "a", 4, seed=1)
     second, _ = saved(tmp_path, "b", 8, seed=2)

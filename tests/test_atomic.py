@@ -10,8 +10,7 @@ import pytest
 
 import lorakit as lk
 from lorakit.io.atomic import staged_file
-
-from conftest import tiny_llama
+from tests.helpers import tiny_llama
 
 # the writer runs in a child that SIGKILLs itself just before its N-th call of any of these steps
 KILLER = textwrap.dedent("""
@@ -77,6 +76,7 @@ SAVE_OVER = KILLER + textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_saving_over_an_adapter_is_all_or_nothing_under_kill_at_every_step(tmp_path):
     """Before: two renames; a kill between them left the new weights with the old config."""
     target = tmp_path / "adapter"
@@ -92,6 +92,7 @@ def test_saving_over_an_adapter_is_all_or_nothing_under_kill_at_every_step(tmp_p
     assert sorted(os.listdir(tmp_path)) == ["adapter"]  # the next save removed what killed writers left
 
 
+@pytest.mark.slow
 def test_a_killed_file_write_is_removed_by_the_next_write(tmp_path):
     target = tmp_path / "best.safetensors"
     script = KILLER + textwrap.dedent(f"""
@@ -107,6 +108,7 @@ def test_a_killed_file_write_is_removed_by_the_next_write(tmp_path):
     assert os.listdir(tmp_path) == [target.name] and target.read_text() == "whole"
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_clear_error_and_replaces_nothing(tmp_path):
     """RLIMIT_FSIZE makes writes fail with EFBIG as a full disk fails them with ENOSPC."""
     model = lk.inject(tiny_llama(), lk.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import lorakit as lk
 from lorakit.layers.base import LoraLayer
-from tests.conftest import FAMILIES, logits, randomize_lora, tiny_bert, tiny_llama
+from tests.helpers import FAMILIES, logits, randomize_lora, tiny_bert, tiny_llama
 
 CASES = {  # family -> extra config: covers Linear, Conv1D, Embedding, heads, patterns, rsLoRA
     "bert": dict(task_type="SEQ_CLS"),
@@ -169,6 +169,7 @@ def test_a_crash_while_saving_leaves_no_half_written_adapter(tmp_path, monkeypat
     assert sorted(os.listdir(tmp_path)) == ["ad"]
 
 
+@pytest.mark.slow
 def test_a_killed_save_leaves_staging_that_the_next_save_removes(tmp_path):
     """kill -9 during save_adapter: the adapter stays intact and the next save sweeps the leftovers."""
     import subprocess
@@ -200,7 +201,7 @@ def test_a_killed_save_leaves_staging_that_the_next_save_removes(tmp_path):
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
 def test_trained_biases_travel_both_ways_with_peft(bias, tmp_path):
     """PEFT keeps a LoRA layer's bias under <path>.base_layer.bias; a trained bias must survive the trip."""
-    from tests.conftest import tiny_bert
+    from tests.helpers import tiny_bert
 
     model = tiny_bert()
     lk.inject(model, lk.LoraConfig(r=2, target_modules=["query", "value"], bias=bias))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lorakit as lk
-from tests.conftest import logits, randomize_lora, tiny_llama
+from tests.helpers import logits, randomize_lora, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "gate_proj", "embed_tokens"]
 

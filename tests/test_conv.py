@@ -9,7 +9,7 @@ import transformers as tf
 from torch import nn
 
 import lorakit as lk
-from tests.test_zoo import perturb_trainable
+from tests.helpers import perturb_trainable
 
 ATOL = 1e-5
 
@@ -46,7 +46,7 @@ MODELS = {"convnet": (ConvNet, convnet_inputs, ["c1", "c2", "c3", "head"]),
           "resnet": (resnet, resnet_inputs, r".*convolution")}
 
 
-def run(model, inputs):
+def run_arch(model, inputs):
     with torch.no_grad():
         out = model(*inputs)
         return out.logits if hasattr(out, "logits") else out
@@ -62,18 +62,18 @@ def test_conv_adapters_cross_with_peft_and_merge(name, use_dora, tmp_path):
     theirs = perturb_trainable(peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**fields)), 1)
     theirs.save_pretrained(tmp_path / "peft")
     ours = lk.load_adapter(copy.deepcopy(base), tmp_path / "peft")
-    torch.testing.assert_close(run(ours, inputs()), run(theirs, inputs()), atol=ATOL, rtol=0)
+    torch.testing.assert_close(run_arch(ours, inputs()), run_arch(theirs, inputs()), atol=ATOL, rtol=0)
 
     mine = perturb_trainable(lk.inject(copy.deepcopy(base), lk.LoraConfig(**fields)), 2)
-    expected = run(mine, inputs())
-    assert not torch.allclose(expected, run(base, inputs()), atol=1e-3)
+    expected = run_arch(mine, inputs())
+    assert not torch.allclose(expected, run_arch(base, inputs()), atol=1e-3)
     lk.save_adapter(mine, tmp_path / "ours")
     back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
-    torch.testing.assert_close(run(back, inputs()), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(run_arch(back, inputs()), expected, atol=ATOL, rtol=0)
     lk.merge(mine)
-    torch.testing.assert_close(run(mine, inputs()), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(run_arch(mine, inputs()), expected, atol=ATOL, rtol=0)
     lk.unmerge(mine)
-    torch.testing.assert_close(run(lk.unload(mine), inputs()), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(run_arch(lk.unload(mine), inputs()), expected, atol=ATOL, rtol=0)
 
 
 def test_conv_layout_is_peft_s():
@@ -93,14 +93,14 @@ def test_mixed_batch_through_convolutions():
         perturb_trainable(model, 3 if dora else 4)
     names = ["a", "b", lk.BASE, "a"]
     with lk.mixed_batch(model, names):
-        mixed = run(model, resnet_inputs())
+        mixed = run_arch(model, resnet_inputs())
     for row, name in enumerate(names):
         if name == lk.BASE:
             with lk.disable_adapters(model):
-                alone = run(model, resnet_inputs())
+                alone = run_arch(model, resnet_inputs())
         else:
             lk.set_adapter(model, name)
-            alone = run(model, resnet_inputs())
+            alone = run_arch(model, resnet_inputs())
         torch.testing.assert_close(mixed[row], alone[row], atol=ATOL, rtol=0)
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import lorakit as lk
-from tests.test_zoo import perturb_trainable, run
-from tests.zoo import ZOO, BY_NAME
+from tests.helpers import perturb_trainable, run_arch
+from tests.zoo import BY_NAME, ZOO
 
 ATOL = 1e-5
 DORA_ARCHS = [pytest.param(a, id=a.name) for a in ZOO if a.name != "mixtral-moe"]  # PEFT: no DoRA on parameters
@@ -22,18 +22,18 @@ def test_dora_adapters_cross_both_ways_and_merge(arch, tmp_path):
     theirs = perturb_trainable(peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**arch.config(use_dora=True))), 1)
     theirs.save_pretrained(tmp_path / "peft")
     ours = lk.load_adapter(copy.deepcopy(base), tmp_path / "peft")
-    torch.testing.assert_close(run(ours, arch), run(theirs, arch), atol=ATOL, rtol=0)
+    torch.testing.assert_close(run_arch(ours, arch), run_arch(theirs, arch), atol=ATOL, rtol=0)
 
     mine = perturb_trainable(lk.inject(copy.deepcopy(base), lk.LoraConfig(**arch.config(use_dora=True))), 2)
-    expected = run(mine, arch)
+    expected = run_arch(mine, arch)
     lk.save_adapter(mine, tmp_path / "ours")
     back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
-    torch.testing.assert_close(run(back, arch), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(run_arch(back, arch), expected, atol=ATOL, rtol=0)
     lk.merge(mine)
-    torch.testing.assert_close(run(mine, arch), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(run_arch(mine, arch), expected, atol=ATOL, rtol=0)
     lk.unmerge(mine)
-    torch.testing.assert_close(run(mine, arch), expected, atol=ATOL, rtol=0)
-    torch.testing.assert_close(run(lk.unload(mine), arch), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(run_arch(mine, arch), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(run_arch(lk.unload(mine), arch), expected, atol=ATOL, rtol=0)
 
 
 def llama_pair(targets=("q_proj", "v_proj", "embed_tokens"), dropout=0.0):
@@ -52,7 +52,7 @@ def test_magnitude_starts_at_the_weight_norm_and_the_model_at_the_base():
     torch.testing.assert_close(q.lora_magnitude_vector["default"], q.base_layer.weight.norm(dim=1))
     emb = ours.model.embed_tokens
     torch.testing.assert_close(emb.lora_magnitude_vector["default"], emb.base_layer.weight.norm(dim=0))
-    torch.testing.assert_close(run(ours, arch), run(base, arch), atol=1e-6, rtol=0)
+    torch.testing.assert_close(run_arch(ours, arch), run_arch(base, arch), atol=1e-6, rtol=0)
 
 
 def peft_name(name: str) -> str:
@@ -108,14 +108,14 @@ def test_mixed_batch_with_dora_and_plain_rows():
         perturb_trainable(model, 5)
     names = ["dora", "plain", lk.BASE, "dora"]
     with lk.mixed_batch(model, names):
-        mixed = run(model, arch)
+        mixed = run_arch(model, arch)
     for row, name in enumerate(names):
         if name == lk.BASE:
             with lk.disable_adapters(model):
-                alone = run(model, arch)
+                alone = run_arch(model, arch)
         else:
             lk.set_adapter(model, name)
-            alone = run(model, arch)
+            alone = run_arch(model, arch)
         torch.testing.assert_close(mixed[row], alone[row], atol=ATOL, rtol=0)
 
 
@@ -125,9 +125,9 @@ def test_qdora_on_a_4bit_base_merges_into_a_dequantized_copy():
     model = lk.quantize(arch.build())
     lk.inject(model, lk.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], use_dora=True))
     perturb_trainable(model, 6)
-    adapted = run(model, arch)
+    adapted = run_arch(model, arch)
     plain = lk.unload(model, merge=True)
-    torch.testing.assert_close(run(plain, arch), adapted, atol=1e-4, rtol=0)
+    torch.testing.assert_close(run_arch(plain, arch), adapted, atol=1e-4, rtol=0)
 
 
 def test_a_magnitude_of_the_wrong_length_is_refused_and_the_model_untouched(tmp_path):
@@ -201,14 +201,14 @@ def test_fused_dora_path_equals_the_reference_formula(kind, p, monkeypatch):
 
 def test_inference_norm_cache_follows_weight_updates():
     arch, _, ours, _ = llama_pair(targets=("q_proj",))
-    before = run(ours, arch)
-    assert torch.equal(run(ours, arch), before)  # the cached norm gives the same result
+    before = run_arch(ours, arch)
+    assert torch.equal(run_arch(ours, arch), before)  # the cached norm gives the same result
     q = ours.model.layers[0].self_attn.q_proj
     with torch.no_grad():
         q.lora_B["default"].weight.add_(0.5)  # an optimizer step or a load bumps the version
-    after = run(ours, arch)
+    after = run_arch(ours, arch)
     q.variants["default"].norm_cache = None
-    torch.testing.assert_close(after, run(ours, arch), atol=0, rtol=0)  # equals a fresh computation
+    torch.testing.assert_close(after, run_arch(ours, arch), atol=0, rtol=0)  # equals a fresh computation
     assert not torch.allclose(after, before)
 
 
@@ -218,7 +218,7 @@ def test_dora_members_of_a_shared_input_share_one_projection_and_mask(p, monkeyp
     same loss and gradients as each layer on its own fed that mask, and 4 mask draws per block."""
     import lorakit.kernels.dora as dora_kernels
     import lorakit.kernels.lora as kernels
-    from tests.conftest import tiny_llama
+    from tests.helpers import tiny_llama
 
     draws = []
 
@@ -231,7 +231,7 @@ def test_dora_members_of_a_shared_input_share_one_projection_and_mask(p, monkeyp
     monkeypatch.setattr(dora_kernels, "dropout_mask", fixed_mask)
     ids = torch.randint(2, 96, (2, 12), generator=torch.Generator().manual_seed(0))
 
-    def run(grouped: bool):
+    def run_arch(grouped: bool):
         model = lk.inject(tiny_llama(), lk.LoraConfig(r=4, target_modules="all-linear", use_dora=True,
                                                       lora_dropout=p, init_lora_weights=False)).train()
         if not grouped:
@@ -245,9 +245,9 @@ def test_dora_members_of_a_shared_input_share_one_projection_and_mask(p, monkeyp
     calls = []
     real = dora_kernels.SharedDoraMember.apply
     monkeypatch.setattr(dora_kernels.SharedDoraMember, "apply", lambda *a: calls.append(1) or real(*a))
-    loss_a, grads_a, draws_a = run(True)
+    loss_a, grads_a, draws_a = run_arch(True)
     assert len(calls) == 5 * 2  # q, k, v, gate, up in each of the 2 blocks
-    loss_b, grads_b, draws_b = run(False)
+    loss_b, grads_b, draws_b = run_arch(False)
     assert torch.allclose(loss_a, loss_b, atol=1e-6) and grads_a.keys() == grads_b.keys()
     for name in grads_a:
         assert torch.allclose(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5), name

@@ -73,6 +73,7 @@ def test_config_file_and_bad_inputs(tmp_path):
         est.load_config(model_dir=str(tmp_path / "missing"))
 
 
+@pytest.mark.slow
 def test_cli_json():
     out = subprocess.run([sys.executable, "-m", "lorakit", "estimate", "--preset", "llama-7b", "--json"],
                          capture_output=True, text=True, check=True)
@@ -81,8 +82,8 @@ def test_cli_json():
 
 
 def test_chunked_loss_holds_the_logits_of_one_chunk():
-    from lorakit.tools.estimate import estimate, load_config
     from lorakit.kernels.losses import CHUNK_ELEMENTS
+    from lorakit.tools.estimate import estimate, load_config
 
     config = load_config("smollm2-135m")
     full, chunked = (estimate(config, batch_size=4, seq_len=512, chunked_loss=c).memory[1].activations

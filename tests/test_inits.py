@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lorakit as lk
-from tests.test_zoo import perturb_trainable, run
+from tests.helpers import perturb_trainable, run_arch
 from tests.zoo import BY_NAME
 
 LLAMA = BY_NAME["llama"]
@@ -25,7 +25,7 @@ def base():
 def test_init_equals_peft_and_keeps_the_model_equal_to_the_base(base, init):
     ours = lk.inject(copy.deepcopy(base), lk.LoraConfig(**FIELDS, init_lora_weights=init))
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**FIELDS, init_lora_weights=init))
-    torch.testing.assert_close(run(ours, LLAMA), run(base, LLAMA), atol=1e-5, rtol=0)
+    torch.testing.assert_close(run_arch(ours, LLAMA), run_arch(base, LLAMA), atol=1e-5, rtol=0)
     q, q_peft = ours.model.layers[0].self_attn.q_proj, theirs.base_model.model.model.layers[0].self_attn.q_proj
     A, B = q.lora_pair("default")
     # singular vectors are defined up to sign: compare the rank-r product and the residual base
@@ -40,14 +40,14 @@ def test_init_equals_peft_and_keeps_the_model_equal_to_the_base(base, init):
 @pytest.mark.parametrize("init", ["pissa", "olora", "pissa_niter_4"])
 def test_converted_adapter_applies_to_the_original_base_in_peft(base, init, tmp_path):
     model = perturb_trainable(lk.inject(copy.deepcopy(base), lk.LoraConfig(**FIELDS, init_lora_weights=init)), 1)
-    trained = run(model, LLAMA)
+    trained = run_arch(model, LLAMA)
     lk.save_adapter(model, tmp_path / "converted")
     config = json.loads((tmp_path / "converted" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (4, 8, True)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "converted")  # unmodified base
-    torch.testing.assert_close(run(theirs, LLAMA), trained, atol=1e-5, rtol=0)
+    torch.testing.assert_close(run_arch(theirs, LLAMA), trained, atol=1e-5, rtol=0)
     ours = lk.load_adapter(copy.deepcopy(base), tmp_path / "converted")
-    torch.testing.assert_close(run(ours, LLAMA), trained, atol=1e-5, rtol=0)
+    torch.testing.assert_close(run_arch(ours, LLAMA), trained, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
@@ -55,10 +55,10 @@ def test_plain_saves_rerun_the_init_on_load_as_peft_does(base, init, tmp_path):
     theirs = perturb_trainable(peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**FIELDS, init_lora_weights=init)), 2)
     theirs.save_pretrained(tmp_path / "peft")
     ours = lk.load_adapter(copy.deepcopy(base), tmp_path / "peft")
-    torch.testing.assert_close(run(ours, LLAMA), run(theirs, LLAMA), atol=1e-5, rtol=0)
+    torch.testing.assert_close(run_arch(ours, LLAMA), run_arch(theirs, LLAMA), atol=1e-5, rtol=0)
     lk.save_adapter(ours, tmp_path / "plain", convert_to_lora=False)
     again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "plain")
-    torch.testing.assert_close(run(again, LLAMA), run(theirs, LLAMA), atol=1e-5, rtol=0)
+    torch.testing.assert_close(run_arch(again, LLAMA), run_arch(theirs, LLAMA), atol=1e-5, rtol=0)
 
 
 def test_bad_inits_fail_before_the_model_changes(base):

@@ -5,7 +5,7 @@ from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 import lorakit as lk
 from lorakit.layers.linear import LoraLinear
 from lorakit.layers.modules_to_save import ModulesToSave
-from tests.conftest import logits, tiny_bert, tiny_gpt2, tiny_llama
+from tests.helpers import logits, tiny_bert, tiny_gpt2, tiny_llama
 
 QKVO = ["query", "key", "value", "attention.output.dense"]
 

@@ -8,7 +8,7 @@ from transformers.pytorch_utils import Conv1D
 import lorakit as lk
 from lorakit.kernels import lora as kernels
 from lorakit.kernels.lora import FusedLoraLinear
-from tests.conftest import randomize_lora, tiny_llama
+from tests.helpers import randomize_lora, tiny_llama
 
 
 def layer_pair(base, dropout=0.0, bias="none"):
@@ -89,6 +89,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
         assert torch.allclose(grad, checkpointed[1][name], atol=1e-6), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile_gives_the_same_loss_and_gradients(backend):
     ids = torch.randint(2, 90, (2, 12), generator=torch.Generator().manual_seed(0))

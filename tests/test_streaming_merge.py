@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import lorakit as lk
 from lorakit.io.streaming_merge import stream_merge
-from tests.conftest import randomize_lora, tiny_llama
+from tests.helpers import randomize_lora, tiny_llama
 
 
 def sharded_base(tmp_path, dtype=torch.float32):

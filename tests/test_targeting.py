@@ -2,7 +2,7 @@ import pytest
 
 import lorakit as lk
 from lorakit.model.targeting import find_targets, minimal_suffixes
-from tests.conftest import tiny_bert, tiny_gpt2, tiny_llama
+from tests.helpers import tiny_bert, tiny_gpt2, tiny_llama
 
 
 def targets(model, **kwargs):

@@ -10,26 +10,12 @@ import pytest
 import torch
 
 import lorakit as lk
-from tests.zoo import ZOO, main_output
+from tests.helpers import perturb_trainable, run_arch
+from tests.zoo import ZOO
 
 warnings.filterwarnings("ignore", category=UserWarning)
 ATOL = 1e-5
 ARCHS = [pytest.param(arch, id=arch.name) for arch in ZOO]
-
-
-def run(model, arch):
-    with torch.no_grad():
-        return main_output(model(**arch.inputs()))
-
-
-def perturb_trainable(model, seed):
-    """Non-zero LoRA B and changed saved heads, so every part of an adapter moves the output."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model
 
 
 def lorakit_model(base, arch, seed, name="default", model=None):
@@ -76,10 +62,10 @@ def test_peft_adapter_loads_in_lorakit(arch, bases, tmp_path):
     base = bases(arch)
     theirs = peft_model(base, arch, seed=1)
     theirs.save_pretrained(tmp_path)
-    expected = run(theirs, arch)
-    assert not torch.allclose(expected, run(base, arch), atol=1e-3), "the adapter must change the output"
+    expected = run_arch(theirs, arch)
+    assert not torch.allclose(expected, run_arch(base, arch), atol=1e-3), "the adapter must change the output"
     ours = lk.load_adapter(copy.deepcopy(base), tmp_path)
-    torch.testing.assert_close(run(ours, arch), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(run_arch(ours, arch), expected, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -87,24 +73,24 @@ def test_lorakit_adapter_loads_in_peft(arch, bases, tmp_path):
     base = bases(arch)
     ours = lorakit_model(base, arch, seed=2)
     lk.save_adapter(ours, tmp_path)
-    expected = run(ours, arch)
-    assert not torch.allclose(expected, run(base, arch), atol=1e-3), "the adapter must change the output"
+    expected = run_arch(ours, arch)
+    assert not torch.allclose(expected, run_arch(base, arch), atol=1e-3), "the adapter must change the output"
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
-    torch.testing.assert_close(run(theirs, arch), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(run_arch(theirs, arch), expected, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_merge_unmerge_unload_keep_the_output(arch, bases):
     base = bases(arch)
     model = lorakit_model(base, arch, seed=3)
-    adapted = run(model, arch)
+    adapted = run_arch(model, arch)
     lk.merge(model)
-    torch.testing.assert_close(run(model, arch), adapted, atol=ATOL, rtol=0)
+    torch.testing.assert_close(run_arch(model, arch), adapted, atol=ATOL, rtol=0)
     lk.unmerge(model)
-    torch.testing.assert_close(run(model, arch), adapted, atol=ATOL, rtol=0)
+    torch.testing.assert_close(run_arch(model, arch), adapted, atol=ATOL, rtol=0)
     plain = lk.unload(model)
     assert not any(isinstance(m, (lk.LoraLayer, lk.ModulesToSave)) for m in plain.modules())
-    torch.testing.assert_close(run(plain, arch), adapted, atol=ATOL, rtol=0)
+    torch.testing.assert_close(run_arch(plain, arch), adapted, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -114,13 +100,13 @@ def test_mixed_batch_equals_each_adapter_alone(arch, bases):
     lorakit_model(base, arch, seed=5, name="b", model=model)
     names = ["a", "b", lk.BASE, "a"]
     with lk.mixed_batch(model, names):
-        mixed = run(model, arch)
+        mixed = run_arch(model, arch)
     alone = {}
     for name in ("a", "b"):
         lk.set_adapter(model, name)
-        alone[name] = run(model, arch)
+        alone[name] = run_arch(model, arch)
     with lk.disable_adapters(model):
-        alone[lk.BASE] = run(model, arch)
+        alone[lk.BASE] = run_arch(model, arch)
     assert not torch.allclose(alone["a"], alone["b"], atol=1e-3)
     for row, name in enumerate(names):
         torch.testing.assert_close(mixed[row], alone[name][row], atol=ATOL, rtol=0)

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import lorakit as lk
 from lorakit.cli import main
-from tests.conftest import randomize_lora
+from tests.helpers import randomize_lora
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from tests.cli.test_cli_training import TINY, run, trained  # noqa: F401 (fixture)
+from tests.helpers import TINY, run_cli
 
 
 def test_a_bad_jsonl_line_is_named_with_its_line_and_column(classifier_dir, tmp_path, capsys):
@@ -18,7 +18,7 @@ def test_a_bad_jsonl_line_is_named_with_its_line_and_column(classifier_dir, tmp_
     lines = [json.dumps({"text": f"the film was good {i}", "label": "positive"}) for i in range(60)]
     lines[56] = '{"text": "the plot", "label" "negative"}'  # line 57: a missing colon
     data.write_text("\n".join(lines) + "\n")
-    code, _, err = run(capsys, "train", "--model", classifier_dir, "--data", data, "--output", tmp_path / "r", *TINY)
+    code, _, err = run_cli(capsys, "train", "--model", classifier_dir, "--data", data, "--output", tmp_path / "r", *TINY)
     assert code == 2 and f"{data} line 57, column 30" in err and "Traceback" not in err
 
 
@@ -26,19 +26,19 @@ def test_a_bad_jsonl_line_is_named_with_its_line_and_column(classifier_dir, tmp_
 def test_an_empty_csv_says_so(content, says, classifier_dir, tmp_path, capsys):
     data = tmp_path / "rows.csv"
     data.write_text(content)
-    code, _, err = run(capsys, "train", "--model", classifier_dir, "--data", data, "--output", tmp_path / "r", *TINY)
+    code, _, err = run_cli(capsys, "train", "--model", classifier_dir, "--data", data, "--output", tmp_path / "r", *TINY)
     assert code == 2 and says in err and str(data) in err
 
 
 def test_generate_on_a_classifier_run_points_to_predict(trained, capsys):  # noqa: F811
     """Before: an AttributeError traceback."""
-    code, _, err = run(capsys, "generate", trained, "--prompt", "the film")
+    code, _, err = run_cli(capsys, "generate", trained, "--prompt", "the film")
     assert code == 2 and "is a classifier" in err and "lorakit predict" in err
 
 
 def test_merge_with_the_runs_own_base_works(trained, classifier_dir, tmp_path, capsys):  # noqa: F811
     """Before: the adapter's own base was refused as "made for another base" (its head is in the adapter)."""
-    code, _, err = run(capsys, "merge", trained, "--base", classifier_dir, "--output", tmp_path / "merged")
+    code, _, err = run_cli(capsys, "merge", trained, "--base", classifier_dir, "--output", tmp_path / "merged")
     assert code == 0, err
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     from lorakit.hub.models import load_trained
@@ -66,11 +66,12 @@ def test_an_adapter_whose_config_rank_disagrees_with_its_tensors_is_refused(comm
     (broken / "adapter_config.json").write_text(json.dumps(config))
     save_file(load_file(trained / "adapter" / "adapter_model.safetensors"), broken / "adapter_model.safetensors")
     argv = [a if a != "OUT" else str(tmp_path / "out") for a in command]
-    code, _, err = run(capsys, argv[0], broken, *argv[1:])
+    code, _, err = run_cli(capsys, argv[0], broken, *argv[1:])
     assert code == 2 and "rank 8" in err and "r=4" in err
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_training_is_one_clear_error(classifier_dir, reviews_csv, tmp_path):
     """Before: torch's "basic_ios::clear: iostream error" traceback. RLIMIT_FSIZE fails writes with
     EFBIG as a full disk fails them with ENOSPC."""

@@ -7,23 +7,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lorakit.cli import build_parser, main
 from lorakit.hub.models import load_trained
-
-TINY = ["--max-steps", "8", "--batch-size", "8", "--seq-len", "32", "--warmup-steps", "1", "--lr", "1e-2"]
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.fixture
-def trained(classifier_dir, reviews_csv, tmp_path, capsys):
-    out = tmp_path / "run"
-    code, _, _ = run(capsys, "train", "--model", classifier_dir, "--data", reviews_csv, "--output", out, *TINY,
-                     "--targets", "all-linear")
-    assert code == 0
-    return out
+from tests.helpers import TINY, run_cli
 
 
 def test_every_command_has_help(capsys):
@@ -39,56 +23,57 @@ def test_flags_override_the_yaml_file_and_the_resolved_config_is_saved(classifie
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump({"model": classifier_dir, "data": reviews_csv, "r": 4, "lr": 0.02,
                                       "max-steps": 3, "batch_size": 8, "seq_len": 32}))
-    code, out, _ = run(capsys, "train", config, "--r", "2", "--output", tmp_path / "o", "--json")
+    code, out, _ = run_cli(capsys, "train", config, "--r", "2", "--output", tmp_path / "o", "--json")
     assert code == 0 and json.loads(out)["r"] == 2
     saved = yaml.safe_load((tmp_path / "o" / "train_config.yaml").read_text())
     assert (saved["r"], saved["lr"], saved["max_steps"]) == (2, 0.02, 3)
     config.write_text("learning_rate: 1")
-    code, _, err = run(capsys, "train", config)
+    code, _, err = run_cli(capsys, "train", config)
     assert code == 2 and "unknown training option(s) learning_rate" in err
 
 
 def test_eval_predict_and_merge(trained, classifier_dir, reviews_csv, tmp_path, capsys):
-    code, out, _ = run(capsys, "eval", trained, "--json")
+    code, out, _ = run_cli(capsys, "eval", trained, "--json")
     metrics = json.loads(out)
     assert code == 0 and metrics["examples"] == 16 and sum(map(sum, metrics["confusion_matrix"])) == 16
     assert 0 <= metrics["macro_f1"] <= 1 and metrics["labels"] == ["negative", "positive"]
-    code, out, _ = run(capsys, "eval", trained)
+    code, out, _ = run_cli(capsys, "eval", trained)
     assert "confusion matrix" in out and "macro_f1" in out
     # a file given for evaluation is evaluated whole (160 rows), not split; --split picks a training split
-    code, out, _ = run(capsys, "eval", trained, "--data", reviews_csv, "--json")
+    code, out, _ = run_cli(capsys, "eval", trained, "--data", reviews_csv, "--json")
     assert code == 0 and json.loads(out)["examples"] == 160 and json.loads(out)["split"] == "all"
-    code, out, _ = run(capsys, "eval", trained, "--data", reviews_csv, "--split", "test", "--json")
+    code, out, _ = run_cli(capsys, "eval", trained, "--data", reviews_csv, "--split", "test", "--json")
     assert code == 0 and json.loads(out)["examples"] == 16
 
-    code, out, _ = run(capsys, "predict", trained, "--text", "the film was very superb", "--text", "a movie is dull", "--json")
+    code, out, _ = run_cli(capsys, "predict", trained, "--text", "the film was very superb", "--text", "a movie is dull", "--json")
     rows = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and len(rows) == 2 and all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in rows)
 
-    code, _, _ = run(capsys, "merge", trained, "--output", tmp_path / "merged")
+    code, _, _ = run_cli(capsys, "merge", trained, "--output", tmp_path / "merged")
     assert code == 0
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     adapted, tokenizer, _ = load_trained(trained)
     batch = AutoTokenizer.from_pretrained(tmp_path / "merged")(["the plot was quite awful"], return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=1e-5)
-    code, _, err = run(capsys, "merge", trained, "--output", tmp_path / "merged")
+    code, _, err = run_cli(capsys, "merge", trained, "--output", tmp_path / "merged")
     assert code == 2 and "not empty; pass --overwrite" in err
 
 
 def test_generate_with_an_sft_run(causal_dir, sft_jsonl, tmp_path, capsys):
-    code, _, _ = run(capsys, "train", "--model", causal_dir, "--data", sft_jsonl, "--task", "sft",
+    code, _, _ = run_cli(capsys, "train", "--model", causal_dir, "--data", sft_jsonl, "--task", "sft",
                      "--output", tmp_path / "sft", *TINY)
     assert code == 0
-    code, out, _ = run(capsys, "generate", tmp_path / "sft", "--prompt", "review: the film was good",
+    code, out, _ = run_cli(capsys, "generate", tmp_path / "sft", "--prompt", "review: the film was good",
                        "--max-new-tokens", "3", "--json")
     assert code == 0 and isinstance(json.loads(out)["reply"], str)
-    code, out, _ = run(capsys, "eval", tmp_path / "sft", "--json")
+    code, out, _ = run_cli(capsys, "eval", tmp_path / "sft", "--json")
     assert code == 0 and json.loads(out)["perplexity"] > 1 and "answer_accuracy" in json.loads(out)
 
 
+@pytest.mark.slow
 def test_sweep_table_and_plot(classifier_dir, reviews_csv, tmp_path, capsys):
-    code, out, _ = run(capsys, "sweep", "--model", classifier_dir, "--data", reviews_csv, "--output", tmp_path / "sw",
+    code, out, _ = run_cli(capsys, "sweep", "--model", classifier_dir, "--data", reviews_csv, "--output", tmp_path / "sw",
                        "--ranks", "1,2", "--seeds", "0,1", *TINY, "--json")
     result = json.loads(out[out.index("{"):])
     assert code == 0 and [row["r"] for row in result["rows"]] == [1, 2]
@@ -106,7 +91,7 @@ def test_bad_input_exits_2_with_a_clear_message(argv, message, classifier_dir, r
     base = {"--model": classifier_dir, "--data": reviews_csv}
     for flag, value in zip(argv[::2], argv[1::2]):
         base[flag] = value
-    code, _, err = run(capsys, "train", *[x for kv in base.items() for x in kv], *argv[len(base) * 0:0],
+    code, _, err = run_cli(capsys, "train", *[x for kv in base.items() for x in kv], *argv[len(base) * 0:0],
                        "--output", tmp_path / "bad", *TINY)
     assert code == 2
     import re
@@ -116,7 +101,7 @@ def test_bad_input_exits_2_with_a_clear_message(argv, message, classifier_dir, r
 
 def test_empty_data_file(classifier_dir, tmp_path, capsys):
     (tmp_path / "empty.csv").write_text("text,label\n")
-    code, _, err = run(capsys, "train", "--model", classifier_dir, "--data", tmp_path / "empty.csv",
+    code, _, err = run_cli(capsys, "train", "--model", classifier_dir, "--data", tmp_path / "empty.csv",
                        "--output", tmp_path / "o", *TINY)
     assert code == 2 and "empty" in err
 
@@ -128,7 +113,7 @@ def test_empty_data_file(classifier_dir, tmp_path, capsys):
 ])
 def test_variant_flags_reach_the_saved_adapter(flags, check, classifier_dir, reviews_csv, tmp_path, capsys):
     out = tmp_path / "run"
-    code, _, err = run(capsys, "train", "--model", classifier_dir, "--data", reviews_csv, "--output", out, *TINY,
+    code, _, err = run_cli(capsys, "train", "--model", classifier_dir, "--data", reviews_csv, "--output", out, *TINY,
                        "--r", "2", *flags)
     assert code == 0, err
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
@@ -138,15 +123,15 @@ def test_variant_flags_reach_the_saved_adapter(flags, check, classifier_dir, rev
 
 
 def test_estimate_counts_dora_magnitudes(capsys):
-    code, out, _ = run(capsys, "estimate", "--preset", "bert-base-uncased", "--r", "8", "--targets",
+    code, out, _ = run_cli(capsys, "estimate", "--preset", "bert-base-uncased", "--r", "8", "--targets",
                        "query,key,value,attention.output.dense", "--json")
     plain = json.loads(out)["lora_params"]
-    code, out, _ = run(capsys, "estimate", "--preset", "bert-base-uncased", "--r", "8", "--targets",
+    code, out, _ = run_cli(capsys, "estimate", "--preset", "bert-base-uncased", "--r", "8", "--targets",
                        "query,key,value,attention.output.dense", "--use-dora", "--json")
     assert plain == 589_824 and json.loads(out)["lora_params"] == plain + 48 * 768  # one per output feature
 
 
 def test_bad_loraplus_ratio(classifier_dir, reviews_csv, tmp_path, capsys):
-    code, _, err = run(capsys, "train", "--model", classifier_dir, "--data", reviews_csv, "--output", tmp_path / "x",
+    code, _, err = run_cli(capsys, "train", "--model", classifier_dir, "--data", reviews_csv, "--output", tmp_path / "x",
                        "--loraplus-ratio", "0")
     assert code == 2 and "--loraplus-ratio must be > 0" in err

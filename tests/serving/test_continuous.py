@@ -9,8 +9,7 @@ import pytest
 from lorakit.serving import Limits, build_engine
 from lorakit.serving import engine as engine_module
 from lorakit.serving.requests import Request
-
-from tests.serving.test_server import adapter_dir, offline  # noqa: F401 - the fixture is used by name
+from tests.helpers import offline
 
 LONG = "the film was really good and the plot was very dull but the actor is quite lovely " * 3
 

@@ -9,8 +9,7 @@ import httpx
 import pytest
 
 from lorakit.serving import BackgroundServer, Limits, build_engine
-
-from tests.serving.test_server import adapter_dir, complete, offline  # noqa: F401 (fixture)
+from tests.helpers import complete, offline
 
 
 def paced_engine(causal_dir, adapters=None, step_s=0.02, **engine_kwargs):
@@ -168,6 +167,7 @@ def test_a_request_for_an_adapter_being_unloaded_waits_and_evicts_nothing(causal
         engine.close()
 
 
+@pytest.mark.slow
 def test_unload_reload_loop_never_fails_a_request(causal_dir, adapter_dir):  # noqa: F811
     """Before: 26 of 60 requests failed with 422 during a load/unload loop."""
     from concurrent.futures import ThreadPoolExecutor

@@ -8,56 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
 
 import lorakit as lk
-from lorakit.serving import BackgroundServer, Limits, build_engine
-
-from conftest import randomize_lora
+from lorakit.serving import BackgroundServer, build_engine
+from tests.helpers import complete, offline, randomize_lora
 
 PROMPTS = ["the film was", "a movie is very", "the plot", "the actor is really good", "review :"]
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(causal_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    for i, name in enumerate(["alpha", "beta", "gamma"]):
-        model = AutoModelForCausalLM.from_pretrained(causal_dir)
-        # beta is a DoRA adapter: its rows share the batch with plain LoRA rows (vLLM serves no DoRA)
-        # dropout as `lorakit train` saves it: served replies must still be deterministic (eval mode)
-        lk.inject(model, lk.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3,
-                                       target_modules=["q_proj", "v_proj", "down_proj"], use_dora=name == "beta"))
-        randomize_lora(model, scale=0.8, seed=i)
-        lk.save_adapter(model, root / name)
-    return root
-
-
-@pytest.fixture(scope="module")
-def server(causal_dir, adapter_dir):
-    engine = build_engine(causal_dir, {"alpha": adapter_dir / "alpha", "beta": adapter_dir / "beta"},
-                          adapter_dir=str(adapter_dir), limits=Limits(max_new_tokens=32, max_prompt_tokens=40,
-                                                                      max_body_bytes=4000, max_queue=64))
-    with BackgroundServer(engine) as running:
-        yield running
-
-
-def offline(causal_dir, adapter_dir, adapter, prompt, max_new_tokens=8, chat=False):
-    tokenizer = AutoTokenizer.from_pretrained(causal_dir)
-    model = AutoModelForCausalLM.from_pretrained(causal_dir).eval()
-    if adapter != "base":
-        lk.load_adapter(model, adapter_dir / adapter)
-    if chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-        enc = tokenizer(text, add_special_tokens=False, return_tensors="pt")
-    else:
-        enc = tokenizer(prompt, return_tensors="pt")
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def complete(url, model, prompt, **kw):
-    body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0, **kw}
-    return httpx.post(f"{url}/v1/completions", json=body, timeout=60)
 
 
 def test_models_health_and_metrics(server):
@@ -160,6 +117,7 @@ def test_unloading_waits_for_running_requests(server):
     assert "gamma" not in engine.adapters
 
 
+@pytest.mark.slow
 def test_queue_full_answers_429(server):
     engine = server.engine
     engine.model_lock.acquire()  # the worker stalls: requests pile up in the queue (limit 64)

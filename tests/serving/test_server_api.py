@@ -10,8 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lorakit.serving import BackgroundServer, Limits, build_engine
-
-from tests.serving.test_server import adapter_dir, complete, offline  # noqa: F401 (fixture)
+from tests.helpers import complete, offline
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,11 @@
 import json
 
 import httpx
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .test_server import adapter_dir, server  # noqa: F401 - the module-scoped fixtures
+pytestmark = pytest.mark.slow  # subprocesses / real models: `pytest -m "not slow"` skips them
 
 ENDPOINTS = ["/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/adapters"]
 scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=30)

@@ -1,5 +1,6 @@
 """--packing: examples share a row but not their attention; each example's loss is what it is alone."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -7,9 +8,7 @@ import lorakit as lk
 from lorakit.training.loop import train
 from lorakit.training.options import resolve_options
 from lorakit.training.packing import collate_packed, pack_examples
-from tests.conftest import VOCAB, tiny_llama
-
-import pytest
+from tests.helpers import VOCAB, tiny_llama
 
 
 def example(length, prompt, seed):

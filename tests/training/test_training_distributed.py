@@ -6,11 +6,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import lorakit as lk
 from lorakit.training.loop import train
 from lorakit.training.options import resolve_options
+
+pytestmark = pytest.mark.slow  # subprocesses / real models: `pytest -m "not slow"` skips them
 
 COMMON = dict(max_steps=6, seq_len=32, lr=1e-2, warmup_steps=1, dropout=0.0, targets="all-linear", eval_steps=3)
 

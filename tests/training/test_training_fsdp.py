@@ -16,6 +16,8 @@ from lorakit.errors import ConfigError
 from lorakit.training.loop import train
 from lorakit.training.options import resolve_options
 
+pytestmark = pytest.mark.slow  # subprocesses / real models: `pytest -m "not slow"` skips them
+
 REPO = str(Path(lk.__file__).resolve().parents[1])
 FLAGS = dict(task="lm", max_steps=4, seq_len=16, lr=1e-2, warmup_steps=1, dropout=0.0, targets="all-linear", max_grad_norm=0.05,
              eval_steps=2)

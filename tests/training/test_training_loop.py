@@ -9,14 +9,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import lorakit as lk
 from lorakit.errors import ConfigError
 from lorakit.training.loop import Trainer, train
-from lorakit.training.options import resolve_options
-
-
-def options(model, data, output, **kw):
-    base = dict(model=model, data=data, output=str(output), task="classify", max_steps=6, batch_size=8, lr=5e-3,
-                seq_len=32, warmup_steps=1, eval_steps=3)
-    base.update(kw)
-    return resolve_options(None, base)
+from tests.helpers import train_options
 
 
 def losses(output):
@@ -25,7 +18,7 @@ def losses(output):
 
 
 def test_classify_run_writes_log_curve_adapter_and_learns(classifier_dir, reviews_csv, tmp_path):
-    summary = train(options(classifier_dir, reviews_csv, tmp_path / "run", max_steps=60, eval_steps=30,
+    summary = train(train_options(classifier_dir, reviews_csv, tmp_path / "run", max_steps=60, eval_steps=30,
                                lr=1e-2, targets="all-linear", dropout=0.0), quiet=True)
     out = tmp_path / "run"
     assert {"train_log.jsonl", "loss_curve.png", "summary.json", "train_config.yaml", "adapter", "checkpoint"} <= {
@@ -44,7 +37,7 @@ def test_classify_run_writes_log_curve_adapter_and_learns(classifier_dir, review
 def test_resume_after_ctrl_c_gives_the_same_loss_curve(extra, classifier_dir, reviews_csv, tmp_path, monkeypatch):
     """The checkpoint carries the optimizer's state (8-bit moments included) and the schedule."""
     straight = tmp_path / "straight"
-    train(options(classifier_dir, reviews_csv, straight, max_steps=10, eval_steps=4, **extra), quiet=True)
+    train(train_options(classifier_dir, reviews_csv, straight, max_steps=10, eval_steps=4, **extra), quiet=True)
 
     broken = tmp_path / "broken"
     original = Trainer.micro_batch
@@ -55,10 +48,10 @@ def test_resume_after_ctrl_c_gives_the_same_loss_curve(extra, classifier_dir, re
         return original(self, micro)
 
     monkeypatch.setattr(Trainer, "micro_batch", interrupt_at_step_5)
-    result = train(options(classifier_dir, reviews_csv, broken, max_steps=10, eval_steps=4, **extra), quiet=True)
+    result = train(train_options(classifier_dir, reviews_csv, broken, max_steps=10, eval_steps=4, **extra), quiet=True)
     assert result["interrupted"] and result["step"] == 6 and not (broken / "adapter").exists()
     monkeypatch.setattr(Trainer, "micro_batch", original)
-    resumed = train(options(classifier_dir, reviews_csv, broken, max_steps=10, eval_steps=4, resume=True, **extra),
+    resumed = train(train_options(classifier_dir, reviews_csv, broken, max_steps=10, eval_steps=4, resume=True, **extra),
                     quiet=True)
     assert losses(broken) == losses(straight)
     assert resumed["best_step"] == json.loads((straight / "summary.json").read_text())["best_step"]
@@ -68,45 +61,45 @@ def test_resume_after_ctrl_c_gives_the_same_loss_curve(extra, classifier_dir, re
 
 
 def test_resume_refuses_a_different_plan(classifier_dir, reviews_csv, tmp_path):
-    train(options(classifier_dir, reviews_csv, tmp_path / "r", max_steps=4), quiet=True)
+    train(train_options(classifier_dir, reviews_csv, tmp_path / "r", max_steps=4), quiet=True)
     with pytest.raises(ConfigError, match="checkpoint was made for 4 steps"):
-        train(options(classifier_dir, reviews_csv, tmp_path / "r", max_steps=8, resume=True), quiet=True)
+        train(train_options(classifier_dir, reviews_csv, tmp_path / "r", max_steps=8, resume=True), quiet=True)
     with pytest.raises(ConfigError, match="no checkpoint"):
-        train(options(classifier_dir, reviews_csv, tmp_path / "fresh", resume=True), quiet=True)
+        train(train_options(classifier_dir, reviews_csv, tmp_path / "fresh", resume=True), quiet=True)
 
 
 def test_output_directory_must_be_empty_unless_overwrite(classifier_dir, reviews_csv, tmp_path):
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not empty; pass --overwrite"):
-        train(options(classifier_dir, reviews_csv, tmp_path / "used"), quiet=True)
-    assert train(options(classifier_dir, reviews_csv, tmp_path / "used", overwrite=True), quiet=True)["steps"] == 6
+        train(train_options(classifier_dir, reviews_csv, tmp_path / "used"), quiet=True)
+    assert train(train_options(classifier_dir, reviews_csv, tmp_path / "used", overwrite=True), quiet=True)["steps"] == 6
 
 
 def test_early_stopping_and_best_checkpoint(classifier_dir, reviews_csv, tmp_path):
-    summary = train(options(classifier_dir, reviews_csv, tmp_path / "es", max_steps=60, eval_steps=2, lr=1e-12,
+    summary = train(train_options(classifier_dir, reviews_csv, tmp_path / "es", max_steps=60, eval_steps=2, lr=1e-12,
                             warmup_steps=0, early_stopping_patience=2), quiet=True)
     assert summary["steps"] == 6 and summary["best_step"] == 2  # lr ~0: nothing improves after the first eval
 
 
 def test_full_fine_tune_saves_a_plain_model(classifier_dir, reviews_csv, tmp_path):
-    summary = train(options(classifier_dir, reviews_csv, tmp_path / "full", full=True), quiet=True)
+    summary = train(train_options(classifier_dir, reviews_csv, tmp_path / "full", full=True), quiet=True)
     assert summary["method"] == "full" and summary["trainable_params"] == summary["total_params"]
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "full" / "model")
     assert model.config.id2label == {0: "negative", 1: "positive"}
 
 
 def test_causal_lm_steps_go_through_the_chunked_loss(causal_dir, classifier_dir, text_file, reviews_csv, tmp_path):
-    lm = Trainer(options(causal_dir, text_file, tmp_path / "lm", task="lm", seq_len=16, batch_size=4), quiet=True)
+    lm = Trainer(train_options(causal_dir, text_file, tmp_path / "lm", task="lm", seq_len=16, batch_size=4), quiet=True)
     assert isinstance(lm.wrapped, lk.ChunkedLossLM) and lm.wrapped.model is lm.model
-    classify = Trainer(options(classifier_dir, reviews_csv, tmp_path / "rt"), quiet=True)
+    classify = Trainer(train_options(classifier_dir, reviews_csv, tmp_path / "rt"), quiet=True)
     assert classify.wrapped is classify.model
 
 
 def test_sft_and_lm_runs(causal_dir, sft_jsonl, text_file, tmp_path):
-    sft = train(options(causal_dir, sft_jsonl, tmp_path / "sft", task="sft", max_steps=30, lr=2e-2), quiet=True)
+    sft = train(train_options(causal_dir, sft_jsonl, tmp_path / "sft", task="sft", max_steps=30, lr=2e-2), quiet=True)
     assert sft["test"]["answer_accuracy"] is not None and sft["test"]["loss"] < losses(tmp_path / "sft")[0]
-    lm = train(options(causal_dir, text_file, tmp_path / "lm", task="lm", max_steps=10, seq_len=16, batch_size=4,
+    lm = train(train_options(causal_dir, text_file, tmp_path / "lm", task="lm", max_steps=10, seq_len=16, batch_size=4,
                        targets=["q_proj", "v_proj"]), quiet=True)
     assert lm["test"]["perplexity"] > 1 and lm["lora_params"] == 2 * 2 * 8 * (32 + 32) - 2 * 8 * 16
     merged_ok = AutoModelForCausalLM.from_pretrained(causal_dir)
@@ -114,7 +107,7 @@ def test_sft_and_lm_runs(causal_dir, sft_jsonl, text_file, tmp_path):
 
 
 def test_bf16_base_trains_fp32_adapters(classifier_dir, reviews_csv, tmp_path):
-    trainer = Trainer(options(classifier_dir, reviews_csv, tmp_path / "bf16", bf16=True), quiet=True)
+    trainer = Trainer(train_options(classifier_dir, reviews_csv, tmp_path / "bf16", bf16=True), quiet=True)
     dtypes = {n: p.dtype for n, p in trainer.model.named_parameters()}
     assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
     assert any(d == torch.bfloat16 for n, d in dtypes.items() if "lora_" not in n)
@@ -124,11 +117,11 @@ def test_bf16_base_trains_fp32_adapters(classifier_dir, reviews_csv, tmp_path):
 
 def test_too_little_data_for_one_step(classifier_dir, reviews_csv, tmp_path):
     with pytest.raises(ConfigError, match="fewer than one step"):
-        train(options(classifier_dir, reviews_csv, tmp_path / "x", batch_size=200), quiet=True)
+        train(train_options(classifier_dir, reviews_csv, tmp_path / "x", batch_size=200), quiet=True)
 
 
 def test_qlora_run_trains_on_a_4bit_base_and_evaluates_on_it(causal_dir, sft_jsonl, tmp_path):
-    summary = train(options(causal_dir, sft_jsonl, tmp_path / "q", task="sft", qlora=True, max_steps=4), quiet=True)
+    summary = train(train_options(causal_dir, sft_jsonl, tmp_path / "q", task="sft", qlora=True, max_steps=4), quiet=True)
     assert summary["method"] == "qlora"
     model, _, record = __import__("lorakit.hub.models", fromlist=["x"]).load_trained(tmp_path / "q")
     assert record["qlora"] and any(type(m).__name__ == "Linear4bit" for m in model.modules())

@@ -11,8 +11,7 @@ from lorakit.errors import ConfigError
 from lorakit.training.loop import train
 from lorakit.training.optim import OPTIMIZERS, build_optimizer, optimizer_state_bytes, param_groups
 from lorakit.training.options import resolve_options
-from tests.conftest import tiny_bert, tiny_llama
-from tests.training.test_training_loop import options
+from tests.helpers import tiny_bert, tiny_llama, train_options
 
 
 def log(output):
@@ -22,7 +21,7 @@ def log(output):
 
 @pytest.mark.parametrize("optim", OPTIMIZERS)
 def test_every_optimizer_trains(optim, classifier_dir, reviews_csv, tmp_path):
-    summary = train(options(classifier_dir, reviews_csv, tmp_path / optim, optim=optim), quiet=True)
+    summary = train(train_options(classifier_dir, reviews_csv, tmp_path / optim, optim=optim), quiet=True)
     assert summary["steps"] == 6 and all(torch.isfinite(torch.tensor(e["loss"])) for e in log(tmp_path / optim))
 
 
@@ -51,15 +50,15 @@ def test_adamw8bit_quantizes_small_lora_factors_too():
 
 def test_bad_recipe_options_are_named(classifier_dir, reviews_csv, tmp_path):
     with pytest.raises(ConfigError, match="unknown --optim 'adam'; choose one of adamw, adamw8bit, sgd, adafactor"):
-        options(classifier_dir, reviews_csv, tmp_path / "a", optim="adam")
+        train_options(classifier_dir, reviews_csv, tmp_path / "a", optim="adam")
     with pytest.raises(ConfigError, match="unknown --lr-scheduler 'step'"):
-        options(classifier_dir, reviews_csv, tmp_path / "a", lr_scheduler="step")
+        train_options(classifier_dir, reviews_csv, tmp_path / "a", lr_scheduler="step")
     with pytest.raises(ConfigError, match="--warmup-ratio must be in"):
-        options(classifier_dir, reviews_csv, tmp_path / "a", warmup_ratio=1.5)
+        train_options(classifier_dir, reviews_csv, tmp_path / "a", warmup_ratio=1.5)
     with pytest.raises(ConfigError, match="unknown --report-to 'wandb'"):
-        options(classifier_dir, reviews_csv, tmp_path / "a", report_to="wandb")
+        train_options(classifier_dir, reviews_csv, tmp_path / "a", report_to="wandb")
     with pytest.raises(ConfigError, match="with --full everything is trained in full"):
-        options(classifier_dir, reviews_csv, tmp_path / "a", head_lr=1e-3, full=True)
+        train_options(classifier_dir, reviews_csv, tmp_path / "a", head_lr=1e-3, full=True)
 
 
 def test_head_lr_puts_the_head_in_its_own_group_and_needs_one():
@@ -74,7 +73,7 @@ def test_head_lr_puts_the_head_in_its_own_group_and_needs_one():
 
 
 def test_warmup_ratio_and_cosine_schedule(classifier_dir, reviews_csv, tmp_path):
-    train(options(classifier_dir, reviews_csv, tmp_path / "run", max_steps=10, lr=1e-2, warmup_ratio=0.2,
+    train(train_options(classifier_dir, reviews_csv, tmp_path / "run", max_steps=10, lr=1e-2, warmup_ratio=0.2,
                   lr_scheduler="cosine"), quiet=True)
     lrs = [e["lr"] for e in log(tmp_path / "run")]
     assert lrs[0] == pytest.approx(1e-2 / 2) and lrs[1] == pytest.approx(1e-2)  # 2 warmup steps
@@ -96,6 +95,7 @@ def test_grad_checkpointing_run_and_tensorboard_scalars(causal_dir, sft_jsonl, t
     assert [e.step for e in events.Scalars("eval/loss")] == [3, 6]
 
 
+@pytest.mark.slow
 def test_compiled_run_follows_the_eager_loss_curve(causal_dir, sft_jsonl, tmp_path):
     # a model without dropout: compiled code draws random numbers differently
     for name, compiled in (("eager", False), ("compiled", True)):

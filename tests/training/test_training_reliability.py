@@ -11,8 +11,7 @@ from lorakit.training.data import Truncation, answer_tokens, encode
 from lorakit.training.learning_check import learning_check
 from lorakit.training.loop import train
 from lorakit.training.options import resolve_options
-
-from tests.training.test_training_loop import options
+from tests.helpers import train_options
 
 
 @pytest.mark.parametrize("bad", [{"max_steps": 0}, {"max_steps": -1}, {"lr": float("inf")}, {"lr": float("nan")},
@@ -20,7 +19,7 @@ from tests.training.test_training_loop import options
 def test_bad_steps_and_learning_rates_are_refused(bad, classifier_dir, reviews_csv, tmp_path):
     """Before: --max-steps 0 ran a whole epoch, -1 exited 0 after 0 steps, --lr inf saved NaN weights."""
     with pytest.raises(ConfigError) as refused:
-        options(classifier_dir, reviews_csv, tmp_path / "run", **bad)
+        train_options(classifier_dir, reviews_csv, tmp_path / "run", **bad)
     flag = next(iter(bad)).replace("_", "-")
     assert f"--{flag}" in str(refused.value)
     assert not (tmp_path / "run").exists()
@@ -29,7 +28,7 @@ def test_bad_steps_and_learning_rates_are_refused(bad, classifier_dir, reviews_c
 def test_a_diverging_run_stops_before_saving_nan(classifier_dir, reviews_csv, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(TrainingDivergedError, match="not finite"):
-        train(options(classifier_dir, reviews_csv, out, lr=1e30, max_grad_norm=0.0, max_steps=30, eval_steps=30,
+        train(train_options(classifier_dir, reviews_csv, out, lr=1e30, max_grad_norm=0.0, max_steps=30, eval_steps=30,
                       warmup_steps=0), quiet=True)
     assert not (out / "adapter").exists() and not (out / "checkpoint").exists()
     for line in (out / "train_log.jsonl").read_text().splitlines():  # strict JSON: no NaN / Infinity
