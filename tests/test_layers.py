@@ -75,17 +75,27 @@ def test_embedding_lookup_then_project():
 
 
 def test_dropout_only_touches_the_lora_branch():
+    """In training h = W0·x + s·B·A·dropout(x): the base term sees x whole, the LoRA term a dropped
+    x (the same mask replayed from the seed); in eval mode nothing is dropped."""
     torch.manual_seed(0)
     base = nn.Linear(16, 16)
     model, layer = single(base, init=False, dropout=0.5)
+    A, B = layer.lora_pair("default")
     x = torch.randn(4, 16)
+    lora = lambda z: 2.0 * (z @ A.T @ B.T)  # noqa: E731 (s = alpha / r = 8 / 4)
     model.train()
     with lk.disable_adapters(model):
         assert torch.equal(layer(x), base(x))  # base path has no dropout
-    outs = [layer(x) for _ in range(2)]
-    assert not torch.allclose(outs[0], outs[1])  # LoRA branch is dropped at random
+    torch.manual_seed(1)
+    with torch.no_grad():  # the general path (the fused one draws its mask its own way: tests/test_kernels.py)
+        out = layer(x)
+    torch.manual_seed(1)
+    dropped = nn.functional.dropout(x, 0.5, training=True)
+    assert not torch.equal(dropped, x)
+    torch.testing.assert_close(out, base(x) + lora(dropped), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(layer(x), out)  # another mask on the next call
     model.eval()
-    assert torch.allclose(layer(x), layer(x))
+    torch.testing.assert_close(layer(x), base(x) + lora(x), atol=1e-5, rtol=1e-5)
 
 
 def test_low_precision_base_keeps_fp32_adapters():

@@ -3,8 +3,10 @@ import json
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+import lorakit as lk
 from lorakit.cli import build_parser, main
 from lorakit.hub.models import load_trained
 from tests.helpers import TINY, run_cli
@@ -118,8 +120,12 @@ def test_variant_flags_reach_the_saved_adapter(flags, check, classifier_dir, rev
     assert code == 0, err
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert check(config), config
-    model, _, _ = load_trained(out)  # what was saved loads back onto the original base
-    assert model is not None
+    model, _, _ = load_trained(out)  # what was saved loads back onto the original base, every tensor as written
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    loaded = lk.adapter_state_dict(model)
+    assert loaded.keys() == saved.keys()
+    for key, tensor in saved.items():
+        torch.testing.assert_close(loaded[key].float(), tensor.float(), atol=0, rtol=0, msg=key)
 
 
 def test_estimate_counts_dora_magnitudes(capsys):
