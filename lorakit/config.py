@@ -66,7 +66,7 @@ class LoraConfig:
     modules_to_save: list[str] | None = None
     use_rslora: bool = False
     use_dora: bool = False  # DoRA (lorakit/variants/dora.py): a learned magnitude per output feature
-    init_lora_weights: bool | str = True  # True, False, "gaussian", "pissa", "pissa_niter_K", "olora" (inits.py)
+    init_lora_weights: bool | str = True  # True, False, "gaussian", "pissa", "pissa_niter_K", "olora" (variants/principal.py)
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     layers_to_transform: list[int] | int | None = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from .output import answer
 from .training import list_flag
 
 
@@ -16,13 +17,9 @@ def _combine(args: argparse.Namespace) -> int:
     result = combine_adapters(args.adapters, weights, args.output, method=args.method, density=args.density,
                               majority_sign_method=args.majority_sign_method, svd_rank=args.svd_rank,
                               base_model=args.base, overwrite=args.overwrite)
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    print(f"wrote {result['output']}: {result['method']} of {len(result['adapters'])} adapters "
-          f"(weights {', '.join(f'{w:g}' for w in result['weights'])}), r={result['r']}, "
-          f"{result['adapter_bytes'] / 1e6:.1f} MB")
-    return 0
+    return answer(args, result, lambda r: [
+        f"wrote {r['output']}: {r['method']} of {len(r['adapters'])} adapters (weights "
+        f"{', '.join(f'{w:g}' for w in r['weights'])}), r={r['r']}, {r['adapter_bytes'] / 1e6:.1f} MB"])
 
 
 def _extract(args: argparse.Namespace) -> int:
@@ -44,23 +41,22 @@ def _extract(args: argparse.Namespace) -> int:
         from ..tools.plots import extraction_plot
 
         report["plot"] = str(extraction_plot(report, args.plot))
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    for row in report["modules"]:
-        print(f"  {row['module']:<60} r {row['rank']:>4}  energy kept {row['retained_energy']:.4f}  "
-              f"relative error {row['relative_error']:.4f}")
-    if report["changed_not_linear"]:
-        what = "stored" if args.keep_changed else "NOT stored (pass --keep-changed to store them)"
-        print(f"{len(report['changed_not_linear'])} other tensors changed (norms, embeddings, biases): {what}")
-    if report["new_in_tuned"]:
-        print(f"stored as modules_to_save (only the tuned model has them): {', '.join(report['stored_modules_to_save'])}")
-    others = f" ({len(report['rank_pattern'])} layers with other ranks)" if report["rank_pattern"] else ""
-    print(f"wrote {report['output']}: r={report['r']}{others}, {report['adapter_bytes'] / 1e6:.1f} MB; energy kept: "
-          f"mean {report['mean_retained_energy']:.4f}, min {report['min_retained_energy']:.4f}")
-    if report.get("plot"):
-        print(f"plot: {report['plot']}")
-    return 0
+    def human(report):
+        for row in report["modules"]:
+            yield (f"  {row['module']:<60} r {row['rank']:>4}  energy kept {row['retained_energy']:.4f}  "
+                   f"relative error {row['relative_error']:.4f}")
+        if report["changed_not_linear"]:
+            what = "stored" if args.keep_changed else "NOT stored (pass --keep-changed to store them)"
+            yield f"{len(report['changed_not_linear'])} other tensors changed (norms, embeddings, biases): {what}"
+        if report["new_in_tuned"]:
+            yield f"stored as modules_to_save (only the tuned model has them): {', '.join(report['stored_modules_to_save'])}"
+        others = f" ({len(report['rank_pattern'])} layers with other ranks)" if report["rank_pattern"] else ""
+        yield (f"wrote {report['output']}: r={report['r']}{others}, {report['adapter_bytes'] / 1e6:.1f} MB; energy "
+               f"kept: mean {report['mean_retained_energy']:.4f}, min {report['min_retained_energy']:.4f}")
+        if report.get("plot"):
+            yield f"plot: {report['plot']}"
+
+    return answer(args, report, human)
 
 
 def add_commands(sub) -> None:

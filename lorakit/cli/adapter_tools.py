@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .output import answer
+
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
@@ -99,15 +101,15 @@ def _compress(args: argparse.Namespace) -> int:
     from ..tools import analysis
 
     result = analysis.compress(args.adapter, args.output, rank=args.rank, energy=args.energy)
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    for row in result["modules"]:
-        print(f"  {row['module']:<60} r {row['rank']:>3} -> {row['new_rank']:>3}  "
-              f"relative error {row['relative_error']:.4f}")
-    print(f"wrote {result['output']} (r={result['new_rank']}); max relative error {result['max_relative_error']:.4f}")
-    print(result["recommendation"]["text"])
-    return 0
+
+    def human(result):
+        for row in result["modules"]:
+            yield (f"  {row['module']:<60} r {row['rank']:>3} -> {row['new_rank']:>3}  "
+                   f"relative error {row['relative_error']:.4f}")
+        yield f"wrote {result['output']} (r={result['new_rank']}); max relative error {result['max_relative_error']:.4f}"
+        yield result["recommendation"]["text"]
+
+    return answer(args, result, human)
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ import json
 
 from ..errors import ConfigError
 from ..training.options import DEFAULTS_WHY
+from .output import answer
 
 # flags that map onto TrainOptions fields; every default is None so a YAML value is not overridden
 TRAIN_FLAGS = [
@@ -270,18 +271,15 @@ def _demo(args: argparse.Namespace) -> int:
 
     s = run_demo(output=args.output, steps=args.steps, seed=args.seed, eval_examples=args.eval_examples,
                  r=args.r, alpha=args.alpha)
-    if args.json:
-        print(json.dumps(s, indent=2))
-        return 0
-    print(f"\nLoRA r={s['r']} on every linear layer of MiniLM (all-linear): {s['lora_params']:,} LoRA params ({s['trainable_params']:,} "
-          f"trainable incl. classifier head, {100 * s['trainable_params'] / s['total_params']:.2f}% of "
-          f"{s['total_params']:,})")
-    print(f"trained {s['steps']} steps in {s['train_seconds']} s; loss curve {s['loss_curve']}")
-    print(f"test accuracy {s['test_accuracy']:.4f}, macro-F1 {s['test_macro_f1']:.4f} (reloaded adapter "
-          f"{s['reloaded_accuracy']:.4f}, merged model {s['merged_accuracy']:.4f}; max |logit diff| "
-          f"{s['max_abs_diff_merged']:.2e})")
-    print(f"adapter ({s['adapter_bytes']:,} bytes): {s['adapter_dir']}\nmerged plain transformers model: {s['merged_dir']}")
-    return 0
+    return answer(args, s, lambda s: [
+        f"\nLoRA r={s['r']} on every linear layer of MiniLM (all-linear): {s['lora_params']:,} LoRA params "
+        f"({s['trainable_params']:,} trainable incl. classifier head, "
+        f"{100 * s['trainable_params'] / s['total_params']:.2f}% of {s['total_params']:,})",
+        f"trained {s['steps']} steps in {s['train_seconds']} s; loss curve {s['loss_curve']}",
+        f"test accuracy {s['test_accuracy']:.4f}, macro-F1 {s['test_macro_f1']:.4f} (reloaded adapter "
+        f"{s['reloaded_accuracy']:.4f}, merged model {s['merged_accuracy']:.4f}; max |logit diff| "
+        f"{s['max_abs_diff_merged']:.2e})",
+        f"adapter ({s['adapter_bytes']:,} bytes): {s['adapter_dir']}\nmerged plain transformers model: {s['merged_dir']}"])
 
 
 def add_commands(sub) -> None:

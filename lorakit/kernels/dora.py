@@ -1,4 +1,4 @@
-"""A fused autograd path for training a DoRA linear layer on a frozen base (see dora.py for DoRA).
+"""A fused autograd path for training a DoRA linear layer on a frozen base (see variants/dora.py for DoRA).
 
 Without dropout, y = b + k ⊙ z with z = W0·x + s·B·A·x and k = m / n, n = ‖W0 + s·B·A‖ per output
 feature, held constant in backward (DoRA §4.3, as PEFT). What PEFT pays for, and this path does not:

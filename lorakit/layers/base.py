@@ -77,23 +77,28 @@ class LoraLayer(nn.Module):
             return getattr(base, name)
 
     # --- to implement per layer type ---------------------------------------------------------
-    def lora_pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (A, B) parameters of adapter ``name``: A is r×in, B is out×r."""
-        raise NotImplementedError
-
     def create_pair(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
-        raise NotImplementedError
-
-    def adapter_containers(self) -> tuple[nn.Module, nn.Module]:
         raise NotImplementedError
 
     def lora_dims(self) -> tuple[int, int]:
         """(k, d) with A: r×k and B: d×r."""
         raise NotImplementedError
 
+    # --- the adapters' A and B, held in the two containers ``pair_attributes`` names ------------
+    pair_attributes = ("lora_A", "lora_B")  # PEFT's attribute names, hence its state-dict keys
+
+    def adapter_containers(self) -> tuple[nn.Module, nn.Module]:
+        return getattr(self, self.pair_attributes[0]), getattr(self, self.pair_attributes[1])
+
     @property
     def adapter_names(self) -> list[str]:
-        raise NotImplementedError
+        return list(self.adapter_containers()[0].keys())
+
+    def lora_pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (A, B) parameters of adapter ``name``: A is r×in, B is out×r (a module's weight, or
+        the parameter itself where the container holds parameters)."""
+        A, B = (container[name] for container in self.adapter_containers())
+        return (A.weight, B.weight) if isinstance(A, nn.Module) else (A, B)
 
     # --- shared behaviour --------------------------------------------------------------------
     @property
@@ -310,13 +315,3 @@ class ModulePairLayer(LoraLayer):
         super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-
-    def adapter_containers(self):
-        return self.lora_A, self.lora_B
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.lora_A.keys())
-
-    def lora_pair(self, name):
-        return self.lora_A[name].weight, self.lora_B[name].weight

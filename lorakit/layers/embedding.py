@@ -19,24 +19,15 @@ class LoraEmbedding(LoraLayer):
 
     transpose_delta = True  # the embedding table is num_embeddings×dim, B@A is dim×num_embeddings
     dora_variant = DoraEmbedding
+    pair_attributes = ("lora_embedding_A", "lora_embedding_B")  # plain parameters, as PEFT keeps them
 
     def __init__(self, base_layer: nn.Embedding):
         super().__init__(base_layer)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
-    def adapter_containers(self):
-        return self.lora_embedding_A, self.lora_embedding_B
-
     def lora_dims(self):
         return lora_dims_of(self.base_layer)
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.lora_embedding_A.keys())
-
-    def lora_pair(self, name):
-        return self.lora_embedding_A[name], self.lora_embedding_B[name]
 
     def create_pair(self, name, r, dtype, device):
         num, dim = self.lora_dims()

@@ -24,7 +24,7 @@ _ATTR = "_lorakit_registry"
 class AdapterRegistry:
     configs: dict[str, LoraConfig] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
-    allocator: Any = None  # AdaLoRA's rank allocator while one trains (rank_allocator.py)
+    allocator: Any = None  # AdaLoRA's rank allocator while one trains (model/adalora.py)
     hooks: list = field(default_factory=list)  # forward-hook handles to remove when lorakit goes
 
 

@@ -198,7 +198,7 @@ def activation_bytes(config, batch: int, seq: int, bytes_per: int, checkpointing
     else:
         layers_total = layers * per_layer
     # At the start of backward the fp32 logits, their log-softmax and both gradients coexist; the
-    # chunked loss (lorakit train's, losses.py) holds them for one chunk of tokens at a time.
+    # chunked loss (lorakit train's, kernels/losses.py) holds them for one chunk of tokens at a time.
     tokens = batch * seq
     if chunked_loss:
         from ..kernels.losses import CHUNK_ELEMENTS

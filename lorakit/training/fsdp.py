@@ -35,7 +35,7 @@ def shard(model: nn.Module, chunked_loss: bool) -> nn.Module:
     """Shard ``model``'s blocks, then the model itself as the root, whose forward gathers what no
     block owns (embeddings, final norm, head). Evaluation and generation call the model as usual.
 
-    The chunked loss (losses.py) reads the head's weight outside any forward, where FSDP would hand
+    The chunked loss (kernels/losses.py) reads the head's weight outside any forward, where FSDP would hand
     it over sharded; so the training step runs it inside the root's forward instead, through a
     ``chunked_loss=True`` keyword this adds to the model's forward."""
     from torch.distributed.fsdp import fully_shard

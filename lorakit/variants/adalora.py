@@ -2,7 +2,7 @@
 
 Each adapted layer holds A (Q, r×in), B (P, out×r) and Λ = lora_E (r×1); the update is
 s·B·(A ⊙ Λ) with s = lora_alpha / init_r, fixed (PEFT's ``ranknum`` stays at init_r). Training adds an
-orthogonality penalty on A and B, and a rank allocator (rank_allocator.py) zeroes the least important
+orthogonality penalty on A and B, and a rank allocator (model/adalora.py) zeroes the least important
 triplets (P_i, λ_i, Q_i) until the average rank is ``target_r``. A saved adapter keeps only the live
 triplets and says which ones in ``rank_pattern`` ({"<path>.lora_E": [bool] * init_r}), PEFT's format.
 

@@ -5,7 +5,7 @@ the adapter is added, and asks it for what differs between LoRA variants: extra 
 forward term, merging and unmerging, the per-row scale of a mixed batch, the fused training path.
 The tensors stay on the layer (under PEFT's attribute names, hence its state-dict keys); a variant
 holds only what it computes about them (DoRA's cached norms). A new variant subclasses
-``LoraVariant`` and is picked in ``variant_for`` (variants/__init__.py).
+``LoraVariant`` and is picked by the layer (``lora_variant`` / ``dora_variant``, layers/base.py).
 """
 
 from __future__ import annotations
