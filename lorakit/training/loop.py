@@ -14,7 +14,6 @@ import random
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -48,42 +47,9 @@ from .options import TrainOptions, save_options
 from .packing import pack_examples
 from .placement import placement_for
 from .reporting import Reporter, json_record
+from .setup import clamp_seq_len, prepare_model, prepare_output
 
 BEST = "best_trainable.safetensors"
-
-
-def prepare_output(output: Path, options: TrainOptions, dist: Distributed) -> None:
-    if dist.is_main:
-        if output.exists() and any(output.iterdir()) and not (options.resume or options.overwrite):
-            raise ConfigError(f"output directory {output} is not empty; pass --overwrite to replace its run, "
-                              f"--resume to continue it, or choose another --output")
-        output.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-
-
-def clamp_seq_len(seq_len: int, model) -> int:
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and seq_len > limit:
-        warnings.warn(f"--seq-len {seq_len} exceeds the model's limit of {limit} positions; using {limit}",
-                      stacklevel=2)
-        return limit
-    return seq_len
-
-
-def prepare_model(model, options: TrainOptions, total_steps: int | None = None):
-    if options.grad_checkpointing:  # non-reentrant: works with a frozen base and the fused LoRA path
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if options.full:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    if options.qlora:
-        lk.quantize(model, compute_dtype=torch.bfloat16 if options.bf16 else torch.float32)
-    lk.inject(model, options.lora_config(total_steps))
-    if options.bf16 and not options.qlora:
-        lk.cast_base(model, torch.bfloat16)  # frozen base in bf16; LoRA weights and heads stay fp32
-    return model
 
 
 def _triplet_params(model, path: str) -> int:
@@ -101,58 +67,84 @@ class Trainer:
         prepare_output(self.output, options, self.dist)
         random.seed(options.seed)
         torch.manual_seed(options.seed)
-        splits = load_splits(options.data, options.seed)
-        require_rows(splits["train"], "train", options.data)
-        self.rows = splits
-        self.labels = label_names(splits["train"], options.label_column) if options.task == "classify" else None
-        if options.task == "classify" and self.labels is not None and len(self.labels) < 2:
-            raise ConfigError(f"the train split has a single label ({self.labels[0]}); classify needs at least two")
-        self.rss_before_model = resident_bytes()
-        model, self.tokenizer = load_model(options.model, options.task, self.labels)
-        self.seq_len = clamp_seq_len(options.seq_len, model)
-        self.templates = (options.prompt_template, options.response_template)
-        if options.task == "sft" and not any(self.templates) and options.data in EMBEDDED_SFT_TEMPLATES:
-            self.templates = EMBEDDED_SFT_TEMPLATES[options.data]
-        cap = options.eval_examples
-        truncation = Truncation(self.seq_len)
-        self.encoded = {split: self._encode(rows if split == "train" or cap is None else rows[:cap], split, truncation)
-                        for split, rows in splits.items()}
-        if self.dist.is_main:
-            truncation.report()
-        if options.task != "classify" and not answer_tokens(self.encoded["train"]):
-            raise ConfigError(f"no training row keeps a token to learn from at --seq-len {self.seq_len} (every answer "
-                              "is empty or cut away); raise --seq-len or check the answer column / --response-template")
-        if options.packing:
-            self.encoded["train"] = pack_examples(self.encoded["train"], self.seq_len)
-        per_micro = options.batch_size * self.dist.world_size
-        self.micro_per_epoch = len(self.encoded["train"]) // per_micro
-        steps_per_epoch = self.micro_per_epoch // options.grad_accum
-        self.total_steps = options.max_steps or max(options.min_steps or 1, math.ceil(options.epochs * steps_per_epoch))
-        self.adalora, self.placement = options.method == "adalora", placement_for(options.fsdp)
-        self.model = prepare_model(model, options, self.total_steps)
-        self.report = lk.trainable_parameters(self.model)
-        # causal LMs train through the chunked loss (never the full logits); DDP wraps, or FSDP
-        # shards, what runs the step; the optimizer is built after sharding, on the shards
-        causal = options.task != "classify" and supports_chunked_loss(self.model)
-        self.wrapped_is_chunked = causal
-        self.wrapped = self.placement.place(self.model, ChunkedLossLM(self.model) if causal else self.model, self.dist)
-        if options.compile:  # the weights stay the model's own: saving and evaluation use self.model
-            self.wrapped = torch.compile(self.wrapped)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self._load_data()
+        model = self._load_model()
+        self._encode_splits()
+        self._plan_steps()
+        self._place_model(model)
         self.optimizer = build_optimizer(self.model, options)
-        if self.micro_per_epoch < options.grad_accum:
-            raise ConfigError(f"the train split has {len(self.encoded['train'])} examples, fewer than one step of "
-                              f"{per_micro * options.grad_accum} (batch size x processes x grad accum); lower --batch-size")
-        self.eval_steps = options.eval_steps or steps_per_epoch
         self.scheduler = build_scheduler(self.optimizer, options, self.total_steps)
         self.reporter = Reporter(self.output, options.report_to) if self.dist.is_main else Reporter(None, None)
+        self.step, self.best, self.best_step, self.bad_evals = 0, None, None, 0
+        self.train_peak_measured, self.setup_bytes, self.setup_peak = False, None, 0
+        self.interrupted = False
+
+    def _load_data(self) -> None:
+        """The splits, and for classify the label names (at least two)."""
+        o = self.options
+        self.rows = load_splits(o.data, o.seed)
+        require_rows(self.rows["train"], "train", o.data)
+        self.labels = label_names(self.rows["train"], o.label_column) if o.task == "classify" else None
+        if o.task == "classify" and self.labels is not None and len(self.labels) < 2:
+            raise ConfigError(f"the train split has a single label ({self.labels[0]}); classify needs at least two")
+
+    def _load_model(self):
+        """The base model for the task (its head sized to the labels), its tokenizer, and what the
+        model decides about encoding: the usable sequence length, SFT templates."""
+        o = self.options
+        self.rss_before_model = resident_bytes()
+        model, self.tokenizer = load_model(o.model, o.task, self.labels)
+        self.seq_len = clamp_seq_len(o.seq_len, model)
+        self.templates = (o.prompt_template, o.response_template)
+        if o.task == "sft" and not any(self.templates) and o.data in EMBEDDED_SFT_TEMPLATES:
+            self.templates = EMBEDDED_SFT_TEMPLATES[o.data]
+        return model
+
+    def _encode_splits(self) -> None:
+        """Every split tokenized (validation / test capped at --eval-examples), truncation reported,
+        the train split packed with --packing; refused when no row keeps a token to learn from."""
+        o, cap, truncation = self.options, self.options.eval_examples, Truncation(self.seq_len)
+        self.encoded = {split: self._encode(rows if split == "train" or cap is None else rows[:cap], split, truncation)
+                        for split, rows in self.rows.items()}
+        if self.dist.is_main:
+            truncation.report()
+        if o.task != "classify" and not answer_tokens(self.encoded["train"]):
+            raise ConfigError(f"no training row keeps a token to learn from at --seq-len {self.seq_len} (every answer "
+                              "is empty or cut away); raise --seq-len or check the answer column / --response-template")
+        if o.packing:
+            self.encoded["train"] = pack_examples(self.encoded["train"], self.seq_len)
+
+    def _plan_steps(self) -> None:
+        """Micro-batches per epoch, optimizer steps in all, evaluation interval; refused when the
+        train split holds less than one step."""
+        o = self.options
+        per_micro = o.batch_size * self.dist.world_size
+        self.micro_per_epoch = len(self.encoded["train"]) // per_micro
+        if self.micro_per_epoch < o.grad_accum:
+            raise ConfigError(f"the train split has {len(self.encoded['train'])} examples, fewer than one step of "
+                              f"{per_micro * o.grad_accum} (batch size x processes x grad accum); lower --batch-size")
+        steps_per_epoch = self.micro_per_epoch // o.grad_accum
+        self.total_steps = o.max_steps or max(o.min_steps or 1, math.ceil(o.epochs * steps_per_epoch))
+        self.eval_steps = o.eval_steps or steps_per_epoch
+
+    def _place_model(self, model) -> None:
+        """Adapters injected, and what runs the step placed: causal LMs train through the chunked
+        loss (never the full logits); DDP wraps, or FSDP shards, it; the optimizer is built after
+        sharding, on the shards."""
+        o = self.options
+        self.adalora, self.placement = o.method == "adalora", placement_for(o.fsdp)
+        self.model = prepare_model(model, o, self.total_steps)
+        self.report = lk.trainable_parameters(self.model)
+        causal = o.task != "classify" and supports_chunked_loss(self.model)
+        self.wrapped_is_chunked = causal
+        self.wrapped = self.placement.place(self.model, ChunkedLossLM(self.model) if causal else self.model, self.dist)
+        if o.compile:  # the weights stay the model's own: saving and evaluation use self.model
+            self.wrapped = torch.compile(self.wrapped)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.evaluates = self.placement.evaluates(self.dist)
         # AdaLoRA's orthogonality penalty joins the model's own loss (a hook, as in PEFT); the chunked
         # loss bypasses the model's output, so the loop adds it there
         self.add_penalty = self.adalora and causal
-        self.step, self.best, self.best_step, self.bad_evals = 0, None, None, 0
-        self.train_peak_measured, self.setup_bytes, self.setup_peak = False, None, 0
-        self.interrupted = False
 
     def _encode(self, rows, split, truncation):
         o = self.options

@@ -1,0 +1,49 @@
+"""What a run prepares before its first step: the output directory, the usable sequence length and
+the model to train (adapters injected from ``TrainOptions.lora_config``, or every weight for --full)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+import lorakit as lk
+
+from ..errors import ConfigError
+from .distributed import Distributed
+from .options import TrainOptions
+
+
+def prepare_output(output: Path, options: TrainOptions, dist: Distributed) -> None:
+    if dist.is_main:
+        if output.exists() and any(output.iterdir()) and not (options.resume or options.overwrite):
+            raise ConfigError(f"output directory {output} is not empty; pass --overwrite to replace its run, "
+                              f"--resume to continue it, or choose another --output")
+        output.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+
+
+def clamp_seq_len(seq_len: int, model) -> int:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and seq_len > limit:
+        warnings.warn(f"--seq-len {seq_len} exceeds the model's limit of {limit} positions; using {limit}",
+                      stacklevel=2)
+        return limit
+    return seq_len
+
+
+def prepare_model(model, options: TrainOptions, total_steps: int | None = None):
+    if options.grad_checkpointing:  # non-reentrant: works with a frozen base and the fused LoRA path
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if options.full:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if options.qlora:
+        lk.quantize(model, compute_dtype=torch.bfloat16 if options.bf16 else torch.float32)
+    lk.inject(model, options.lora_config(total_steps))
+    if options.bf16 and not options.qlora:
+        lk.cast_base(model, torch.bfloat16)  # frozen base in bf16; LoRA weights and heads stay fp32
+    return model
