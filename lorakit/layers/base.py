@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .. import delta as arith
+from ..errors import ConfigError
 from ..kernels.nf4 import Linear4bit
 from ..variants.lora import LoraVariant
 
@@ -119,6 +120,8 @@ class LoraLayer(nn.Module):
         return self.base_layer.weight
 
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init, use_dora: bool = False) -> None:
+        if use_dora and self.dora_variant is None:
+            raise ConfigError(f"DoRA is not offered for {type(self).__name__} layers; adapt them with plain LoRA.")
         weight = self.reference()
         self.create_pair(name, r, adapter_dtype(weight), weight.device)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

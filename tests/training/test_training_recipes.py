@@ -1,5 +1,5 @@
 """Training recipes: optimizers, schedules, a head learning rate, gradient checkpointing (its loss and
-gradients: tests/test_kernels.py), TensorBoard, torch.compile."""
+gradients: tests/kernels/test_kernels.py), TensorBoard, torch.compile."""
 
 import json
 

@@ -87,7 +87,7 @@ def test_dropout_only_touches_the_lora_branch():
     with lk.disable_adapters(model):
         assert torch.equal(layer(x), base(x))  # base path has no dropout
     torch.manual_seed(1)
-    with torch.no_grad():  # the general path (the fused one draws its mask its own way: tests/test_kernels.py)
+    with torch.no_grad():  # the general path (the fused one draws its mask its own way: tests/kernels/test_kernels.py)
         out = layer(x)
     torch.manual_seed(1)
     dropped = nn.functional.dropout(x, 0.5, training=True)
