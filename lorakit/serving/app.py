@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from . import completions, endpoints
 from .engine import Engine, ServingError
-from .protocol import ClientGone, ClientWatch, error_response, read_body, require_bearer  # noqa: F401 (re-exported)
+from .protocol import error_response, require_bearer
 
 
 def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:

@@ -1,0 +1,1 @@
+"""Training: options, data, the loop, DDP / FSDP placement, evaluation, sweeps (`lorakit train`)."""
