@@ -23,16 +23,16 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import AdapterFileError, AdapterMismatchError, ConfigError
-from ..layers.base import LoraLayer, lora_dims_of
-from ..layers.conv import CONV_TYPES, conv_pair_shapes
+from ..layers.base import LoraLayer
 from ..layers.embedding import LoraEmbedding
 from ..layers.modules_to_save import ModulesToSave
 from ..layers.moe import nested_path
 from ..layers.param import innermost, param_geometry
-from ..model.injection import apply_plan, plan_injection
+from ..model.injection import apply_plan, layer_class_for, plan_injection
 from ..model.state import check_names, lora_layers, registry, saved_modules
 from ..model.targeting import iter_base_modules, unwrap
 from ..variants.adalora import config_from_peft_dict, is_adalora, saved_pattern
+from ..variants.dora import magnitude_shape
 from ..variants.principal import initial_pair
 from .atomic import staged_directory
 from .peft_format import (
@@ -255,12 +255,8 @@ def _match_tensors(model, plan, tensors, directory):
         base = unwrap(model.get_submodule(path))
         r = config.rank_for(path)
         key_a, key_b = pair_keys(path, isinstance(base, nn.Embedding), prefix="")
-        if isinstance(base, CONV_TYPES):
-            shape_a, shape_b = conv_pair_shapes(base, r)
-            magnitude = (1, base.out_channels, *([1] * (base.weight.dim() - 2)))
-        else:
-            k, d = lora_dims_of(base)
-            shape_a, shape_b, magnitude = (r, k), (d, r), (d,)
+        shape_a, shape_b = layer_class_for(base).pair_shapes(base, r)
+        magnitude = magnitude_shape(shape_b[0], len(shape_a))  # A has the weight's number of axes
         if is_adalora(config):  # PEFT's AdaLoRA keys: plain parameters, and Λ
             key_a, key_b, key_e = adalora_keys(path, prefix="")
             take(key_e, (r, 1), path, "E")

@@ -85,6 +85,13 @@ class LoraLayer(nn.Module):
         """(k, d) with A: r×k and B: d×r."""
         raise NotImplementedError
 
+    @classmethod
+    def pair_shapes(cls, base: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of A and B this layer type gives a rank-r adapter of ``base`` (before wrapping
+        it: loading checks a file against them)."""
+        k, d = lora_dims_of(base)
+        return (r, k), (d, r)
+
     # --- the adapters' A and B, held in the two containers ``pair_attributes`` names ------------
     pair_attributes = ("lora_A", "lora_B")  # PEFT's attribute names, hence its state-dict keys
 

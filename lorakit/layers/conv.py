@@ -26,12 +26,6 @@ def check_conv(base: nn.Module, path: str) -> None:
                           "with groups=1 only (PEFT cannot merge grouped ones). Leave it out of target_modules.")
 
 
-def conv_pair_shapes(base: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes of A (r×in×k…) and B (out×r×1…) for a convolution."""
-    kernel = tuple(base.kernel_size)
-    return (r, base.in_channels, *kernel), (base.out_channels, r, *([1] * len(kernel)))
-
-
 class LoraConv(RowGroupedMixed, ModulePairLayer):
     dora_variant = DoraConv
 
@@ -42,6 +36,12 @@ class LoraConv(RowGroupedMixed, ModulePairLayer):
 
     def lora_dims(self):
         return self.base_layer.in_channels, self.base_layer.out_channels
+
+    @classmethod
+    def pair_shapes(cls, base, r):
+        """A: r×in×k… (the base's kernel), B: out×r×1… (a 1×1 convolution)."""
+        kernel = tuple(base.kernel_size)
+        return (r, base.in_channels, *kernel), (base.out_channels, r, *([1] * len(kernel)))
 
     def create_pair(self, name, r, dtype, device):
         base = self.base_layer

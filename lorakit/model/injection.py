@@ -43,6 +43,13 @@ def check_svd_target(module: nn.Module, path: str) -> None:
                           "layers only. Leave it out of target_modules (or use LoraConfig for it).")
 
 
+def layer_class_for(base: nn.Module) -> type[LoraLayer]:
+    """The LoRA layer type that wraps ``base`` (a target module, unwrapped)."""
+    if isinstance(base, CONV_TYPES):
+        return LoraConv
+    return LoraEmbedding if isinstance(base, nn.Embedding) else LoraLinear
+
+
 def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str, strict: bool = True) -> InjectionPlan:
     """Resolve ``config`` against ``model``; strict=False (loading a saved adapter) tolerates
     modules_to_save entries that the model lacks."""
@@ -99,8 +106,7 @@ def apply_plan(model: nn.Module, plan: InjectionPlan, adapter_name: str) -> None
     modes = {path: model.get_submodule(path).training for path in paths}
     for path in plan.targets:
         base = unwrap(model.get_submodule(path))
-        layer = _wrap(model, path, LoraConv if isinstance(base, CONV_TYPES) else
-                      LoraEmbedding if isinstance(base, nn.Embedding) else LoraLinear)
+        layer = _wrap(model, path, layer_class_for(base))
         layer.add_adapter(adapter_name, config.rank_for(path), config.scaling_for(path),
                           config.lora_dropout, config.init_lora_weights, use_dora=config.use_dora)
         if is_adalora(config):

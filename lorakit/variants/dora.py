@@ -38,12 +38,10 @@ def column_norm(layer, name: str, weight: torch.Tensor, dtype: torch.dtype | Non
         return arith.feature_norm(total, arith.feature_axis(layer.transpose_delta))
 
 
-def magnitude_shape(layer) -> tuple[int, ...]:
-    """PEFT's stored shape: (features,), or (1, out, 1, ...) for a convolution (it broadcasts over
-    the convolution's output, channels second)."""
-    features = layer.lora_dims()[1]
-    ndim = len(layer.weight_shape)
-    return (1, features, *([1] * (ndim - 2))) if ndim > 2 else (features,)
+def magnitude_shape(features: int, weight_ndim: int) -> tuple[int, ...]:
+    """PEFT's stored shape of m: (features,), or (1, out, 1, ...) for a convolution's weight (it
+    broadcasts over the convolution's output, channels second)."""
+    return (1, features, *([1] * (weight_ndim - 2))) if weight_ndim > 2 else (features,)
 
 
 class Dora(LoraVariant):
@@ -59,7 +57,8 @@ class Dora(LoraVariant):
         """m = ‖W0 + s·B·A‖ (B is usually still zero) for a new adapter."""
         A, _ = layer.lora_pair(name)
         norm = column_norm(layer, name, layer.base_weight, torch.float32)
-        layer.lora_magnitude_vector[name] = nn.Parameter(norm.to(A.dtype).reshape(magnitude_shape(layer)))
+        shape = magnitude_shape(layer.lora_dims()[1], len(layer.weight_shape))
+        layer.lora_magnitude_vector[name] = nn.Parameter(norm.to(A.dtype).reshape(shape))
 
     def parameters(self, layer, name):
         return [layer.lora_magnitude_vector[name]]
