@@ -105,7 +105,8 @@ class LoraLayer(nn.Module):
     def lora_pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The (A, B) parameters of adapter ``name``: A is r×in, B is out×r (a module's weight, or
         the parameter itself where the container holds parameters)."""
-        A, B = (container[name] for container in self.adapter_containers())
+        first, second = self.adapter_containers()
+        A, B = first[name], second[name]
         return (A.weight, B.weight) if isinstance(A, nn.Module) else (A, B)
 
     # --- shared behaviour --------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 from ..config import LoraConfig
 from ..errors import AdapterMismatchError, ConfigError
 from ..io.checkpoint import read_adapter, write_adapter
-from ..io.peft_format import magnitude_key, pair_keys, split_tensors
+from ..io.peft_format import pair_keys, split_tensors
 from ..variants.adalora import is_adalora
 
 
@@ -62,7 +62,7 @@ class ModuleStats:
 
 def load_updates(directory: str | os.PathLike) -> tuple[LoraConfig, list[ModuleUpdate], dict[str, torch.Tensor]]:
     """The adapter's per-module (A, B, scaling), plus its other tensors (heads, biases) untouched.
-    AdaLoRA's Λ is folded into A (the update is s·B·(A⊙Λ)); DoRA's magnitude stays with the others."""
+    AdaLoRA's Λ is folded into A (the update is s·B·(A⊙Λ)); a DoRA magnitude is not part of it."""
     config, tensors = read_adapter(directory)
     parts, others = split_tensors(tensors, directory)
     updates = []
@@ -70,8 +70,6 @@ def load_updates(directory: str | os.PathLike) -> tuple[LoraConfig, list[ModuleU
         A, B = part.folded_A().float(), part.B.float()
         _check_rank(config, path, A, B, directory)
         updates.append(ModuleUpdate(path, A, B, config.scaling_for(path), part.embedding))
-        if part.m is not None:
-            others[magnitude_key(path)] = part.m
     return config, updates, others
 
 
