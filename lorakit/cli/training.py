@@ -14,7 +14,9 @@ TRAIN_FLAGS = [
     ("--model", str, "embedded name (minilm, smollm2-135m), a model directory or a .gguf file"),
     ("--data", str, "embedded name (rotten-tomatoes, bbc-news, hamlet), a CSV/JSONL/parquet/text file, or a "
                     "directory with train.*/validation.*/test.*"),
-    ("--task", str, "classify | sft | lm"),
+    ("--task", str, "classify | sft | lm, or preference / RL: dpo | orpo | kto | grpo (data layouts, as TRL's: "
+                    "prompt/chosen/rejected or chosen/rejected for dpo and orpo, prompt/completion/label for kto, "
+                    "prompt plus the columns rewards read for grpo; text or chat conversations)"),
     ("--output", str, "run directory (log, checkpoint, adapter, loss curve)"),
     ("--r", int, "LoRA rank"), ("--alpha", float, "lora_alpha (default 2*r)"), ("--dropout", float, "lora_dropout"),
     ("--epochs", float, "passes over the train split (default 1)"),
@@ -49,6 +51,26 @@ TRAIN_FLAGS = [
     ("--prompt-template", str, "sft: format a row into the user turn, e.g. 'Review: {text}'"),
     ("--response-template", str, "sft: format the answer, e.g. '{label}'"),
     ("--log-every", int, None),
+    ("--adapter", str, "dpo/orpo/kto/grpo: start from this trained adapter (e.g. an SFT run's adapter/); a frozen "
+                       "copy of it is the reference policy (without it: a new adapter, the base is the reference)"),
+    ("--beta", float, "dpo/orpo/kto/grpo: strength of the reference (KL) term (TRL's defaults: 0.1; grpo 0.0, "
+                      "which runs no reference pass)"),
+    ("--label-smoothing", float, "dpo --loss robust / simpo: probability that a preference is flipped"),
+    ("--simpo-gamma", float, "dpo --loss simpo: target reward margin (default 0.5)"),
+    ("--cpo-alpha", float, "dpo --loss simpo: weight of the chosen NLL (default 0: SimPO; TRL's CPO uses 1.0)"),
+    ("--desirable-weight", float, "kto: weight of desirable completions"),
+    ("--undesirable-weight", float, "kto: weight of undesirable completions"),
+    ("--num-generations", int, "grpo: completions per prompt, G (default 8); --batch-size counts prompts, so a "
+                               "micro-batch holds batch x G completions (TRL's per_device_train_batch_size)"),
+    ("--max-completion-length", int, "grpo: tokens per sampled completion (default 64)"),
+    ("--temperature", float, "grpo: sampling temperature (default 1.0)"), ("--top-p", float, "grpo: nucleus sampling"),
+    ("--num-iterations", int, "grpo: optimizer steps per generation (the clipped ratio's mu; default 1)"),
+    ("--epsilon", float, "grpo: clip range of the ratio (default 0.2)"),
+    ("--epsilon-high", float, "grpo: upper clip (default: --epsilon)"),
+    ("--scale-rewards", str, "grpo: divide advantages by the group's (group), batch's (batch) or no (none) std"),
+    ("--answer-column", str, "grpo answer_match reward: the column with the right answer (default answer, or label)"),
+    ("--answer-pattern", str, "grpo answer_match reward: regex whose first group is the answer (default: first word)"),
+    ("--format-pattern", str, "grpo format reward: regex the whole completion must match"),
     ("--max-grad-norm", float, "clip the gradients' global norm to this (default 1.0; 0 turns clipping off)"),
 ]
 TRAIN_SWITCHES = [("--use-dora", "DoRA: learn a magnitude per output feature besides the low-rank direction"),
@@ -61,6 +83,8 @@ TRAIN_SWITCHES = [("--use-dora", "DoRA: learn a magnitude per output feature bes
                   ("--bf16", "frozen base in bf16 + autocast; LoRA weights stay fp32"),
                   ("--qlora", "frozen base quantized to 4-bit NF4"), ("--full", "full fine-tuning, for comparison"),
                   ("--resume", "continue the run in --output from its checkpoint"),
+                  ("--precompute-ref", "dpo/kto: compute the reference log-probabilities once before training "
+                                       "instead of a no-grad forward each step"),
                   ("--overwrite", "replace a previous run in --output")]
 
 
@@ -76,6 +100,15 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
                         help="modules trained in full besides the adapters (classify always adds its head)")
     for flag, text in TRAIN_SWITCHES:
         parser.add_argument(flag, action="store_true", default=None, help=text)
+    parser.add_argument("--loss", dest="loss_type", default=None,
+                        help="dpo: sigmoid (default), ipo, hinge, robust, or simpo (reference-free, TRL's CPO); grpo: "
+                             "dapo (default, TRL's), grpo, bnpo, dr_grpo")
+    parser.add_argument("--reward", dest="rewards", action="append", default=None,
+                        help="grpo, repeatable: NAME or NAME=WEIGHT, NAME a built-in (answer_match: the extracted answer "
+                             "equals --answer-column; format: matches --format-pattern; length: a length penalty) or "
+                             "module:function / file.py:function called as TRL calls reward functions (prompts=, "
+                             "completions=, completion_ids=, and every other column as keyword arguments); default "
+                             "answer_match")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -108,13 +141,16 @@ def options_from(args: argparse.Namespace):
         targets = targets[0]
     overrides["targets"] = targets
     overrides["modules_to_save"] = list_flag(args.modules_to_save)
+    overrides["loss_type"] = args.loss_type
+    overrides["rewards"] = list_flag(args.rewards)
     return resolve_options(args.config, overrides)
 
 
 def _print_metrics(metrics: dict | None, indent: str = "  ") -> None:
     if not metrics:
         return
-    for key in ("accuracy", "macro_f1", "answer_accuracy", "loss", "perplexity", "examples"):
+    for key in ("accuracy", "macro_f1", "answer_accuracy", "reward", "preference_accuracy", "rewards/accuracies",
+                "rewards/margins", "kl", "loss", "perplexity", "examples"):
         if key in metrics:
             value = metrics[key]
             print(f"{indent}{key:<16} {value:.4f}" if isinstance(value, float) else f"{indent}{key:<16} {value}")

@@ -53,13 +53,14 @@ class _Row:
         self.tokens: list[int] = []
         self.sent = 0
         self.finish: str | None = None
+        self.stop_token: int | None = None  # the end-of-sequence token that ended it, if one did
         self.generator = torch.Generator().manual_seed(request.seed) if request.seed is not None else None
         self.hold = max((len(s) for s in request.stop), default=1) - 1  # chars that may start a stop string
 
     def add(self, token: int) -> None:
         self.on_token(self.request)
         if token in self.eos_ids:
-            self.finish = "stop"
+            self.finish, self.stop_token = "stop", token
             return
         self.tokens.append(token)
         raw = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
@@ -88,7 +89,9 @@ class _Row:
         if len(text) > self.sent:
             self.request.sink("delta", text[self.sent:])
         self.request.sink("done", {"text": text, "finish_reason": self.finish or "length",
-                                   "completion_tokens": len(self.tokens), "prompt_tokens": len(self.request.prompt_ids)})
+                                   "completion_tokens": len(self.tokens), "prompt_tokens": len(self.request.prompt_ids),
+                                   # what was sampled, the end-of-sequence token included (RL trains on it)
+                                   "token_ids": self.tokens + ([self.stop_token] if self.stop_token is not None else [])})
 
 
 def _eos_ids(engine) -> set[int]:

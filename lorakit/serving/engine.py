@@ -70,6 +70,21 @@ class Engine:
 
     # --- requests ------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
+        self._admit(request)
+        self.queue.put(request)
+
+    def submit_all(self, requests: list[Request]) -> None:
+        """Queue several requests at once: the scheduler sees all of them on its next look, so the
+        batches they form (and hence sampled tokens) do not depend on thread timing (rollouts for
+        training want that)."""
+        for request in requests:
+            self._admit(request)
+        with self.queue.mutex:
+            self.queue.queue.extend(requests)
+            self.queue.unfinished_tasks += len(requests)
+            self.queue.not_empty.notify()
+
+    def _admit(self, request: Request) -> None:
         if not self.running:
             raise ServingError("the server is shutting down", 503)
         if self.waiting() >= self.limits.max_queue:
@@ -81,7 +96,6 @@ class Engine:
             raise ServingError(f"max_tokens must be between 1 and {self.limits.max_new_tokens}")
         self.pool.acquire(request.adapter)
         self.counters.accepted(request)
-        self.queue.put(request)
 
     def waiting(self) -> int:
         """Requests accepted but not started yet (those waiting for room for their adapter included)."""

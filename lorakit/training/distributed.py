@@ -43,6 +43,14 @@ class Distributed:
         torch_dist.all_reduce(values)
         return float(values[0]) / self.world_size, int(values[1]), bool(values[2] > 0)
 
+    def sum(self, value: float) -> float:
+        """``value`` summed over processes."""
+        if self.world_size == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch_dist.all_reduce(total)
+        return float(total[0])
+
     def broadcast_flag(self, flag: bool) -> bool:
         if self.world_size == 1:
             return flag

@@ -30,6 +30,7 @@ from ..kernels.losses import ChunkedLossLM, supports_chunked_loss
 from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint, trainable_state
 from .data import (
     EMBEDDED_SFT_TEMPLATES,
+    EMBEDDED_DATA,
     Truncation,
     answer_tokens,
     collate,
@@ -41,6 +42,9 @@ from .data import (
 from .distributed import Distributed
 from .evaluation import evaluate, split_metrics
 from .learning_check import learning_check
+from .objectives import OBJECTIVE_TASKS, objective_for
+from .objectives.base import mean_logs
+from .objectives.data import embedded_rows
 from .memory import estimated_bytes, peak_bytes, peak_since_reset, reset_peak, resident_bytes
 from .optim import build_optimizer, build_scheduler
 from .options import TrainOptions, save_options
@@ -50,6 +54,7 @@ from .reporting import Reporter, json_record
 from .setup import clamp_seq_len, prepare_model, prepare_output
 
 BEST = "best_trainable.safetensors"
+BAR_KEYS = ("reward", "kl", "rewards/accuracies", "rollout_tokens_per_s")  # shown beside the loss
 
 
 def _triplet_params(model, path: str) -> int:
@@ -69,6 +74,7 @@ class Trainer:
         torch.manual_seed(options.seed)
         self._load_data()
         model = self._load_model()
+        self.objective = objective_for(options, self.tokenizer, self.seq_len)  # None: classify, sft, lm
         self._encode_splits()
         self._plan_steps()
         self._place_model(model)
@@ -85,6 +91,11 @@ class Trainer:
         self.rows = load_splits(o.data, o.seed)
         require_rows(self.rows["train"], "train", o.data)
         self.labels = label_names(self.rows["train"], o.label_column) if o.task == "classify" else None
+        if o.task in OBJECTIVE_TASKS and o.data in EMBEDDED_DATA:
+            if o.data != "rotten-tomatoes":
+                raise ConfigError(f"--task {o.task}: the embedded set {o.data!r} has no preference layout; use "
+                                  "rotten-tomatoes or give a file (see --help for the layouts)")
+            self.rows = {split: embedded_rows(o.task, rows) for split, rows in self.rows.items()}
         if o.task == "classify" and self.labels is not None and len(self.labels) < 2:
             raise ConfigError(f"the train split has a single label ({self.labels[0]}); classify needs at least two")
 
@@ -93,7 +104,7 @@ class Trainer:
         model decides about encoding: the usable sequence length, SFT templates."""
         o = self.options
         self.rss_before_model = resident_bytes()
-        model, self.tokenizer = load_model(o.model, o.task, self.labels)
+        model, self.tokenizer = load_model(o.model, "sft" if o.task in OBJECTIVE_TASKS else o.task, self.labels)
         self.seq_len = clamp_seq_len(o.seq_len, model)
         self.templates = (o.prompt_template, o.response_template)
         if o.task == "sft" and not any(self.templates) and o.data in EMBEDDED_SFT_TEMPLATES:
@@ -104,6 +115,12 @@ class Trainer:
         """Every split tokenized (validation / test capped at --eval-examples), truncation reported,
         the train split packed with --packing; refused when no row keeps a token to learn from."""
         o, cap, truncation = self.options, self.options.eval_examples, Truncation(self.seq_len)
+        if self.objective is not None:
+            self.encoded = {split: self.objective.encode(rows if split == "train" or cap is None else rows[:cap], split)
+                            for split, rows in self.rows.items()}
+            if not self.encoded["train"]:
+                raise ConfigError(f"no training row is left at --seq-len {self.seq_len}; raise --seq-len")
+            return
         self.encoded = {split: self._encode(rows if split == "train" or cap is None else rows[:cap], split, truncation)
                         for split, rows in self.rows.items()}
         if self.dist.is_main:
@@ -123,7 +140,7 @@ class Trainer:
         if self.micro_per_epoch < o.grad_accum:
             raise ConfigError(f"the train split has {len(self.encoded['train'])} examples, fewer than one step of "
                               f"{per_micro * o.grad_accum} (batch size x processes x grad accum); lower --batch-size")
-        steps_per_epoch = self.micro_per_epoch // o.grad_accum
+        steps_per_epoch = self.micro_per_epoch // o.grad_accum * (o.num_iterations if o.task == "grpo" else 1)
         self.total_steps = o.max_steps or max(o.min_steps or 1, math.ceil(o.epochs * steps_per_epoch))
         self.eval_steps = o.eval_steps or steps_per_epoch
 
@@ -137,7 +154,12 @@ class Trainer:
         self.report = lk.trainable_parameters(self.model)
         causal = o.task != "classify" and supports_chunked_loss(self.model)
         self.wrapped_is_chunked = causal
-        self.wrapped = self.placement.place(self.model, ChunkedLossLM(self.model) if causal else self.model, self.dist)
+        if self.objective is not None:  # the step runs token log-probabilities (DDP wraps that module)
+            self.runner_module = self.objective.runner(self.model)
+            runner = self.runner_module
+        else:
+            runner = ChunkedLossLM(self.model) if causal else self.model
+        self.wrapped = self.placement.place(self.model, runner, self.dist)
         if o.compile:  # the weights stay the model's own: saving and evaluation use self.model
             self.wrapped = torch.compile(self.wrapped)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -164,12 +186,21 @@ class Trainer:
         return [self.encoded["train"][i] for i in order[start:start + self.options.batch_size]]
 
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            if self.objective is not None:
+                self.objective.close()  # the rollout engine's thread
+
+    def _run(self) -> dict:
         o = self.options
         if o.resume:
             self._resume()
         elif self.dist.is_main:
             save_options(o, self.output / "train_config.yaml")
             (self.output / "train_log.jsonl").write_text("")
+        if self.objective is not None:
+            self.objective.prepare(self)  # reward probes, precomputed references, the rollout engine
         log = open(self.output / "train_log.jsonl", "a") if self.dist.is_main else None
         previous = signal.signal(signal.SIGINT, self._on_interrupt)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not self.dist.is_main or self.quiet)
@@ -179,17 +210,20 @@ class Trainer:
         self.train_peak_measured = reset_peak(self.dist.device)
         try:
             while self.step < self.total_steps:
-                loss, tokens, stop = self._train_step()
+                loss, tokens, stop, extra = self._train_step()
                 self.step += 1
                 tokens_seen += tokens
                 speed = tokens_seen / max(1e-9, time.perf_counter() - started)
                 lr = self.scheduler.get_last_lr()[0]
                 if log and (self.step % o.log_every == 0 or self.step == self.total_steps):
                     log.write(json_record({"step": self.step, "epoch": round(self.step * o.grad_accum / self.micro_per_epoch, 4),
-                                          "loss": round(loss, 6), "lr": lr, "tokens_per_s": round(speed, 1)}) + "\n")
+                                          "loss": round(loss, 6), "lr": lr, "tokens_per_s": round(speed, 1),
+                                          **{k: round(v, 6) for k, v in extra.items()}}) + "\n")
                     log.flush()
-                    self.reporter.scalars(self.step, {"train/loss": loss, "train/lr": lr, "train/tokens_per_s": speed})
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
+                    self.reporter.scalars(self.step, {"train/loss": loss, "train/lr": lr, "train/tokens_per_s": speed,
+                                                      **{f"train/{k}": v for k, v in extra.items()}})
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}",
+                                **{k.replace("/", "_"): f"{extra[k]:.3g}" for k in BAR_KEYS if k in extra})
                 bar.update()
                 if self.step % self.eval_steps == 0 or self.step == self.total_steps:
                     if self._evaluate_and_select(log):
@@ -219,11 +253,20 @@ class Trainer:
         if self.dist.is_main:
             print("\nCtrl-C: finishing this step and saving a checkpoint (press again to abort)", file=sys.stderr)
 
-    def _train_step(self) -> tuple[float, int, bool]:
+    def _train_step(self) -> tuple[float, int, bool, dict]:
         o = self.options
         self.wrapped.train()
-        loss_sum, tokens = 0.0, 0
+        loss_sum, tokens, logs = 0.0, 0, []
         for k in range(o.grad_accum):
+            if self.objective is not None:
+                micro = self.objective.data_micro(self.step, k)
+                with self.placement.no_sync(self.wrapped, k == o.grad_accum - 1, self.dist):
+                    loss, micro_tokens, micro_logs = self.objective.micro_loss(self, self.micro_batch(micro), micro)
+                    loss.backward()
+                loss_sum += float(loss.detach())
+                tokens += micro_tokens
+                logs.append(micro_logs)
+                continue
             examples = self.micro_batch(self.step * o.grad_accum + k)
             batch = self.dist.to_device(collate(examples, self.tokenizer.pad_token_id))
             with self.placement.no_sync(self.wrapped, k == o.grad_accum - 1, self.dist), \
@@ -252,7 +295,7 @@ class Trainer:
             lk.update_and_allocate(self.model, self.step)
         self.optimizer.zero_grad(set_to_none=True)
         loss_mean, tokens_all, stop = self.dist.reduce_step(loss_sum, tokens, self.interrupted)
-        return loss_mean, tokens_all, stop
+        return loss_mean, tokens_all, stop, mean_logs(logs)
 
     def _evaluate_and_select(self, log) -> bool:
         """Evaluate on the validation split, keep the best weights; True when early stopping fires."""
@@ -261,9 +304,14 @@ class Trainer:
             return False
         stop = False
         if self.evaluates:
-            metrics = evaluate(self.model, examples, self.options.task, self.tokenizer.pad_token_id, self.labels,
-                               bf16=self.options.bf16)
-            score = metrics["accuracy"] if self.options.task == "classify" else -metrics["loss"]
+            if self.objective is not None:
+                self.model.eval()
+                metrics = self.objective.evaluate(self, examples)
+                score = self.objective.score(metrics)
+            else:
+                metrics = evaluate(self.model, examples, self.options.task, self.tokenizer.pad_token_id, self.labels,
+                                   bf16=self.options.bf16)
+                score = metrics["accuracy"] if self.options.task == "classify" else -metrics["loss"]
             self.reporter.scalars(self.step, {f"eval/{k}": v for k, v in metrics.items()
                                               if isinstance(v, (int, float)) and not isinstance(v, bool)})
             if self.best is None or score > self.best:
@@ -360,6 +408,9 @@ class Trainer:
         examples = self.encoded.get("test")
         if not examples:
             return None
+        if self.objective is not None:
+            self.model.eval()
+            return self.objective.evaluate(self, examples)
         cap = self.options.eval_examples
         rows = self.rows["test"][:cap] if cap else self.rows["test"]
         return split_metrics(self.model, self.tokenizer, self.options.task, examples, rows, self.labels,

@@ -61,6 +61,28 @@ class TrainOptions:
     eval_examples: int | None = None    # cap validation/test size for speed
     early_stopping_patience: int | None = None
     save_steps: int | None = None       # checkpoint every N steps (always at the end and on Ctrl-C)
+    # preference and RL (TRL's names; see training/objectives/)
+    adapter: str | None = None          # start from this trained adapter; its frozen copy is the reference
+    loss_type: str | None = None        # dpo: sigmoid, ipo, hinge, robust, simpo; grpo: dapo, grpo, bnpo, dr_grpo
+    beta: float | None = None           # None: the task's default (TRL's: 0.1; grpo 0.0 = no reference pass)
+    label_smoothing: float = 0.0        # robust DPO: the probability a preference is flipped; SimPO likewise
+    precompute_ref: bool = False        # reference log-probabilities once before training (precompute_ref_log_probs)
+    simpo_gamma: float = 0.5            # SimPO's target reward margin
+    cpo_alpha: float = 0.0              # SimPO: weight of the chosen NLL (TRL's CPO default is 1.0; SimPO uses 0)
+    desirable_weight: float = 1.0       # kto
+    undesirable_weight: float = 1.0     # kto
+    num_generations: int = 8            # grpo: completions per prompt (G)
+    max_completion_length: int = 64     # grpo: tokens per completion
+    temperature: float = 1.0            # grpo: sampling temperature (log-probabilities are taken at it too)
+    top_p: float = 1.0                  # grpo
+    num_iterations: int = 1             # grpo: optimizer steps per generation (the clipped ratio's μ)
+    epsilon: float = 0.2                # grpo: clip range
+    epsilon_high: float | None = None   # grpo: upper clip (None: epsilon)
+    scale_rewards: str = "group"        # grpo: group, batch or none
+    rewards: list[str] | None = None    # grpo: NAME[=WEIGHT], built-in or module:function (default answer_match)
+    answer_column: str | None = None    # grpo answer_match: the column holding the right answer ("answer" / "label")
+    answer_pattern: str | None = None   # grpo answer_match: regex extracting the answer (default: the first word)
+    format_pattern: str | None = None   # grpo format reward: regex the whole completion must match
     # data columns and templates
     text_column: str = "text"
     label_column: str = "label"
@@ -124,6 +146,11 @@ TASK_DEFAULTS = {
     "classify": {"lr": 2e-3, "targets": "all-linear", "min_steps": 150, "batch_size": 32},
     "sft": {"lr": 1e-3, "targets": "all-linear", "min_steps": 100, "batch_size": 8},
     "lm": {"lr": 5e-4, "targets": "all-linear", "min_steps": 100, "batch_size": 8},
+    # preference and RL: TRL's beta / loss defaults; lr and batch from benchmarks/preference_quality.py
+    "dpo": {"lr": 5e-5, "targets": "all-linear", "min_steps": 1, "batch_size": 8, "beta": 0.1, "loss_type": "sigmoid"},
+    "orpo": {"lr": 5e-5, "targets": "all-linear", "min_steps": 1, "batch_size": 8, "beta": 0.1},
+    "kto": {"lr": 5e-5, "targets": "all-linear", "min_steps": 1, "batch_size": 8, "beta": 0.1},
+    "grpo": {"lr": 2e-5, "targets": "all-linear", "min_steps": 1, "batch_size": 4, "beta": 0.0, "loss_type": "dapo"},
 }
 FULL_FINE_TUNE_LR = 5e-5  # --full: every weight moves, so a LoRA learning rate would wreck the model
 DEFAULTS_WHY = (
@@ -178,9 +205,10 @@ def _read_yaml(path: str) -> dict:
 
 def _check_task(task: str) -> None:
     from ..hub.models import TASK_KINDS
+    from .objectives import OBJECTIVE_TASKS
 
-    if task not in TASK_KINDS:
-        raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASK_KINDS)}")
+    if task not in TASK_KINDS + OBJECTIVE_TASKS:
+        raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASK_KINDS + OBJECTIVE_TASKS)}")
 
 
 def _check(options: TrainOptions) -> None:
@@ -219,6 +247,7 @@ def _check(options: TrainOptions) -> None:
                           "with one label: drop --packing")
 
     check_choices(options)
+    _check_objective(options)
     if not options.full:  # the adapter config's own checks; AdaLoRA's schedule once the run's length is known
         options.lora_config(options.max_steps or (options.tinit or 0) + (options.tfinal or 0) + 1)
     if options.report_to not in (None, "none", "tensorboard"):
@@ -239,6 +268,66 @@ def _check(options: TrainOptions) -> None:
                               "torchrun --nproc_per_node 2 -m lorakit train ... --fsdp")
         if options.method == "adalora" or options.compile:
             raise ConfigError("--fsdp does not combine with --method adalora or --compile yet; drop one of them")
+
+
+LOSS_TYPES = {"dpo": ("sigmoid", "ipo", "hinge", "robust", "simpo"), "grpo": ("dapo", "grpo", "bnpo", "dr_grpo")}
+
+
+def _check_objective(options: TrainOptions) -> None:
+    """The preference / RL options, checked before anything is loaded or written."""
+    from .objectives import OBJECTIVE_TASKS
+
+    task = options.task
+    if task not in OBJECTIVE_TASKS:
+        if options.adapter:
+            raise ConfigError(f"--adapter (start from a trained adapter) is for --task {' | '.join(OBJECTIVE_TASKS)}")
+        return
+    if options.full:
+        raise ConfigError(f"--task {task} trains an adapter: its reference policy is the adapter switched off, "
+                          "which --full has none of; drop --full")
+    if options.fsdp or options.packing or options.method != "lora":
+        raise ConfigError(f"--task {task} does not combine with --fsdp, --packing or --method adalora yet; use DDP "
+                          "(torchrun without --fsdp) and plain LoRA / DoRA")
+    if options.loss_type is not None and task in LOSS_TYPES and options.loss_type not in LOSS_TYPES[task]:
+        raise ConfigError(f"--loss {options.loss_type!r} is not a {task} loss; choose one of {', '.join(LOSS_TYPES[task])}")
+    if options.loss_type is not None and task not in LOSS_TYPES and options.loss_type != task:
+        raise ConfigError(f"--task {task} has one loss; drop --loss")
+    if options.beta is None or not math.isfinite(options.beta) or options.beta < 0 or (options.beta == 0 and task != "grpo"):
+        raise ConfigError(f"--beta must be {'>= 0' if task == 'grpo' else '> 0'} and finite, got {options.beta} "
+                          f"(TRL's default is {'0.0' if task == 'grpo' else '0.1'})")
+    if task == "dpo":
+        smoothing_used = options.loss_type in ("robust", "simpo")
+        if options.label_smoothing and not smoothing_used:
+            raise ConfigError(f"--label-smoothing applies to --loss robust (and simpo), not {options.loss_type}, as in TRL")
+        if not 0 <= options.label_smoothing < 0.5:
+            raise ConfigError(f"--label-smoothing must lie in [0, 0.5), got {options.label_smoothing}")
+    if options.precompute_ref and (task in ("orpo", "grpo") or options.loss_type == "simpo"):
+        raise ConfigError(f"--precompute-ref: {'--loss simpo' if options.loss_type == 'simpo' else '--task ' + task} "
+                          "uses no fixed reference log-probabilities; drop it")
+    if task == "grpo":
+        if options.num_generations < 2:
+            raise ConfigError(f"--num-generations must be at least 2 (advantages compare completions of one prompt), "
+                              f"got {options.num_generations}")
+        if options.max_completion_length < 1 or options.max_completion_length >= options.seq_len:
+            raise ConfigError(f"--max-completion-length must be between 1 and --seq-len - 1 ({options.seq_len - 1}), got "
+                              f"{options.max_completion_length}")
+        if not (math.isfinite(options.temperature) and options.temperature > 0) or not 0 < options.top_p <= 1:
+            raise ConfigError(f"--temperature must be > 0 and --top-p in (0, 1], got {options.temperature} and "
+                              f"{options.top_p}: GRPO learns from differences between sampled completions")
+        if options.num_iterations < 1 or not options.epsilon > 0 or (options.epsilon_high is not None
+                                                                     and options.epsilon_high < options.epsilon):
+            raise ConfigError("--num-iterations must be >= 1, --epsilon > 0 and --epsilon-high >= --epsilon")
+        if options.scale_rewards not in ("group", "batch", "none"):
+            raise ConfigError(f"--scale-rewards must be group, batch or none, got {options.scale_rewards!r}")
+        from .objectives.rewards import load_rewards
+
+        load_rewards(options)  # unknown names, bad weights, imports that fail: refused now
+    if options.adapter:
+        from ..io.peft_format import CONFIG_FILE
+
+        if not (Path(options.adapter) / CONFIG_FILE).is_file():
+            raise ConfigError(f"--adapter {options.adapter}: no {CONFIG_FILE} there; give an adapter directory "
+                              "(a run's adapter/ folder)")
 
 
 def save_options(options: TrainOptions, path: Path) -> None:

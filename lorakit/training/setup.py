@@ -43,7 +43,14 @@ def prepare_model(model, options: TrainOptions, total_steps: int | None = None):
         return model
     if options.qlora:
         lk.quantize(model, compute_dtype=torch.bfloat16 if options.bf16 else torch.float32)
-    lk.inject(model, options.lora_config(total_steps))
+    if options.adapter:  # continue a trained adapter; a frozen copy of it is the reference policy (TRL's "ref")
+        from .objectives.base import REFERENCE
+
+        lk.load_adapter(model, options.adapter, "default", is_trainable=True)
+        lk.load_adapter(model, options.adapter, REFERENCE)
+        lk.set_adapter(model, "default")
+    else:
+        lk.inject(model, options.lora_config(total_steps))
     if options.bf16 and not options.qlora:
         lk.cast_base(model, torch.bfloat16)  # frozen base in bf16; LoRA weights and heads stay fp32
     return model

@@ -1,0 +1,215 @@
+"""GRPO: sample G completions per prompt, score them, and push the policy towards the better ones.
+
+Rollouts run through the serving engine (serving/engine.py, continuous batching) on the live
+adapter in this process: every prompt's G completions and every prompt of the step's micro-batches
+decode together, with TRL's sampling (temperature, top_p) and a seed per completion, so a run is
+reproducible. Nothing is copied or synced: the engine reads the same weights the optimizer updates.
+
+One generation serves --num-iterations optimizer steps (TRL's num_iterations): the log-probabilities
+at generation time are the "old" policy of the clipped ratio; with one iteration the ratio is 1 and
+only its gradient counts (TRL). The KL term (--beta > 0) compares with the reference policy (the
+adapter off, or the starting adapter's frozen copy); --beta 0 runs no reference pass at all.
+Log-probabilities are taken at the sampling temperature, as TRL does.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import torch
+
+from ...errors import ConfigError
+from ...kernels.logprobs import shifted_targets, token_logprobs
+from ...model.adapters import active_adapters
+from ...serving.engine import Engine
+from ...serving.requests import Limits, Request
+from .base import Objective, reference_policy, shift
+from .data import encode_prompts, is_conversation, pad_rows
+from .losses import group_advantages, grpo_loss
+from .rewards import load_rewards, score
+
+
+class Grpo(Objective):
+    task = "grpo"
+
+    def __init__(self, options, tokenizer, seq_len):
+        super().__init__(options, tokenizer, seq_len)
+        self.group = options.num_generations
+        self.rewards = load_rewards(options)
+        self.engine: Engine | None = None
+        self.rollouts: list[dict] = []     # the current generation's micro-batches
+        self.generation = None             # which generation they belong to
+        self.tokens_per_process = 1.0      # dapo's normaliser: completion tokens of the step / processes
+
+    def encode(self, rows, split):
+        return encode_prompts(rows, self.tokenizer, self.seq_len, split, room=1)
+
+    def data_micro(self, step: int, k: int) -> int:
+        """The micro-batch of prompts for accumulation step k of optimizer step ``step``: one
+        generation is reused for --num-iterations steps."""
+        return (step // self.options.num_iterations) * self.options.grad_accum + k
+
+    def prepare(self, trainer) -> None:
+        rows = [e["row"] for e in trainer.encoded["train"][:2]]
+        columns = self._columns(rows)
+        for reward in self.rewards:  # a reward that cannot run fails here, before any step or file
+            probe = [[{"role": "assistant", "content": ""}] if is_conversation(r["prompt"]) else "" for r in rows]
+            score([reward], [r["prompt"] for r in rows], probe, [[] for _ in rows], columns)
+        room = self.seq_len - max(len(e["prompt_ids"]) for e in trainer.encoded["train"])
+        limits = Limits(max_prompt_tokens=self.seq_len, max_new_tokens=max(1, min(self.options.max_completion_length, room)),
+                        max_batch=min(64, self.options.batch_size * self.group * self.options.grad_accum),
+                        max_queue=1 << 30)
+        self.engine = Engine(trainer.model, self.tokenizer, limits=limits)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+    @staticmethod
+    def _columns(rows: list[dict]) -> dict[str, list]:
+        keys = [k for k in rows[0] if k not in ("prompt", "completion", "completion_ids")]
+        return {k: [r.get(k) for r in rows] for k in keys}
+
+    # --- rollouts ------------------------------------------------------------------------------
+    def sample(self, model, prompts: list[list[int]], seeds: list[int | None], temperature: float, top_p: float,
+               max_new_tokens: int) -> list[dict]:
+        """One completion per prompt through the engine: {"text", "token_ids"} each, in order."""
+        adapter = active_adapters(model)[0]
+        results: list[dict | None] = [None] * len(prompts)
+        done = threading.Semaphore(0)
+
+        def sink_for(index):
+            def sink(kind, value):
+                if kind == "done":
+                    results[index] = value
+                    done.release()
+                elif kind == "error":
+                    results[index] = value
+                    done.release()
+            return sink
+
+        requests = [Request("generate", adapter, ids, sink_for(i), max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, seed=seed)
+                    for i, (ids, seed) in enumerate(zip(prompts, seeds))]
+        was_training = model.training
+        model.eval()  # no LoRA dropout while sampling
+        try:
+            self.engine.submit_all(requests)
+            for _ in requests:
+                done.acquire()
+        finally:
+            model.train(was_training)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
+
+    def _generate(self, trainer, micro_batches: list[list[dict]]) -> None:
+        o, group = self.options, self.group
+        flat = [e for batch in micro_batches for e in batch for _ in range(group)]
+        base_seed = (o.seed * 1_000_003 + self.generation * 7919 + trainer.dist.rank * 104_729) % (2 ** 62)
+        budget = [min(o.max_completion_length, self.seq_len - len(e["prompt_ids"])) for e in flat]
+        started = time.perf_counter()
+        outputs = self.sample(trainer.model, [e["prompt_ids"] for e in flat], [base_seed + i for i in range(len(flat))],
+                              o.temperature, o.top_p, max(budget))
+        seconds = time.perf_counter() - started
+        completions_ids = [out["token_ids"][:limit] for out, limit in zip(outputs, budget)]
+        rows = [e["row"] for e in flat]
+        prompts = [r["prompt"] for r in rows]
+        completions = [[{"role": "assistant", "content": out["text"]}] if is_conversation(p) else out["text"]
+                       for out, p in zip(outputs, prompts)]
+        table = torch.tensor(score(self.rewards, prompts, completions, completions_ids, self._columns(rows)))
+        weights = torch.tensor([r.weight for r in self.rewards]).unsqueeze(1)
+        per_completion = (table * weights).nansum(0)
+        unscorable = torch.isnan(table).all(0)  # every reward said None: TRL leaves it out of the statistics
+        per_completion[unscorable] = math.nan
+        advantages = group_advantages(per_completion, group, o.scale_rewards)
+        generated = sum(len(ids) for ids in completions_ids)
+        self.rollouts, start = [], 0
+        for batch in micro_batches:
+            n = len(batch) * group
+            part = slice(start, start + n)
+            start += n
+            prompt_ids = [e["prompt_ids"] for e in flat[part]]
+            tensors = pad_rows([p + c for p, c in zip(prompt_ids, completions_ids[part])],
+                               [[0] * len(p) + [1] * len(c) for p, c in zip(prompt_ids, completions_ids[part])], self.pad_id)
+            tensors = trainer.dist.to_device(tensors)
+            item = {"batch": tensors, "advantages": advantages[part].to(trainer.dist.device),
+                    "targets": shifted_targets(tensors["input_ids"], tensors["completion_mask"]),
+                    "old": None, "ref": None}
+            if o.num_iterations > 1:  # the policy that sampled: the clipped ratio's denominator
+                item["old"] = self._logps(trainer, item, reference=False)
+            if o.beta != 0.0:
+                item["ref"] = self._logps(trainer, item, reference=True)
+            self.rollouts.append(item)
+        # dapo divides by the step's completion tokens over all processes, per process (DDP averages)
+        self.tokens_per_process = trainer.dist.sum(float(generated)) / trainer.dist.world_size
+        group_std = torch.tensor([float(torch.std(g[~torch.isnan(g)])) if (~torch.isnan(g)).sum() > 1 else 0.0
+                                  for g in per_completion.view(-1, group)])
+        self.generation_logs = {
+            "reward": float(torch.nanmean(per_completion)), "reward_std": float(group_std.mean()),
+            **{f"rewards/{r.name}": float(torch.nanmean(table[i])) for i, r in enumerate(self.rewards)},
+            "completions/mean_length": generated / max(1, len(flat)),
+            "completions/clipped_ratio": sum(len(c) >= b for c, b in zip(completions_ids, budget)) / max(1, len(flat)),
+            "rollout_tokens_per_s": generated / max(1e-9, seconds)}
+
+    def _logps(self, trainer, item, reference: bool) -> torch.Tensor:
+        batch = item["batch"]
+        with torch.no_grad(), self.autocast(trainer):
+            if reference:
+                with reference_policy(trainer.model):
+                    return token_logprobs(trainer.model, batch["input_ids"], batch["attention_mask"], item["targets"],
+                                          self.options.temperature)
+            return token_logprobs(trainer.model, batch["input_ids"], batch["attention_mask"], item["targets"],
+                                  self.options.temperature)
+
+    # --- the loss ------------------------------------------------------------------------------
+    def micro_loss(self, trainer, examples, micro):
+        o = self.options
+        k = micro % o.grad_accum
+        step_generation = trainer.step // o.num_iterations
+        if self.generation != step_generation:
+            self.generation = step_generation
+            self._generate(trainer, [trainer.micro_batch(self.data_micro(trainer.step, j)) for j in range(o.grad_accum)])
+        item = self.rollouts[k]
+        batch = item["batch"]
+        with self.autocast(trainer):
+            logps = trainer.wrapped(batch["input_ids"], batch["attention_mask"], item["targets"], o.temperature)
+        mask = shift(batch["completion_mask"]).float()
+        old = item["old"] if item["old"] is not None else logps.detach()
+        loss, kl = grpo_loss(logps, old, item["ref"], item["advantages"], mask, beta=o.beta, epsilon=o.epsilon,
+                             epsilon_high=o.epsilon_high, loss_type=o.loss_type,
+                             max_completion_length=o.max_completion_length, tokens_in_batch=self.tokens_per_process)
+        if o.loss_type != "dapo":  # dapo's normaliser already spans the accumulated step
+            loss = loss / o.grad_accum
+        logs = {**self.generation_logs, "kl": float(kl)}
+        return loss, int(batch["attention_mask"].sum()), logs
+
+    def evaluate(self, trainer, examples):
+        """Mean reward of one greedy completion per held-out prompt (and each reward's mean)."""
+        o = self.options
+        values, lengths = [], []
+        for start in range(0, len(examples), 64):
+            chunk = examples[start:start + 64]
+            budget = max(1, min(o.max_completion_length, self.seq_len - max(len(e["prompt_ids"]) for e in chunk)))
+            outputs = self.sample(trainer.model, [e["prompt_ids"] for e in chunk], [None] * len(chunk), 0.0, 1.0, budget)
+            rows = [e["row"] for e in chunk]
+            prompts = [r["prompt"] for r in rows]
+            completions = [[{"role": "assistant", "content": out["text"]}] if is_conversation(p) else out["text"]
+                           for out, p in zip(outputs, prompts)]
+            ids = [out["token_ids"] for out in outputs]
+            values.append(torch.tensor(score(self.rewards, prompts, completions, ids, self._columns(rows))))
+            lengths += [len(i) for i in ids]
+        table = torch.cat(values, dim=1)
+        weights = torch.tensor([r.weight for r in self.rewards]).unsqueeze(1)
+        total = float(torch.nanmean((table * weights).nansum(0)))
+        metrics = {"reward": total, "loss": -total, "completion_length": sum(lengths) / max(1, len(lengths)),
+                   "examples": len(examples)}
+        metrics.update({f"rewards/{r.name}": float(torch.nanmean(table[i])) for i, r in enumerate(self.rewards)})
+        return metrics
+
+    def score(self, metrics: dict) -> float:
+        return metrics["reward"]
