@@ -174,8 +174,11 @@ class Grpo(Objective):
         if self.generation != step_generation:
             self.generation = step_generation
             self._generate(trainer, [trainer.micro_batch(self.data_micro(trainer.step, j)) for j in range(o.grad_accum)])
-        item = self.rollouts[k]
-        batch = item["batch"]
+        return self.loss_on(trainer, self.rollouts[k])
+
+    def loss_on(self, trainer, item: dict) -> tuple[torch.Tensor, int, dict]:
+        """The loss of one micro-batch of rollouts: {"batch", "targets", "advantages", "old", "ref"}."""
+        o, batch = self.options, item["batch"]
         with self.autocast(trainer):
             logps = trainer.wrapped(batch["input_ids"], batch["attention_mask"], item["targets"], o.temperature)
         mask = shift(batch["completion_mask"]).float()
@@ -185,7 +188,7 @@ class Grpo(Objective):
                              max_completion_length=o.max_completion_length, tokens_in_batch=self.tokens_per_process)
         if o.loss_type != "dapo":  # dapo's normaliser already spans the accumulated step
             loss = loss / o.grad_accum
-        logs = {**self.generation_logs, "kl": float(kl)}
+        logs = {**getattr(self, "generation_logs", {}), "kl": float(kl)}
         return loss, int(batch["attention_mask"].sum()), logs
 
     def evaluate(self, trainer, examples):

@@ -3,7 +3,8 @@
 One forward runs the chosen and the rejected sequences of a micro-batch together (2 × batch rows,
 TRL's order). DPO's reference log-probabilities come from a no-grad forward of the same batch under
 the reference policy, or once before training (--precompute-ref). ORPO and SimPO need no reference;
-ORPO (and SimPO with --cpo-alpha > 0) adds the NLL of the chosen sequences, prompt included, as TRL.
+ORPO adds the NLL of the chosen sequences, prompt included, and SimPO with --cpo-alpha > 0 that of
+the chosen completions, each as TRL does.
 """
 
 from __future__ import annotations
@@ -42,10 +43,9 @@ class Pairwise(Objective):
         n = len(examples)
         batch = trainer.dist.to_device(collate_pairs(examples, self.pad_id))
         completion = shift(batch["completion_mask"])
-        scored = batch["attention_mask"].clone()
-        if not self.needs_nll:
-            scored = batch["completion_mask"]
-        else:  # the chosen rows are scored whole (for the NLL); the rejected ones on their completion
+        scored = batch["completion_mask"]
+        if self.loss_type == "orpo":  # ORPO's NLL covers the chosen rows whole, prompt included (TRL)
+            scored = batch["attention_mask"].clone()
             scored[n:] = batch["completion_mask"][n:]
         targets = shifted_targets(batch["input_ids"], scored)
         runner = trainer.wrapped if grad else trainer.runner_module
