@@ -14,7 +14,7 @@ import pytest
 PACKAGE = Path(__file__).parent.parent / "lorakit"
 # the layers, lowest first (ARCHITECTURE.md); a unit may import units of lower layers only
 LAYERS = [["errors"], ["config", "delta"], ["kernels"], ["variants"], ["layers"], ["model"], ["io"], ["hub"],
-          ["tools"], ["training", "serving"], ["cli"]]
+          ["tools"], ["serving"], ["training"], ["cli"]]
 LEVEL = {unit: level for level, units in enumerate(LAYERS) for unit in units}
 CORE_TOP = LEVEL["io"]  # the facade (lorakit/__init__.py) exports layers up to here
 

@@ -194,13 +194,13 @@ class Trainer:
 
     def _run(self) -> dict:
         o = self.options
+        if self.objective is not None:  # reward probes, precomputed references, the rollout engine: before any file
+            self.objective.prepare(self)
         if o.resume:
             self._resume()
         elif self.dist.is_main:
             save_options(o, self.output / "train_config.yaml")
             (self.output / "train_log.jsonl").write_text("")
-        if self.objective is not None:
-            self.objective.prepare(self)  # reward probes, precomputed references, the rollout engine
         log = open(self.output / "train_log.jsonl", "a") if self.dist.is_main else None
         previous = signal.signal(signal.SIGINT, self._on_interrupt)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not self.dist.is_main or self.quiet)

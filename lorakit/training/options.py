@@ -308,9 +308,8 @@ def _check_objective(options: TrainOptions) -> None:
         if options.num_generations < 2:
             raise ConfigError(f"--num-generations must be at least 2 (advantages compare completions of one prompt), "
                               f"got {options.num_generations}")
-        if options.max_completion_length < 1 or options.max_completion_length >= options.seq_len:
-            raise ConfigError(f"--max-completion-length must be between 1 and --seq-len - 1 ({options.seq_len - 1}), got "
-                              f"{options.max_completion_length}")
+        if options.max_completion_length < 1:
+            raise ConfigError(f"--max-completion-length must be at least 1, got {options.max_completion_length}")
         if not (math.isfinite(options.temperature) and options.temperature > 0) or not 0 < options.top_p <= 1:
             raise ConfigError(f"--temperature must be > 0 and --top-p in (0, 1], got {options.temperature} and "
                               f"{options.top_p}: GRPO learns from differences between sampled completions")

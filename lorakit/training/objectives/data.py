@@ -175,9 +175,9 @@ def encode_prompts(rows: list[dict], tokenizer, seq_len: int, split: str, room: 
         long += len(ids) + room > seq_len
         out.append({"prompt_ids": ids, "row": row})
     if long:
-        raise ConfigError(f"--task grpo: {long} {split} prompt(s) leave no room for --max-completion-length {room} "
-                          f"within --seq-len {seq_len} (the longest prompt has {max(len(e['prompt_ids']) for e in out)} "
-                          "tokens); raise --seq-len, lower --max-completion-length or shorten the prompts")
+        raise ConfigError(f"--task grpo: {long} {split} prompt(s) leave no room to generate within --seq-len {seq_len} "
+                          f"(the longest prompt has {max(len(e['prompt_ids']) for e in out)} tokens; a completion gets "
+                          "what --seq-len leaves, at most --max-completion-length); raise --seq-len or shorten the prompts")
     return out
 
 
