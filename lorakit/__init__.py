@@ -18,7 +18,7 @@ from .errors import (
 )
 from .io.checkpoint import adapter_state_dict, load_adapter, read_adapter, save_adapter
 from .io.quantized import load_quantized, save_quantized
-from .kernels.logprobs import linear_logprobs, token_logprobs
+from .kernels.logprobs import gathered_logprobs, linear_logprobs, token_logprobs
 from .kernels.losses import ChunkedLossLM, causal_lm_loss, linear_cross_entropy
 from .kernels.nf4 import Linear4bit
 from .layers.base import LoraLayer
@@ -54,7 +54,7 @@ __all__ = [
     "merge", "unmerge", "unload", "add_weighted_adapter", "cast_base", "mixed_batch", "BASE",
     "loraplus_optimizer", "loraplus_param_groups",
     "quantize", "dequantize", "save_quantized", "load_quantized", "Linear4bit",
-    "causal_lm_loss", "linear_cross_entropy", "ChunkedLossLM", "token_logprobs", "linear_logprobs",
+    "causal_lm_loss", "linear_cross_entropy", "ChunkedLossLM", "token_logprobs", "gathered_logprobs", "linear_logprobs",
     "LoraLayer", "LoraLinear", "LoraEmbedding", "ModulesToSave",
     "LoraError", "ConfigError", "TargetNotFoundError", "AdapterNotFoundError", "AdapterMismatchError",
     "AdapterFileError", "MergeStateError",

@@ -9,6 +9,7 @@ target go through the head at all (prompt tokens are skipped). Numerics follow t
 in the compute dtype, log-softmax in fp32.
 
     logps = lk.token_logprobs(model, input_ids, attention_mask, targets)   # (batch, seq), 0 where no target
+    logps = lk.gathered_logprobs(model, ids, mask, positions, targets)      # chosen (row, column)s only
 """
 
 from __future__ import annotations
@@ -68,25 +69,34 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return LinearLogProbs.apply(hidden, weight, targets.to(hidden.device), dtype, rows, float(temperature))
 
 
+def gathered_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      positions: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                      **kwargs) -> torch.Tensor:
+    """log p(targets[i]) from the output at flat position ``positions[i]`` (row * seq + column) of
+    one forward, fp32, shape (N,). A position may score several targets (a prompt's last token
+    predicts the first token of each completion that shares it). Causal LMs with a plain head go
+    through the chunked head, and only the positions asked for; others take the model's logits."""
+    positions, targets = positions.to(input_ids.device), targets.to(input_ids.device)
+    if not supports_chunked_loss(model):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
+        picked = logits.reshape(-1, logits.shape[-1]).index_select(0, positions).float() / temperature
+        return torch.log_softmax(picked, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+    kwargs.setdefault("use_cache", False)
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+    return linear_logprobs(hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions),
+                           model.get_output_embeddings().weight, targets, temperature)
+
+
 def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    targets: torch.Tensor, temperature: float = 1.0, **kwargs) -> torch.Tensor:
     """log p(targets[b, t] | input_ids[b, :t+1]) for every position whose target is not IGNORE_INDEX
     (0 elsewhere), shape (batch, seq), fp32. ``targets`` is already shifted: position t scores token
-    t+1. Causal LMs with a plain head go through the chunked head and only their target rows; others
-    take the model's logits."""
-    valid = targets != IGNORE_INDEX
-    out = torch.zeros(targets.shape, dtype=torch.float32, device=input_ids.device)
-    if not supports_chunked_loss(model):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
-        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-        picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return picked.masked_fill(~valid, 0.0)
-    kwargs.setdefault("use_cache", False)
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-    rows = valid.reshape(-1).nonzero().squeeze(1)
-    picked = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows),
-                             model.get_output_embeddings().weight, targets.reshape(-1)[rows], temperature)
-    return out.reshape(-1).index_put((rows,), picked).reshape(targets.shape)
+    t+1 (see shifted_targets)."""
+    valid = targets.reshape(-1) != IGNORE_INDEX
+    rows = valid.nonzero().squeeze(1)
+    picked = gathered_logprobs(model, input_ids, attention_mask, rows, targets.reshape(-1)[rows], temperature, **kwargs)
+    out = torch.zeros(targets.numel(), dtype=torch.float32, device=input_ids.device)
+    return out.index_put((rows.to(out.device),), picked).reshape(targets.shape)
 
 
 def shifted_targets(input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:

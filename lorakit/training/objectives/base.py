@@ -16,20 +16,22 @@ import torch.nn.functional as F
 
 import lorakit as lk
 
-from ...kernels.logprobs import token_logprobs
+from ...kernels.logprobs import gathered_logprobs
+from .data import mask_dtype, shared_prefix_batch
 
 REFERENCE = "ref"
 
 
 class TokenLogProbLM(torch.nn.Module):
-    """A causal LM whose forward returns log p(target) per position (lk.token_logprobs)."""
+    """A causal LM whose forward returns log p(target) at chosen flat positions (lk.gathered_logprobs)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, targets, temperature: float = 1.0):
-        return token_logprobs(self.model, input_ids, attention_mask, targets, temperature)
+    def forward(self, input_ids, attention_mask, positions, targets, temperature: float = 1.0, position_ids=None):
+        return gathered_logprobs(self.model, input_ids, attention_mask, positions, targets, temperature,
+                                 position_ids=position_ids)
 
 
 @contextlib.contextmanager
@@ -108,9 +110,31 @@ class Objective:
     def autocast(self, trainer):
         return torch.autocast(trainer.dist.device.type, dtype=torch.bfloat16, enabled=self.options.bf16)
 
-    def reference_logps(self, trainer, batch: dict, targets: torch.Tensor) -> torch.Tensor:
+    def shared(self, trainer, groups, score_prompt: bool = False) -> dict:
+        """shared_prefix_batch on the run's device, with the mask kind the model's attention takes."""
+        return trainer.dist.to_device(shared_prefix_batch(groups, self.pad_id, score_prompt, mask_dtype(trainer.model)))
+
+    def logps(self, trainer, batch: dict, grad: bool, positions=None, targets=None, temperature: float = 1.0):
+        """Log-probabilities of the batch's scored tokens under the policy (through the step's runner
+        when ``grad``, so DDP sees the forward)."""
+        runner = trainer.wrapped if grad else trainer.runner_module
+        positions = batch["positions"] if positions is None else positions
+        targets = batch["targets"] if targets is None else targets
+        with self.autocast(trainer), torch.enable_grad() if grad else torch.no_grad():
+            return runner(batch["input_ids"], batch["attention_mask"], positions, targets, temperature,
+                          position_ids=batch["position_ids"])
+
+    def reference_logps(self, trainer, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+        """The same under the reference policy, without gradient."""
         with torch.no_grad(), reference_policy(trainer.model), self.autocast(trainer):
-            return token_logprobs(trainer.model, batch["input_ids"], batch["attention_mask"], targets)
+            return gathered_logprobs(trainer.model, batch["input_ids"], batch["attention_mask"], batch["positions"],
+                                     batch["targets"], temperature, position_ids=batch["position_ids"])
+
+
+def segment_sums(values: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Per-completion sums of per-token values (in the batch's segment order)."""
+    return torch.zeros(batch["lengths"].numel(), dtype=values.dtype, device=values.device).index_add(
+        0, batch["segment"], values)
 
 
 def mean_logs(logs: list[dict]) -> dict:

@@ -195,13 +195,75 @@ def pad_rows(rows: list[list[int]], masks: list[list[int]], pad_id: int) -> dict
 
 
 def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Chosen sequences first, then rejected (TRL's order): 2 × batch rows."""
+    """Chosen sequences first, then rejected (TRL's order): 2 × batch rows, each pair's prompt
+    twice (the layout TRL trains on; lorakit's objectives use shared_prefix_batch)."""
     rows = [e["prompt_ids"] + e[key] for key in ("chosen_ids", "rejected_ids") for e in examples]
     masks = [[0] * len(e["prompt_ids"]) + [1] * len(e[key]) for key in ("chosen_ids", "rejected_ids") for e in examples]
     return pad_rows(rows, masks, pad_id)
 
 
-def collate_completions(examples: list[dict], pad_id: int, key: str = "completion_ids") -> dict[str, torch.Tensor]:
-    rows = [e["prompt_ids"] + e[key] for e in examples]
-    masks = [[0] * len(e["prompt_ids"]) + [1] * len(e[key]) for e in examples]
-    return pad_rows(rows, masks, pad_id)
+def shared_prefix_batch(groups: list[tuple[list[int], list[list[int]]]], pad_id: int, score_prompt: bool = False,
+                        additive_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """One row per group (a prompt and the completions that follow it): the prompt once, then each
+    completion, and a 4-D mask under which every completion sees the prompt and itself only, with
+    positions continuing from the prompt. Scoring a pair (or G rollouts) this way computes the
+    shared prompt once instead of once per completion; each completion's log-probabilities are
+    what it would get alone.
+
+    What comes back besides input_ids / position_ids / attention_mask: for every completion token,
+    the flat position that predicts it (``positions``), the token (``targets``), its completion
+    (``segment``: completion k of group g is segment k * groups + g, so a pair batch lists every
+    chosen, then every rejected, as TRL does) and its index in the completion (``offset``); the
+    completions' ``lengths``; with ``score_prompt`` the same for the prompt tokens of each group's
+    first completion (``prompt_positions`` / ``prompt_targets`` / ``prompt_segment``, ORPO's NLL).
+    ``additive_dtype``: a float mask (0 / min) for attention implementations that add it to the
+    scores, instead of a boolean one."""
+    width = max(len(p) + sum(len(c) for c in cs) for p, cs in groups)
+    n, per_group = len(groups), len(groups[0][1])
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    position_ids = torch.arange(width).repeat(n, 1)
+    allowed = torch.tril(torch.ones(width, width, dtype=torch.bool)).repeat(n, 1, 1)  # padding: causal, harmless
+    scored = {key: [] for key in ("positions", "targets", "segment", "offset", "prompt_positions", "prompt_targets",
+                                  "prompt_segment")}
+    lengths = torch.zeros(n * per_group, dtype=torch.long)
+    for g, (prompt, completions) in enumerate(groups):
+        plen, start = len(prompt), len(prompt)
+        ids[g, :plen] = torch.tensor(prompt, dtype=torch.long)
+        allowed[g, :, plen:] = False
+        for k, completion in enumerate(completions):
+            span = slice(start, start + len(completion))
+            ids[g, span] = torch.tensor(completion, dtype=torch.long)
+            position_ids[g, span] = torch.arange(plen, plen + len(completion))
+            block = torch.tril(torch.ones(len(completion), len(completion), dtype=torch.bool))
+            allowed[g, span, :] = False
+            allowed[g, span, :plen] = True
+            allowed[g, span, span] = block
+            segment = k * n + g
+            lengths[segment] = len(completion)
+            for j, token in enumerate(completion):
+                scored["positions"].append(g * width + (plen - 1 if j == 0 else start + j - 1))
+                scored["targets"].append(token)
+                scored["segment"].append(segment)
+                scored["offset"].append(j)
+            start += len(completion)
+        allowed[g, start:, :] = torch.tril(torch.ones(width - start, width, dtype=torch.bool), diagonal=start)
+        if score_prompt:
+            for j in range(1, plen):
+                scored["prompt_positions"].append(g * width + j - 1)
+                scored["prompt_targets"].append(prompt[j])
+                scored["prompt_segment"].append(g)
+    mask = allowed.unsqueeze(1)
+    if additive_dtype is not None:
+        mask = torch.zeros(mask.shape, dtype=additive_dtype).masked_fill_(~mask, torch.finfo(additive_dtype).min)
+    out = {"input_ids": ids, "position_ids": position_ids, "attention_mask": mask, "lengths": lengths,
+           "tokens": torch.tensor(int(sum(len(p) + sum(len(c) for c in cs) for p, cs in groups)))}
+    out.update({key: torch.tensor(values, dtype=torch.long) for key, values in scored.items()})
+    return out
+
+
+def mask_dtype(model) -> torch.dtype | None:
+    """None (a boolean mask) where attention goes through torch's SDPA, which takes one in any
+    dtype; else the dtype of an additive mask the eager path adds to its scores."""
+    if getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "flex_attention"):
+        return None
+    return model.get_input_embeddings().weight.dtype

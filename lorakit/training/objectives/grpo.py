@@ -20,13 +20,11 @@ import time
 
 import torch
 
-from ...errors import ConfigError
-from ...kernels.logprobs import shifted_targets, token_logprobs
 from ...model.adapters import active_adapters
 from ...serving.engine import Engine
 from ...serving.requests import Limits, Request
-from .base import Objective, reference_policy, shift
-from .data import encode_prompts, is_conversation, pad_rows
+from .base import Objective
+from .data import encode_prompts, is_conversation
 from .losses import group_advantages, grpo_loss
 from .rewards import load_rewards, score
 
@@ -133,13 +131,7 @@ class Grpo(Objective):
             n = len(batch) * group
             part = slice(start, start + n)
             start += n
-            prompt_ids = [e["prompt_ids"] for e in flat[part]]
-            tensors = pad_rows([p + c for p, c in zip(prompt_ids, completions_ids[part])],
-                               [[0] * len(p) + [1] * len(c) for p, c in zip(prompt_ids, completions_ids[part])], self.pad_id)
-            tensors = trainer.dist.to_device(tensors)
-            item = {"batch": tensors, "advantages": advantages[part].to(trainer.dist.device),
-                    "targets": shifted_targets(tensors["input_ids"], tensors["completion_mask"]),
-                    "old": None, "ref": None}
+            item = self.item_for(trainer, [e["prompt_ids"] for e in batch], completions_ids[part], advantages[part])
             if o.num_iterations > 1:  # the policy that sampled: the clipped ratio's denominator
                 item["old"] = self._logps(trainer, item, reference=False)
             if o.beta != 0.0:
@@ -156,15 +148,31 @@ class Grpo(Objective):
             "completions/clipped_ratio": sum(len(c) >= b for c, b in zip(completions_ids, budget)) / max(1, len(flat)),
             "rollout_tokens_per_s": generated / max(1e-9, seconds)}
 
+    def item_for(self, trainer, prompts: list[list[int]], completions: list[list[int]], advantages) -> dict:
+        """One micro-batch of rollouts, ready for the loss: each prompt once with its G completions
+        after it (data.shared_prefix_batch), and where each scored token goes in the (completion,
+        token) matrix the loss works on; completions in prompt-major order (g * G + k)."""
+        group, count = self.group, len(prompts)
+        batch = self.shared(trainer, [(p, completions[g * group:(g + 1) * group]) for g, p in enumerate(prompts)])
+        segment = batch["segment"]
+        flat = (segment % count) * group + segment // count  # segment k * prompts + g -> completion g * G + k
+        lengths = torch.tensor([len(c) for c in completions], device=segment.device)
+        width = max(1, int(lengths.max()))
+        mask = (torch.arange(width, device=segment.device) < lengths.unsqueeze(1)).float()
+        return {"batch": batch, "index": (flat, batch["offset"]), "shape": (len(completions), width), "mask": mask,
+                "advantages": advantages.to(segment.device), "old": None, "ref": None}
+
+    @staticmethod
+    def _matrix(values: torch.Tensor, item: dict) -> torch.Tensor:
+        return torch.zeros(item["shape"], dtype=values.dtype, device=values.device).index_put(item["index"], values)
+
     def _logps(self, trainer, item, reference: bool) -> torch.Tensor:
-        batch = item["batch"]
-        with torch.no_grad(), self.autocast(trainer):
-            if reference:
-                with reference_policy(trainer.model):
-                    return token_logprobs(trainer.model, batch["input_ids"], batch["attention_mask"], item["targets"],
-                                          self.options.temperature)
-            return token_logprobs(trainer.model, batch["input_ids"], batch["attention_mask"], item["targets"],
-                                  self.options.temperature)
+        """(completions, tokens) log-probabilities at the sampling temperature, without gradient."""
+        if reference:
+            values = self.reference_logps(trainer, item["batch"], self.options.temperature)
+        else:
+            values = self.logps(trainer, item["batch"], False, temperature=self.options.temperature)
+        return self._matrix(values, item)
 
     # --- the loss ------------------------------------------------------------------------------
     def micro_loss(self, trainer, examples, micro):
@@ -177,19 +185,17 @@ class Grpo(Objective):
         return self.loss_on(trainer, self.rollouts[k])
 
     def loss_on(self, trainer, item: dict) -> tuple[torch.Tensor, int, dict]:
-        """The loss of one micro-batch of rollouts: {"batch", "targets", "advantages", "old", "ref"}."""
-        o, batch = self.options, item["batch"]
-        with self.autocast(trainer):
-            logps = trainer.wrapped(batch["input_ids"], batch["attention_mask"], item["targets"], o.temperature)
-        mask = shift(batch["completion_mask"]).float()
+        """The loss of one micro-batch of rollouts (item_for), with its "old" / "ref" log-probabilities."""
+        o = self.options
+        logps = self._matrix(self.logps(trainer, item["batch"], True, temperature=o.temperature), item)
         old = item["old"] if item["old"] is not None else logps.detach()
-        loss, kl = grpo_loss(logps, old, item["ref"], item["advantages"], mask, beta=o.beta, epsilon=o.epsilon,
+        loss, kl = grpo_loss(logps, old, item["ref"], item["advantages"], item["mask"], beta=o.beta, epsilon=o.epsilon,
                              epsilon_high=o.epsilon_high, loss_type=o.loss_type,
                              max_completion_length=o.max_completion_length, tokens_in_batch=self.tokens_per_process)
         if o.loss_type != "dapo":  # dapo's normaliser already spans the accumulated step
             loss = loss / o.grad_accum
         logs = {**getattr(self, "generation_logs", {}), "kl": float(kl)}
-        return loss, int(batch["attention_mask"].sum()), logs
+        return loss, int(item["batch"]["tokens"]), logs
 
     def evaluate(self, trainer, examples):
         """Mean reward of one greedy completion per held-out prompt (and each reward's mean)."""

@@ -7,8 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import lorakit as lk
-from lorakit.kernels.logprobs import shifted_targets, token_logprobs
+from lorakit.kernels.logprobs import gathered_logprobs, shifted_targets, token_logprobs
 from lorakit.kernels.losses import causal_lm_loss
+from lorakit.training.objectives.base import segment_sums
 from lorakit.training.objectives.data import collate_pairs
 from lorakit.training.objectives.losses import group_advantages
 from tests.helpers import randomize_lora
@@ -16,8 +17,8 @@ from tests.training.objectives.test_trl_parity import pair_rows
 from tests.training.objectives.trl_reference import TARGETS, objective, stand_in_trainer
 
 
-def adapted(causal_dir, seed=7):
-    model = AutoModelForCausalLM.from_pretrained(causal_dir)
+def adapted(causal_dir, seed=7, attention="sdpa"):
+    model = AutoModelForCausalLM.from_pretrained(causal_dir, attn_implementation=attention)
     lk.inject(model, lk.LoraConfig(r=4, lora_dropout=0.0, target_modules=TARGETS))
     return randomize_lora(model, scale=0.3, seed=seed)
 
@@ -25,16 +26,33 @@ def adapted(causal_dir, seed=7):
 def test_reference_pass_runs_with_the_adapter_off(causal_dir):
     model = adapted(causal_dir)
     task, _ = objective(causal_dir, task="dpo")
-    batch = collate_pairs(task.encode(pair_rows(), "train"), task.pad_id)
-    targets = shifted_targets(batch["input_ids"], batch["completion_mask"])
-    reference = task.reference_logps(stand_in_trainer(model), batch, targets)
+    trainer = stand_in_trainer(model)
+    batch = task.batch(trainer, task.encode(pair_rows(), "train"))
+    reference = task.reference_logps(trainer, batch)
     base = AutoModelForCausalLM.from_pretrained(causal_dir)
+    args = (batch["input_ids"], batch["attention_mask"], batch["positions"], batch["targets"])
     with torch.no_grad():
-        expected = token_logprobs(base, batch["input_ids"], batch["attention_mask"], targets)
-        policy = token_logprobs(model, batch["input_ids"], batch["attention_mask"], targets)
+        expected = gathered_logprobs(base, *args, position_ids=batch["position_ids"])
+        policy = gathered_logprobs(model, *args, position_ids=batch["position_ids"])
     torch.testing.assert_close(reference, expected, atol=1e-5, rtol=1e-5)
     assert (reference - policy).abs().max() > 1e-2
     assert lk.active_adapters(model) == ["default"]  # switched back on after the block
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # a boolean mask, and an additive one
+def test_shared_prompt_rows_score_each_completion_as_if_alone(causal_dir, attention):
+    """The prompt once, then each completion: every token's log-probability equals the one it gets
+    in its own, separately padded sequence."""
+    model = adapted(causal_dir, attention=attention)
+    task, _ = objective(causal_dir, task="dpo")
+    examples = task.encode(pair_rows(), "train")
+    shared = segment_sums(task.logps(stand_in_trainer(model), task.batch(stand_in_trainer(model), examples), False),
+                          task.batch(stand_in_trainer(model), examples))
+    alone = collate_pairs(examples, task.pad_id)
+    targets = shifted_targets(alone["input_ids"], alone["completion_mask"])
+    with torch.no_grad():
+        expected = token_logprobs(model, alone["input_ids"], alone["attention_mask"], targets).sum(1)
+    torch.testing.assert_close(shared, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_a_starting_adapter_is_its_own_frozen_reference(causal_dir, tmp_path):

@@ -137,7 +137,7 @@ def test_kto_equals_trl(causal_dir, tmp_path, weights):
 def _grpo_batch(causal_dir, group=2, seed=0):
     """Fixed prompts (left-padded, TRL's layout), completions (right-padded) and advantages."""
     gen = torch.Generator().manual_seed(seed)
-    prompts = [[2, 18, 23, 26, 28], [2, 19, 24, 30], [2, 18, 22], [2, 25, 27, 29, 31]]
+    prompts = [[2, 18, 23, 26, 28]] * 2 + [[2, 19, 24, 30]] * 2  # G = 2 completions per prompt
     completions = [[31, 5, 7], [32, 5], [33, 34, 5, 8], [31]]
     width_p, width_c = max(map(len, prompts)), max(map(len, completions))
     prompt_ids = torch.tensor([[0] * (width_p - len(p)) + p for p in prompts])
@@ -148,22 +148,12 @@ def _grpo_batch(causal_dir, group=2, seed=0):
     return prompts, completions, prompt_ids, prompt_mask, completion_ids, completion_mask, rewards
 
 
-def _to_ours(per_token, prompts, completions, width):
-    """TRL's (batch, completion) log-probabilities at lorakit's positions (batch, seq)."""
-    out = torch.zeros(len(prompts), width)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        out[i, len(p) - 1:len(p) - 1 + len(c)] = per_token[i, :len(c)]
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("loss_type,beta,iterations", [("dapo", 0.0, 1), ("dapo", 0.04, 2), ("grpo", 0.1, 2),
                                                        ("dr_grpo", 0.0, 2), ("bnpo", 0.04, 1)])
 def test_grpo_loss_equals_trl(causal_dir, tmp_path, loss_type, beta, iterations):
     from trl import GRPOConfig, GRPOTrainer
 
-    from lorakit.kernels.logprobs import shifted_targets
-    from lorakit.training.objectives.data import pad_rows
     from lorakit.training.objectives.losses import group_advantages
 
     rows = [{"prompt": "the film was good"}] * 4
@@ -206,14 +196,11 @@ def test_grpo_loss_equals_trl(causal_dir, tmp_path, loss_type, beta, iterations)
     task, _ = objective(causal_dir, task="grpo", beta=beta, loss_type=loss_type, num_generations=2,
                         max_completion_length=6, temperature=0.8, epsilon=0.2, epsilon_high=0.28,
                         num_iterations=iterations)
-    batch = pad_rows([p + c for p, c in zip(prompts, completions)],
-                     [[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)], 0)
-    width = batch["input_ids"].shape[1]
-    item = {"batch": batch, "targets": shifted_targets(batch["input_ids"], batch["completion_mask"]),
-            "advantages": advantages, "old": _to_ours(old, prompts, completions, width) if iterations > 1 else None,
-            "ref": _to_ours(ref, prompts, completions, width) if beta else None}
+    trainer = stand_in_trainer(ours_model)
+    item = task.item_for(trainer, prompts[::2], completions, advantages)
+    item["old"], item["ref"] = (old if iterations > 1 else None), (ref if beta else None)
     task.tokens_per_process = float(completion_mask.sum())
-    loss, _, logs = task.loss_on(stand_in_trainer(ours_model), item)
+    loss, _, logs = task.loss_on(trainer, item)
     loss.backward()
     assert_same(loss, ours_model, theirs, trainer.model)
     assert (logs["kl"] > 0) == (beta > 0)
