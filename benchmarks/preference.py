@@ -19,7 +19,8 @@ use_vllm=False (transformers' generate on the PEFT model). Rollout tokens/s = co
 the rollout phase.
 
 Each case runs in a fresh child process; time is the fastest step of each child and rounds are
-interleaved; peak memory = peak RSS during the steps minus RSS before the first step.
+interleaved; peak memory = peak RSS during the steps (the warm-up step included) minus RSS before
+the first of them (the loaded model with its adapter): activations, gradients, optimizer state.
 """
 
 from __future__ import annotations
@@ -83,9 +84,9 @@ def _timed(steps: int, step) -> dict:
 
     import torch
 
-    step()  # warm-up: optimizer state, first-call costs
-    before = resident_bytes()
+    before = resident_bytes()  # the model and its adapter, loaded
     reset_peak(torch.device("cpu"))
+    step()  # warm-up: optimizer state, first-call costs (inside the measured peak)
     times, extra = [], []
     for _ in range(steps):
         start = time.perf_counter()

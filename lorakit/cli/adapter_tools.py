@@ -12,6 +12,11 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
+TASK_NOTES = {"dpo": ", --task dpo: 2 sequences per pair", "orpo": ", --task orpo: 2 sequences per pair",
+              "kto": ", --task kto: each row with its KL completion", "grpo": ", --task grpo: {g} completions per prompt "
+              "+ their rollout KV cache"}
+
+
 def _estimate(args: argparse.Namespace) -> int:
     from ..tools import estimate as est
     from .training import list_flag
@@ -31,7 +36,8 @@ def _estimate(args: argparse.Namespace) -> int:
     result = est.estimate(config, r=args.r, targets=targets, lora_alpha=args.alpha, dtype=args.dtype,
                           optimizer=args.optimizer, batch_size=args.batch_size, seq_len=args.seq_len,
                           grad_checkpointing=args.grad_checkpointing, name=args.preset or args.config or args.model,
-                          use_dora=args.use_dora, chunked_loss=args.chunked_loss, nproc=args.nproc, fsdp=args.fsdp)
+                          use_dora=args.use_dora, chunked_loss=args.chunked_loss, nproc=args.nproc, fsdp=args.fsdp,
+                          task=args.task, num_generations=args.num_generations)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -43,6 +49,7 @@ def _estimate(args: argparse.Namespace) -> int:
     print(f"adapter file: {_gb(result.adapter_bytes_fp32)} in fp32, {_gb(result.adapter_bytes_fp16)} in fp16")
     print(f"\nmemory ({args.dtype} weights, {args.optimizer}, batch {args.batch_size} x {args.seq_len}"
           f"{', gradient checkpointing' if args.grad_checkpointing else ''}"
+          f"{TASK_NOTES.get(args.task, '').format(g=args.num_generations)}"
           f"{f', per process of {args.nproc}' + (' (FSDP)' if args.fsdp else ' (DDP)') if args.nproc > 1 else ''}):")
     print(f"  {'method':<8}{'weights':>12}{'gradients':>12}{'optimizer':>12}{'activations':>13}{'total':>12}")
     planned = "qlora" if args.qlora else "lora"
@@ -154,6 +161,12 @@ def add_commands(sub) -> None:
                           help="processes (torchrun --nproc_per_node); memory is per process, --batch-size too")
     estimate.add_argument("--fsdp", action="store_true",
                           help="FSDP shards weights, gradients and optimizer states across --nproc processes")
+    estimate.add_argument("--task", default="sft", choices=["sft", "lm", "dpo", "orpo", "kto", "grpo"],
+                          help="what a preference / RL run adds: dpo, orpo, kto train on two sequences per example "
+                               "(--batch-size pairs); grpo on --num-generations completions per prompt (--batch-size "
+                               "prompts) and keeps their rollout KV cache")
+    estimate.add_argument("--num-generations", type=int, default=8,
+                          help="grpo: completions per prompt (each of up to --seq-len tokens, prompt included)")
     estimate.add_argument("--json", action="store_true")
     estimate.set_defaults(func=_estimate)
 

@@ -2,9 +2,12 @@
 moment they finish.
 
 Each turn of the loop runs one decoding step for every running request (one token each, each
-through its own adapter) and then one chunk of the next newcomer's prompt, so a long prompt delays
-running requests by one chunk per token, not by the whole prompt. A newcomer whose prompt is done
-samples its first token and joins the running rows. Keys and values live in a SlotCache: one slot
+through its own adapter) and then admits newcomers: those whose prompts fit in one chunk are
+prefilled together in one forward (a prompt several of them share, such as the G samples of one
+GRPO prompt or an n>1 request, is computed once and its keys and values copied to the others'
+slots), while a longer prompt goes one chunk per turn, so it delays running requests by one chunk
+per token, not by the whole prompt. A newcomer whose prompt is done samples its first token and
+joins the running rows. Keys and values live in a SlotCache: one slot
 per request, its own positions, a 4-D mask, so joining and leaving copy nothing but one moved slot.
 
 Why not transformers' own continuous batching (``generate_batch`` / PagedAttentionCache): it runs
@@ -85,12 +88,23 @@ class ContinuousBatcher:
     def _admit(self) -> None:
         if self.prefilling is not None or not self.waiting or len(self.running) >= self.engine.limits.max_batch:
             return
-        request = self.waiting.popleft()
+        room = self.engine.limits.max_batch - len(self.running)
+        short = []
+        while self.waiting and len(short) < room and len(self.waiting[0].prompt_ids) <= self.prefill_chunk:
+            short.append(self._active(self.waiting.popleft()))
+        if short:
+            self._prefill_together(short)
+        elif self.waiting:
+            self.prefilling = self._active(self.waiting.popleft())
+
+    def _active(self, request) -> _Active:
         self.engine.counters.started(request)
-        self.prefilling = _Active(_Row(request, self.engine.tokenizer, self.eos_ids, self.engine.counters.prometheus.token))
+        return _Active(_Row(request, self.engine.tokenizer, self.eos_ids, self.engine.counters.prometheus.token))
 
     # --- forwards ------------------------------------------------------------------------------
-    def _forward(self, rows: list[_Active], first_slot: int, ids: torch.Tensor, starts: torch.Tensor):
+    def _forward(self, rows: list[_Active], first_slot: int, ids: torch.Tensor, starts: torch.Tensor,
+                 last: torch.Tensor | None = None):
+        """Logits of each row's last new token (or of column ``last[row]`` of the new tokens)."""
         engine, model = self.engine, self.engine.model
         if self.cache is None:
             reference = next(model.parameters())
@@ -100,15 +114,22 @@ class ContinuousBatcher:
         positions = starts.unsqueeze(1) + torch.arange(tokens)
         device = self.cache.device
         names = [a.request.adapter for a in rows]
+        keep = 1 if last is None else torch.unique(last)  # the columns whose logits are wanted
         with engine.model_lock, torch.inference_mode(), self._adapters(names):
             out = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device),
-                        use_cache=True, logits_to_keep=1, **{self.cache_keyword: self.cache})
-        return out.logits[:, -1]
+                        use_cache=True, logits_to_keep=keep.to(device) if last is not None else 1,
+                        **{self.cache_keyword: self.cache})
+        if last is None:
+            return out.logits[:, -1]
+        column = torch.searchsorted(keep, last).to(out.logits.device)
+        return out.logits[torch.arange(len(last), device=out.logits.device), column]
 
     def _adapters(self, names: list[str]):
         model = self.engine.model
         if all(n == BASE for n in names):
             return lk.disable_adapters(model) if self.engine.has_adapters() else contextlib.nullcontext()
+        if len(set(names)) == 1 and lk.active_adapters(model) == names[:1]:
+            return contextlib.nullcontext()  # every row uses the active adapter: the plain forward
         # every loaded adapter is stacked, so steps over changing rows reuse one set of stacks
         return lk.mixed_batch(model, names, stack=lk.list_adapters(model))
 
@@ -124,6 +145,45 @@ class ContinuousBatcher:
             self._take(active, row_logits)
             if active.row.finish:
                 finished.append(index)
+        for index in reversed(finished):
+            self._leave(index)
+
+    def _prefill_together(self, newcomers: list[_Active]) -> None:
+        """Prefill short prompts in one forward, each distinct (adapter, prompt) once, in the slots
+        after the running rows (right-padded: a row's padding columns lie past its length, never
+        attended to, overwritten as it grows); copy a shared prompt's keys and values into the slot
+        of every other newcomer that has it; each samples its first token and joins the running rows.
+        If the forward fails, only these newcomers fail."""
+        first = len(self.running)
+        groups: dict[tuple, list[_Active]] = {}
+        for active in newcomers:
+            groups.setdefault((active.request.adapter, tuple(active.request.prompt_ids)), []).append(active)
+        prompts = [list(key[1]) for key in groups]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([p + [p[-1]] * (width - len(p)) for p in prompts])
+        try:
+            logits = self._forward([members[0] for members in groups.values()], first, ids,
+                                   torch.zeros(len(prompts), dtype=torch.long),
+                                   last=torch.tensor([len(p) - 1 for p in prompts]))
+            slot = first + len(groups)
+            for source, (key, members) in enumerate(groups.items()):
+                for _ in members[1:]:
+                    self.cache.move(first + source, slot, len(key[1]))
+                    slot += 1
+        except Exception as exc:
+            for active in newcomers:
+                self._fail(active, ServingError(f"generation failed: {exc}", 500))
+            return
+        arranged = [(members[0], g) for g, members in enumerate(groups.values())]
+        arranged += [(active, g) for g, members in enumerate(groups.values()) for active in members[1:]]
+        finished = []
+        for active, g in arranged:
+            active.length = len(active.request.prompt_ids)
+            self._take(active, logits[g])
+            self.engine.counters.prompt(active.length)
+            self.running.append(active)
+            if active.row.finish:
+                finished.append(len(self.running) - 1)
         for index in reversed(finished):
             self._leave(index)
 

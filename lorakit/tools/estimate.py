@@ -17,6 +17,8 @@ values (logits, log-softmax and their gradients, alive together when backward st
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,12 +144,18 @@ def estimate(config, r: int = 8, targets: list[str] | str | None = None, lora_al
              dtype: str = "bf16", optimizer: str = "adamw", batch_size: int = 1, seq_len: int = 512,
              grad_checkpointing: bool = False, name: str | None = None, attention: str = "eager",
              use_dora: bool = False, chunked_loss: bool = False, nproc: int = 1, fsdp: bool = False,
-             adapter: LoraConfig | None = None) -> Estimate:
+             adapter: LoraConfig | None = None, task: str = "sft", num_generations: int = 8) -> Estimate:
     """Parameter counts and memory for LoRA on the model described by ``config`` (no weights loaded):
     the adapter ``adapter`` when given (a run's own LoraConfig), else one built from r, targets,
     lora_alpha and use_dora.
     The memory is per process: with ``nproc`` processes under DDP each holds it all (batch_size is
-    per process); with ``fsdp`` see shard_rows."""
+    per process); with ``fsdp`` see shard_rows.
+
+    ``task`` counts what preference and RL training add (see task_rows): dpo / orpo / kto train on
+    two sequences per example (batch_size pairs); grpo on num_generations completions per prompt
+    (batch_size prompts), and its rollouts keep a KV cache of those sequences."""
+    if task not in TASK_SEQUENCES:
+        raise ConfigError(f"task must be one of {', '.join(TASK_SEQUENCES)}, got {task!r}.")
     if dtype not in DTYPE_BYTES:
         raise ConfigError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}.")
     if optimizer not in OPTIMIZER_STATES:
@@ -174,8 +182,12 @@ def estimate(config, r: int = 8, targets: list[str] | str | None = None, lora_al
         if found:
             layer = int(found.group(1))
             per_layer[layer] = per_layer.get(layer, 0) + row.trainable
+    sequences = batch_size * (num_generations if task == "grpo" else TASK_SEQUENCES[task])
     memory = memory_table(config, model_params, linear_params, report.lora, len(report.rows), DTYPE_BYTES[dtype],
-                          optimizer, batch_size, seq_len, grad_checkpointing, r, attention == "eager", chunked_loss)
+                          optimizer, sequences, seq_len, grad_checkpointing, r, attention == "eager", chunked_loss)
+    if task == "grpo":  # the rollout engine's KV cache stays allocated beside the training step
+        cache = rollout_cache_bytes(config, sequences, seq_len, DTYPE_BYTES[dtype])
+        memory = [dataclasses.replace(row, activations=row.activations + cache) for row in memory]
     if fsdp:
         memory = shard_rows(memory, model, model_params, nproc)
     return Estimate(
@@ -184,6 +196,18 @@ def estimate(config, r: int = 8, targets: list[str] | str | None = None, lora_al
         per_layer=per_layer[min(per_layer)] if per_layer else report.lora,
         adapter_bytes_fp32=4 * report.lora, adapter_bytes_fp16=2 * report.lora, memory=memory,
     )
+
+
+# sequences in the training forward per example: a pair's chosen and rejected (an upper bound:
+# lorakit lays both after one copy of their prompt); KTO's completion and its KL completion
+TASK_SEQUENCES = {"sft": 1, "lm": 1, "classify": 1, "dpo": 2, "orpo": 2, "kto": 2, "grpo": 1}
+
+
+def rollout_cache_bytes(config, sequences: int, seq_len: int, bytes_per: int) -> int:
+    """Keys and values of ``sequences`` rows of ``seq_len`` positions in every layer."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * sequences * seq_len * bytes_per
 
 
 def activation_bytes(config, batch: int, seq: int, bytes_per: int, checkpointing: bool, scores: bool = True,

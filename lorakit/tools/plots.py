@@ -76,33 +76,34 @@ def similarity_heatmaps(grids: dict[str, torch.Tensor], directory: str | Path, l
     return written
 
 
-def loss_curve(log_path: str | Path, png_path: str | Path) -> Path:
-    """Training loss per step (and validation metrics, when the log has them) from a JSONL log."""
+def loss_curve(log_path: str | Path, png_path: str | Path, metric: str = "loss") -> Path:
+    """Training ``metric`` per step (the loss; GRPO runs plot their mean reward) and validation
+    metrics, when the log has them, from a JSONL log."""
     import json
 
     plt = _pyplot()
     train, evals = [], []
     for line in Path(log_path).read_text().splitlines():
         entry = json.loads(line)
-        if "loss" in entry:
-            train.append((entry["step"], entry["loss"]))
+        if metric in entry and "eval" not in entry:
+            train.append((entry["step"], entry[metric]))
         elif "eval" in entry:
             evals.append((entry["step"], entry["eval"]))
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        steps, losses = zip(*train)
-        ax.plot(steps, losses, lw=0.8, alpha=0.5, label="train loss")
-        window = max(1, len(losses) // 30)
-        smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
-                  for i in range(len(losses))]
-        ax.plot(steps, smooth, lw=1.6, label=f"train loss (mean of {window})")
-    ax.set(xlabel="step", ylabel="loss", title="training")
+        steps, values = zip(*train)
+        ax.plot(steps, values, lw=0.8, alpha=0.5, label=f"train {metric}")
+        window = max(1, len(values) // 30)
+        smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+                  for i in range(len(values))]
+        ax.plot(steps, smooth, lw=1.6, label=f"train {metric} (mean of {window})")
+    ax.set(xlabel="step", ylabel=metric, title="training")
     if evals:
-        key = "accuracy" if "accuracy" in evals[0][1] else "loss"
-        other = ax.twinx() if key == "accuracy" else ax
+        key = next(k for k in ("reward", "accuracy", "loss") if k in evals[0][1])
+        other = ax.twinx() if key != metric else ax
         other.plot([s for s, _ in evals], [m[key] for _, m in evals], "o-", color="C3", label=f"validation {key}")
-        if key == "accuracy":
-            other.set_ylabel("validation accuracy")
+        if other is not ax:
+            other.set_ylabel(f"validation {key}")
             other.legend(loc="upper right")
     ax.legend(loc="upper left" if evals else "best")
     fig.tight_layout()

@@ -397,7 +397,8 @@ class Trainer:
             summary["artifact"] = str(artifact)
             from ..tools.plots import loss_curve
 
-            summary["loss_curve"] = str(loss_curve(self.output / "train_log.jsonl", self.output / "loss_curve.png"))
+            summary["loss_curve"] = str(loss_curve(self.output / "train_log.jsonl", self.output / "loss_curve.png",
+                                                   metric="reward" if o.task == "grpo" else "loss"))
             (self.output / "summary.json").write_text(json_record(summary, indent=2) + "\n")
         else:
             summary["is_main"] = False

@@ -61,7 +61,7 @@ def estimated_bytes(model_config, options, seq_len: int, chunked_loss: bool = Tr
         result = estimate(model_config, adapter=options.lora_config(), dtype="bf16" if options.bf16 else "fp32",
                           optimizer=options.optim, batch_size=options.batch_size, seq_len=seq_len,
                           grad_checkpointing=options.grad_checkpointing, attention="sdpa", chunked_loss=chunked_loss,
-                          nproc=nproc, fsdp=options.fsdp)
+                          nproc=nproc, fsdp=options.fsdp, task=options.task, num_generations=options.num_generations)
     except LoraError:
         return None
     method = "full" if options.full else "qlora" if options.qlora else "lora"
