@@ -170,18 +170,25 @@ def grpo_child(impl: str, batch: int, group: int, completion: int, steps: int, d
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
+        sampled = {}
+
+        def full_length_sample(*a, **kw):  # every completion at full length, as TRL's min_new_tokens below
+            began = time.perf_counter()
+            out = type(objective).sample(objective, *a, **kw, ignore_eos=True)
+            sampled.update(seconds=time.perf_counter() - began, tokens=sum(len(o["token_ids"]) for o in out))
+            return out
+
+        objective.sample = full_length_sample
+
         def step():
             start = next(cursor)
             objective.generation = start
-            began = time.perf_counter()
-            objective._generate(trainer, [examples[start:start + batch]])
-            rollout = time.perf_counter() - began
+            objective._generate(trainer, [examples[start:start + batch]])  # rollouts, rewards, advantages
             loss, _, logs = objective.loss_on(trainer, objective.rollouts[0])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            tokens = logs["completions/mean_length"] * batch * group
-            return {"rollout_s": rollout, "rollout_tokens": tokens}
+            return {"rollout_s": sampled["seconds"], "rollout_tokens": sampled["tokens"]}
     else:
         from datasets import Dataset
         from trl import GRPOConfig, GRPOTrainer
@@ -193,7 +200,8 @@ def grpo_child(impl: str, batch: int, group: int, completion: int, steps: int, d
         args = GRPOConfig(output_dir="/tmp/lorakit-bench-trl", report_to=[], use_cpu=True, bf16=bf16,
                           per_device_train_batch_size=batch * group, num_generations=group,
                           max_completion_length=completion, temperature=1.0, learning_rate=1e-5, beta=0.0,
-                          steps_per_generation=1)
+                          steps_per_generation=1,
+                          generation_kwargs={"min_new_tokens": completion})  # full length, as lorakit's ignore_eos
         if bf16:
             model = model.to(torch.bfloat16)
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),

@@ -59,7 +59,7 @@ class _Row:
 
     def add(self, token: int) -> None:
         self.on_token(self.request)
-        if token in self.eos_ids:
+        if token in self.eos_ids and not self.request.ignore_eos:
             self.finish, self.stop_token = "stop", token
             return
         self.tokens.append(token)

@@ -42,6 +42,7 @@ class Request:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False        # vLLM's: decode max_new_tokens whatever is sampled (benchmarks)
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False         # its client went away: the scheduler drops it at the next step
 

@@ -127,3 +127,49 @@ def test_bad_input_is_refused_before_the_first_step(causal_dir, tmp_path, capsys
     code, _, err = run_cli(capsys, "train", "--task", task, "--model", causal_dir, "--output", output, *SMALL[:8], *extra)
     assert code == 2 and says in err and "Traceback" not in err, err
     assert not output.exists() or not any(output.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task,extra", [
+    ("dpo", ["--qlora"]), ("dpo", ["--use-dora", "--grad-checkpointing"]), ("kto", ["--optim", "adamw8bit"]),
+    ("grpo", ["--qlora", "--grad-checkpointing", "--num-generations", "2", "--max-completion-length", "4"]),
+    ("grpo", ["--use-dora", "--num-generations", "2", "--max-completion-length", "4", "--num-iterations", "2"])])
+def test_recipes_work_with_these_tasks(causal_dir, tmp_path, capsys, task, extra):
+    data = layouts(tmp_path)[task]
+    code, out, err = run_cli(capsys, "train", "--task", task, "--model", causal_dir, "--data", data,
+                             "--output", tmp_path / "run", *SMALL, *extra, "--json")
+    assert code == 0, err
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert len(losses) == 4 and all(abs(v) < 1e6 for v in losses)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_dpo_equals_one_process_with_the_same_global_batch(causal_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    import lorakit as lk
+
+    data = layouts(tmp_path)["dpo"]
+    flags = ["--task", "dpo", "--model", causal_dir, "--data", str(data), "--max-steps", "4", "--seq-len", "32",
+             "--lr", "1e-2", "--warmup-steps", "1", "--dropout", "0", "--eval-steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "lorakit", "train", *flags, "--batch-size", "2", "--output", str(tmp_path / "ddp")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = subprocess.run([sys.executable, "-m", "lorakit", "train", *flags, "--batch-size", "4", "--output",
+                             str(tmp_path / "single")], capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (tmp_path / run / "train_log.jsonl").read_text().splitlines()
+                if "loss" in json.loads(line)]
+    assert losses("ddp") == pytest.approx(losses("single"), abs=1e-4)
+    a, b = lk.read_adapter(tmp_path / "ddp" / "adapter")[1], lk.read_adapter(tmp_path / "single" / "adapter")[1]
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-3)

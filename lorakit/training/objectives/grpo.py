@@ -73,7 +73,7 @@ class Grpo(Objective):
 
     # --- rollouts ------------------------------------------------------------------------------
     def sample(self, model, prompts: list[list[int]], seeds: list[int | None], temperature: float, top_p: float,
-               max_new_tokens: int) -> list[dict]:
+               max_new_tokens: int, ignore_eos: bool = False) -> list[dict]:
         """One completion per prompt through the engine: {"text", "token_ids"} each, in order."""
         adapter = active_adapters(model)[0]
         results: list[dict | None] = [None] * len(prompts)
@@ -90,7 +90,7 @@ class Grpo(Objective):
             return sink
 
         requests = [Request("generate", adapter, ids, sink_for(i), max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_p=top_p, seed=seed)
+                            temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos)
                     for i, (ids, seed) in enumerate(zip(prompts, seeds))]
         was_training = model.training
         model.eval()  # no LoRA dropout while sampling
