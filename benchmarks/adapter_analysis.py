@@ -17,14 +17,13 @@ from pathlib import Path
 import torch
 
 import lorakit as lk
+from lorakit.hub.models import load_model
 from lorakit.tools import analysis
+from lorakit.tools.plots import similarity_heatmaps
 from lorakit.training.data import encode, load_splits
 from lorakit.training.evaluation import evaluate
-from lorakit.hub.models import load_model
-from lorakit.tools.plots import similarity_heatmaps
 
 from .common import print_table
-
 
 LABELS = ["negative", "positive"]
 

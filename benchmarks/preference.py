@@ -80,9 +80,9 @@ def _stand_in(model):
 
 
 def _timed(steps: int, step) -> dict:
-    from lorakit.training.memory import peak_since_reset, reset_peak, resident_bytes
-
     import torch
+
+    from lorakit.training.memory import peak_since_reset, reset_peak, resident_bytes
 
     before = resident_bytes()  # the model and its adapter, loaded
     reset_peak(torch.device("cpu"))

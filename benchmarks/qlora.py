@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 import lorakit as lk
-from lorakit.kernels.nf4 import BLOCK, Linear4bit, unpack
 from lorakit.hub.models import load_model
+from lorakit.kernels.nf4 import BLOCK, Linear4bit, unpack
 
 from .common import SEVEN, interleaved, print_table
 

@@ -41,8 +41,8 @@ def checkpointing_child(checkpointing: str, batch: int, seq: int, steps: int) ->
     import torch
 
     import lorakit as lk
-    from lorakit.training.memory import resident_bytes
     from lorakit.hub.models import load_model
+    from lorakit.training.memory import resident_bytes
 
     torch.set_num_threads(2)
     baseline = resident_bytes()
@@ -69,8 +69,8 @@ def checkpointing_child(checkpointing: str, batch: int, seq: int, steps: int) ->
 def checkpointing(args) -> None:
     from transformers import AutoConfig
 
-    from lorakit.tools.estimate import estimate
     from lorakit.hub.models import resolve_model_path
+    from lorakit.tools.estimate import estimate
 
     hf_config = AutoConfig.from_pretrained(resolve_model_path("smollm2-135m"))
     results: dict[str, list[dict]] = {"off": [], "on": []}
@@ -124,11 +124,10 @@ def train_run(**fields) -> dict:
 def optim8bit(args) -> None:
     import torch
 
+    import lorakit as lk
     from lorakit.hub.models import load_model
     from lorakit.training.optim import build_optimizer, optimizer_state_bytes
     from lorakit.training.options import resolve_options
-
-    import lorakit as lk
 
     rows = []
     for optim in ("adamw", "adamw8bit"):

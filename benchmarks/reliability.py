@@ -172,8 +172,8 @@ def disconnect_storm(root: Path, clients: int = 50, max_tokens: int = 100) -> di
     from lorakit.serving import BackgroundServer, Limits
 
     base = root / "base" if (root / "base").exists() else tiny_llama_dir(root)
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {f"w{i}": i for i in range(128)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))

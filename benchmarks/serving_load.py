@@ -32,9 +32,9 @@ import httpx
 import torch
 
 import lorakit as lk
+from lorakit.hub.models import load_model
 from lorakit.serving import BackgroundServer, Engine, Limits
 from lorakit.training.data import load_splits
-from lorakit.hub.models import load_model
 
 from .common import print_table
 

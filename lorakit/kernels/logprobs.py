@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .losses import CHUNK_ELEMENTS, CHUNK_ELEMENTS_16BIT, IGNORE_INDEX, head_logits, supports_chunked_loss
 from .lora import compute_dtype
+from .losses import CHUNK_ELEMENTS, CHUNK_ELEMENTS_16BIT, IGNORE_INDEX, head_logits, supports_chunked_loss
 
 
 class LinearLogProbs(torch.autograd.Function):

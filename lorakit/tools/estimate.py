@@ -18,7 +18,6 @@ values (logits, log-softmax and their gradients, alive together when backward st
 from __future__ import annotations
 
 import dataclasses
-
 import re
 from dataclasses import dataclass, field
 from pathlib import Path

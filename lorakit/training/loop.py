@@ -29,8 +29,8 @@ from ..io.runs import RUN_FILE, run_record
 from ..kernels.losses import ChunkedLossLM, supports_chunked_loss
 from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint, trainable_state
 from .data import (
-    EMBEDDED_SFT_TEMPLATES,
     EMBEDDED_DATA,
+    EMBEDDED_SFT_TEMPLATES,
     Truncation,
     answer_tokens,
     collate,
@@ -42,10 +42,10 @@ from .data import (
 from .distributed import Distributed
 from .evaluation import evaluate, split_metrics
 from .learning_check import learning_check
+from .memory import estimated_bytes, peak_bytes, peak_since_reset, reset_peak, resident_bytes
 from .objectives import OBJECTIVE_TASKS, objective_for
 from .objectives.base import mean_logs
 from .objectives.data import embedded_rows
-from .memory import estimated_bytes, peak_bytes, peak_since_reset, reset_peak, resident_bytes
 from .optim import build_optimizer, build_scheduler
 from .options import TrainOptions, save_options
 from .packing import pack_examples

@@ -6,8 +6,16 @@ import torch
 
 import lorakit as lk
 from lorakit.errors import AdapterMismatchError
-from lorakit.io.peft_format import (adalora_keys, base_name, bias_key, magnitude_key, module_part, pair_keys,
-                                    saved_key, split_tensors)
+from lorakit.io.peft_format import (
+    adalora_keys,
+    base_name,
+    bias_key,
+    magnitude_key,
+    module_part,
+    pair_keys,
+    saved_key,
+    split_tensors,
+)
 from tests.helpers import tiny_gpt2, tiny_llama
 
 

@@ -1,11 +1,10 @@
 """Loss and gradients equal TRL's on the same batch (fp32, a tiny random Llama, atol 1e-5): every
 DPO loss type, SimPO (TRL's CPO), ORPO, KTO and GRPO."""
 
-import json
-import types
 
 import pytest
 import torch
+
 from tests.helpers import review_rows
 from tests.training.objectives.trl_reference import (
     lora_grads,
@@ -159,18 +158,11 @@ def test_grpo_loss_equals_trl(causal_dir, tmp_path, loss_type, beta, iterations)
     rows = [{"prompt": "the film was good"}] * 4
     args = trl_args(GRPOConfig, tmp_path, beta=beta, loss_type=loss_type, num_generations=2, max_completion_length=6,
                     temperature=0.8, epsilon=0.2, epsilon_high=0.28, num_iterations=iterations)
-    from trl import GRPOTrainer as _GRPO
 
     def reward(prompts, completions, **kw):
         return [0.0] * len(prompts)
 
-    from tests.training.objectives import trl_reference
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from datasets import Dataset
-    trainer = _GRPO(model=AutoModelForCausalLM.from_pretrained(causal_dir), reward_funcs=reward, args=args,
-                    train_dataset=Dataset.from_list(rows), processing_class=AutoTokenizer.from_pretrained(causal_dir),
-                    peft_config=trl_reference.PEFT_CONFIG)
-    trl_reference.randomise_b(trainer.model)
+    trainer = trl_trainer(GRPOTrainer, args, causal_dir, rows, reward_funcs=reward)
     trainer.current_gradient_accumulation_steps = 1
     prompts, completions, prompt_ids, prompt_mask, completion_ids, completion_mask, rewards = _grpo_batch(causal_dir)
     advantages = group_advantages(rewards, 2)

@@ -32,13 +32,13 @@ def randomise_b(peft_model, seed=3):
 PEFT_CONFIG = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS)
 
 
-def trl_trainer(trainer_class, config, model_dir, rows):
+def trl_trainer(trainer_class, config, model_dir, rows, **kw):
     """A TRL trainer that adds a fresh PEFT adapter to the base, whose B is then randomised."""
     from datasets import Dataset
 
     trainer = trainer_class(model=AutoModelForCausalLM.from_pretrained(model_dir), args=config,
                             train_dataset=Dataset.from_list(rows), processing_class=AutoTokenizer.from_pretrained(model_dir),
-                            peft_config=PEFT_CONFIG)
+                            peft_config=PEFT_CONFIG, **kw)
     randomise_b(trainer.model)
     return trainer
 
