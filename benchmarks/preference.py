@@ -79,6 +79,26 @@ def _stand_in(model):
     return types.SimpleNamespace(model=model, wrapped=runner, runner_module=runner, dist=dist, step=0)
 
 
+def _lorakit(model, tokenizer, rows, options):
+    """lorakit's side: the adapter injected (the base cast to bf16 with --bf16), the task's objective
+    prepared on the encoded rows, and an AdamW over what trains."""
+    import torch
+
+    import lorakit as lk
+    from lorakit.training.objectives import objective_for
+
+    lk.inject(model, options.lora_config())
+    if options.bf16:
+        lk.cast_base(model, torch.bfloat16)
+    objective = objective_for(options, tokenizer, 256)
+    examples = objective.encode(rows, "train")
+    trainer = _stand_in(model)
+    trainer.encoded = {"train": examples}
+    objective.prepare(trainer)
+    model.train()
+    return objective, examples, trainer, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+
 def _timed(steps: int, step) -> dict:
     import torch
 
@@ -105,18 +125,7 @@ def dpo_child(impl: str, batch: int, steps: int, dtype: str) -> dict:
     model, tokenizer = _model()
     rows = _rows("dpo", batch)
     if impl == "lorakit":
-        import lorakit as lk
-        from lorakit.training.objectives import objective_for
-
-        options = _options("dpo", bf16=bf16)
-        lk.inject(model, options.lora_config())
-        if bf16:
-            lk.cast_base(model, torch.bfloat16)
-        objective = objective_for(options, tokenizer, 256)
-        examples = objective.encode(rows, "train")
-        trainer = _stand_in(model)
-        model.train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        objective, examples, trainer, optimizer = _lorakit(model, tokenizer, rows, _options("dpo", bf16=bf16))
 
         def step():
             loss, _, _ = objective._loss(trainer, examples, grad=True)
@@ -155,20 +164,8 @@ def grpo_child(impl: str, batch: int, group: int, completion: int, steps: int, d
     rows = _rows("grpo", batch * steps + batch)
     cursor = iter(range(0, len(rows), batch))
     if impl == "lorakit":
-        import lorakit as lk
-        from lorakit.training.objectives import objective_for
-
         options = _options("grpo", bf16=bf16, num_generations=group, max_completion_length=completion, batch_size=batch)
-        lk.inject(model, options.lora_config())
-        if bf16:
-            lk.cast_base(model, torch.bfloat16)
-        objective = objective_for(options, tokenizer, 256)
-        examples = objective.encode(rows, "train")
-        trainer = _stand_in(model)
-        trainer.encoded = {"train": examples}
-        objective.prepare(trainer)
-        model.train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        objective, examples, trainer, optimizer = _lorakit(model, tokenizer, rows, options)
 
         sampled = {}
 

@@ -146,7 +146,9 @@ TASK_DEFAULTS = {
     "classify": {"lr": 2e-3, "targets": "all-linear", "min_steps": 150, "batch_size": 32},
     "sft": {"lr": 1e-3, "targets": "all-linear", "min_steps": 100, "batch_size": 8},
     "lm": {"lr": 5e-4, "targets": "all-linear", "min_steps": 100, "batch_size": 8},
-    # preference and RL: TRL's beta / loss defaults; lr and batch from benchmarks/preference_quality.py
+    # preference and RL: TRL's beta and loss defaults. lr: TRL's 1e-6 is meant for full fine-tuning;
+    # LoRA moves fewer weights and takes a higher rate. These are the rates of the quality runs in
+    # BENCHMARKS.md ("Preference and RL"), not yet validated on a second corpus (said there).
     "dpo": {"lr": 5e-5, "targets": "all-linear", "min_steps": 1, "batch_size": 8, "beta": 0.1, "loss_type": "sigmoid"},
     "orpo": {"lr": 5e-5, "targets": "all-linear", "min_steps": 1, "batch_size": 8, "beta": 0.1},
     "kto": {"lr": 5e-5, "targets": "all-linear", "min_steps": 1, "batch_size": 8, "beta": 0.1},

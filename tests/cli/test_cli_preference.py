@@ -173,3 +173,22 @@ def test_two_process_ddp_dpo_equals_one_process_with_the_same_global_batch(causa
     a, b = lk.read_adapter(tmp_path / "ddp" / "adapter")[1], lk.read_adapter(tmp_path / "single" / "adapter")[1]
     for key in b:
         torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_grpo_writes_its_rollout_figures_to_tensorboard(causal_dir, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = layouts(tmp_path)["grpo"]
+    code, _, err = run_cli(capsys, "train", "--task", "grpo", "--model", causal_dir, "--data", data, "--output",
+                           tmp_path / "run", *SMALL, "--num-generations", "2", "--max-completion-length", "4",
+                           "--report-to", "tensorboard")
+    assert code == 0, err
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/reward", "train/reward_std", "train/kl", "train/completions/mean_length",
+            "train/rollout_tokens_per_s", "eval/reward"} <= tags
+    logged = [json.loads(line)["reward"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
+              if "reward" in json.loads(line)]
+    assert [e.value for e in events.Scalars("train/reward")] == pytest.approx(logged, abs=1e-6)
