@@ -89,7 +89,9 @@ def measure(adapter: Path | None, data: dict[str, Path]) -> dict:
     model, tokenizer = load_model(MODEL, "sft")
     if adapter is not None:
         lk.load_adapter(model, adapter)
-    lk.cast_base(model, torch.bfloat16)
+        lk.cast_base(model, torch.bfloat16)
+    else:
+        model.to(torch.bfloat16)
     model.eval()
     runner = TokenLogProbLM(model)
     dist = types.SimpleNamespace(device=torch.device("cpu"), rank=0, world_size=1, to_device=lambda b: b,
@@ -141,8 +143,10 @@ def main() -> None:
     common = ["--model", MODEL, "--bf16", "--r", "16", "--seq-len", "256", "--eval-examples", "64"]
     report = json.loads((root / "report.json").read_text()) if (root / "report.json").is_file() else {}
     if "sft" in args.part:
-        report["sft_run"] = train("--task", "sft", "--data", data["sft"], "--output", root / "sft", "--max-steps", "120",
-                                  "--batch-size", "8", *common)
+        if not (root / "sft" / "adapter").is_dir():  # a finished SFT run is reused
+            report["sft_run"] = train("--task", "sft", "--data", data["sft"], "--output", root / "sft", "--max-steps", "120",
+                                      "--batch-size", "8", *common)
+        report.setdefault("sft_run", json.loads((root / "sft" / "summary.json").read_text()))
         report["sft"] = measure(root / "sft" / "adapter", data)
         report["base"] = measure(None, data)
     if "dpo" in args.part:

@@ -152,7 +152,7 @@ TASK_DEFAULTS = {
     "dpo": {"lr": 5e-5, "targets": "all-linear", "min_steps": 1, "batch_size": 8, "beta": 0.1, "loss_type": "sigmoid"},
     "orpo": {"lr": 5e-5, "targets": "all-linear", "min_steps": 1, "batch_size": 8, "beta": 0.1},
     "kto": {"lr": 5e-5, "targets": "all-linear", "min_steps": 1, "batch_size": 8, "beta": 0.1},
-    "grpo": {"lr": 2e-5, "targets": "all-linear", "min_steps": 1, "batch_size": 4, "beta": 0.0, "loss_type": "dapo"},
+    "grpo": {"lr": 1e-4, "targets": "all-linear", "min_steps": 1, "batch_size": 4, "beta": 0.0, "loss_type": "dapo"},
 }
 FULL_FINE_TUNE_LR = 5e-5  # --full: every weight moves, so a LoRA learning rate would wreck the model
 DEFAULTS_WHY = (

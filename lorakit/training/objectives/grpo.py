@@ -21,6 +21,7 @@ import time
 import torch
 
 from ...model.adapters import active_adapters
+from ...model.state import BASE
 from ...serving.engine import Engine
 from ...serving.requests import Limits, Request
 from .base import Objective
@@ -75,7 +76,7 @@ class Grpo(Objective):
     def sample(self, model, prompts: list[list[int]], seeds: list[int | None], temperature: float, top_p: float,
                max_new_tokens: int, ignore_eos: bool = False) -> list[dict]:
         """One completion per prompt through the engine: {"text", "token_ids"} each, in order."""
-        adapter = active_adapters(model)[0]
+        adapter = active_adapters(model)[0] if self.engine.has_adapters() else BASE  # a bare model: its base
         results: list[dict | None] = [None] * len(prompts)
         done = threading.Semaphore(0)
 
