@@ -16,8 +16,15 @@ from ..errors import ConfigError
 RUN_FILE = "lorakit_run.json"
 
 
+# preference / RL objectives train a causal chat model, which generate, eval and serve use as they use
+# an sft run's; the record keeps the objective beside it
+OBJECTIVE_TASKS = ("dpo", "orpo", "kto", "grpo")
+
+
 def run_record(options, labels: list[str] | None, seq_len: int, prompt_template, response_template) -> dict:
-    return {"task": options.task, "model": options.model, "data": options.data, "labels": labels,
+    objective = options.task in OBJECTIVE_TASKS
+    return {"task": "sft" if objective else options.task, "objective": options.task if objective else None,
+            "model": options.model, "data": options.data, "labels": labels,
             "seq_len": seq_len, "text_column": options.text_column, "label_column": options.label_column,
             "prompt_template": prompt_template, "response_template": response_template,
             "full": options.full, "bf16": options.bf16, "qlora": options.qlora}

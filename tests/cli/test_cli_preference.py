@@ -62,6 +62,8 @@ def test_each_task_trains_logs_and_saves_a_peft_adapter(causal_dir, tmp_path, ca
     assert len(steps) == 4 and all(logged in r for r in steps)
     assert (tmp_path / "run" / "loss_curve.png").is_file()
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(causal_dir), tmp_path / "run" / "adapter")
+    code, _, err = run_cli(capsys, "generate", tmp_path / "run", "--prompt", "the film", "--max-new-tokens", "2")
+    assert code == 0, err  # the run is a chat model to generate with, as an sft run is
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ accumulation, DDP, QLoRA / DoRA / checkpointing, --resume, logs and the loss cur
 
 from __future__ import annotations
 
-OBJECTIVE_TASKS = ("dpo", "orpo", "kto", "grpo")
+from ...io.runs import OBJECTIVE_TASKS  # noqa: F401  (one home: the run record reads them too)
 
 
 def objective_for(options, tokenizer, seq_len: int):
