@@ -194,3 +194,16 @@ def test_grpo_writes_its_rollout_figures_to_tensorboard(causal_dir, tmp_path, ca
     logged = [json.loads(line)["reward"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
               if "reward" in json.loads(line)]
     assert [e.value for e in events.Scalars("train/reward")] == pytest.approx(logged, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_yaml_job_file_sets_the_grpo_options(causal_dir, tmp_path, capsys):
+    data = layouts(tmp_path)["grpo"]
+    job = tmp_path / "job.yaml"
+    job.write_text(f"task: grpo\nmodel: {causal_dir}\ndata: {data}\nnum-generations: 2\nmax-completion-length: 3\n"
+                   "rewards: [answer_match, length=0.5]\nbeta: 0.04\n")
+    code, out, err = run_cli(capsys, "train", job, "--output", tmp_path / "run", *SMALL, "--json")
+    assert code == 0, err
+    record = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()][0]
+    assert {"rewards/answer_match", "rewards/length"} <= set(record) and record["completions/mean_length"] <= 3
+    assert record["reward"] == pytest.approx(record["rewards/answer_match"] + 0.5 * record["rewards/length"], abs=1e-5)
