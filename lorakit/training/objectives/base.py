@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
 import lorakit as lk
 
@@ -47,11 +46,6 @@ def reference_policy(model):
     else:
         with lk.disable_adapters(model):
             yield model
-
-
-def shift(mask: torch.Tensor) -> torch.Tensor:
-    """A per-token mask moved to the position that scores it (position t scores token t+1)."""
-    return F.pad(mask, (0, 1), value=0)[..., 1:]
 
 
 class Objective:
@@ -124,11 +118,19 @@ class Objective:
             return runner(batch["input_ids"], batch["attention_mask"], positions, targets, temperature,
                           position_ids=batch["position_ids"])
 
+    def reference_sums(self, trainer):
+        """(examples, their completions' summed reference log-probabilities) for every batch of every
+        split: what --precompute-ref stores once before training (needs the objective's batch())."""
+        for examples in trainer.encoded.values():
+            for start in range(0, len(examples or []), self.batch_eval):
+                chunk = examples[start:start + self.batch_eval]
+                batch = self.batch(trainer, chunk)
+                yield chunk, segment_sums(self.reference_logps(trainer, batch), batch)
+
     def reference_logps(self, trainer, batch: dict, temperature: float = 1.0) -> torch.Tensor:
         """The same under the reference policy, without gradient."""
-        with torch.no_grad(), reference_policy(trainer.model), self.autocast(trainer):
-            return gathered_logprobs(trainer.model, batch["input_ids"], batch["attention_mask"], batch["positions"],
-                                     batch["targets"], temperature, position_ids=batch["position_ids"])
+        with reference_policy(trainer.model):
+            return self.logps(trainer, batch, False, temperature=temperature)
 
 
 def segment_sums(values: torch.Tensor, batch: dict) -> torch.Tensor:

@@ -181,27 +181,6 @@ def encode_prompts(rows: list[dict], tokenizer, seq_len: int, split: str, room: 
     return out
 
 
-def pad_rows(rows: list[list[int]], masks: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input ids, attention mask and completion mask for sequences of token ids."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    completion = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row, mask) in enumerate(zip(rows, masks)):
-        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-        attention[i, :len(row)] = 1
-        completion[i, :len(row)] = torch.tensor(mask, dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion}
-
-
-def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Chosen sequences first, then rejected (TRL's order): 2 × batch rows, each pair's prompt
-    twice (the layout TRL trains on; lorakit's objectives use shared_prefix_batch)."""
-    rows = [e["prompt_ids"] + e[key] for key in ("chosen_ids", "rejected_ids") for e in examples]
-    masks = [[0] * len(e["prompt_ids"]) + [1] * len(e[key]) for key in ("chosen_ids", "rejected_ids") for e in examples]
-    return pad_rows(rows, masks, pad_id)
-
-
 def shared_prefix_batch(groups: list[tuple[list[int], list[list[int]]]], pad_id: int, score_prompt: bool = False,
                         additive_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """One row per group (a prompt and the completions that follow it): the prompt once, then each

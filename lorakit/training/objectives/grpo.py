@@ -52,10 +52,8 @@ class Grpo(Objective):
 
     def prepare(self, trainer) -> None:
         rows = [e["row"] for e in trainer.encoded["train"][:2]]
-        columns = self._columns(rows)
-        for reward in self.rewards:  # a reward that cannot run fails here, before any step or file
-            probe = [[{"role": "assistant", "content": ""}] if is_conversation(r["prompt"]) else "" for r in rows]
-            score([reward], [r["prompt"] for r in rows], probe, [[] for _ in rows], columns)
+        self._score(rows, [{"text": "", "token_ids": []} for _ in rows])  # a reward that cannot run fails here,
+        # before any step or file
         room = self.seq_len - max(len(e["prompt_ids"]) for e in trainer.encoded["train"])
         limits = Limits(max_prompt_tokens=self.seq_len, max_new_tokens=max(1, min(self.options.max_completion_length, room)),
                         max_batch=min(64, self.options.batch_size * self.group * self.options.grad_accum),
@@ -67,10 +65,21 @@ class Grpo(Objective):
             self.engine.close()
             self.engine = None
 
-    @staticmethod
-    def _columns(rows: list[dict]) -> dict[str, list]:
+    def _score(self, rows: list[dict], outputs: list[dict]) -> torch.Tensor:
+        """Every reward's value (rewards × completions; NaN for None) of the engine's ``outputs`` for
+        ``rows``, called as TRL calls reward functions: conversational prompts get their completion
+        as an assistant message, and every other column of the rows comes as a keyword argument."""
+        prompts = [r["prompt"] for r in rows]
+        completions = [[{"role": "assistant", "content": out["text"]}] if is_conversation(p) else out["text"]
+                       for out, p in zip(outputs, prompts)]
         keys = [k for k in rows[0] if k not in ("prompt", "completion", "completion_ids")]
-        return {k: [r.get(k) for r in rows] for k in keys}
+        return torch.tensor(score(self.rewards, prompts, completions, [out["token_ids"] for out in outputs],
+                                  {k: [r.get(k) for r in rows] for k in keys}))
+
+    def _total(self, table: torch.Tensor) -> torch.Tensor:
+        """The weighted sum per completion; NaN where every reward said None (TRL leaves it out)."""
+        weights = torch.tensor([r.weight for r in self.rewards]).unsqueeze(1)
+        return (table * weights).nansum(0).masked_fill(torch.isnan(table).all(0), math.nan)
 
     # --- rollouts ------------------------------------------------------------------------------
     def sample(self, model, prompts: list[list[int]], seeds: list[int | None], temperature: float, top_p: float,
@@ -82,10 +91,7 @@ class Grpo(Objective):
 
         def sink_for(index):
             def sink(kind, value):
-                if kind == "done":
-                    results[index] = value
-                    done.release()
-                elif kind == "error":
+                if kind in ("done", "error"):  # a result, or the ServingError raised below
                     results[index] = value
                     done.release()
             return sink
@@ -116,15 +122,8 @@ class Grpo(Objective):
                               o.temperature, o.top_p, max(budget))
         seconds = time.perf_counter() - started
         completions_ids = [out["token_ids"][:limit] for out, limit in zip(outputs, budget)]
-        rows = [e["row"] for e in flat]
-        prompts = [r["prompt"] for r in rows]
-        completions = [[{"role": "assistant", "content": out["text"]}] if is_conversation(p) else out["text"]
-                       for out, p in zip(outputs, prompts)]
-        table = torch.tensor(score(self.rewards, prompts, completions, completions_ids, self._columns(rows)))
-        weights = torch.tensor([r.weight for r in self.rewards]).unsqueeze(1)
-        per_completion = (table * weights).nansum(0)
-        unscorable = torch.isnan(table).all(0)  # every reward said None: TRL leaves it out of the statistics
-        per_completion[unscorable] = math.nan
+        table = self._score([e["row"] for e in flat], [{**out, "token_ids": ids} for out, ids in zip(outputs, completions_ids)])
+        per_completion = self._total(table)
         advantages = group_advantages(per_completion, group, o.scale_rewards)
         generated = sum(len(ids) for ids in completions_ids)
         self.rollouts, start = [], 0
@@ -206,16 +205,10 @@ class Grpo(Objective):
             chunk = examples[start:start + 64]
             budget = max(1, min(o.max_completion_length, self.seq_len - max(len(e["prompt_ids"]) for e in chunk)))
             outputs = self.sample(trainer.model, [e["prompt_ids"] for e in chunk], [None] * len(chunk), 0.0, 1.0, budget)
-            rows = [e["row"] for e in chunk]
-            prompts = [r["prompt"] for r in rows]
-            completions = [[{"role": "assistant", "content": out["text"]}] if is_conversation(p) else out["text"]
-                           for out, p in zip(outputs, prompts)]
-            ids = [out["token_ids"] for out in outputs]
-            values.append(torch.tensor(score(self.rewards, prompts, completions, ids, self._columns(rows))))
-            lengths += [len(i) for i in ids]
+            values.append(self._score([e["row"] for e in chunk], outputs))
+            lengths += [len(out["token_ids"]) for out in outputs]
         table = torch.cat(values, dim=1)
-        weights = torch.tensor([r.weight for r in self.rewards]).unsqueeze(1)
-        total = float(torch.nanmean((table * weights).nansum(0)))
+        total = float(torch.nanmean(self._total(table)))
         metrics = {"reward": total, "loss": -total, "completion_length": sum(lengths) / max(1, len(lengths)),
                    "examples": len(examples)}
         metrics.update({f"rewards/{r.name}": float(torch.nanmean(table[i])) for i, r in enumerate(self.rewards)})

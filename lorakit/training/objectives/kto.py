@@ -25,13 +25,9 @@ class Kto(Objective):
 
     def prepare(self, trainer) -> None:
         if self.options.precompute_ref:
-            for examples in trainer.encoded.values():
-                for start in range(0, len(examples or []), self.batch_eval):
-                    chunk = examples[start:start + self.batch_eval]
-                    batch = self.batch(trainer, chunk)
-                    own, kl = segment_sums(self.reference_logps(trainer, batch), batch).chunk(2)
-                    for example, value, kl_value in zip(chunk, own, kl):
-                        example["ref_logps"], example["ref_kl_logps"] = float(value), float(kl_value)
+            for chunk, sums in self.reference_sums(trainer):
+                for example, value, kl_value in zip(chunk, *sums.chunk(2)):
+                    example["ref_logps"], example["ref_kl_logps"] = float(value), float(kl_value)
 
     def _loss(self, trainer, examples, grad: bool):
         o, n, device = self.options, len(examples), trainer.dist.device

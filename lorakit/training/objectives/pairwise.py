@@ -34,13 +34,9 @@ class Pairwise(Objective):
 
     def prepare(self, trainer) -> None:
         if self.needs_reference and self.options.precompute_ref:
-            for examples in trainer.encoded.values():
-                for start in range(0, len(examples or []), self.batch_eval):
-                    chunk = examples[start:start + self.batch_eval]
-                    batch = self.batch(trainer, chunk)
-                    sums = segment_sums(self.reference_logps(trainer, batch), batch)
-                    for example, chosen, rejected in zip(chunk, *sums.chunk(2)):
-                        example["ref_chosen_logps"], example["ref_rejected_logps"] = float(chosen), float(rejected)
+            for chunk, sums in self.reference_sums(trainer):
+                for example, chosen, rejected in zip(chunk, *sums.chunk(2)):
+                    example["ref_chosen_logps"], example["ref_rejected_logps"] = float(chosen), float(rejected)
 
     def _loss(self, trainer, examples, grad: bool):
         o, n = self.options, len(examples)

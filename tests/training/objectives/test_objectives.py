@@ -10,11 +10,10 @@ import lorakit as lk
 from lorakit.kernels.logprobs import gathered_logprobs, shifted_targets, token_logprobs
 from lorakit.kernels.losses import causal_lm_loss
 from lorakit.training.objectives.base import segment_sums
-from lorakit.training.objectives.data import collate_pairs
 from lorakit.training.objectives.losses import group_advantages
 from tests.helpers import randomize_lora
 from tests.training.objectives.test_trl_parity import pair_rows
-from tests.training.objectives.trl_reference import TARGETS, objective, stand_in_trainer
+from tests.training.objectives.trl_reference import TARGETS, collate_pairs, objective, stand_in_trainer
 
 
 def adapted(causal_dir, seed=7, attention="sdpa"):
@@ -143,3 +142,24 @@ def test_a_dpo_step_keeps_no_more_than_an_sft_step_on_the_same_sequences(causal_
     sft = _saved_bytes(lambda: causal_lm_loss(model, batch["input_ids"], labels, batch["attention_mask"]).backward())
     assert sum(p.numel() for p in model.parameters()) == parameters  # no second model
     assert dpo <= 1.15 * sft, (dpo, sft)
+
+
+@pytest.mark.parametrize("task", ["dpo", "kto"])
+def test_precomputed_references_give_the_loss_of_the_reference_pass(causal_dir, task):
+
+    model = adapted(causal_dir)
+    if task == "dpo":
+        rows = pair_rows()
+    else:
+        rows = [{"prompt": r["prompt"], "completion": r["chosen" if i % 2 else "rejected"], "label": bool(i % 2)}
+                for i, r in enumerate(pair_rows())]
+    live, _ = objective(causal_dir, task=task)
+    stored, _ = objective(causal_dir, task=task, precompute_ref=True)
+    trainer = stand_in_trainer(model)
+    examples = stored.encode(rows, "train")
+    trainer.encoded = {"train": examples}
+    stored.prepare(trainer)
+    assert any(k.startswith("ref_") for k in examples[0])
+    expected, _, _ = live._loss(trainer, live.encode(rows, "train"), grad=False)
+    got, _, _ = stored._loss(trainer, examples, grad=False)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)

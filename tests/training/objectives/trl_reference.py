@@ -78,3 +78,18 @@ def objective(model_dir, **options):
 def trl_args(config_class, tmp_path, **kw):
     return config_class(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, per_device_train_batch_size=4,
                         bf16=False, **kw)
+
+
+def collate_pairs(examples, pad_id):
+    """Pairs as TRL lays them out: chosen rows, then rejected, each with its prompt, right-padded
+    (input_ids, attention_mask, completion_mask); lorakit's own layout shares the prompt."""
+    rows = [e["prompt_ids"] + e[key] for key in ("chosen_ids", "rejected_ids") for e in examples]
+    starts = [len(e["prompt_ids"]) for _ in range(2) for e in examples]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention, completion = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (row, start) in enumerate(zip(rows, starts)):
+        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        attention[i, :len(row)] = 1
+        completion[i, start:len(row)] = 1
+    return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion}
