@@ -8,12 +8,14 @@ import os
 
 def _serve(args: argparse.Namespace) -> int:
     from ..serving.engine import Limits
-    from ..serving.server import build_engine, parse_adapter_specs, serve
+    from ..serving.server import build_engine, parse_adapter_specs, resolve_dtype, serve
 
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_tokens_limit,
                     max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
-    engine = build_engine(args.model, parse_adapter_specs(args.adapter or []), args.adapter_dir, limits, args.dtype,
-                          args.max_loaded_adapters, args.scheduler, args.prefill_chunk)
+    dtype, why = resolve_dtype(args.dtype)
+    print(f"dtype: {dtype} ({why})")
+    engine = build_engine(args.model, parse_adapter_specs(args.adapter or []), args.adapter_dir, limits, dtype,
+                          args.max_loaded_adapters, args.scheduler, args.prefill_chunk, args.prefix_cache_mb)
     print(f"serving {engine.base_name} with adapters {engine.adapters or '(none)'} on http://{args.host}:{args.port}")
     serve(engine, args.host, args.port, args.api_key or os.environ.get("LORAKIT_API_KEY"))
     return 0
@@ -42,7 +44,12 @@ def add_commands(sub) -> None:
     serve.add_argument("--max-prompt-tokens", type=int, default=1024)
     serve.add_argument("--max-tokens-limit", type=int, default=256, help="largest max_tokens a request may ask")
     serve.add_argument("--max-body-bytes", type=int, default=256_000)
-    serve.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the served base")
+    serve.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                       help="dtype of the served base; auto (default): bf16 where the CPU has native bf16 matrix units "
+                            "(AMX-BF16, AVX512-BF16), fp32 elsewhere; said at start")
+    serve.add_argument("--prefix-cache-mb", type=float, default=256,
+                       help="memory for keys and values of shared prompt prefixes (chat templates, system prompts), "
+                            "reused by later requests with the same adapter; 0 turns it off; hit rate in /metrics")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health "
                                          "(default: $LORAKIT_API_KEY)")
     serve.set_defaults(func=_serve)

@@ -130,8 +130,14 @@ class LoraLinear(ModulePairLayer):
         batch = x.shape[0]
         if self.mixed.scale_stack is not None:
             return self.add_mixed_dora(result, x)
+        x3 = x.reshape(batch, -1, x.shape[-1])
+        together = self.mixed.concatenated(batch) if x3.shape[1] == 1 and not self.training else None
+        if together is not None:  # one token per row (decoding): all adapters in two GEMMs
+            A_cat, B_cat, own = together
+            h = torch.matmul(x3.to(A_cat.dtype), A_cat).mul_(own)
+            return result + torch.matmul(h, B_cat).view(result.shape).to(result.dtype)
         A_rows, B_rows, p = self.mixed.row_pairs(batch)
-        x3 = x.reshape(batch, -1, x.shape[-1]).to(A_rows.dtype)
+        x3 = x3.to(A_rows.dtype)
         if self.training and bool(p.any()):
             p = p.view(batch, 1, 1)
             x3 = x3 * (torch.rand_like(x3) >= p) / (1 - p)

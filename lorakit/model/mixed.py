@@ -17,6 +17,8 @@ from torch import nn
 from ..errors import LoraError, MergeStateError
 from .state import BASE, check_names, lora_layers, saved_modules
 
+CONCAT_COLUMNS = 128  # adapters × rank up to which one-token steps multiply by all adapters at once
+
 
 @dataclass
 class MixedRows:
@@ -62,6 +64,26 @@ class MixedRows:
             torch.index_select(self.B_stack, 0, rows, out=B_rows)
             self._per_batch[batch] = (A_rows, B_rows, self.dropout_of_slot.index_select(0, rows))
         return self._per_batch[batch]
+
+    def concatenated(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Every adapter side by side, for one-token-per-row steps: Aᵀ of all slots as one
+        in×(slots·r) matrix, s·Bᵀ as (slots·r)×out, and a batch×1×(slots·r) mask keeping each row's
+        own columns. Two plain GEMMs then replace gathering a pair per row, which at one token per
+        row costs more than multiplying by every adapter (measured in benchmarks/mixed_lora.py).
+        None when the adapters are too many or too wide for that to pay."""
+        slots, in_dim, rank = self.A_stack.shape
+        if (slots - 1) * rank > CONCAT_COLUMNS:
+            return None
+        key = ("concatenated", self.A_stack.data_ptr(), self.B_stack.data_ptr())
+        if self.buffers.get("concatenated", (None,))[0] != key:  # once per set of stacks
+            A_cat = self.A_stack[1:].permute(1, 0, 2).reshape(in_dim, -1).contiguous()
+            self.buffers["concatenated"] = (key, A_cat, self.B_stack[1:].reshape(-1, self.B_stack.shape[2]))
+        if ("mask", batch) not in self._per_batch:
+            own = (self.rows_for(batch).view(-1, 1) - 1) == torch.arange((slots - 1) * rank,
+                                                                          device=self.A_stack.device) // rank
+            self._per_batch[("mask", batch)] = own.to(self.A_stack.dtype).unsqueeze(1)
+        _, A_cat, B_cat = self.buffers["concatenated"]
+        return A_cat, B_cat, self._per_batch[("mask", batch)]
 
     def _outputs(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         # Fresh multi-MB tensors on every block cost page faults, so they are kept and reused;

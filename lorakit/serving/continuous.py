@@ -28,8 +28,29 @@ import lorakit as lk
 
 from ..model.state import BASE
 from .decoding import _eos_ids, _pick, _Row, classify_batch
+from .prefix_cache import BLOCK, PrefixCache
 from .requests import ServingError
 from .slot_cache import SlotCache, cache_keyword
+
+PREFILL_TOKENS = 4096  # prompt tokens admitted per turn of the loop (running rows wait for them)
+PADDING = 1.15         # a prefill forward may hold at most this many fed tokens per real token
+
+
+def length_groups(newcomers: list) -> list[list]:
+    """Split newcomers into prefill forwards of similar prompt length, so right-padding to the
+    longest wastes at most PADDING - 1 of a forward's work (identical prompts stay together)."""
+    ordered = sorted(newcomers, key=lambda a: (len(a.request.prompt_ids), a.request.prompt_ids))
+    groups: list[list] = []
+    real = 0
+    for active in ordered:
+        length = len(active.request.prompt_ids)
+        if groups and (len(groups[-1]) + 1) * length <= PADDING * (real + length):
+            groups[-1].append(active)
+            real += length
+        else:
+            groups.append([active])
+            real = length
+    return groups
 
 
 class _Active:
@@ -43,8 +64,10 @@ class _Active:
 
 
 class ContinuousBatcher:
-    def __init__(self, engine, prefill_chunk: int = 256):
-        self.engine, self.prefill_chunk = engine, prefill_chunk
+    def __init__(self, engine, prefill_chunk: int = 256, prefill_tokens: int = PREFILL_TOKENS,
+                 prefix_cache_bytes: int = 0):
+        self.engine, self.prefill_chunk, self.prefill_tokens = engine, prefill_chunk, prefill_tokens
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.running: list[_Active] = []     # slot i holds running[i]
         self.prefilling: _Active | None = None  # slot len(running)
         self.waiting: deque = deque()
@@ -88,13 +111,15 @@ class ContinuousBatcher:
     def _admit(self) -> None:
         if self.prefilling is not None or not self.waiting or len(self.running) >= self.engine.limits.max_batch:
             return
-        room = self.engine.limits.max_batch - len(self.running)
+        room, budget = self.engine.limits.max_batch - len(self.running), self.prefill_tokens
         short = []
-        while self.waiting and len(short) < room and len(self.waiting[0].prompt_ids) <= self.prefill_chunk:
+        while (self.waiting and len(short) < room and len(self.waiting[0].prompt_ids) <= self.prefill_chunk
+               and (not short or len(self.waiting[0].prompt_ids) <= budget)):
+            budget -= len(self.waiting[0].prompt_ids)
             short.append(self._active(self.waiting.popleft()))
-        if short:
-            self._prefill_together(short)
-        elif self.waiting:
+        for group in length_groups(short):
+            self._prefill_together(group)
+        if not short and self.waiting:
             self.prefilling = self._active(self.waiting.popleft())
 
     def _active(self, request) -> _Active:
@@ -106,9 +131,7 @@ class ContinuousBatcher:
                  last: torch.Tensor | None = None):
         """Logits of each row's last new token (or of column ``last[row]`` of the new tokens)."""
         engine, model = self.engine, self.engine.model
-        if self.cache is None:
-            reference = next(model.parameters())
-            self.cache = SlotCache(model.config, engine.limits.max_batch, reference.dtype, reference.device)
+        self._ensure_cache()
         tokens = ids.shape[1]
         mask = self.cache.plan(slice(first_slot, first_slot + len(rows)), starts, tokens)
         positions = starts.unsqueeze(1) + torch.arange(tokens)
@@ -123,6 +146,12 @@ class ContinuousBatcher:
             return out.logits[:, -1]
         column = torch.searchsorted(keep, last).to(out.logits.device)
         return out.logits[torch.arange(len(last), device=out.logits.device), column]
+
+    def _ensure_cache(self) -> None:
+        if self.cache is None:
+            reference = next(self.engine.model.parameters())
+            self.cache = SlotCache(self.engine.model.config, self.engine.limits.max_batch, reference.dtype,
+                                   reference.device)
 
     def _adapters(self, names: list[str]):
         model = self.engine.model
@@ -139,10 +168,11 @@ class ContinuousBatcher:
         starts = torch.tensor([a.length for a in rows])
         logits = self._forward(rows, 0, ids, starts)
         self.engine.counters.step(len(rows))
+        greedy = logits.max(-1).indices.tolist()  # one op for the batch; max is faster than argmax on CPU
         finished = []
         for index, (active, row_logits) in enumerate(zip(rows, logits)):
             active.length += 1
-            self._take(active, row_logits)
+            self._take(active, row_logits, greedy[index])
             if active.row.finish:
                 finished.append(index)
         for index in reversed(finished):
@@ -151,20 +181,33 @@ class ContinuousBatcher:
     def _prefill_together(self, newcomers: list[_Active]) -> None:
         """Prefill short prompts in one forward, each distinct (adapter, prompt) once, in the slots
         after the running rows (right-padded: a row's padding columns lie past its length, never
-        attended to, overwritten as it grows); copy a shared prompt's keys and values into the slot
-        of every other newcomer that has it; each samples its first token and joins the running rows.
+        attended to, overwritten as it grows). A prompt whose first blocks are in the prefix cache
+        gets them copied into its slot and feeds only the rest. Afterwards its new whole blocks go
+        into the prefix cache, a shared prompt's keys and values are copied into the slot of every
+        other newcomer that has it, and each samples its first token and joins the running rows.
         If the forward fails, only these newcomers fail."""
         first = len(self.running)
         groups: dict[tuple, list[_Active]] = {}
         for active in newcomers:
             groups.setdefault((active.request.adapter, tuple(active.request.prompt_ids)), []).append(active)
         prompts = [list(key[1]) for key in groups]
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([p + [p[-1]] * (width - len(p)) for p in prompts])
+        owners = [self.engine.adapter_version(key[0]) for key in groups]
         try:
-            logits = self._forward([members[0] for members in groups.values()], first, ids,
-                                   torch.zeros(len(prompts), dtype=torch.long),
-                                   last=torch.tensor([len(p) - 1 for p in prompts]))
+            self._ensure_cache()
+            starts = []
+            for source, (owner, prompt) in enumerate(zip(owners, prompts)):
+                blocks = self.prefix_cache.lookup(owner, prompt)
+                if blocks:
+                    self.cache.write(first + source, 0, torch.cat(blocks, dim=3))
+                starts.append(len(blocks) * BLOCK)
+            fed = [p[s:] for p, s in zip(prompts, starts)]
+            width = max(len(f) for f in fed)
+            ids = torch.tensor([f + [f[-1]] * (width - len(f)) for f in fed])
+            logits = self._forward([members[0] for members in groups.values()], first, ids, torch.tensor(starts),
+                                   last=torch.tensor([len(f) - 1 for f in fed]))
+            for source, (owner, prompt) in enumerate(zip(owners, prompts)):
+                for start in self.prefix_cache.missing(owner, prompt):
+                    self.prefix_cache.add(owner, prompt, start, self.cache.read(first + source, start, start + BLOCK))
             slot = first + len(groups)
             for source, (key, members) in enumerate(groups.items()):
                 for _ in members[1:]:
@@ -174,12 +217,14 @@ class ContinuousBatcher:
             for active in newcomers:
                 self._fail(active, ServingError(f"generation failed: {exc}", 500))
             return
+        self.engine.counters.prefix(self.prefix_cache)
         arranged = [(members[0], g) for g, members in enumerate(groups.values())]
         arranged += [(active, g) for g, members in enumerate(groups.values()) for active in members[1:]]
+        greedy = logits.max(-1).indices.tolist()
         finished = []
         for active, g in arranged:
             active.length = len(active.request.prompt_ids)
-            self._take(active, logits[g])
+            self._take(active, logits[g], greedy[g])
             self.engine.counters.prompt(active.length)
             self.running.append(active)
             if active.row.finish:
@@ -203,8 +248,11 @@ class ContinuousBatcher:
         else:
             self.running.append(active)  # already in slot len(running)
 
-    def _take(self, active: _Active, logits: torch.Tensor) -> None:
-        token = _pick(logits, active.request, active.row.generator)
+    def _take(self, active: _Active, logits: torch.Tensor, greedy: int | None = None) -> None:
+        if greedy is not None and active.request.temperature <= 0:
+            token = greedy
+        else:
+            token = _pick(logits, active.request, active.row.generator)
         active.row.add(token)
         active.next_token = token
 

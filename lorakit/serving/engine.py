@@ -10,7 +10,7 @@ through ``lk.mixed_batch`` and stops on its own (EOS, stop string, max_tokens). 
 
 What a scheduler may use of the engine (and nothing else): ``model``, ``tokenizer``, ``labels``,
 ``limits``, ``model_lock``, ``running``, ``counters``, ``has_adapters()``, ``take(block)``,
-``finish(request)``, ``run_batch(...)`` and ``report_waiting(count)``. The HTTP layer (app.py)
+``finish(request)``, ``run_batch(...)``, ``report_waiting(count)`` and ``adapter_version(name)``. The HTTP layer (app.py)
 only validates and hands requests over.
 """
 
@@ -38,13 +38,15 @@ __all__ = ["Engine", "Limits", "Request", "ServingError"]
 class Engine:
     def __init__(self, model, tokenizer, *, base_name: str = "base", adapter_dir: str | None = None,
                  labels: list[str] | None = None, limits: Limits = Limits(), max_loaded_adapters: int | None = None,
-                 scheduler: str = "continuous", prefill_chunk: int = 256):
+                 scheduler: str = "continuous", prefill_chunk: int = 256, prefix_cache_mb: float = 256):
         if scheduler not in ("continuous", "static"):
             raise ServingError(f"unknown scheduler {scheduler!r}; choose continuous or static")
         if prefill_chunk < 1:
             raise ServingError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
         self.model, self.tokenizer, self.base_name, self.labels, self.limits = model.eval(), tokenizer, base_name, labels, limits
-        self.scheduler, self.prefill_chunk = scheduler, prefill_chunk
+        if prefix_cache_mb < 0:
+            raise ServingError(f"prefix_cache_mb must be 0 (off) or more, got {prefix_cache_mb}")
+        self.scheduler, self.prefill_chunk, self.prefix_cache_mb = scheduler, prefill_chunk, prefix_cache_mb
         self.queue: queue.Queue[Request | None] = queue.Queue()
         self.model_lock = threading.Lock()  # held while a batch runs and while adapters change
         self.pool = AdapterPool(self.model, self.model_lock, base_name=base_name, adapter_dir=adapter_dir,
@@ -63,6 +65,10 @@ class Engine:
 
     def has_adapters(self) -> bool:
         return bool(self.pool.adapters)
+
+    def adapter_version(self, name: str) -> tuple:
+        """``name`` and which load of it is resident: cached keys and values belong to one load."""
+        return name, self.pool.loads.get(name, 0)
 
     def check_model(self, name: str) -> str:
         """The adapter a request for model ``name`` runs with, loaded if need be (AdapterPool.resolve)."""
@@ -148,7 +154,7 @@ class Engine:
                 fits = self.labels is not None or slot_cache_fits(
                     self.model, self.limits.max_prompt_tokens + self.limits.max_new_tokens)
             if fits:
-                ContinuousBatcher(self, self.prefill_chunk).run()
+                ContinuousBatcher(self, self.prefill_chunk, prefix_cache_bytes=int(self.prefix_cache_mb * 2**20)).run()
                 return
             log.warning("this model's attention does not take the slot cache; serving with static batching")
             self.scheduler = "static"

@@ -34,6 +34,12 @@ class ServerMetrics:
                                              buckets=LATENCY_BUCKETS, registry=registry)
         self.queue_time = Histogram("lorakit_queue_time_seconds", "Submission to the start of its batch",
                                     buckets=LATENCY_BUCKETS, registry=registry)
+        self.prefix_queried = Counter("lorakit_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      registry=registry)
+        self.prefix_hits = Counter("lorakit_prefix_cache_hits", "Prompt tokens whose keys and values came from the "
+                                   "prefix cache", registry=registry)
+        self.prefix_hit_rate = Gauge("lorakit_prefix_cache_hit_rate", "Share of looked-up prompt tokens found in the "
+                                     "prefix cache", registry=registry)
         self.running = Gauge("lorakit_running_requests", "Requests being decoded", registry=registry)
         Gauge("lorakit_waiting_requests", "Requests waiting in the queue", registry=registry).set_function(waiting)
         Gauge("lorakit_loaded_adapters", "Adapters loaded", registry=registry).set_function(loaded_adapters)
@@ -59,7 +65,8 @@ class Counters:
 
     def __init__(self, waiting, loaded_adapters):
         self.stats = {"requests": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0, "batches": 0,
-                      "batched_rows": 0, "cancelled": 0}
+                      "batched_rows": 0, "cancelled": 0,
+                      "prefix_cache": {"queried_tokens": 0, "hit_tokens": 0, "hit_rate": 0.0, "bytes": 0}}
         self.latencies: deque[float] = deque(maxlen=2000)
         self.prometheus = ServerMetrics(waiting=waiting, loaded_adapters=loaded_adapters)
 
@@ -82,6 +89,15 @@ class Counters:
     def prompt(self, tokens: int) -> None:
         self.prometheus.prompt_tokens.inc(tokens)
         self.stats["prompt_tokens"] += tokens
+
+    def prefix(self, cache) -> None:
+        """The prefix cache after a prefill: its totals into both views."""
+        seen = self.stats["prefix_cache"]
+        self.prometheus.prefix_queried.inc(cache.queried - seen["queried_tokens"])
+        self.prometheus.prefix_hits.inc(cache.hit - seen["hit_tokens"])
+        self.prometheus.prefix_hit_rate.set(cache.hit_rate())
+        self.stats["prefix_cache"] = {"queried_tokens": cache.queried, "hit_tokens": cache.hit,
+                                      "hit_rate": round(cache.hit_rate(), 4), "bytes": cache.bytes}
 
     def completion(self, tokens: int) -> None:
         self.stats["completion_tokens"] += tokens  # the Prometheus counter counts each token as it comes

@@ -39,6 +39,7 @@ class AdapterPool:
         self.sources: dict[str, Path] = {}  # adapters given at start: reloaded from here after an eviction
         self.loading = threading.RLock()
         self.line: deque[object] = deque()  # requests waiting for room to load their adapter
+        self.loads: dict[str, int] = {}  # how many times each name was loaded: tells one load from the next
 
     # --- what is there -------------------------------------------------------------------------
     @property
@@ -99,6 +100,7 @@ class AdapterPool:
                 lk.load_adapter(self.model, path, adapter_name=name)
             except LoraError as exc:
                 raise ServingError(f"adapter {name!r} cannot be loaded: {exc}", 422) from None
+            self.loads[name] = self.loads.get(name, 0) + 1
         self.last_used[name] = time.monotonic()  # just loaded counts as just used: not the next to go
 
     def load(self, name: str) -> None:

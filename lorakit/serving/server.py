@@ -24,11 +24,34 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
 
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+BF16_UNITS = ("amx_bf16", "avx512_bf16")  # CPU flags of native bf16 matrix instructions
+
+
+def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The CPU's native bf16 matrix unit (AMX-BF16 or AVX512-BF16), or None (or not Linux): where
+    there is one, bf16 matmuls run 2-3x fp32's (BENCHMARKS.md, issue 26); elsewhere bf16 is emulated
+    and slower than fp32."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path(cpuinfo).read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return next((unit for unit in BF16_UNITS if unit in flags), None)
+
+
+def resolve_dtype(dtype: str) -> tuple[str, str]:
+    """``auto`` -> bf16 on a CPU with native bf16 matrix units, fp32 elsewhere; with the reason."""
+    if dtype != "auto":
+        return dtype, "as asked (--dtype)"
+    unit = native_bf16()
+    if unit:
+        return "bf16", f"auto: the CPU has {unit.upper().replace('_', '-')} (--dtype fp32 to serve in fp32)"
+    return "fp32", "auto: no native bf16 matrix unit on this CPU (--dtype bf16 to serve in bf16 anyway)"
 
 
 def build_engine(model_name: str, adapters: dict[str, Path], adapter_dir: str | None = None,
                  limits: Limits = Limits(), dtype: str = "fp32", max_loaded_adapters: int | None = None,
-                 scheduler: str = "continuous", prefill_chunk: int = 256) -> Engine:
+                 scheduler: str = "continuous", prefill_chunk: int = 256, prefix_cache_mb: float = 256) -> Engine:
     """Load the base model once (a classifier when the adapters were trained with task classify;
     4-bit when they were trained with QLoRA) in ``dtype``, and every --adapter onto it."""
     import torch
@@ -61,7 +84,7 @@ def build_engine(model_name: str, adapters: dict[str, Path], adapter_dir: str | 
         lk.quantize(model, compute_dtype=torch.float32 if dtype == "fp32" else torch_dtype)
     engine = Engine(model, tokenizer, base_name=Path(model_name).name or model_name, adapter_dir=adapter_dir,
                     labels=labels, limits=limits, max_loaded_adapters=max_loaded_adapters, scheduler=scheduler,
-                    prefill_chunk=prefill_chunk)
+                    prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb)
     for name, path in adapters.items():
         engine.pool.add_start_adapter(name, path)
     return engine

@@ -34,6 +34,7 @@ class SlotCache(Cache):
         self._rows = slice(0, 0)
         self._starts = torch.zeros(0, dtype=torch.long)
         self._width = 0
+        self._start_groups: list = []
 
     # --- what transformers calls ---------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -45,10 +46,16 @@ class SlotCache(Cache):
             slot_ids = torch.arange(rows.start, rows.stop, device=self.device)
             keys[slot_ids, :, self._starts] = key_states[:, :, 0].to(self.dtype)
             values[slot_ids, :, self._starts] = value_states[:, :, 0].to(self.dtype)
-        else:  # a prompt chunk: rows start together (one request per chunk forward)
-            start = int(self._starts[0])
-            keys[rows, :, start:start + tokens] = key_states.to(self.dtype)
-            values[rows, :, start:start + tokens] = value_states.to(self.dtype)
+        else:  # prompt chunks: rows that start together are written together
+            for start, members in self._start_groups:
+                if members is None:
+                    keys[rows, :, start:start + tokens] = key_states.to(self.dtype)
+                    values[rows, :, start:start + tokens] = value_states.to(self.dtype)
+                    continue
+                for member in members:  # rows after a cached prefix of another length
+                    slot = rows.start + member
+                    keys[slot, :, start:start + tokens] = key_states[member].to(self.dtype)
+                    values[slot, :, start:start + tokens] = value_states[member].to(self.dtype)
         return keys[rows, :, : self._width], values[rows, :, : self._width]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -64,6 +71,10 @@ class SlotCache(Cache):
         ends = starts + tokens
         self._ensure(int(ends.max()))
         self._rows, self._starts, self._width = rows, starts.to(self.device), int(ends.max())
+        if tokens > 1:
+            first = starts.tolist()
+            self._start_groups = ([(first[0], None)] if len(set(first)) == 1
+                                  else [(start, [i for i, s in enumerate(first) if s == start]) for start in set(first)])
         columns = torch.arange(self._width, device=self.device)
         query = starts.to(self.device).unsqueeze(1) + torch.arange(tokens, device=self.device)  # rows × tokens
         allowed = columns.view(1, 1, -1) <= query.unsqueeze(-1)  # causal within and up to each row's end
@@ -78,6 +89,20 @@ class SlotCache(Cache):
         for buffers in (self.keys, self.values):
             for buffer in buffers:
                 buffer[target, :, :length] = buffer[source, :, :length]
+
+    def read(self, slot: int, start: int, stop: int) -> torch.Tensor:
+        """Slot ``slot``'s keys and values of columns start..stop as one tensor
+        (2 × layers × kv_heads × columns × head_dim): what a prefix cache keeps."""
+        return torch.stack([torch.stack([buffer[slot, :, start:stop] for buffer in buffers])
+                            for buffers in (self.keys, self.values)])
+
+    def write(self, slot: int, start: int, block: torch.Tensor) -> None:
+        """The inverse of ``read``: put ``block`` into slot ``slot`` from column ``start`` on."""
+        stop = start + block.shape[3]
+        self._ensure(stop)
+        for kind, buffers in enumerate((self.keys, self.values)):
+            for layer, buffer in enumerate(buffers):
+                buffer[slot, :, start:stop] = block[kind, layer]
 
     def _ensure(self, columns: int) -> None:
         if columns <= self.capacity:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import lorakit as lk
-from tests.helpers import FAMILIES, logits, randomize_lora, tiny_bert
+from tests.helpers import FAMILIES, logits, randomize_lora, tiny_bert, tiny_llama
 
 
 def three_adapters(family):
@@ -158,3 +158,39 @@ def test_a_fixed_stack_serves_changing_rows_with_one_set_of_stacks(ids):
     with pytest.raises(lk.LoraError, match="not in stack"):
         with lk.mixed_batch(model, ["a", "c", "a", "a"], stack=["a", "b"]):
             pass
+
+
+def test_one_token_rows_multiply_by_all_adapters_at_once_and_match_the_gather():
+    """Decoding steps (one token per row) take the concatenated path: equal to each adapter alone."""
+    from lorakit.model import mixed as mixed_module
+
+    model = tiny_llama(seed=3)
+    lk.inject(model, lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), adapter_name="a")
+    lk.inject(model, lk.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"]), adapter_name="b")
+    randomize_lora(model, scale=0.5, seed=1)
+    model.eval()
+    names = ["a", "__base__", "b", "a"]
+    ids = torch.randint(0, 64, (len(names), 1))
+    calls = []
+    original = mixed_module.MixedRows.concatenated
+
+    def counted(self, batch):
+        result = original(self, batch)
+        calls.append(result is not None)
+        return result
+    with torch.no_grad():
+        mixed_module.MixedRows.concatenated = counted
+        try:
+            with lk.mixed_batch(model, names):
+                together = model(input_ids=ids).logits
+        finally:
+            mixed_module.MixedRows.concatenated = original
+        for row, name in enumerate(names):
+            if name == "__base__":
+                with lk.disable_adapters(model):
+                    alone = model(input_ids=ids[row:row + 1]).logits
+            else:
+                lk.set_adapter(model, name)
+                alone = model(input_ids=ids[row:row + 1]).logits
+            torch.testing.assert_close(together[row:row + 1], alone, atol=1e-5, rtol=1e-5)
+    assert calls and all(calls)

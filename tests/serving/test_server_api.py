@@ -248,3 +248,19 @@ def test_streams_end_with_usage(keyed):
     usage = chunks[-1]["usage"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] and usage["completion_tokens"] >= 1
     assert "".join(c["choices"][0]["text"] for c in chunks) and all("usage" not in c for c in chunks[:-1])
+
+
+@pytest.mark.parametrize("flags, expected", [("fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile", ("amx_bf16", "bf16")),
+                                             ("fpu avx2 avx512f avx512_bf16", ("avx512_bf16", "bf16")),
+                                             ("fpu avx2 avx512f", (None, "fp32"))])
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_bf16_matrix_units(tmp_path, monkeypatch, flags, expected):
+    from lorakit.serving import server as server_module
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert server_module.native_bf16(str(cpuinfo)) == expected[0]
+    assert server_module.native_bf16(str(tmp_path / "missing")) is None
+    monkeypatch.setattr(server_module, "native_bf16", lambda: expected[0])
+    dtype, why = server_module.resolve_dtype("auto")
+    assert dtype == expected[1] and why.startswith("auto")
+    assert server_module.resolve_dtype("fp32") == ("fp32", "as asked (--dtype)")  # --dtype wins
