@@ -109,17 +109,29 @@ class ContinuousBatcher:
         return True
 
     def _admit(self) -> None:
-        if self.prefilling is not None or not self.waiting or len(self.running) >= self.engine.limits.max_batch:
+        """Start waiting requests: short prompts (up to a token budget per turn) are prefilled now,
+        in forwards of similar length, even while a long prompt is being prefilled chunk by chunk
+        (it is parked in the last slot meanwhile, so a long prompt never holds up short ones); a
+        long prompt at the head of the line starts its chunks when no other one is in progress."""
+        limit = self.engine.limits.max_batch
+        busy = len(self.running) + (self.prefilling is not None)
+        if not self.waiting or busy >= limit:
             return
-        room, budget = self.engine.limits.max_batch - len(self.running), self.prefill_tokens
+        room, budget = limit - busy, self.prefill_tokens
         short = []
         while (self.waiting and len(short) < room and len(self.waiting[0].prompt_ids) <= self.prefill_chunk
                and (not short or len(self.waiting[0].prompt_ids) <= budget)):
             budget -= len(self.waiting[0].prompt_ids)
             short.append(self._active(self.waiting.popleft()))
+        parked, self.prefilling = self.prefilling, None
+        if parked is not None:
+            self.cache.move(len(self.running), limit - 1, parked.length)  # out of the newcomers' slots
         for group in length_groups(short):
             self._prefill_together(group)
-        if not short and self.waiting:
+        if parked is not None:
+            self.cache.move(limit - 1, len(self.running), parked.length)
+            self.prefilling = parked
+        elif not short and self.waiting:
             self.prefilling = self._active(self.waiting.popleft())
 
     def _active(self, request) -> _Active:
@@ -234,12 +246,22 @@ class ContinuousBatcher:
 
     def _prefill_chunk(self) -> None:
         active = self.prefilling
-        prompt = active.request.prompt_ids
+        prompt, slot = active.request.prompt_ids, len(self.running)
+        owner = self.engine.adapter_version(active.request.adapter)
+        if active.length == 0:  # its first chunk: start after the cached blocks it begins with
+            self._ensure_cache()
+            blocks = self.prefix_cache.lookup(owner, prompt)
+            if blocks:
+                self.cache.write(slot, 0, torch.cat(blocks, dim=3))
+                active.length = len(blocks) * BLOCK
         chunk = prompt[active.length: active.length + self.prefill_chunk]
-        logits = self._forward([active], len(self.running), torch.tensor([chunk]), torch.tensor([active.length]))
+        logits = self._forward([active], slot, torch.tensor([chunk]), torch.tensor([active.length]))
         active.length += len(chunk)
         if active.length < len(prompt):
             return
+        for start in self.prefix_cache.missing(owner, prompt):
+            self.prefix_cache.add(owner, prompt, start, self.cache.read(slot, start, start + BLOCK))
+        self.engine.counters.prefix(self.prefix_cache)
         self.prefilling = None
         self._take(active, logits[0])
         self.engine.counters.prompt(len(prompt))

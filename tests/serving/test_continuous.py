@@ -105,6 +105,29 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decoding_steps(engine):
     assert during_prefill >= chunks - 1 >= 10
 
 
+def test_short_prompts_start_while_a_long_one_is_prefilled_and_long_ones_reuse_prefixes(engine, causal_dir,
+                                                                                          adapter_dir):  # noqa: F811
+    """A short prompt arriving during a long prompt's chunks is answered first (the long one is
+    parked, not restarted); a second long prompt with the same start takes its first blocks from the
+    prefix cache; every reply equals offline generate."""
+    events = []
+    record_tokens(engine, events)
+    long_one, short = Recorder("long", events), Recorder("short", events)
+    engine.submit_all([Request("generate", "beta", engine.tokenizer(LONG)["input_ids"], long_one, max_new_tokens=3),
+                       Request("generate", "alpha", engine.tokenizer("a movie is very")["input_ids"], short,
+                               max_new_tokens=3)])  # the long one is first in line
+    assert short.finished.wait(60) and long_one.finished.wait(60)
+    assert short.error is None and long_one.error is None
+    chunks = -(-len(engine.tokenizer(LONG)["input_ids"]) // engine.prefill_chunk)
+    assert chunks >= 10 and short.times("token")[0] < long_one.times("token")[0]
+    again = submit(engine, "again", "beta", LONG + "and the music", 3, events)
+    assert again.finished.wait(60) and again.error is None
+    assert engine.metrics()["prefix_cache"]["hit_tokens"] >= 16
+    for recorder, (adapter, prompt) in ((long_one, ("beta", LONG)), (short, ("alpha", "a movie is very")),
+                                        (again, ("beta", LONG + "and the music"))):
+        assert recorder.result["text"] == offline(causal_dir, adapter_dir, adapter, prompt, max_new_tokens=3)
+
+
 def test_static_scheduler_gives_the_same_replies(causal_dir, adapter_dir):  # noqa: F811
     replies = {}
     for scheduler in ("static", "continuous"):
