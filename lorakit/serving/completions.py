@@ -54,7 +54,7 @@ def chat_ids(engine, body: ChatBody) -> list[int]:
 def generation_request(body: CompletionBody, prompt_ids: list[int], adapter: str) -> Request:
     return Request(kind="generate", adapter=adapter, prompt_ids=prompt_ids, sink=None,
                    max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                   stop=body.stop or [], seed=body.seed)
+                   stop=body.stop or [], seed=body.seed, stream=body.stream)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -63,13 +63,18 @@ class _Row:
             self.finish, self.stop_token = "stop", token
             return
         self.tokens.append(token)
-        raw = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if any(stop and stop in raw for stop in self.request.stop):
+        if not (self.request.stop or self.request.stream):  # nothing to look at until the end
+            if len(self.tokens) >= self.request.max_new_tokens:
+                self.finish = "length"
+            return
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if any(stop and stop in text for stop in self.request.stop):
             self.finish = "stop"
             return
-        text = raw
         if len(self.tokens) >= self.request.max_new_tokens:
             self.finish = "length"
+            return
+        if not self.request.stream:
             return
         # stream what can no longer become part of a stop string (or a half-decoded character)
         ready = len(text) - self.hold if self.request.stop else len(text)
@@ -86,7 +91,7 @@ class _Row:
 
     def close(self) -> None:
         text = self.text()
-        if len(text) > self.sent:
+        if len(text) > self.sent and self.request.stream:
             self.request.sink("delta", text[self.sent:])
         self.request.sink("done", {"text": text, "finish_reason": self.finish or "length",
                                    "completion_tokens": len(self.tokens), "prompt_tokens": len(self.request.prompt_ids),

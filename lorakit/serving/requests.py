@@ -43,6 +43,7 @@ class Request:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False        # vLLM's: decode max_new_tokens whatever is sampled (benchmarks)
+    stream: bool = True             # send "delta" events as text is ready (False: only "done")
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False         # its client went away: the scheduler drops it at the next step
 

@@ -173,3 +173,17 @@ def test_a_failed_step_fails_its_requests_and_the_server_goes_on(engine, causal_
     assert fine.finished.wait(60) and fine.error is None
     assert fine.result["text"] == offline(causal_dir, adapter_dir, "beta", "the film was", max_new_tokens=5)
     assert engine.metrics()["failed"] == 1
+
+
+def test_a_request_that_does_not_stream_gets_only_its_answer(engine, causal_dir, adapter_dir):  # noqa: F811
+    """Non-streaming requests get no delta events (no per-token work for text nobody reads), the
+    same text, and still stop at their stop strings."""
+    expected = offline(causal_dir, adapter_dir, "alpha", "the film was", max_new_tokens=12)
+    for stop in ([], [expected[3:6]]):
+        events = []
+        recorder = Recorder("quiet", events)
+        engine.submit(Request("generate", "alpha", engine.tokenizer("the film was")["input_ids"], recorder,
+                              max_new_tokens=12, stop=stop, stream=False))
+        assert recorder.finished.wait(60) and recorder.error is None
+        assert [kind for _, kind, _ in events] == ["done"]
+        assert recorder.result["text"] == (expected[:expected.find(stop[0])] if stop else expected)

@@ -97,7 +97,8 @@ class Grpo(Objective):
             return sink
 
         requests = [Request("generate", adapter, ids, sink_for(i), max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos)
+                            temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
+                            stream=False)
                     for i, (ids, seed) in enumerate(zip(prompts, seeds))]
         was_training = model.training
         model.eval()  # no LoRA dropout while sampling

@@ -1,0 +1,104 @@
+"""The serving anchor workload inside one process, no HTTP: where the engine's time goes (issue 26).
+
+    python -m benchmarks.serving_engine [--dtype bf16 --adapters 8 --max-batch 64]
+    python -m benchmarks.serving_engine --lorakit /path/to/other/checkout   # the same on another commit
+
+benchmarks/serving.py's 64 chat requests (max_tokens 32, greedy, SmolLM2-135M-Instruct), handed to
+``Engine.submit_all`` at once, request i on adapter i mod N (N=0: the base model). Prints generated
+tokens/s and the time in prefill forwards and in decoding steps with the tokens each fed (padding
+included), and the prefix cache's hit rate. With --lorakit the package is imported from that
+checkout, so two commits compare on the same machine minutes apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--adapters", type=int, default=8, help="0: every request to the base model")
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--lorakit", help="import lorakit from this checkout instead")
+    args = parser.parse_args()
+    if args.lorakit:
+        sys.path.insert(0, args.lorakit)
+    import torch
+
+    from lorakit.hub.models import load_model
+    from lorakit.serving import Engine, Limits, continuous
+    from lorakit.serving.requests import Request
+    from lorakit.training.data import load_splits
+
+    from .serving import make_adapters
+
+    torch.set_num_threads(2)
+    spent, fed = collections.Counter(), collections.Counter()
+    forward = continuous.ContinuousBatcher._forward
+
+    def timed(self, rows, first_slot, ids, starts, last=None):
+        start = time.perf_counter()
+        result = forward(self, rows, first_slot, ids, starts, last)
+        phase = "decode" if ids.shape[1] == 1 else "prefill"
+        spent[phase] += time.perf_counter() - start
+        fed[phase] += ids.numel()
+        return result
+    continuous.ContinuousBatcher._forward = timed
+
+    base, tokenizer = load_model("smollm2-135m", "lm", dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    base.eval()
+    reviews = load_splits("rotten-tomatoes")["test"][:64]
+    prompts = []
+    for review in reviews:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": f"Summarise this review in a few words: "
+                                              f"{review['text']}"}], add_generation_prompt=True, tokenize=True)
+        prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    with tempfile.TemporaryDirectory() as tmp:
+        names = make_adapters(base, Path(tmp), args.adapters) if args.adapters else []
+        engine = Engine(copy.deepcopy(base), tokenizer, base_name="base", adapter_dir=tmp,
+                        limits=Limits(max_batch=args.max_batch, max_queue=512, max_new_tokens=32))
+        for name in names:
+            engine.pool.load(name)
+
+        def answer(count: int, max_tokens: int) -> tuple[float, list]:
+            results, left, done = [None] * count, [count], threading.Event()
+
+            def sink_for(i):
+                def sink(kind, payload):
+                    if kind in ("done", "error"):
+                        results[i] = payload
+                        left[0] -= 1
+                        if not left[0]:
+                            done.set()
+                return sink
+            requests = [Request("generate", names[i % len(names)] if names else "__base__", prompts[i], sink_for(i),
+                                max_new_tokens=max_tokens) for i in range(count)]
+            start = time.perf_counter()
+            engine.submit_all(requests)
+            done.wait()
+            return time.perf_counter() - start, results
+        answer(4, 4)  # warm-up: first forwards, the adapters' stacks
+        spent.clear()
+        fed.clear()
+        seconds, results = answer(len(prompts), 32)
+        metrics = engine.metrics()
+        engine.close()
+    tokens = sum(r["completion_tokens"] for r in results)
+    print(f"{args.dtype}, {args.adapters or 'no'} adapters, max batch {args.max_batch}: {seconds:.2f} s, {tokens} "
+          f"tokens, {tokens / seconds:.1f} tokens/s; prompt tokens {sum(map(len, prompts))}")
+    for phase in ("prefill", "decode"):
+        print(f"  {phase}: {spent[phase]:.2f} s, {fed[phase]} tokens fed, {fed[phase] / max(spent[phase], 1e-9):.0f} "
+              f"tokens/s")
+    print(f"  mean rows per decoding step {metrics['mean_batch_size']}; prefix cache {metrics.get('prefix_cache')}")
+
+
+if __name__ == "__main__":
+    main()
