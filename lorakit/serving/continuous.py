@@ -6,8 +6,10 @@ through its own adapter) and then admits newcomers: those whose prompts fit in o
 prefilled together in one forward (a prompt several of them share, such as the G samples of one
 GRPO prompt or an n>1 request, is computed once and its keys and values copied to the others'
 slots), while a longer prompt goes one chunk per turn, so it delays running requests by one chunk
-per token, not by the whole prompt. A newcomer whose prompt is done samples its first token and
-joins the running rows. Keys and values live in a SlotCache: one slot
+per token, not by the whole prompt; short prompts still start while a long one is between chunks.
+Short prompts are grouped by length so that right-padding wastes little, and every prompt starts
+after the blocks of it the prefix cache (prefix_cache.py) already holds for its adapter. A
+newcomer whose prompt is done samples its first token and joins the running rows. Keys and values live in a SlotCache: one slot
 per request, its own positions, a 4-D mask, so joining and leaving copy nothing but one moved slot.
 
 Why not transformers' own continuous batching (``generate_batch`` / PagedAttentionCache): it runs
