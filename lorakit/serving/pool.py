@@ -153,7 +153,9 @@ class AdapterPool:
             if adapter != BASE and adapter not in self.adapters:
                 # load it again without holding the loading lock (waiting for room while holding it
                 # would stop the requests ahead in line)
-                self.resolve(adapter)
+                if self.resolve(adapter) != adapter:  # the base's public name: BASE is what runs
+                    raise ServingError(f"a request's adapter is an adapter name or BASE ({BASE!r}), not the base "
+                                       f"model's name {adapter!r}; resolve names with engine.check_model(name)")
             with self.loading:  # evictions happen under this lock: once counted in use, the adapter stays
                 if adapter != BASE and adapter not in self.adapters:
                     continue  # evicted again in between

@@ -187,3 +187,14 @@ def test_a_request_that_does_not_stream_gets_only_its_answer(engine, causal_dir,
         assert recorder.finished.wait(60) and recorder.error is None
         assert [kind for _, kind, _ in events] == ["done"]
         assert recorder.result["text"] == (expected[:expected.find(stop[0])] if stop else expected)
+
+
+def test_a_request_naming_the_base_by_its_public_name_is_refused_not_spun_on(engine):
+    """Engine.submit takes resolved names (check_model maps the base's name to BASE); given the
+    public name it answers at once with what to do instead of looping."""
+    from lorakit.serving.requests import ServingError
+
+    ids = engine.tokenizer("the film was")["input_ids"]
+    with pytest.raises(ServingError, match="check_model"):
+        engine.submit(Request("generate", engine.base_name, ids, lambda kind, value: None, max_new_tokens=2))
+    assert engine.waiting() == 0
