@@ -64,5 +64,8 @@ class Distributed:
 
     def close(self) -> None:
         if self.world_size > 1 and torch_dist.is_initialized():
+            # every process reaches here before any tears its connections down: one that leaves
+            # while another still talks to it can abort in gloo's threads at exit (seen once in CI)
+            torch_dist.barrier()
             torch_dist.destroy_process_group()
 
