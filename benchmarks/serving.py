@@ -47,6 +47,12 @@ def make_adapters(base, directory: Path, count: int) -> list[str]:
     return names
 
 
+def anchor_messages(count: int) -> list[list[dict]]:
+    """The anchor workload's chat requests: rotten-tomatoes test reviews to summarise."""
+    reviews = load_splits("rotten-tomatoes")["test"][:count]
+    return [[{"role": "user", "content": f"Summarise this review in a few words: {r['text']}"}] for r in reviews]
+
+
 def ask(url: str, model: str, messages: list[dict], max_tokens: int) -> dict:
     reply = httpx.post(f"{url}/v1/chat/completions", timeout=600,
                        json={"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0})
@@ -76,12 +82,10 @@ def main() -> None:
     torch.set_num_threads(2)
     base, tokenizer = load_model("smollm2-135m", "lm")
     base.eval()
-    reviews = load_splits("rotten-tomatoes")["test"][: args.requests]
     limits = Limits(max_batch=args.max_batch, max_queue=4 * args.requests, max_new_tokens=args.max_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         names = make_adapters(base, Path(tmp), args.adapters)
-        jobs = [(names[i % len(names)], [{"role": "user", "content": f"Summarise this review in a few words: {r['text']}"}])
-                for i, r in enumerate(reviews)]
+        jobs = [(names[i % len(names)], messages) for i, messages in enumerate(anchor_messages(args.requests))]
         results, batches = {}, {}
         for scheduler in ("continuous", "static"):
             engine = Engine(copy.deepcopy(base), tokenizer, base_name="smollm2-135m", adapter_dir=tmp, limits=limits,

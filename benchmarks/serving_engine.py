@@ -36,9 +36,8 @@ def main() -> None:
     from lorakit.hub.models import load_model
     from lorakit.serving import Engine, Limits, continuous
     from lorakit.serving.requests import Request
-    from lorakit.training.data import load_splits
 
-    from .serving import make_adapters
+    from .serving import anchor_messages, make_adapters
 
     torch.set_num_threads(2)
     spent, fed = collections.Counter(), collections.Counter()
@@ -55,11 +54,9 @@ def main() -> None:
 
     base, tokenizer = load_model("smollm2-135m", "lm", dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     base.eval()
-    reviews = load_splits("rotten-tomatoes")["test"][:64]
     prompts = []
-    for review in reviews:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": f"Summarise this review in a few words: "
-                                              f"{review['text']}"}], add_generation_prompt=True, tokenize=True)
+    for messages in anchor_messages(64):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
     with tempfile.TemporaryDirectory() as tmp:
         names = make_adapters(base, Path(tmp), args.adapters) if args.adapters else []

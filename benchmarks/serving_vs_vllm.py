@@ -31,10 +31,9 @@ import httpx
 import torch
 
 from lorakit.hub.models import load_model
-from lorakit.training.data import load_splits
 
 from .common import print_table
-from .serving import make_adapters, run
+from .serving import anchor_messages, make_adapters, run
 from .serving_load import make_requests, open_loop, summarise
 
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
@@ -98,8 +97,7 @@ def main() -> None:
     torch.set_num_threads(2)
     base, tokenizer = load_model("smollm2-135m", "lm")
     model_dir = Path(base.name_or_path)
-    reviews = load_splits("rotten-tomatoes")["test"][: args.requests]
-    messages = [[{"role": "user", "content": f"Summarise this review in a few words: {r['text']}"}] for r in reviews]
+    messages = anchor_messages(args.requests)
     rates = [float(r) for r in args.rates.split(",") if r]
     url = f"http://127.0.0.1:{args.port}"
     results: dict = {}

@@ -135,9 +135,10 @@ class LoraLinear(ModulePairLayer):
         # rounding is far below the 16-bit rounding of the sum it joins) instead of converting every
         # activation to the adapters' fp32 and back; a fifth of a mixed prefill's time in bf16.
         low = x3.dtype if x3.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled() else None
-        together = self.mixed.concatenated(batch) if x3.shape[1] == 1 and not self.training else None
+        together = (self.mixed.concatenated(batch, low or self.mixed.A_stack.dtype)
+                    if x3.shape[1] == 1 and not self.training else None)
         if together is not None:  # one token per row (decoding): all adapters in two GEMMs
-            A_cat, B_cat, own = (t.to(low) for t in together) if low else together
+            A_cat, B_cat, own = together
             h = torch.matmul(x3.to(A_cat.dtype), A_cat).mul_(own)
             return result + torch.matmul(h, B_cat).view(result.shape).to(result.dtype)
         A_rows, B_rows, p = self.mixed.row_pairs(batch)

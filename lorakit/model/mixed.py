@@ -65,23 +65,25 @@ class MixedRows:
             self._per_batch[batch] = (A_rows, B_rows, self.dropout_of_slot.index_select(0, rows))
         return self._per_batch[batch]
 
-    def concatenated(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def concatenated(self, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Every adapter side by side, for one-token-per-row steps: Aᵀ of all slots as one
         in×(slots·r) matrix, s·Bᵀ as (slots·r)×out, and a batch×1×(slots·r) mask keeping each row's
         own columns. Two plain GEMMs then replace gathering a pair per row, which at one token per
         row costs more than multiplying by every adapter (measured in benchmarks/mixed_lora.py).
-        None when the adapters are too many or too wide for that to pay."""
+        All three in ``dtype``, converted once per set of stacks. None when the adapters are too many
+        or too wide for that to pay."""
         slots, in_dim, rank = self.A_stack.shape
         if (slots - 1) * rank > CONCAT_COLUMNS:
             return None
-        key = ("concatenated", self.A_stack.data_ptr(), self.B_stack.data_ptr())
-        if self.buffers.get("concatenated", (None,))[0] != key:  # once per set of stacks
-            A_cat = self.A_stack[1:].permute(1, 0, 2).reshape(in_dim, -1).contiguous()
-            self.buffers["concatenated"] = (key, A_cat, self.B_stack[1:].reshape(-1, self.B_stack.shape[2]))
+        key = (self.A_stack.data_ptr(), self.B_stack.data_ptr(), dtype)
+        if self.buffers.get("concatenated", (None,))[0] != key:  # once per set of stacks and dtype
+            A_cat = self.A_stack[1:].permute(1, 0, 2).reshape(in_dim, -1).to(dtype).contiguous()
+            B_cat = self.B_stack[1:].reshape(-1, self.B_stack.shape[2]).to(dtype)
+            self.buffers["concatenated"] = (key, A_cat, B_cat)
         if ("mask", batch) not in self._per_batch:
             own = (self.rows_for(batch).view(-1, 1) - 1) == torch.arange((slots - 1) * rank,
                                                                           device=self.A_stack.device) // rank
-            self._per_batch[("mask", batch)] = own.to(self.A_stack.dtype).unsqueeze(1)
+            self._per_batch[("mask", batch)] = own.to(dtype).unsqueeze(1)
         _, A_cat, B_cat = self.buffers["concatenated"]
         return A_cat, B_cat, self._per_batch[("mask", batch)]
 

@@ -9,8 +9,9 @@ slots), while a longer prompt goes one chunk per turn, so it delays running requ
 per token, not by the whole prompt; short prompts still start while a long one is between chunks.
 Short prompts are grouped by length so that right-padding wastes little, and every prompt starts
 after the blocks of it the prefix cache (prefix_cache.py) already holds for its adapter. A
-newcomer whose prompt is done samples its first token and joins the running rows. Keys and values live in a SlotCache: one slot
-per request, its own positions, a 4-D mask, so joining and leaving copy nothing but one moved slot.
+newcomer whose prompt is done samples its first token and joins the running rows. Keys and values
+live in a SlotCache: one slot per request, its own positions, a 4-D mask, so joining and leaving
+copy nothing but one moved slot.
 
 Why not transformers' own continuous batching (``generate_batch`` / PagedAttentionCache): it runs
 its own generation loop with one set of weights for every request; lorakit needs each row's adapter,
@@ -167,6 +168,20 @@ class ContinuousBatcher:
             self.cache = SlotCache(self.engine.model.config, self.engine.limits.max_batch, reference.dtype,
                                    reference.device)
 
+    def _restore_prefix(self, owner: tuple, prompt: list[int], slot: int) -> int:
+        """Copy the cached blocks ``prompt`` starts with into ``slot``; how many tokens they cover."""
+        self._ensure_cache()
+        blocks = self.prefix_cache.lookup(owner, prompt)
+        if blocks:
+            self.cache.write(slot, 0, torch.cat(blocks, dim=3))
+        return len(blocks) * BLOCK
+
+    def _store_prefix(self, owner: tuple, prompt: list[int], slot: int) -> None:
+        """After ``prompt`` is prefilled in ``slot``: its whole blocks not cached yet go in."""
+        for start in self.prefix_cache.missing(owner, prompt):
+            self.prefix_cache.add(owner, prompt, start, self.cache.read(slot, start, start + BLOCK))
+        self.engine.counters.prefix(self.prefix_cache)
+
     def _adapters(self, names: list[str]):
         model = self.engine.model
         if all(n == BASE for n in names):
@@ -207,21 +222,15 @@ class ContinuousBatcher:
         prompts = [list(key[1]) for key in groups]
         owners = [self.engine.adapter_version(key[0]) for key in groups]
         try:
-            self._ensure_cache()
-            starts = []
-            for source, (owner, prompt) in enumerate(zip(owners, prompts)):
-                blocks = self.prefix_cache.lookup(owner, prompt)
-                if blocks:
-                    self.cache.write(first + source, 0, torch.cat(blocks, dim=3))
-                starts.append(len(blocks) * BLOCK)
+            starts = [self._restore_prefix(owner, prompt, first + source)
+                      for source, (owner, prompt) in enumerate(zip(owners, prompts))]
             fed = [p[s:] for p, s in zip(prompts, starts)]
             width = max(len(f) for f in fed)
             ids = torch.tensor([f + [f[-1]] * (width - len(f)) for f in fed])
             logits = self._forward([members[0] for members in groups.values()], first, ids, torch.tensor(starts),
                                    last=torch.tensor([len(f) - 1 for f in fed]))
             for source, (owner, prompt) in enumerate(zip(owners, prompts)):
-                for start in self.prefix_cache.missing(owner, prompt):
-                    self.prefix_cache.add(owner, prompt, start, self.cache.read(first + source, start, start + BLOCK))
+                self._store_prefix(owner, prompt, first + source)
             slot = first + len(groups)
             for source, (key, members) in enumerate(groups.items()):
                 for _ in members[1:]:
@@ -231,7 +240,6 @@ class ContinuousBatcher:
             for active in newcomers:
                 self._fail(active, ServingError(f"generation failed: {exc}", 500))
             return
-        self.engine.counters.prefix(self.prefix_cache)
         arranged = [(members[0], g) for g, members in enumerate(groups.values())]
         arranged += [(active, g) for g, members in enumerate(groups.values()) for active in members[1:]]
         greedy = logits.max(-1).indices.tolist()
@@ -251,19 +259,13 @@ class ContinuousBatcher:
         prompt, slot = active.request.prompt_ids, len(self.running)
         owner = self.engine.adapter_version(active.request.adapter)
         if active.length == 0:  # its first chunk: start after the cached blocks it begins with
-            self._ensure_cache()
-            blocks = self.prefix_cache.lookup(owner, prompt)
-            if blocks:
-                self.cache.write(slot, 0, torch.cat(blocks, dim=3))
-                active.length = len(blocks) * BLOCK
+            active.length = self._restore_prefix(owner, prompt, slot)
         chunk = prompt[active.length: active.length + self.prefill_chunk]
         logits = self._forward([active], slot, torch.tensor([chunk]), torch.tensor([active.length]))
         active.length += len(chunk)
         if active.length < len(prompt):
             return
-        for start in self.prefix_cache.missing(owner, prompt):
-            self.prefix_cache.add(owner, prompt, start, self.cache.read(slot, start, start + BLOCK))
-        self.engine.counters.prefix(self.prefix_cache)
+        self._store_prefix(owner, prompt, slot)
         self.prefilling = None
         self._take(active, logits[0])
         self.engine.counters.prompt(len(prompt))

@@ -63,11 +63,9 @@ class _Row:
             self.finish, self.stop_token = "stop", token
             return
         self.tokens.append(token)
-        if not (self.request.stop or self.request.stream):  # nothing to look at until the end
-            if len(self.tokens) >= self.request.max_new_tokens:
-                self.finish = "length"
-            return
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        # the text so far, only where something reads it: stop strings, or a client streaming it
+        wanted = self.request.stop or self.request.stream
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True) if wanted else ""
         if any(stop and stop in text for stop in self.request.stop):
             self.finish = "stop"
             return

@@ -10,8 +10,8 @@ through ``lk.mixed_batch`` and stops on its own (EOS, stop string, max_tokens). 
 
 What a scheduler may use of the engine (and nothing else): ``model``, ``tokenizer``, ``labels``,
 ``limits``, ``model_lock``, ``running``, ``counters``, ``has_adapters()``, ``take(block)``,
-``finish(request)``, ``run_batch(...)``, ``report_waiting(count)`` and ``adapter_version(name)``. The HTTP layer (app.py)
-only validates and hands requests over.
+``finish(request)``, ``run_batch(...)``, ``report_waiting(count)`` and ``adapter_version(name)``.
+The HTTP layer (app.py) only validates and hands requests over.
 """
 
 from __future__ import annotations

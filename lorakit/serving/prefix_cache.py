@@ -20,6 +20,11 @@ import torch
 BLOCK = 16  # tokens per entry: vLLM's block size; small enough to catch short shared prefixes
 
 
+def _key(owner: tuple, prompt: list[int], end: int) -> tuple:
+    """The entry of the block ending at ``end``: its adapter load and the whole prefix up to there."""
+    return owner, tuple(prompt[:end])
+
+
 class PrefixCache:
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -33,11 +38,11 @@ class PrefixCache:
         blocks = []
         if self.max_bytes > 0:
             for end in range(BLOCK, len(prompt), BLOCK):  # never the block holding the last token
-                entry = self.entries.get((owner, tuple(prompt[:end])))
-                if entry is None:
+                key = _key(owner, prompt, end)
+                if key not in self.entries:
                     break
-                self.entries.move_to_end((owner, tuple(prompt[:end])))
-                blocks.append(entry)
+                self.entries.move_to_end(key)
+                blocks.append(self.entries[key])
         self.queried += len(prompt)
         self.hit += len(blocks) * BLOCK
         return blocks
@@ -48,10 +53,10 @@ class PrefixCache:
         if self.max_bytes <= 0:
             return []
         return [end - BLOCK for end in range(BLOCK, len(prompt), BLOCK)
-                if (owner, tuple(prompt[:end])) not in self.entries]
+                if _key(owner, prompt, end) not in self.entries]
 
     def add(self, owner: tuple, prompt: list[int], start: int, block: torch.Tensor) -> None:
-        key = (owner, tuple(prompt[:start + BLOCK]))
+        key = _key(owner, prompt, start + BLOCK)
         if key in self.entries:
             return
         size = block.numel() * block.element_size()

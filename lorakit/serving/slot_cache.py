@@ -34,7 +34,8 @@ class SlotCache(Cache):
         self._rows = slice(0, 0)
         self._starts = torch.zeros(0, dtype=torch.long)
         self._width = 0
-        self._start_groups: list = []
+        self._chunk_starts: list[int] = []  # each row's first column in a prompt-chunk forward
+        self._common_start: int | None = None  # theirs when all rows share it
 
     # --- what transformers calls ---------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -46,16 +47,14 @@ class SlotCache(Cache):
             slot_ids = torch.arange(rows.start, rows.stop, device=self.device)
             keys[slot_ids, :, self._starts] = key_states[:, :, 0].to(self.dtype)
             values[slot_ids, :, self._starts] = value_states[:, :, 0].to(self.dtype)
-        else:  # prompt chunks: rows that start together are written together
-            for start, members in self._start_groups:
-                if members is None:
-                    keys[rows, :, start:start + tokens] = key_states.to(self.dtype)
-                    values[rows, :, start:start + tokens] = value_states.to(self.dtype)
-                    continue
-                for member in members:  # rows after a cached prefix of another length
-                    slot = rows.start + member
-                    keys[slot, :, start:start + tokens] = key_states[member].to(self.dtype)
-                    values[slot, :, start:start + tokens] = value_states[member].to(self.dtype)
+        elif self._common_start is not None:  # prompt chunks that start together: one write
+            start = self._common_start
+            keys[rows, :, start:start + tokens] = key_states.to(self.dtype)
+            values[rows, :, start:start + tokens] = value_states.to(self.dtype)
+        else:  # rows after cached prefixes of different lengths: a write per row
+            for member, start in enumerate(self._chunk_starts):
+                keys[rows.start + member, :, start:start + tokens] = key_states[member].to(self.dtype)
+                values[rows.start + member, :, start:start + tokens] = value_states[member].to(self.dtype)
         return keys[rows, :, : self._width], values[rows, :, : self._width]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -72,9 +71,8 @@ class SlotCache(Cache):
         self._ensure(int(ends.max()))
         self._rows, self._starts, self._width = rows, starts.to(self.device), int(ends.max())
         if tokens > 1:
-            first = starts.tolist()
-            self._start_groups = ([(first[0], None)] if len(set(first)) == 1
-                                  else [(start, [i for i, s in enumerate(first) if s == start]) for start in set(first)])
+            self._chunk_starts = starts.tolist()
+            self._common_start = self._chunk_starts[0] if len(set(self._chunk_starts)) == 1 else None
         columns = torch.arange(self._width, device=self.device)
         query = starts.to(self.device).unsqueeze(1) + torch.arange(tokens, device=self.device)  # rows × tokens
         allowed = columns.view(1, 1, -1) <= query.unsqueeze(-1)  # causal within and up to each row's end
