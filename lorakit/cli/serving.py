@@ -11,7 +11,8 @@ def _serve(args: argparse.Namespace) -> int:
     from ..serving.server import build_engine, parse_adapter_specs, resolve_dtype, serve
 
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_tokens_limit,
-                    max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
+                    max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+                    kv_cache_mb=args.kv_cache_mb)
     dtype, why = resolve_dtype(args.dtype)
     print(f"dtype: {dtype} ({why})")
     engine = build_engine(args.model, parse_adapter_specs(args.adapter or []), args.adapter_dir, limits, dtype,
@@ -50,6 +51,9 @@ def add_commands(sub) -> None:
     serve.add_argument("--prefix-cache-mb", type=float, default=256,
                        help="memory for keys and values of shared prompt prefixes (chat templates, system prompts), "
                             "reused by later requests with the same adapter; 0 turns it off; hit rate in /metrics")
+    serve.add_argument("--kv-cache-mb", type=float, default=1024,
+                       help="KV cache allocated at start for --max-batch requests of --max-prompt-tokens + "
+                            "--max-tokens-limit tokens, or as much of that as fits (it grows on demand past it)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health "
                                          "(default: $LORAKIT_API_KEY)")
     serve.set_defaults(func=_serve)

@@ -82,6 +82,10 @@ class ContinuousBatcher:
     # --- the loop ------------------------------------------------------------------------------
     def run(self) -> None:
         engine = self.engine
+        self._ensure_cache()
+        limits = engine.limits
+        self.cache.reserve(int(limits.kv_cache_mb * 2**20), limits.max_prompt_tokens + limits.max_new_tokens)
+        engine.counters.kv_cache(self.cache)
         while engine.running:
             if not self._pull(block=not (self.running or self.prefilling or self.waiting)):
                 break
@@ -148,15 +152,21 @@ class ContinuousBatcher:
         engine, model = self.engine, self.engine.model
         self._ensure_cache()
         tokens = ids.shape[1]
+        capacity = self.cache.capacity
         mask = self.cache.plan(slice(first_slot, first_slot + len(rows)), starts, tokens)
+        if self.cache.capacity != capacity:  # it grew
+            engine.counters.kv_cache(self.cache)
         positions = starts.unsqueeze(1) + torch.arange(tokens)
         device = self.cache.device
         names = [a.request.adapter for a in rows]
-        keep = 1 if last is None else torch.unique(last)  # the columns whose logits are wanted
+        # The columns whose logits are wanted, always as an index tensor: an int makes transformers
+        # slice the hidden states to a strided view, and the LM head's matmul over a strided
+        # 3-D input copies the whole vocab × hidden weight once per forward (measured: over half
+        # of a short prompt's prefill).
+        keep = torch.tensor([tokens - 1]) if last is None else torch.unique(last)
         with engine.model_lock, torch.inference_mode(), self._adapters(names):
             out = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device),
-                        use_cache=True, logits_to_keep=keep.to(device) if last is not None else 1,
-                        **{self.cache_keyword: self.cache})
+                        use_cache=True, logits_to_keep=keep.to(device), **{self.cache_keyword: self.cache})
         if last is None:
             return out.logits[:, -1]
         column = torch.searchsorted(keep, last).to(out.logits.device)

@@ -40,6 +40,8 @@ class ServerMetrics:
                                    "prefix cache", registry=registry)
         self.prefix_hit_rate = Gauge("lorakit_prefix_cache_hit_rate", "Share of looked-up prompt tokens found in the "
                                      "prefix cache", registry=registry)
+        self.kv_cache_bytes = Gauge("lorakit_kv_cache_bytes", "Memory held by the KV cache of running requests",
+                                    registry=registry)
         self.running = Gauge("lorakit_running_requests", "Requests being decoded", registry=registry)
         Gauge("lorakit_waiting_requests", "Requests waiting in the queue", registry=registry).set_function(waiting)
         Gauge("lorakit_loaded_adapters", "Adapters loaded", registry=registry).set_function(loaded_adapters)
@@ -66,7 +68,8 @@ class Counters:
     def __init__(self, waiting, loaded_adapters):
         self.stats = {"requests": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0, "batches": 0,
                       "batched_rows": 0, "cancelled": 0,
-                      "prefix_cache": {"queried_tokens": 0, "hit_tokens": 0, "hit_rate": 0.0, "bytes": 0}}
+                      "prefix_cache": {"queried_tokens": 0, "hit_tokens": 0, "hit_rate": 0.0, "bytes": 0},
+                      "kv_cache": {"slots": 0, "columns": 0, "bytes": 0}}
         self.latencies: deque[float] = deque(maxlen=2000)
         self.prometheus = ServerMetrics(waiting=waiting, loaded_adapters=loaded_adapters)
 
@@ -98,6 +101,11 @@ class Counters:
         self.prometheus.prefix_hit_rate.set(cache.hit_rate())
         self.stats["prefix_cache"] = {"queried_tokens": cache.queried, "hit_tokens": cache.hit,
                                       "hit_rate": round(cache.hit_rate(), 4), "bytes": cache.bytes}
+
+    def kv_cache(self, cache) -> None:
+        """The slot cache's size, after it is reserved or grows."""
+        self.prometheus.kv_cache_bytes.set(cache.bytes())
+        self.stats["kv_cache"] = {"slots": cache.slots, "columns": cache.capacity, "bytes": cache.bytes()}
 
     def completion(self, tokens: int) -> None:
         self.stats["completion_tokens"] += tokens  # the Prometheus counter counts each token as it comes

@@ -29,6 +29,9 @@ class Limits:
     max_body_bytes: int = 256_000
     batch_window_s: float = 0.01
     adapter_wait_s: float = 30.0  # how long a request for an adapter not in memory waits for an evictable one
+    # KV cache allocated when the engine starts (it still grows past that on demand): first-touching
+    # fresh memory costs about a second per GB here, which a request would otherwise wait through
+    kv_cache_mb: float = 1024
 
 
 @dataclass

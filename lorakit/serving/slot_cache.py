@@ -102,6 +102,18 @@ class SlotCache(Cache):
             for layer, buffer in enumerate(buffers):
                 buffer[slot, :, start:stop] = block[kind, layer]
 
+    def bytes(self) -> int:
+        return sum(buffer.numel() * buffer.element_size() for buffer in self.keys + self.values)
+
+    def reserve(self, budget_bytes: int, columns: int) -> int:
+        """Allocate the buffers now for ``columns`` columns per slot (rounded up to GROWTH), or for
+        as many as ``budget_bytes`` holds; the capacity reserved."""
+        per_column = self.slots * self.kv_heads * self.head_dim * 2 * self.num_layers * self.dtype.itemsize
+        wanted = -(-columns // GROWTH) * GROWTH
+        fits = budget_bytes // per_column // GROWTH * GROWTH
+        self._ensure(min(wanted, fits))
+        return self.capacity
+
     def _ensure(self, columns: int) -> None:
         if columns <= self.capacity:
             return

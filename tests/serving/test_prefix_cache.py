@@ -3,16 +3,18 @@ computed once per adapter and reused, prompts of other lengths and starts are pr
 and every greedy reply still equals offline `generate` with its adapter."""
 
 import threading
+import time
 
 import httpx
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from lorakit.serving import BackgroundServer, Limits, build_engine
 from lorakit.serving.continuous import PADDING, length_groups
 from lorakit.serving.prefix_cache import BLOCK, PrefixCache
 from lorakit.serving.requests import Request
-from lorakit.serving.slot_cache import SlotCache, cache_keyword
+from lorakit.serving.slot_cache import GROWTH, SlotCache, cache_keyword
 from tests.helpers import offline
 
 SHARED = "the film was really good and the plot was very dull but the actor is quite lovely and "
@@ -126,8 +128,6 @@ def test_prefix_cache_evicts_least_recently_used_and_never_caches_the_last_token
 def test_rows_with_different_starts_prefill_together(causal_dir):
     """Two prompts, one of them after 4 already-cached tokens, in one forward: each gives the logits
     of its own plain forward."""
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(causal_dir).eval()
     prompts = [list(range(3, 12)), list(range(20, 27))]
     with torch.inference_mode():
@@ -164,3 +164,27 @@ def test_length_groups_bound_padding_and_keep_everyone(lengths):
     same = [a for a in newcomers if len(a.request.prompt_ids) == 10]
     if len(same) > 1:
         assert len(groups) == 1
+
+
+def test_the_slot_cache_reserves_what_the_limits_need_within_its_budget(causal_dir):  # noqa: F811
+    config = AutoModelForCausalLM.from_pretrained(causal_dir).config
+    cache = SlotCache(config, 4, torch.float32, torch.device("cpu"))
+    per_column = 4 * cache.kv_heads * cache.head_dim * 2 * cache.num_layers * 4
+    assert cache.reserve(10 * GROWTH * per_column, GROWTH + 1) == 2 * GROWTH  # rounded up: fits the budget
+    assert all(buffer.shape[2] == 2 * GROWTH for buffer in cache.keys + cache.values)
+    small = SlotCache(config, 4, torch.float32, torch.device("cpu"))
+    assert small.reserve(GROWTH * per_column + 1, 5 * GROWTH) == GROWTH  # as much as the budget holds
+    assert SlotCache(config, 4, torch.float32, torch.device("cpu")).reserve(per_column, 100) == 0  # too small: lazy
+
+
+def test_a_started_engine_has_its_kv_cache_allocated_before_the_first_request(causal_dir, adapter_dir):  # noqa: F811
+    engine = build_engine(causal_dir, {}, limits=Limits(max_new_tokens=8, max_prompt_tokens=300))
+    try:
+        deadline = time.monotonic() + 60
+        while engine.metrics()["kv_cache"]["columns"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        kv = engine.metrics()["kv_cache"]
+        assert kv["columns"] >= 308 and kv["slots"] == Limits().max_batch and kv["bytes"] > 0
+        assert b"lorakit_kv_cache_bytes " in engine.prometheus.exposition()
+    finally:
+        engine.close()
