@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import LoraError
 from ..io.atomic import staged_directory
+from .low_memory import HEAD_PREFIXES, check_fits, load_4bit
 
 TASK_KINDS = ("classify", "sft", "lm")
 
@@ -83,9 +84,6 @@ def _converted_gguf(gguf_path: Path, name: str) -> Path:
     return target
 
 
-HEAD_PREFIXES = ("classifier", "score", "pre_classifier")
-
-
 def _report_new_weights(missing, n_labels: int) -> None:
     """One line for a classification head the checkpoint does not have (the usual case: it is new
     and trains in full with the adapter); a louder one for any other missing weight."""
@@ -99,30 +97,47 @@ def _report_new_weights(missing, n_labels: int) -> None:
               f"{', '.join(other[:5])}{' ...' if len(other) > 5 else ''}", file=sys.stderr)
 
 
-def load_model(name: str, task: str, labels: list[str] | None = None, dtype=None, head_from_adapter: bool = False):
+def load_model(name: str, task: str, labels: list[str] | None = None, dtype=None, head_from_adapter: bool = False,
+               quantize=None):
     """(model, tokenizer) for a task: a sequence classifier with len(labels) outputs, or a causal LM.
     head_from_adapter: a trained adapter about to be loaded brings the classification head, so the
-    base's missing head is expected and not announced as new."""
+    base's missing head is expected and not announced as new. quantize: a compute dtype for QLoRA's
+    4-bit base, loaded tensor by tensor (hub/low_memory.py) so the full-precision model is never
+    in memory; ``dtype`` is then that of the tensors left unquantized."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     if task not in TASK_KINDS:
         raise LoraError(f"unknown task {task!r}; choose one of {', '.join(TASK_KINDS)}")
+    if task == "classify" and not labels:
+        raise LoraError("a classification model needs its label names")
     path = resolve_model_path(name)
+    dtype = dtype or torch.float32
+    check_fits(path, dtype, quantized=quantize is not None)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    kwargs = {"dtype": dtype or torch.float32}
-    if task == "classify":
-        if not labels:
-            raise LoraError("a classification model needs its label names")
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={label: i for i, label in enumerate(labels)}, output_loading_info=True, **kwargs)
+    auto_class = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
+    head = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {label: i for i, label in enumerate(labels)}} if task == "classify" else {}
+    loaded = None
+    if quantize is not None:
+        loaded = load_4bit(path, auto_class, AutoConfig.from_pretrained(path, **head), dtype, quantize)
+        if loaded is not None and task != "classify" and (Path(path) / "generation_config.json").is_file():
+            from transformers import GenerationConfig
+
+            loaded[0].generation_config = GenerationConfig.from_pretrained(path)
+    if loaded is not None:
+        model, missing = loaded
+    else:
+        model, info = auto_class.from_pretrained(path, output_loading_info=True, dtype=dtype, **head)
         missing = info.get("missing_keys") or []
+        if quantize is not None:  # names only transformers can map: the usual path, then 4 bits
+            import lorakit as lk
+
+            lk.quantize(model, compute_dtype=quantize)
+    if task == "classify":
         if head_from_adapter:
             missing = [k for k in missing if k.split(".")[0] not in HEAD_PREFIXES]
         _report_new_weights(missing, len(labels))
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if tokenizer.pad_token is None:  # causal LMs often ship without one; padding is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
@@ -141,12 +156,12 @@ def load_trained(path: str | Path, base_model: str | None = None):
     if record["full"]:
         model, tokenizer = load_model(str(directory), record["task"], record["labels"])
     else:
-        model, tokenizer = load_model(base_model or record["model"], record["task"], record["labels"],
-                                      head_from_adapter=True)
-        if record.get("qlora"):  # the adapter was trained on the 4-bit base: evaluate on the same one
-            import torch
+        import torch
 
-            lk.quantize(model, compute_dtype=torch.bfloat16 if record.get("bf16") else torch.float32)
+        # an adapter trained on the 4-bit base is evaluated on the same one
+        compute = (torch.bfloat16 if record.get("bf16") else torch.float32) if record.get("qlora") else None
+        model, tokenizer = load_model(base_model or record["model"], record["task"], record["labels"],
+                                      head_from_adapter=True, quantize=compute)
         lk.load_adapter(model, directory)
     model.eval()
     return model, tokenizer, record

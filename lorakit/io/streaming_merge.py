@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 from pathlib import Path
 
 import torch
@@ -31,34 +30,9 @@ from ..errors import ConfigError
 from ..variants.adalora import is_adalora
 from .atomic import staged_directory
 from .checkpoint import read_adapter
+from .model_files import INDEX, checkpoint_entries, read_header, read_tensor, shard_files
 from .peft_format import ModuleParts, base_name, split_tensors
 from .runs import trained_on_4bit
-
-INDEX = "model.safetensors.index.json"
-TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-
-
-def shard_files(base_dir: Path) -> tuple[list[str], dict | None]:
-    index_path = base_dir / INDEX
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())
-            files = sorted(set(index["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ConfigError(f"{index_path} is not a valid safetensors index ({type(exc).__name__}: {exc}); it "
-                              "must be JSON with a weight_map of tensor name -> shard file. Copy it from the "
-                              "original checkpoint") from None
-        missing = [f for f in files if not (base_dir / f).is_file()]
-        if missing:
-            raise ConfigError(f"{base_dir} lists shard {missing[0]} in {INDEX} but the file is missing "
-                              f"({len(missing)} of {len(files)} shards missing); copy the whole checkpoint")
-        return files, index
-    if (base_dir / "model.safetensors").is_file():
-        return ["model.safetensors"], None
-    raise ConfigError(f"{base_dir} holds no model.safetensors (or sharded index): streaming merge reads safetensors")
-
 
 def _updates(directory: Path) -> tuple[dict[str, ModuleParts], dict[str, torch.Tensor], object]:
     """(module path -> its update's parts, the base tensors the adapter replaces (saved modules,
@@ -87,23 +61,6 @@ def merged_tensor(weight: torch.Tensor, update: ModuleParts, scaling: float, tra
                              shape=tuple(weight.shape), transposed=transposed)
     merged = arith.merged_weight(weight, delta, update.m, axis=arith.feature_axis(transposed))
     return merged.to(weight.dtype)
-
-
-def read_header(path: Path) -> tuple[int, dict]:
-    """(bytes before the data, the header) of a safetensors file."""
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        return 8 + length, json.loads(handle.read(length))
-
-
-def read_tensor(path: Path, data_start: int, entry: dict) -> torch.Tensor:
-    """One tensor, read straight into its own buffer (no memory map whose pages would linger)."""
-    start, end = entry["data_offsets"]
-    buffer = torch.empty(end - start, dtype=torch.uint8)
-    with open(path, "rb") as handle:
-        handle.seek(data_start + start)
-        handle.readinto(buffer.numpy().data)
-    return buffer.view(TORCH_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
 def quantized_weight_names(base_dir: Path) -> set[str]:
@@ -167,6 +124,7 @@ def stream_merge(adapter_dir: str | Path, base_dir: str | Path, output: str | Pa
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise ConfigError(f"output directory {target} is not empty; pass --overwrite or choose another --output")
     files, index = shard_files(base_dir)
+    checkpoint_entries(base_dir)  # a truncated shard or an index naming absent tensors: refused before writing
     updates, replaced, config = _updates(Path(adapter_dir))
     qlora = trained_on_4bit(Path(adapter_dir)) if qlora is None else qlora
     quantized = quantized_weight_names(base_dir) if qlora else frozenset()

@@ -23,6 +23,7 @@ NF4_CODE = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949
                          0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0])
 BLOCK = 64
 CONSTANT_BLOCK = 256
+QUANTIZE_CHUNK = BLOCK * 2**16  # weights quantized at a time (4M: ~50 MB of temporaries)
 
 
 _PAIRS: dict[torch.device, torch.Tensor] = {}
@@ -109,9 +110,14 @@ class Linear4bit(nn.Module):
             raise LoraError(f"weight of shape {tuple(weight.shape)} does not fit a {self.out_features}x"
                             f"{self.in_features} 4-bit layer")
         flat = weight.reshape(-1)
-        flat = F.pad(flat, (0, (-flat.numel()) % BLOCK))  # zeros pad the last block; cut off again on use
-        codes, absmax = quantize_blocks(flat)
-        self.packed.copy_(pack(codes))
+        # A chunk of blocks at a time (blocks are independent, so the codes are the same): the
+        # fp32 and int64 temporaries of a whole 7B-model projection would be ~1 GB while loading.
+        absmax = torch.empty(self.absmax_q.numel(), dtype=torch.float32, device=flat.device)
+        for start in range(0, flat.numel(), QUANTIZE_CHUNK):
+            piece = flat[start:start + QUANTIZE_CHUNK]
+            piece = F.pad(piece, (0, (-piece.numel()) % BLOCK))  # zeros pad the last block; cut off again on use
+            codes, absmax[start // BLOCK:start // BLOCK + piece.numel() // BLOCK] = quantize_blocks(piece)
+            self.packed[start // 2:start // 2 + piece.numel() // 2] = pack(codes)
         q, scale, offset = quantize_constants(absmax)
         self.absmax_q.copy_(q)
         self.absmax_scale.copy_(scale)
@@ -137,6 +143,11 @@ class Linear4bit(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4, compute={self.compute_dtype}"
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether the model holds 4-bit layers (``lk.quantize`` or a 4-bit load ran)."""
+    return any(isinstance(module, Linear4bit) for module in model.modules())
 
 
 class _Matmul4bit(torch.autograd.Function):

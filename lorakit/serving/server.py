@@ -78,10 +78,9 @@ def build_engine(model_name: str, adapters: dict[str, Path], adapter_dir: str | 
     if adapter_dir is not None and not Path(adapter_dir).is_dir():
         raise ConfigError(f"--adapter-dir {adapter_dir} is not a directory")
     torch_dtype = getattr(torch, DTYPES[dtype])
+    # adapters trained on the 4-bit base are served on the same base, loaded straight into 4 bits
     model, tokenizer = load_model(model_name, "classify" if labels else "lm", labels, head_from_adapter=bool(labels),
-                                  dtype=torch.float32 if qlora else torch_dtype)
-    if qlora:  # adapters trained on the 4-bit base are served on the same base
-        lk.quantize(model, compute_dtype=torch.float32 if dtype == "fp32" else torch_dtype)
+                                  dtype=torch.float32 if qlora else torch_dtype, quantize=torch_dtype if qlora else None)
     engine = Engine(model, tokenizer, base_name=Path(model_name).name or model_name, adapter_dir=adapter_dir,
                     labels=labels, limits=limits, max_loaded_adapters=max_loaded_adapters, scheduler=scheduler,
                     prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb)

@@ -104,7 +104,10 @@ class Trainer:
         model decides about encoding: the usable sequence length, SFT templates."""
         o = self.options
         self.rss_before_model = resident_bytes()
-        model, self.tokenizer = load_model(o.model, "sft" if o.task in OBJECTIVE_TASKS else o.task, self.labels)
+        # QLoRA: straight into 4 bits, tensor by tensor (the full-precision model never in memory)
+        quantize = (torch.bfloat16 if o.bf16 else torch.float32) if o.qlora and not o.full else None
+        model, self.tokenizer = load_model(o.model, "sft" if o.task in OBJECTIVE_TASKS else o.task, self.labels,
+                                           quantize=quantize)
         self.seq_len = clamp_seq_len(o.seq_len, model)
         self.templates = (o.prompt_template, o.response_template)
         if o.task == "sft" and not any(self.templates) and o.data in EMBEDDED_SFT_TEMPLATES:

@@ -11,6 +11,7 @@ import torch
 import lorakit as lk
 
 from ..errors import ConfigError
+from ..kernels.nf4 import is_quantized
 from .distributed import Distributed
 from .options import TrainOptions
 
@@ -41,7 +42,7 @@ def prepare_model(model, options: TrainOptions, total_steps: int | None = None):
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    if options.qlora:
+    if options.qlora and not is_quantized(model):  # Trainer loads it in 4 bits already
         lk.quantize(model, compute_dtype=torch.bfloat16 if options.bf16 else torch.float32)
     if options.adapter:  # continue a trained adapter; a frozen copy of it is the reference policy (TRL's "ref")
         from .objectives.base import REFERENCE
