@@ -238,7 +238,10 @@ def _generate(args: argparse.Namespace) -> int:
     if args.run and read_run(args.run)[1].get("task") == "classify":
         raise ConfigError(f"{args.run} is a classifier (task classify): it predicts labels, it does not generate "
                           f"text; use `lorakit predict {args.run} --text ...`")
-    model, tokenizer, record = load_for_eval(args.run, args.model, "sft" if args.chat else "lm", None)
+    import torch
+
+    model, tokenizer, record = load_for_eval(args.run, args.model, "sft" if args.chat else "lm", None,
+                                             dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     replies = generate(model, tokenizer, args.prompt, record, args.max_new_tokens, args.temperature)
     for prompt, reply in zip(args.prompt, replies):
         print(json.dumps({"prompt": prompt, "reply": reply}) if args.json else reply)
@@ -357,6 +360,9 @@ def add_commands(sub) -> None:
     generate.add_argument("--chat", action="store_true", help="wrap prompts in the chat template (with --model)")
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    generate.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                          help="the base's dtype (a QLoRA run's base is 4-bit either way; this is then the dtype of "
+                               "its embeddings and norms); bf16 halves a large model's memory")
     generate.add_argument("--json", action="store_true")
     generate.set_defaults(func=_generate)
 

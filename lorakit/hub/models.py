@@ -145,8 +145,9 @@ def load_model(name: str, task: str, labels: list[str] | None = None, dtype=None
     return model, tokenizer
 
 
-def load_trained(path: str | Path, base_model: str | None = None):
-    """(model, tokenizer, record) with the trained adapter loaded (or the fully fine-tuned model)."""
+def load_trained(path: str | Path, base_model: str | None = None, dtype=None):
+    """(model, tokenizer, record) with the trained adapter loaded (or the fully fine-tuned model);
+    ``dtype``: the base's (default fp32), e.g. bf16 to halve a large model's memory."""
     import lorakit as lk
 
     from ..hub.models import load_model
@@ -154,14 +155,14 @@ def load_trained(path: str | Path, base_model: str | None = None):
 
     directory, record = read_run(path)
     if record["full"]:
-        model, tokenizer = load_model(str(directory), record["task"], record["labels"])
+        model, tokenizer = load_model(str(directory), record["task"], record["labels"], dtype=dtype)
     else:
         import torch
 
         # an adapter trained on the 4-bit base is evaluated on the same one
         compute = (torch.bfloat16 if record.get("bf16") else torch.float32) if record.get("qlora") else None
         model, tokenizer = load_model(base_model or record["model"], record["task"], record["labels"],
-                                      head_from_adapter=True, quantize=compute)
+                                      head_from_adapter=True, quantize=compute, dtype=dtype)
         lk.load_adapter(model, directory)
     model.eval()
     return model, tokenizer, record

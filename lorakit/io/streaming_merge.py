@@ -34,6 +34,7 @@ from .model_files import INDEX, checkpoint_entries, read_header, read_tensor, sh
 from .peft_format import ModuleParts, base_name, split_tensors
 from .runs import trained_on_4bit
 
+
 def _updates(directory: Path) -> tuple[dict[str, ModuleParts], dict[str, torch.Tensor], object]:
     """(module path -> its update's parts, the base tensors the adapter replaces (saved modules,
     trained biases) under their base names, the adapter's config)."""

@@ -56,8 +56,6 @@ def build_engine(model_name: str, adapters: dict[str, Path], adapter_dir: str | 
     4-bit when they were trained with QLoRA) in ``dtype``, and every --adapter onto it."""
     import torch
 
-    import lorakit as lk
-
     from ..hub.models import load_model
     from ..io.runs import RUN_FILE
 

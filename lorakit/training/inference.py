@@ -15,15 +15,16 @@ from .data import EMBEDDED_SFT_TEMPLATES, SPLITS, encode, load_splits, prompt_te
 from .evaluation import split_metrics
 
 
-def load_for_eval(run: str | None, model_name: str | None, task: str | None, data: str | None, labels=None):
+def load_for_eval(run: str | None, model_name: str | None, task: str | None, data: str | None, labels=None,
+                  dtype=None):
     """A trained run, or a plain base model (for zero-shot baselines) described by --model/--task."""
     if run:
-        return load_trained(run)
+        return load_trained(run, dtype=dtype)
     if not (model_name and task):
         raise ConfigError("give a trained run directory, or --model and --task to evaluate a base model as is")
     if task == "classify" and not labels:
         raise ConfigError("evaluating an untrained classifier makes no sense: its head is random; train first")
-    model, tokenizer = load_model(model_name, task, labels)
+    model, tokenizer = load_model(model_name, task, labels, dtype=dtype)
     templates = EMBEDDED_SFT_TEMPLATES.get(data, (None, None)) if task == "sft" else (None, None)
     record = {"task": task, "model": model_name, "labels": labels, "seq_len": 512, "text_column": "text",
               "label_column": "label", "prompt_template": templates[0], "response_template": templates[1]}
@@ -83,6 +84,16 @@ def predict(run: str, texts: list[str], batch_size: int = 32, max_new_tokens: in
 
 
 @torch.no_grad()
+def computing_in(model):
+    """bf16 autocast where part of the model computes in bf16 (a bf16 base, or a QLoRA base with
+    bf16 compute next to fp32 embeddings, as trained): without it the two dtypes meet in attention."""
+    from ..kernels.nf4 import Linear4bit
+
+    bf16 = any(isinstance(m, Linear4bit) and m.compute_dtype == torch.bfloat16 for m in model.modules()) or \
+        next(model.parameters()).dtype == torch.bfloat16
+    return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
 def generate(model, tokenizer, prompts: list[str], record: dict, max_new_tokens: int = 64,
              temperature: float = 0.0) -> list[str]:
     """Greedy (or sampled) continuations; sft runs wrap each prompt in the chat template as trained."""
@@ -95,9 +106,10 @@ def generate(model, tokenizer, prompts: list[str], record: dict, max_new_tokens:
     replies = []
     for text in texts:  # one at a time: no padding, so results do not depend on batch mates
         enc = tokenizer(text, return_tensors="pt", add_special_tokens=record["task"] != "sft")
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                             temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
-                             pad_token_id=tokenizer.pad_token_id)
+        with computing_in(model):
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                                 temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
+                                 pad_token_id=tokenizer.pad_token_id)
         replies.append(tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
     return replies
 

@@ -125,3 +125,16 @@ def test_qlora_run_trains_on_a_4bit_base_and_evaluates_on_it(causal_dir, sft_jso
     assert summary["method"] == "qlora"
     model, _, record = __import__("lorakit.hub.models", fromlist=["x"]).load_trained(tmp_path / "q")
     assert record["qlora"] and any(type(m).__name__ == "Linear4bit" for m in model.modules())
+
+
+def test_a_qlora_bf16_run_generates_and_a_base_generates_in_bf16(causal_dir, sft_jsonl, tmp_path):
+    """A bf16-compute 4-bit base next to fp32 embeddings (as it trained) generates under autocast;
+    without it the two dtypes meet in attention. ``dtype`` loads a plain base in bf16."""
+    from lorakit.training.inference import generate, load_for_eval
+    train(train_options(causal_dir, sft_jsonl, tmp_path / "q", task="sft", qlora=True, bf16=True, max_steps=2),
+          quiet=True)
+    model, tokenizer, record = load_for_eval(str(tmp_path / "q"), None, None, None)
+    assert isinstance(generate(model, tokenizer, ["the film"], record, max_new_tokens=3)[0], str)
+    model, tokenizer, record = load_for_eval(None, causal_dir, "lm", None, dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert isinstance(generate(model, tokenizer, ["the film"], record, max_new_tokens=3)[0], str)
