@@ -128,7 +128,7 @@ def main() -> None:
         print(f"checkpoint: {checkpoint_gb:.1f} GB in {results['checkpoint']['shards']} shards at {ckpt}", flush=True)
         if "load" in steps:
             load = ("import time, torch; from lorakit.hub.models import load_model; t = time.perf_counter(); "
-                    f"m, _ = load_model({str(ckpt)!r}, 'lm', quantize=torch.bfloat16); "
+                    f"m, _ = load_model({str(ckpt)!r}, 'lm', quantize=torch.bfloat16, dtype=torch.bfloat16); "
                     "print('load seconds', round(time.perf_counter() - t, 1))")
             results["qlora_load"] = measured([py, "-c", load], work / "load.log")
             results["qlora_load"]["vs_checkpoint"] = round(results["qlora_load"]["peak_gb"] / checkpoint_gb, 3)

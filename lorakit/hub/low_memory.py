@@ -13,6 +13,7 @@ available, so a model that cannot fit is refused with the numbers and the option
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -89,14 +90,100 @@ def _tied_output_weight(model: nn.Module) -> str | None:
 
 
 def _put(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    """Replace the meta parameter (or buffer) ``name`` by ``tensor``, in the dtype it was built with."""
+    """Replace the meta parameter (or buffer) ``name`` by ``tensor``, in the dtype it was built with
+    (a 4-bit layer's tensors come in their own: codes, constants, a bias in the compute dtype)."""
     path, _, attribute = name.rpartition(".")
     module = model.get_submodule(path)
+    old = module._parameters[attribute] if attribute in module._parameters else module._buffers[attribute]
+    value = tensor if isinstance(module, Linear4bit) else tensor.to(old.dtype)
     if attribute in module._parameters:
-        old = module._parameters[attribute]
-        module._parameters[attribute] = nn.Parameter(tensor.to(old.dtype), requires_grad=old.requires_grad)
+        module._parameters[attribute] = nn.Parameter(value, requires_grad=old.requires_grad)
     else:
-        module._buffers[attribute] = tensor.to(module._buffers[attribute].dtype)
+        module._buffers[attribute] = value
+
+
+@dataclass
+class EmptyModel:
+    """A model built on the meta device, and where the checkpoint holds each of its tensors."""
+
+    model: nn.Module
+    path: Path
+    entries: dict[str, Entry]
+    names: dict[str, str]      # checkpoint tensor name -> the model's name for it
+    quantized: set[str]        # the modules made 4-bit (empty ``Linear4bit`` layers)
+    heads: list[str]           # head weights the checkpoint lacks (initialised, not loaded)
+    dtype: torch.dtype         # of the tensors left unquantized
+    compute_dtype: torch.dtype | None
+    tied: bool                 # the output head is the input embedding
+
+
+def build_empty(path: str | Path, auto_class, config, dtype: torch.dtype,
+                compute_dtype: torch.dtype | None = None) -> EmptyModel | None:
+    """The model of ``auto_class`` for ``config`` on the meta device, its linear layers (but the
+    output head) as empty 4-bit layers when ``compute_dtype`` is given (``lk.quantize``'s rule).
+    None when the checkpoint's names need transformers' own renaming."""
+    from accelerate import init_empty_weights
+
+    entries = checkpoint_entries(path)
+    with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are computed, not loaded
+        model = auto_class.from_config(config, dtype=dtype)
+    model_keys = set(model.state_dict())
+    names = _checkpoint_names(entries, model_keys, getattr(model, "base_model_prefix", ""))
+    tied = _tied_output_weight(model)
+    uncovered = model_keys - set(names.values()) - {tied}
+    heads = {key for key in uncovered if key.split(".")[0] in HEAD_PREFIXES}
+    if uncovered - heads or not (model_keys & set(names.values())):
+        return None
+    if (Path(path) / "generation_config.json").is_file() and model.can_generate():  # as from_pretrained reads it
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    quantized = set()
+    if compute_dtype is not None:
+        keep = output_head_names(model)
+        for name, module in list(model.named_modules()):
+            if type(module) is nn.Linear and not any(name_matches(name, k) for k in keep):
+                model.set_submodule(name, Linear4bit(module.in_features, module.out_features, module.bias is not None,
+                                                     compute_dtype, device="meta"))
+                quantized.add(name)
+    return EmptyModel(model, Path(path), entries, names, quantized, sorted(heads), dtype, compute_dtype,
+                      tied is not None)
+
+
+def checkpoint_values(empty: EmptyModel):
+    """(the model's tensor name, its value) for every tensor the checkpoint gives, read one at a
+    time; a 4-bit layer's weight arrives as its NF4 codes and constants, computed from the weight
+    in ``empty.dtype`` as ``Linear4bit.from_linear`` computes them from a loaded layer."""
+    for key, name in empty.names.items():
+        tensor = read_entry(empty.entries[key])
+        module, _, attribute = name.rpartition(".")
+        if module not in empty.quantized:
+            yield name, tensor
+        elif attribute == "weight":
+            shape = empty.entries[key].shape
+            codes = Linear4bit(shape[1], shape[0], bias=False, compute_dtype=empty.compute_dtype)
+            codes.set_weight(tensor.to(empty.dtype))
+            del tensor
+            for buffer in ("packed", "absmax_q", "absmax_scale", "absmax_offset"):
+                yield f"{module}.{buffer}", getattr(codes, buffer)
+        else:  # a 4-bit layer's bias, in its compute dtype
+            yield name, tensor.to(empty.dtype).to(empty.compute_dtype)
+
+
+def fill(empty: EmptyModel) -> nn.Module:
+    """Give the empty model its values, one checkpoint tensor at a time; initialise new heads."""
+    model = empty.model
+    for name, value in checkpoint_values(empty):
+        _put(model, name, value)
+    model.tie_weights()
+    for head in sorted({key.rsplit(".", 1)[0] for key in empty.heads}):
+        module = model.get_submodule(head)
+        module.to_empty(device="cpu")
+        model._init_weights(module)
+    left = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if left:
+        raise ConfigError(f"loading {empty.path} left {left[:3]} without values; load it without --qlora")
+    return model.eval()
 
 
 def load_4bit(path: str | Path, auto_class, config, dtype: torch.dtype, compute_dtype: torch.dtype):
@@ -105,41 +192,7 @@ def load_4bit(path: str | Path, auto_class, config, dtype: torch.dtype, compute_
     ``lk.quantize(model, compute_dtype)`` makes them and every other tensor in ``dtype``, read from
     ``path`` one tensor at a time. None when this checkpoint's names need transformers' own
     renaming (then the caller loads it the usual way)."""
-    from accelerate import init_empty_weights
-
-    entries = checkpoint_entries(path)
-    with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are computed, not loaded
-        model = auto_class.from_config(config, dtype=dtype)
-    model_keys = set(model.state_dict())
-    names = _checkpoint_names(entries, model_keys, getattr(model, "base_model_prefix", ""))
-    uncovered = model_keys - set(names.values()) - {_tied_output_weight(model)}
-    heads = {key for key in uncovered if key.split(".")[0] in HEAD_PREFIXES}
-    if uncovered - heads or not (model_keys & set(names.values())):
+    empty = build_empty(path, auto_class, config, dtype, compute_dtype)
+    if empty is None:
         return None
-    keep = output_head_names(model)  # the rule of lk.quantize
-    targets = {name: module for name, module in model.named_modules()
-               if type(module) is nn.Linear and not any(name_matches(name, k) for k in keep)}
-    for name, linear in targets.items():
-        model.set_submodule(name, Linear4bit(linear.in_features, linear.out_features, linear.bias is not None,
-                                             compute_dtype, device="cpu"))
-    for key, name in names.items():
-        tensor = read_entry(entries[key])
-        module, _, attribute = name.rpartition(".")
-        if module in targets:  # what from_linear does with the weights from_pretrained would hold
-            layer = model.get_submodule(module)
-            if attribute == "weight":
-                layer.set_weight(tensor.to(dtype))
-            else:
-                layer.bias.data = tensor.to(dtype).to(compute_dtype)
-        else:
-            _put(model, name, tensor)
-        del tensor
-    model.tie_weights()
-    for head in sorted({key.rsplit(".", 1)[0] for key in heads}):
-        module = model.get_submodule(head)
-        module.to_empty(device="cpu")
-        model._init_weights(module)
-    left = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
-    if left:
-        raise ConfigError(f"loading {path} in 4 bits left {left[:3]} without values; load it without --qlora")
-    return model.eval(), sorted(heads)
+    return fill(empty), empty.heads

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..errors import LoraError
 from ..io.atomic import staged_directory
-from .low_memory import HEAD_PREFIXES, check_fits, load_4bit
+from ..io.model_files import has_safetensors
+from .low_memory import HEAD_PREFIXES, build_empty, check_fits, load_4bit
 
 TASK_KINDS = ("classify", "sft", "lm")
 
@@ -105,26 +106,14 @@ def load_model(name: str, task: str, labels: list[str] | None = None, dtype=None
     4-bit base, loaded tensor by tensor (hub/low_memory.py) so the full-precision model is never
     in memory; ``dtype`` is then that of the tensors left unquantized."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig
 
-    if task not in TASK_KINDS:
-        raise LoraError(f"unknown task {task!r}; choose one of {', '.join(TASK_KINDS)}")
-    if task == "classify" and not labels:
-        raise LoraError("a classification model needs its label names")
-    path = resolve_model_path(name)
+    path, tokenizer, auto_class, head = _for_task(name, task, labels)
     dtype = dtype or torch.float32
     check_fits(path, dtype, quantized=quantize is not None)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    auto_class = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
-    head = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-            "label2id": {label: i for i, label in enumerate(labels)}} if task == "classify" else {}
     loaded = None
     if quantize is not None:
         loaded = load_4bit(path, auto_class, AutoConfig.from_pretrained(path, **head), dtype, quantize)
-        if loaded is not None and task != "classify" and (Path(path) / "generation_config.json").is_file():
-            from transformers import GenerationConfig
-
-            loaded[0].generation_config = GenerationConfig.from_pretrained(path)
     if loaded is not None:
         model, missing = loaded
     else:
@@ -138,11 +127,50 @@ def load_model(name: str, task: str, labels: list[str] | None = None, dtype=None
         if head_from_adapter:
             missing = [k for k in missing if k.split(".")[0] not in HEAD_PREFIXES]
         _report_new_weights(missing, len(labels))
+    _pad_with_eos(model, tokenizer)
+    return model, tokenizer
+
+
+def load_empty(name: str, task: str, labels: list[str] | None = None, dtype=None, quantize=None):
+    """(the model built on the meta device with where its values are, or None where that cannot be
+    done, its tokenizer): for a sharded run, each process of which then reads its own shards
+    (training/fsdp.py). None also for a tied head or a new classification head, whose values
+    are shared or initialised rather than read."""
+    import torch
+    from transformers import AutoConfig
+
+    path, tokenizer, auto_class, head = _for_task(name, task, labels)
+    if not has_safetensors(Path(path)):
+        return None, tokenizer
+    dtype = dtype or torch.float32
+    empty = build_empty(path, auto_class, AutoConfig.from_pretrained(path, **head), dtype, quantize)
+    if empty is None or empty.tied or empty.heads:
+        return None, tokenizer
+    _pad_with_eos(empty.model, tokenizer)
+    return empty, tokenizer
+
+
+def _for_task(name: str, task: str, labels):
+    """(the model's directory, its tokenizer, the Auto class of the task, the config fields of its head)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    if task not in TASK_KINDS:
+        raise LoraError(f"unknown task {task!r}; choose one of {', '.join(TASK_KINDS)}")
+    if task == "classify" and not labels:
+        raise LoraError("a classification model needs its label names")
+    path = resolve_model_path(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    auto_class = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
+    head = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {label: i for i, label in enumerate(labels)}} if task == "classify" else {}
+    return path, tokenizer, auto_class, head
+
+
+def _pad_with_eos(model, tokenizer) -> None:
     if tokenizer.pad_token is None:  # causal LMs often ship without one; padding is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
 
 
 def load_trained(path: str | Path, base_model: str | None = None, dtype=None):
@@ -162,7 +190,7 @@ def load_trained(path: str | Path, base_model: str | None = None, dtype=None):
         # an adapter trained on the 4-bit base is evaluated on the same one
         compute = (torch.bfloat16 if record.get("bf16") else torch.float32) if record.get("qlora") else None
         model, tokenizer = load_model(base_model or record["model"], record["task"], record["labels"],
-                                      head_from_adapter=True, quantize=compute, dtype=dtype)
+                                      head_from_adapter=True, quantize=compute, dtype=dtype or compute)
         lk.load_adapter(model, directory)
     model.eval()
     return model, tokenizer, record

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..config import CLASSIFIER_HEAD_NAMES, HEAD_TASK_TYPES, LoraConfig, resolve_target_modules
@@ -21,9 +22,18 @@ from ..layers.modules_to_save import ModulesToSave
 from ..layers.moe import convert_moe_config, find_param_targets, nested_path
 from ..layers.param import LoraParam
 from ..variants.adalora import add_singular_values, is_adalora
-from ..variants.principal import check_principal_init
+from ..variants.principal import check_principal_init, is_principal_init
 from .adalora import add_penalty_hook
-from .state import BASE, adapter_wrappers, apply_trainability, ensure_registry, has_adapters, registry, walk_modules
+from .state import (
+    BASE,
+    adapter_wrappers,
+    apply_trainability,
+    ensure_registry,
+    has_adapters,
+    lora_layers,
+    registry,
+    walk_modules,
+)
 from .targeting import find_modules_to_save, find_targets, iter_base_modules, minimal_suffixes, replace_module, unwrap
 
 
@@ -180,3 +190,20 @@ def link_shared_inputs(model: nn.Module) -> None:
             group = SharedInputGroup(members) if len(members) > 1 else None
             for member in members:
                 member.__dict__["shared_input"] = group
+
+
+def materialize_adapters(model: nn.Module, device: torch.device | str = "cpu") -> None:
+    """Give adapters injected into a model built on the meta device (a sharded run's skeleton,
+    whose base weights are read later) their initial values on ``device``: each pair allocated and
+    initialised as ``inject`` does it, layer by layer in the same order, so that under one seed the
+    values equal a normal injection's. Inits that read the base weight cannot run yet: refused."""
+    configs = registry(model).configs
+    for name, config in configs.items():
+        if is_principal_init(config.init_lora_weights) or config.use_dora or is_adalora(config):
+            raise ConfigError(f"adapter {name!r} starts from the base weights (PiSSA / OLoRA, DoRA's magnitude or "
+                              "AdaLoRA's SVD form), which a model built on the meta device does not hold yet")
+    for _, layer in lora_layers(model):
+        for name in layer.adapter_names:
+            A, _ = layer.lora_pair(name)  # created again on the device: building the pair draws too
+            layer.create_pair(name, A.shape[0], A.dtype, device)
+            layer.reset_adapter(name, configs[name].init_lora_weights)

@@ -78,7 +78,7 @@ def build_engine(model_name: str, adapters: dict[str, Path], adapter_dir: str | 
     torch_dtype = getattr(torch, DTYPES[dtype])
     # adapters trained on the 4-bit base are served on the same base, loaded straight into 4 bits
     model, tokenizer = load_model(model_name, "classify" if labels else "lm", labels, head_from_adapter=bool(labels),
-                                  dtype=torch.float32 if qlora else torch_dtype, quantize=torch_dtype if qlora else None)
+                                  dtype=torch_dtype, quantize=torch_dtype if qlora else None)
     engine = Engine(model, tokenizer, base_name=Path(model_name).name or model_name, adapter_dir=adapter_dir,
                     labels=labels, limits=limits, max_loaded_adapters=max_loaded_adapters, scheduler=scheduler,
                     prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb)

@@ -49,6 +49,42 @@ def shard(model: nn.Module, chunked_loss: bool) -> nn.Module:
     return model
 
 
+def shard_from_checkpoint(model: nn.Module, empty, chunked_loss: bool) -> nn.Module:
+    """FSDP without N copies of the model: ``model`` is built on the meta device (its adapters
+    already hold their initial values, model/injection.py:materialize_adapters) and ``empty``
+    (hub/low_memory.py) says where the checkpoint keeps each base tensor. The meta model is sharded,
+    each process allocates only its shards, then reads the checkpoint one tensor at a time and keeps
+    its own slice of each: a 4-bit layer's codes are computed from the whole weight on every
+    process (the same arithmetic, so the same codes) and sliced like any tensor. Each process reads
+    the files itself rather than rank 0 reading and sending: no process ever holds more than its
+    shards plus one tensor, and nothing crosses the process group but the adapters' initial values."""
+    from ..hub.low_memory import checkpoint_values
+
+    adapters = {name: p.detach().clone() for name, p in model.named_parameters() if not p.is_meta}
+    computed = {name: b.clone() for name, b in model.named_buffers() if not b.is_meta}  # rotary tables
+    shard(model, chunked_loss)
+    model.to_empty(device="cpu")  # allocates this process's shards (and the buffers, refilled next)
+    with torch.no_grad():
+        for name, value in computed.items():
+            _tensor(model, name).copy_(value)
+        for name, value in checkpoint_values(empty):
+            target = _tensor(model, name)
+            value = value.to(target.dtype)
+            if isinstance(target, DTensor):  # this process's slice; src_data_rank=None: no communication
+                value = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
+            target.copy_(value)
+            del value
+    load_full_trainable(model, adapters)
+    return model
+
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """The base's tensor ``name`` (a name of the model before injection: LoRA wraps the module now)."""
+    path, _, attribute = name.rpartition(".")
+    module = targeting.unwrap(model.get_submodule(path))
+    return module._parameters[attribute] if attribute in module._parameters else module._buffers[attribute]
+
+
 def _shardable_4bit_codes(model: nn.Module) -> None:
     """FSDP shards parameters, not buffers: a QLoRA base keeps its NF4 codes and block scales in
     buffers, so they become frozen parameters here (uint8 / int8 storage, gathered per block with

@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 import lorakit as lk
 
 from ..errors import ConfigError, TrainingDivergedError
-from ..hub.models import load_model
+from ..hub.models import load_empty, load_model
 from ..io.atomic import staged_directory, staged_file
 from ..io.runs import RUN_FILE, run_record
 from ..kernels.losses import ChunkedLossLM, supports_chunked_loss
+from ..model.injection import materialize_adapters
 from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint, trainable_state
 from .data import (
     EMBEDDED_DATA,
@@ -51,7 +52,7 @@ from .options import TrainOptions, save_options
 from .packing import pack_examples
 from .placement import placement_for
 from .reporting import Reporter, json_record
-from .setup import clamp_seq_len, prepare_model, prepare_output
+from .setup import clamp_seq_len, prepare_model, prepare_output, shards_from_files
 
 BEST = "best_trainable.safetensors"
 BAR_KEYS = ("reward", "kl", "rewards/accuracies", "rollout_tokens_per_s")  # shown beside the loss
@@ -104,10 +105,17 @@ class Trainer:
         model decides about encoding: the usable sequence length, SFT templates."""
         o = self.options
         self.rss_before_model = resident_bytes()
-        # QLoRA: straight into 4 bits, tensor by tensor (the full-precision model never in memory)
+        # QLoRA: straight into 4 bits, tensor by tensor (the full-precision model never in memory);
+        # with --bf16 the rest of the frozen base (embeddings, norms, head) in bf16, as for LoRA
         quantize = (torch.bfloat16 if o.bf16 else torch.float32) if o.qlora and not o.full else None
-        model, self.tokenizer = load_model(o.model, "sft" if o.task in OBJECTIVE_TASKS else o.task, self.labels,
-                                           quantize=quantize)
+        task = "sft" if o.task in OBJECTIVE_TASKS else o.task
+        self.checkpoint = None  # FSDP: the model on the meta device, each process reading its own shards
+        if o.fsdp and self.dist.world_size > 1 and shards_from_files(o):
+            self.checkpoint, self.tokenizer = load_empty(o.model, task, self.labels, dtype=quantize, quantize=quantize)
+        if self.checkpoint is not None:
+            model = self.checkpoint.model
+        else:
+            model, self.tokenizer = load_model(o.model, task, self.labels, quantize=quantize, dtype=quantize)
         self.seq_len = clamp_seq_len(o.seq_len, model)
         self.templates = (o.prompt_template, o.response_template)
         if o.task == "sft" and not any(self.templates) and o.data in EMBEDDED_SFT_TEMPLATES:
@@ -152,8 +160,11 @@ class Trainer:
         loss (never the full logits); DDP wraps, or FSDP shards, it; the optimizer is built after
         sharding, on the shards."""
         o = self.options
-        self.adalora, self.placement = o.method == "adalora", placement_for(o.fsdp)
+        self.adalora, self.placement = o.method == "adalora", placement_for(o.fsdp, self.checkpoint)
         self.model = prepare_model(model, o, self.total_steps)
+        if self.checkpoint is not None:  # the adapters' initial values, drawn as prepare_model's injection drew them
+            torch.manual_seed(o.seed)
+            materialize_adapters(self.model)
         self.report = lk.trainable_parameters(self.model)
         causal = o.task != "classify" and supports_chunked_loss(self.model)
         self.wrapped_is_chunked = causal

@@ -60,12 +60,19 @@ class Replicated:
 
 
 class Sharded(Replicated):
+    def __init__(self, checkpoint=None):
+        self.checkpoint = checkpoint  # hub/low_memory.EmptyModel: the model is on meta, its values in files
+
     def place(self, model: nn.Module, runner: nn.Module, dist: Distributed) -> nn.Module:
         """Shard first, then move: each process's device receives its shards, never the whole model.
+        A model built on the meta device is sharded empty and each process reads its own shards.
         The sharded model itself runs the step (the chunked loss goes inside its forward)."""
-        from .fsdp import shard
+        from .fsdp import shard, shard_from_checkpoint
 
-        shard(model, chunked_loss=runner is not model)
+        if self.checkpoint is not None:
+            shard_from_checkpoint(model, self.checkpoint, chunked_loss=runner is not model)
+        else:
+            shard(model, chunked_loss=runner is not model)
         model.to(dist.device)  # what FSDP does not manage: buffers (rotary tables)
         return model
 
@@ -100,8 +107,8 @@ class Sharded(Replicated):
         load_optimizer_state(model, optimizer, state)
 
 
-def placement_for(fsdp: bool) -> Replicated:
-    return Sharded() if fsdp else Replicated()
+def placement_for(fsdp: bool, checkpoint=None) -> Replicated:
+    return Sharded(checkpoint) if fsdp else Replicated()
 
 
 @contextlib.contextmanager

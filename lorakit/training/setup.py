@@ -51,7 +51,20 @@ def prepare_model(model, options: TrainOptions, total_steps: int | None = None):
         lk.load_adapter(model, options.adapter, REFERENCE)
         lk.set_adapter(model, "default")
     else:
+        # the adapter's initial values depend on the seed alone, not on what loading the model drew
+        # (a sharded run builds it on the meta device and draws the same values later: fsdp.py)
+        torch.manual_seed(options.seed)
         lk.inject(model, options.lora_config(total_steps))
-    if options.bf16 and not options.qlora:
-        lk.cast_base(model, torch.bfloat16)  # frozen base in bf16; LoRA weights and heads stay fp32
+    if options.bf16:  # frozen base in bf16 (a QLoRA base: what is not 4-bit); LoRA weights and heads stay fp32
+        lk.cast_base(model, torch.bfloat16)
     return model
+
+
+def shards_from_files(options: TrainOptions) -> bool:
+    """Whether an FSDP run can build its model on the meta device and have each process read only
+    its own shards: a fresh plain-LoRA adapter (inits that read the base weights, DoRA's
+    magnitude and a continued adapter need the whole model first)."""
+    from ..variants.principal import is_principal_init
+
+    return (not options.full and options.method == "lora" and not options.use_dora and options.adapter is None
+            and not is_principal_init(options.init or True))

@@ -100,3 +100,36 @@ def test_fsdp_resumes_onto_the_same_curve(causal_dir, text_file, tmp_path):
 def test_fsdp_without_torchrun_says_how_to_launch(causal_dir, text_file, tmp_path):
     with pytest.raises(ConfigError, match="torchrun --nproc_per_node"):
         resolve_options(None, dict(model=causal_dir, data=text_file, output=str(tmp_path / "x"), fsdp=True))
+
+
+SHARDS_ONLY_RUN = """
+import sys
+import transformers
+from torch.distributed.tensor import DTensor
+from lorakit.training.loop import Trainer
+from lorakit.training.options import resolve_options
+
+def refuse(*args, **kwargs):
+    raise AssertionError("the whole model was loaded")
+transformers.AutoModelForCausalLM.from_pretrained = refuse
+trainer = Trainer(resolve_options(None, dict(model=sys.argv[1], data=sys.argv[2], output=sys.argv[3], batch_size=2,
+                                             fsdp=True, qlora=sys.argv[4] == "qlora", **{FLAGS})), quiet=True)
+assert trainer.checkpoint is not None
+for name, param in trainer.model.named_parameters():  # every weight split in two, this process holding its half
+    assert isinstance(param, DTensor) and param.to_local().numel() <= -(-param.numel() // 2), name
+trainer.run()
+"""
+
+
+@pytest.mark.parametrize("base", ["fp32", "qlora"])
+def test_each_fsdp_process_reads_only_its_own_shards(base, causal_dir, text_file, tmp_path):
+    """The model is built on the meta device in every process and never loaded whole (from_pretrained
+    refuses here); each process holds half of each weight, and the run equals the usual one's (the
+    test above runs this path too)."""
+    script = tmp_path / "shards_only.py"
+    script.write_text(SHARDS_ONLY_RUN.replace("{FLAGS}", repr(FLAGS)))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), causal_dir, text_file, str(tmp_path / "run"), base], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
