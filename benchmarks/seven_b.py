@@ -10,6 +10,7 @@ and generate text; bf16 safetensors in ~2 GB shards (~13.8 GB). Steps:
   load      `load_model(..., quantize=bf16)`: QLoRA's base straight into 4 bits;
   train     `lorakit train --qlora --bf16 --grad-checkpointing`, r=8 on q,k,v,o, batch 1 x 256 tokens
             (hamlet, packed), 3 steps; its peak next to `lorakit estimate`'s for the same run;
+  fsdp      the same run under `torchrun --nproc_per_node 2 ... --fsdp`, 1 step: the peak per process;
   merge     `lorakit merge RUN/adapter --base CKPT --dtype bf16`: the streaming merge;
   generate  `lorakit generate --model MERGED --dtype bf16` and `lorakit generate RUN` (4-bit + adapter).
 Peaks are each child's ru_maxrss (os.wait4). The work directory (~28 GB) is deleted unless --keep.
@@ -83,14 +84,42 @@ def build_checkpoint(directory: Path) -> dict:
             "bytes": sum(f.stat().st_size for f in files), "largest_shard": max(f.stat().st_size for f in files)}
 
 
+def high_water(pids: list[int]) -> dict[int, int]:
+    """VmHWM (peak resident bytes of the process's own memory since its exec) of each live pid."""
+    marks = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as handle:
+                marks[pid] = next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            pass
+    return marks
+
+
+def descendants(pid: int) -> list[int]:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(c) for c in children] + [d for c in children for d in descendants(int(c))]
+
+
 def measured(command: list[str], log: Path) -> dict:
-    """Run ``command``; its wall time, exit code and peak resident memory (its own ru_maxrss)."""
+    """Run ``command``; its wall time, exit code and peak resident memory: each process's VmHWM,
+    polled while it runs (ru_maxrss would not do: a child forked from this process inherits this
+    process's high-water mark). For a launcher (torchrun) the largest of its workers' peaks."""
     start = time.perf_counter()
+    marks: dict[int, int] = {}
     with open(log, "w") as out:
         child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        _, status, usage = os.wait4(child.pid, 0)
+        while child.poll() is None:
+            marks.update({pid: max(mark, marks.get(pid, 0))
+                          for pid, mark in high_water([child.pid, *descendants(child.pid)]).items()})
+            time.sleep(0.2)
+    workers = {pid: mark for pid, mark in marks.items() if pid != child.pid} or marks
     result = {"command": " ".join(command), "seconds": round(time.perf_counter() - start, 1),
-              "exit": os.waitstatus_to_exitcode(status), "peak_gb": round(usage.ru_maxrss * 1024 / GB, 2)}
+              "exit": child.returncode, "peak_gb": round(max(workers.values(), default=0) / GB, 2),
+              "processes": len(workers)}
     print(f"  {result['seconds']:>7.1f} s  peak {result['peak_gb']:.2f} GB  exit {result['exit']}: {result['command']}",
           flush=True)
     if result["exit"] != 0:
@@ -107,7 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, help="work directory (default: a new temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
-    parser.add_argument("--steps", default="load,train,merge,generate")
+    parser.add_argument("--steps", default="load,train,fsdp,merge,generate")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/seven_b.json"))
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="seven-b-", dir=os.environ.get("TMPDIR", "/tmp")))
@@ -132,11 +161,11 @@ def main() -> None:
                     "print('load seconds', round(time.perf_counter() - t, 1))")
             results["qlora_load"] = measured([py, "-c", load], work / "load.log")
             results["qlora_load"]["vs_checkpoint"] = round(results["qlora_load"]["peak_gb"] / checkpoint_gb, 3)
+        train = [*lorakit, "train", "--model", str(ckpt), "--data", "hamlet", "--task", "lm", "--packing",
+                 "--seq-len", "256", "--batch-size", "1", "--qlora", "--bf16", "--grad-checkpointing", "--r", "8",
+                 "--targets", *TARGETS, "--max-steps", "3", "--warmup-steps", "1", "--eval-examples", "1",
+                 "--output", str(run), "--overwrite", "--json"]
         if "train" in steps:
-            train = [*lorakit, "train", "--model", str(ckpt), "--data", "hamlet", "--task", "lm", "--packing",
-                     "--seq-len", "256", "--batch-size", "1", "--qlora", "--bf16", "--grad-checkpointing", "--r", "8",
-                     "--targets", *TARGETS, "--max-steps", "3", "--warmup-steps", "1", "--eval-examples", "1",
-                     "--output", str(run), "--overwrite", "--json"]
             results["qlora_train"] = measured(train, work / "train.log")
             estimate = [*lorakit, "estimate", "--model", str(ckpt), "--r", "8", "--targets", *TARGETS, "--qlora",
                         "--dtype", "bf16", "--batch-size", "1", "--seq-len", "256", "--grad-checkpointing",
@@ -154,6 +183,15 @@ def main() -> None:
                 results["qlora_train"]["seconds_per_step"] = round(summary["train_seconds"] / summary["steps"], 1)
             results["qlora_train"]["peak_vs_estimate"] = round(results["qlora_train"]["peak_gb"]
                                                                / results["estimate"]["qlora_total_gb"], 3)
+        if "fsdp" in steps:  # each process builds the model on meta and reads only its own shards
+            fsdp = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lorakit",
+                    *train[3:], "--fsdp"]
+            fsdp[fsdp.index("--max-steps") + 1] = "1"
+            fsdp[fsdp.index("--output") + 1] = str(work / "run-fsdp")
+            results["fsdp_qlora"] = measured(fsdp, work / "fsdp.log")
+            if "qlora_load" in results:
+                results["fsdp_qlora"]["vs_one_process_load"] = round(results["fsdp_qlora"]["peak_gb"]
+                                                                     / results["qlora_load"]["peak_gb"], 3)
         if "merge" in steps:
             results["merge"] = measured([*lorakit, "merge", str(run / "adapter"), "--base", str(ckpt), "--output",
                                          str(merged), "--dtype", "bf16", "--overwrite", "--json"], work / "merge.log")

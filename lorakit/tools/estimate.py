@@ -28,7 +28,7 @@ from ..config import LoraConfig
 from ..errors import ConfigError
 from ..model.injection import inject
 from ..model.report import trainable_parameters
-from ..model.targeting import decoder_blocks
+from ..model.targeting import decoder_blocks, name_matches, output_head_names
 
 NF4_BITS_PER_WEIGHT = 4 + 8 / 64 + 32 / (64 * 256)  # codes + 8-bit absmax per 64 + fp32 per 256 blocks = 4.127
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -165,7 +165,11 @@ def estimate(config, r: int = 8, targets: list[str] | str | None = None, lora_al
         raise ConfigError(f"attention must be 'eager' (scores kept for backward) or 'sdpa' (fused), got {attention!r}.")
     model = build_on_meta(config)
     model_params = sum(p.numel() for p in model.parameters())
-    linear_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    # what QLoRA stores in 4 bits: the linear layers but the output head (lk.quantize's rule)
+    keep = output_head_names(model)
+    quantized = [m.weight.numel() for path, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and not any(name_matches(path, k) for k in keep)]
+    linear_params, largest_linear = sum(quantized), max(quantized, default=0)
     if adapter is None:
         targets = targets if targets is not None else DEFAULT_TARGETS.get(config.model_type)
         adapter = LoraConfig(r=r, lora_alpha=lora_alpha or r, target_modules=targets, use_dora=use_dora)
@@ -183,7 +187,8 @@ def estimate(config, r: int = 8, targets: list[str] | str | None = None, lora_al
             per_layer[layer] = per_layer.get(layer, 0) + row.trainable
     sequences = batch_size * (num_generations if task == "grpo" else TASK_SEQUENCES[task])
     memory = memory_table(config, model_params, linear_params, report.lora, len(report.rows), DTYPE_BYTES[dtype],
-                          optimizer, sequences, seq_len, grad_checkpointing, r, attention == "eager", chunked_loss)
+                          optimizer, sequences, seq_len, grad_checkpointing, r, attention == "eager", chunked_loss,
+                          largest_linear)
     if task == "grpo":  # the rollout engine's KV cache stays allocated beside the training step
         cache = rollout_cache_bytes(config, sequences, seq_len, DTYPE_BYTES[dtype])
         memory = [dataclasses.replace(row, activations=row.activations + cache) for row in memory]
@@ -231,8 +236,15 @@ def activation_bytes(config, batch: int, seq: int, bytes_per: int, checkpointing
     return int(layers_total + logits)
 
 
+def dequantized_bytes(weights: int, bytes_per: int) -> int:
+    """A 4-bit layer's weight while it computes (kernels/nf4.py dequantizes it per forward and per
+    backward): the byte-indexed codes as int32 and their fp32 values together, then the fp32 values
+    and the weight in the compute dtype; the largest layer's, one at a time."""
+    return weights * (4 + max(2, bytes_per))
+
+
 def memory_table(config, model_params, linear_params, lora_params, adapted_layers, bytes_per, optimizer,
-                 batch, seq, checkpointing, r, scores=True, chunked_loss=False) -> list[MemoryRow]:
+                 batch, seq, checkpointing, r, scores=True, chunked_loss=False, largest_linear=0) -> list[MemoryRow]:
     states = OPTIMIZER_STATES[optimizer]
     state_bytes = 1 if optimizer == "adamw8bit" else bytes_per
     acts = activation_bytes(config, batch, seq, bytes_per, checkpointing, scores, chunked_loss)
@@ -243,7 +255,8 @@ def memory_table(config, model_params, linear_params, lora_params, adapted_layer
         MemoryRow("full", model_params * bytes_per, model_params * bytes_per, model_params * states * state_bytes,
                   acts),
         MemoryRow("lora", model_params * bytes_per + lora_params * 4, lora_params * 4, lora_states, acts + lora_acts),
-        MemoryRow("qlora", nf4_weights + lora_params * 4, lora_params * 4, lora_states, acts + lora_acts),
+        MemoryRow("qlora", nf4_weights + lora_params * 4, lora_params * 4, lora_states,
+                  acts + lora_acts + dequantized_bytes(largest_linear, bytes_per)),
     ]
 
 
