@@ -51,9 +51,11 @@ def resolve_dtype(dtype: str) -> tuple[str, str]:
 
 def build_engine(model_name: str, adapters: dict[str, Path], adapter_dir: str | None = None,
                  limits: Limits = Limits(), dtype: str = "fp32", max_loaded_adapters: int | None = None,
-                 scheduler: str = "continuous", prefill_chunk: int = 256, prefix_cache_mb: float = 256) -> Engine:
+                 scheduler: str = "continuous", prefill_chunk: int = 256, prefix_cache_mb: float = 256,
+                 qlora: bool = False) -> Engine:
     """Load the base model once (a classifier when the adapters were trained with task classify;
-    4-bit when they were trained with QLoRA) in ``dtype``, and every --adapter onto it."""
+    4-bit when they were trained with QLoRA, or with ``qlora``) in ``dtype``, and every --adapter
+    onto it. A 4-bit base is read straight into 4 bits (hub/low_memory.py)."""
     import torch
 
     from ..hub.models import load_model
@@ -66,7 +68,7 @@ def build_engine(model_name: str, adapters: dict[str, Path], adapter_dir: str | 
                           "raise the cap, or give fewer and put the rest in --adapter-dir (loaded on demand)")
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    labels, qlora = None, False
+    labels = None
     for path in adapters.values():
         if (path / RUN_FILE).is_file():
             record = json.loads((path / RUN_FILE).read_text())

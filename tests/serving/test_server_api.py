@@ -264,3 +264,27 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_has_bf16_matrix_units(tmp_path, m
     dtype, why = server_module.resolve_dtype("auto")
     assert dtype == expected[1] and why.startswith("auto")
     assert server_module.resolve_dtype("fp32") == ("fp32", "as asked (--dtype)")  # --dtype wins
+
+
+def test_serve_qlora_serves_the_base_in_4bit_equal_to_offline_on_the_same_base(causal_dir):  # noqa: F811
+    """`lorakit serve --qlora`: the base read straight into 4 bits; a greedy reply equals offline
+    generate on `from_pretrained` + `lk.quantize` (the same NF4 weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import lorakit as lk
+
+    engine = build_engine(causal_dir, {}, qlora=True)
+    try:
+        assert sum(isinstance(m, lk.Linear4bit) for m in engine.model.modules()) == 14
+        with BackgroundServer(engine) as server:
+            served = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+                "model": engine.base_name, "prompt": "the film was", "max_tokens": 6, "temperature": 0}).json()
+    finally:
+        engine.close()
+    tokenizer = AutoTokenizer.from_pretrained(causal_dir)
+    model = lk.quantize(AutoModelForCausalLM.from_pretrained(causal_dir).eval())
+    enc = tokenizer("the film was", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert served["choices"][0]["text"] == tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
