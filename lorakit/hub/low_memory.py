@@ -37,8 +37,8 @@ def available_bytes() -> int | None:
         return None
 
 
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.1f} GB"
+def human_bytes(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 def check_fits(path: str | Path, dtype: torch.dtype, quantized: bool) -> None:
@@ -55,10 +55,10 @@ def check_fits(path: str | Path, dtype: torch.dtype, quantized: bool) -> None:
     needed = sizes["4-bit (--qlora)"] if quantized else numel * dtype.itemsize
     if needed <= HEADROOM * available:
         return
-    fitting = [f"{name} ({_gb(size)})" for name, size in sizes.items() if size <= HEADROOM * available]
-    raise ConfigError(f"{path} holds {numel / 1e9:.2f}B parameters: {_gb(needed)} as "
+    fitting = [f"{name} ({human_bytes(size)})" for name, size in sizes.items() if size <= HEADROOM * available]
+    raise ConfigError(f"{path} holds {numel / 1e9:.2f}B parameters: {human_bytes(needed)} as "
                       f"{'4-bit' if quantized else str(dtype).removeprefix('torch.')} weights, but this machine has "
-                      f"{_gb(available)} available (a model may take {HEADROOM:.0%} of it). "
+                      f"{human_bytes(available)} available (a model may take {HEADROOM:.0%} of it). "
                       + (f"What would fit: {', '.join(fitting)}." if fitting else
                          "Not even its 4-bit form fits: use a machine with more memory, or shard it with "
                          "torchrun --fsdp over several.")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 import lorakit as lk
 
 from ..errors import ConfigError, TrainingDivergedError
-from ..hub.models import load_empty, load_model
+from ..hub.models import load_empty, load_model, resolve_model_path
 from ..io.atomic import staged_directory, staged_file
 from ..io.runs import RUN_FILE, run_record
 from ..kernels.losses import ChunkedLossLM, supports_chunked_loss
@@ -43,7 +43,7 @@ from .data import (
 from .distributed import Distributed
 from .evaluation import evaluate, split_metrics
 from .learning_check import learning_check
-from .memory import estimated_bytes, peak_bytes, peak_since_reset, reset_peak, resident_bytes
+from .memory import check_run_fits, estimated_bytes, peak_bytes, peak_since_reset, reset_peak, resident_bytes
 from .objectives import OBJECTIVE_TASKS, objective_for
 from .objectives.base import mean_logs
 from .objectives.data import embedded_rows
@@ -70,6 +70,7 @@ class Trainer:
     def __init__(self, options: TrainOptions, dist: Distributed | None = None, quiet: bool = False):
         self.options, self.dist, self.quiet = options, dist or Distributed.from_env(), quiet
         self.output = Path(options.output)
+        self._check_memory()  # before anything is written or loaded
         prepare_output(self.output, options, self.dist)
         random.seed(options.seed)
         torch.manual_seed(options.seed)
@@ -85,6 +86,18 @@ class Trainer:
         self.step, self.best, self.best_step, self.bad_evals = 0, None, None, 0
         self.train_peak_measured, self.setup_bytes, self.setup_peak = False, None, 0
         self.interrupted = False
+
+    def _check_memory(self) -> None:
+        """A run larger than the machine's memory is refused with the estimate's figures (causal
+        LMs with the estimate's optimizers; classifiers and AdaLoRA have no estimate)."""
+        from transformers import AutoConfig
+
+        o = self.options
+        if o.task == "classify":
+            return
+        config = AutoConfig.from_pretrained(resolve_model_path(o.model))
+        limit = getattr(config, "max_position_embeddings", None)
+        check_run_fits(config, o, min(o.seq_len, limit or o.seq_len), nproc=self.dist.world_size)
 
     def _load_data(self) -> None:
         """The splits, and for classify the label names (at least two)."""

@@ -66,3 +66,32 @@ def estimated_bytes(model_config, options, seq_len: int, chunked_loss: bool = Tr
         return None
     method = "full" if options.full else "qlora" if options.qlora else "lora"
     return next(row.total for row in result.memory if row.method == method)
+
+
+def check_run_fits(model_config, options, seq_len: int, nproc: int = 1) -> None:
+    """Refuse, before anything is loaded, a run whose estimated memory exceeds what the machine has
+    available; the message gives the estimate, the memory available and the options that would fit."""
+    import dataclasses
+
+    from ..errors import ConfigError
+    from ..hub.low_memory import HEADROOM, available_bytes, human_bytes
+
+    available = available_bytes()
+    needed = estimated_bytes(model_config, options, seq_len, nproc=nproc) if available else None
+    if needed is None or needed <= HEADROOM * available:
+        return
+    changes = {"--qlora": {"qlora": True}, "--bf16": {"bf16": True}, "--grad-checkpointing": {"grad_checkpointing": True},
+               "--qlora --bf16 --grad-checkpointing": {"qlora": True, "bf16": True, "grad_checkpointing": True},
+               "--batch-size 1": {"batch_size": 1}}
+    fitting = []
+    for flags, fields in changes.items():
+        if all(getattr(options, k) == v for k, v in fields.items()) or options.full and "qlora" in fields:
+            continue
+        other = estimated_bytes(model_config, dataclasses.replace(options, **fields), seq_len, nproc=nproc)
+        if other is not None and other <= HEADROOM * available:
+            fitting.append(f"{flags} ({human_bytes(other)})")
+    raise ConfigError(f"this run needs about {human_bytes(needed)} by `lorakit estimate` (weights, adapter, optimizer "
+                      f"state, activations) but the machine has {human_bytes(available)} available (a run may take "
+                      f"{HEADROOM:.0%} of it). " + (f"What would fit: {', '.join(fitting)}." if fitting else
+                                                     "None of --qlora, --bf16, --grad-checkpointing, --batch-size 1 "
+                                                     "fits either: use torchrun --fsdp over more processes or machines."))

@@ -61,3 +61,29 @@ def test_the_learning_check_counts_no_target_tokens_as_not_learning(tmp_path):
     assert not learning_check("sft", None, log)["ok"]  # a loss of zero from the first step learned nothing
     log.write_text("".join(json.dumps({"step": i, "loss": 3.0 - 0.1 * i}) + "\n" for i in range(20)))
     assert learning_check("sft", {"loss": 1.0, "perplexity": math.e, "tokens": 40}, log)["ok"]
+
+
+def test_a_run_larger_than_the_memory_available_is_refused_before_anything_is_written(causal_dir, sft_jsonl, tmp_path,
+                                                                                       monkeypatch):
+    """The estimate's total against MemAvailable: refused with both figures and what would fit,
+    before the output directory exists."""
+    from transformers import AutoConfig
+
+    from lorakit.hub import low_memory
+    from lorakit.training.memory import estimated_bytes
+
+    options = train_options(causal_dir, sft_jsonl, tmp_path / "run", task="sft", batch_size=8, seq_len=64)
+    config = AutoConfig.from_pretrained(causal_dir)
+    needed = estimated_bytes(config, options, 64)
+    small = estimated_bytes(config, resolve_options(None, dict(model=causal_dir, data=sft_jsonl, output="x", task="sft",
+                                                               batch_size=1, seq_len=64)), 64)
+    assert small < needed
+    monkeypatch.setattr(low_memory, "available_bytes", lambda: int((small + needed) / 2 / low_memory.HEADROOM))
+    with pytest.raises(ConfigError) as refused:
+        train(options, quiet=True)
+    text = str(refused.value)
+    from lorakit.hub.low_memory import human_bytes
+    assert f"about {human_bytes(needed)} by `lorakit estimate`" in text and "--batch-size 1 (" in text
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(low_memory, "available_bytes", lambda: 10 * needed)
+    train(options.__class__(**{**options.__dict__, "max_steps": 1}), quiet=True)  # fits: runs
