@@ -143,7 +143,8 @@ def main() -> None:
     steps = args.steps.split(",")
     ckpt, run, merged = work / "llama-7b-bf16", work / "run", work / "merged-bf16"
     py, lorakit = sys.executable, [sys.executable, "-m", "lorakit"]
-    results: dict = {}
+    # earlier steps' results are kept, so steps can be run (again) one at a time
+    results: dict = json.loads(args.out.read_text()) if args.out.is_file() else {}
     try:
         if not (ckpt / "config.json").is_file():
             start = time.perf_counter()
@@ -187,6 +188,7 @@ def main() -> None:
             fsdp = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lorakit",
                     *train[3:], "--fsdp"]
             fsdp[fsdp.index("--max-steps") + 1] = "1"
+            del fsdp[fsdp.index("--r"):fsdp.index("--r") + 2]  # torchrun reads "--r" as its own --rdzv-*; 8 is the default
             fsdp[fsdp.index("--output") + 1] = str(work / "run-fsdp")
             results["fsdp_qlora"] = measured(fsdp, work / "fsdp.log")
             if "qlora_load" in results:

@@ -150,16 +150,19 @@ def build_empty(path: str | Path, auto_class, config, dtype: torch.dtype,
                       tied is not None)
 
 
-def checkpoint_values(empty: EmptyModel):
+def checkpoint_values(empty: EmptyModel, read_plain=None):
     """(the model's tensor name, its value) for every tensor the checkpoint gives, read one at a
-    time; a 4-bit layer's weight arrives as its NF4 codes and constants, computed from the weight
-    in ``empty.dtype`` as ``Linear4bit.from_linear`` computes them from a loaded layer."""
+    time; a 4-bit layer's weight arrives as its NF4 codes and constants, computed from the whole
+    weight in ``empty.dtype`` as ``Linear4bit.from_linear`` computes them from a loaded layer.
+    ``read_plain(name, entry)``: how a tensor left unquantized is read (default: whole; a sharded
+    load reads only its own rows)."""
     for key, name in empty.names.items():
-        tensor = read_entry(empty.entries[key])
         module, _, attribute = name.rpartition(".")
         if module not in empty.quantized:
-            yield name, tensor
-        elif attribute == "weight":
+            yield name, (read_plain or (lambda _, entry: read_entry(entry)))(name, empty.entries[key])
+            continue
+        tensor = read_entry(empty.entries[key])
+        if attribute == "weight":
             shape = empty.entries[key].shape
             codes = Linear4bit(shape[1], shape[0], bias=False, compute_dtype=empty.compute_dtype)
             codes.set_weight(tensor.to(empty.dtype))

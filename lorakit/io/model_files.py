@@ -129,3 +129,13 @@ def read_tensor(path: Path, data_start: int, entry: dict) -> torch.Tensor:
 def read_entry(entry: Entry) -> torch.Tensor:
     return read_tensor(entry.path, entry.data_start, {"data_offsets": entry.offsets, "dtype": entry.dtype,
                                                       "shape": entry.shape})
+
+
+def read_rows(entry: Entry, start: int, stop: int) -> torch.Tensor:
+    """Rows start..stop of a tensor (its first dimension), reading only their bytes: a sharded load
+    takes its own slice of each tensor without holding the rest."""
+    row_bytes = entry.nbytes // entry.shape[0] if entry.shape and entry.shape[0] else 0
+    first = entry.offsets[0] + start * row_bytes
+    part = Entry(entry.path, entry.data_start, entry.dtype, (stop - start, *entry.shape[1:]),
+                 (first, first + (stop - start) * row_bytes))
+    return read_entry(part)

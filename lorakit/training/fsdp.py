@@ -18,7 +18,7 @@ import contextlib
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from ..model import targeting
 
@@ -59,6 +59,17 @@ def shard_from_checkpoint(model: nn.Module, empty, chunked_loss: bool) -> nn.Mod
     the files itself rather than rank 0 reading and sending: no process ever holds more than its
     shards plus one tensor, and nothing crosses the process group but the adapters' initial values."""
     from ..hub.low_memory import checkpoint_values
+    from ..io.model_files import read_entry, read_rows
+
+    def own_rows(name, entry):  # a tensor left unquantized: only this process's rows are read
+        target = _tensor(model, name)
+        if isinstance(target, DTensor) and target.placements == (Shard(0),) and len(entry.shape) >= 1:
+            rows = -(-entry.shape[0] // target.device_mesh.size())  # torch.chunk's split, as FSDP2's
+            start = min(entry.shape[0], target.device_mesh.get_local_rank() * rows)
+            local = read_rows(entry, start, min(entry.shape[0], start + rows))
+            if local.shape == target.to_local().shape:
+                return local
+        return read_entry(entry)
 
     adapters = {name: p.detach().clone() for name, p in model.named_parameters() if not p.is_meta}
     computed = {name: b.clone() for name, b in model.named_buffers() if not b.is_meta}  # rotary tables
@@ -67,12 +78,15 @@ def shard_from_checkpoint(model: nn.Module, empty, chunked_loss: bool) -> nn.Mod
     with torch.no_grad():
         for name, value in computed.items():
             _tensor(model, name).copy_(value)
-        for name, value in checkpoint_values(empty):
+        for name, value in checkpoint_values(empty, own_rows):
             target = _tensor(model, name)
             value = value.to(target.dtype)
-            if isinstance(target, DTensor):  # this process's slice; src_data_rank=None: no communication
-                value = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
-            target.copy_(value)
+            if isinstance(target, DTensor) and value.shape == target.to_local().shape and value.shape != target.shape:
+                target.to_local().copy_(value)  # already this process's rows
+            elif isinstance(target, DTensor):  # this process's slice; src_data_rank=None: no communication
+                target.copy_(distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None))
+            else:
+                target.copy_(value)
             del value
     load_full_trainable(model, adapters)
     return model

@@ -409,7 +409,7 @@ class Trainer:
         train_peak = peak_since_reset(self.dist.device, self.rss_before_model) if self.train_peak_measured else None
         whole_run = max(self.setup_peak, train_peak) if train_peak is not None else \
             peak_bytes(self.dist.device, self.rss_before_model)
-        summary["memory"] = {"peak_bytes": whole_run, "train_peak_bytes": train_peak,
+        summary["memory"] = {"peak_bytes": whole_run, "train_peak_bytes": train_peak, "setup_peak_bytes": self.setup_peak,
                              "resident_after_setup_bytes": self.setup_bytes,
                              "estimate_bytes": estimated_bytes(self.model.config, o, self.seq_len,
                                                                chunked_loss=self.wrapped_is_chunked,
