@@ -191,6 +191,9 @@ def main() -> None:
             del fsdp[fsdp.index("--r"):fsdp.index("--r") + 2]  # torchrun reads "--r" as its own --rdzv-*; 8 is the default
             fsdp[fsdp.index("--output") + 1] = str(work / "run-fsdp")
             results["fsdp_qlora"] = measured(fsdp, work / "fsdp.log")
+            if results["fsdp_qlora"]["exit"] == 0:  # rank 0's own account: the load (setup) peak, the shards held
+                memory = json.loads((work / "run-fsdp" / "summary.json").read_text())["memory"]
+                results["fsdp_qlora"]["rank0_memory_gb"] = {k: round(v / GB, 2) for k, v in memory.items() if v}
             if "qlora_load" in results:
                 results["fsdp_qlora"]["vs_one_process_load"] = round(results["fsdp_qlora"]["peak_gb"]
                                                                      / results["qlora_load"]["peak_gb"], 3)
