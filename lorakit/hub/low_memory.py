@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..io.model_files import TORCH_DTYPES, Entry, checkpoint_entries, has_safetensors, read_entry
 from ..kernels.nf4 import Linear4bit
-from ..model.targeting import name_matches, output_head_names
+from ..model.qlora import quantized_layers
 
 HEAD_PREFIXES = ("classifier", "score", "pre_classifier")  # task heads a base checkpoint lacks: new, initialised
 HEADROOM = 0.9  # of the memory available, what a model may take (the rest: activations, the optimizer, the OS)
@@ -140,12 +140,10 @@ def build_empty(path: str | Path, auto_class, config, dtype: torch.dtype,
         model.generation_config = GenerationConfig.from_pretrained(path)
     quantized = set()
     if compute_dtype is not None:
-        keep = output_head_names(model)
-        for name, module in list(model.named_modules()):
-            if type(module) is nn.Linear and not any(name_matches(name, k) for k in keep):
-                model.set_submodule(name, Linear4bit(module.in_features, module.out_features, module.bias is not None,
-                                                     compute_dtype, device="meta"))
-                quantized.add(name)
+        for name, module in quantized_layers(model):
+            model.set_submodule(name, Linear4bit(module.in_features, module.out_features, module.bias is not None,
+                                                 compute_dtype, device="meta"))
+            quantized.add(name)
     return EmptyModel(model, Path(path), entries, names, quantized, sorted(heads), dtype, compute_dtype,
                       tied is not None)
 

@@ -67,16 +67,13 @@ def merged_tensor(weight: torch.Tensor, update: ModuleParts, scaling: float, tra
 def quantized_weight_names(base_dir: Path) -> set[str]:
     """The tensors ``lk.quantize`` stores in NF4 for this base: its linear layers' weights but the
     output head's (the model is built on the meta device from its config: no weights read)."""
-    from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..model.targeting import name_matches, output_head_names
+    from ..model.qlora import quantized_layers
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_dir))
-    keep = output_head_names(model)  # the rule of qlora.quantize
-    return {f"{path}.weight" for path, module in model.named_modules()
-            if type(module) is nn.Linear and not any(name_matches(path, k) for k in keep)}
+    return {f"{path}.weight" for path, _ in quantized_layers(model)}
 
 
 def through_4bit(weight: torch.Tensor) -> torch.Tensor:

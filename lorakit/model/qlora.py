@@ -12,6 +12,15 @@ from .state import has_adapters
 from .targeting import name_matches, output_head_names
 
 
+def quantized_layers(model: nn.Module, skip: list[str] | None = None) -> list[tuple[str, nn.Linear]]:
+    """(path, layer) of each layer QLoRA stores in 4 bits: every plain nn.Linear but the output
+    head (as in QLoRA) and ``skip``. The one statement of the rule: quantizing, loading straight
+    into 4 bits, the memory estimate and the streaming merge all ask here."""
+    keep = set(output_head_names(model)) | set(skip or [])
+    return [(path, m) for path, m in model.named_modules()
+            if type(m) is nn.Linear and not any(name_matches(path, k) for k in keep)]
+
+
 def quantize(model: nn.Module, compute_dtype: torch.dtype = torch.float32, skip: list[str] | None = None) -> nn.Module:
     """Replace the model's frozen nn.Linear layers by NF4 ``Linear4bit`` layers, in place.
 
@@ -22,9 +31,7 @@ def quantize(model: nn.Module, compute_dtype: torch.dtype = torch.float32, skip:
         raise ConfigError("quantize the base before injecting LoRA: lk.quantize(model) then lk.inject(model, config)")
     if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ConfigError(f"compute_dtype must be torch.float32, bfloat16 or float16, got {compute_dtype}")
-    keep = set(output_head_names(model)) | set(skip or [])
-    targets = [(path, m) for path, m in model.named_modules()
-               if type(m) is nn.Linear and not any(name_matches(path, k) for k in keep)]
+    targets = quantized_layers(model, skip)
     if not targets:
         raise ConfigError("quantize found no nn.Linear layer to quantize (besides the output head)")
     for path, linear in targets:

@@ -27,8 +27,9 @@ import torch
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..model.injection import inject
+from ..model.qlora import quantized_layers
 from ..model.report import trainable_parameters
-from ..model.targeting import decoder_blocks, name_matches, output_head_names
+from ..model.targeting import decoder_blocks
 
 NF4_BITS_PER_WEIGHT = 4 + 8 / 64 + 32 / (64 * 256)  # codes + 8-bit absmax per 64 + fp32 per 256 blocks = 4.127
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -165,10 +166,7 @@ def estimate(config, r: int = 8, targets: list[str] | str | None = None, lora_al
         raise ConfigError(f"attention must be 'eager' (scores kept for backward) or 'sdpa' (fused), got {attention!r}.")
     model = build_on_meta(config)
     model_params = sum(p.numel() for p in model.parameters())
-    # what QLoRA stores in 4 bits: the linear layers but the output head (lk.quantize's rule)
-    keep = output_head_names(model)
-    quantized = [m.weight.numel() for path, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and not any(name_matches(path, k) for k in keep)]
+    quantized = [m.weight.numel() for _, m in quantized_layers(model)]  # what QLoRA stores in 4 bits
     linear_params, largest_linear = sum(quantized), max(quantized, default=0)
     if adapter is None:
         targets = targets if targets is not None else DEFAULT_TARGETS.get(config.model_type)
