@@ -40,7 +40,9 @@ TRAIN_FLAGS = [
     ("--lr-scheduler", str, "linear (default), cosine, constant or constant_with_warmup"),
     ("--warmup-ratio", float, "warmup as a share of the run's steps (instead of --warmup-steps)"),
     ("--head-lr", float, "learning rate of modules trained in full beside the adapters (the classifier head)"),
-    ("--report-to", str, "tensorboard: also write TensorBoard scalars to OUTPUT/tensorboard"),
+    ("--report-to", str, "experiment trackers, commas or spaces between: tensorboard (OUTPUT/tensorboard), mlflow "
+                         "(MLFLOW_TRACKING_URI, else OUTPUT/mlruns), wandb (offline in OUTPUT/wandb unless WANDB_MODE "
+                         "is set), all, none; each an extra: pip install 'lorakit[mlflow]'"),
     ("--method", str, "lora (default) or adalora: SVD-form adapters whose ranks AdaLoRA's allocator prunes"),
     ("--init-r", int, "adalora: triplets per layer at the start (default 12, as PEFT)"),
     ("--target-r", int, "adalora: average triplets per layer at the end (default 8, as PEFT)"),

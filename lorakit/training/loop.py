@@ -213,9 +213,13 @@ class Trainer:
         return [self.encoded["train"][i] for i in order[start:start + self.options.batch_size]]
 
     def run(self) -> dict:
+        finished = False
         try:
-            return self._run()
+            result = self._run()
+            finished = True
+            return result
         finally:
+            self.reporter.close(finished)  # a tracker's run is marked failed when this one failed
             if self.objective is not None:
                 self.objective.close()  # the rollout engine's thread
 
@@ -228,6 +232,7 @@ class Trainer:
         elif self.dist.is_main:
             save_options(o, self.output / "train_config.yaml")
             (self.output / "train_log.jsonl").write_text("")
+        self.reporter.start(o.to_dict())
         log = open(self.output / "train_log.jsonl", "a") if self.dist.is_main else None
         previous = signal.signal(signal.SIGINT, self._on_interrupt)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not self.dist.is_main or self.quiet)
@@ -262,7 +267,6 @@ class Trainer:
                     self._checkpoint()
         finally:
             bar.close()
-            self.reporter.close()
             signal.signal(signal.SIGINT, previous)
             if log:
                 log.close()
@@ -427,6 +431,7 @@ class Trainer:
             summary["loss_curve"] = str(loss_curve(self.output / "train_log.jsonl", self.output / "loss_curve.png",
                                                    metric="reward" if o.task == "grpo" else "loss"))
             (self.output / "summary.json").write_text(json_record(summary, indent=2) + "\n")
+            self.reporter.finish(summary, [artifact, Path(summary["loss_curve"]), self.output / "summary.json"])
         else:
             summary["is_main"] = False
         self.dist.barrier()

@@ -50,7 +50,7 @@ class TrainOptions:
     packing: bool = False               # lm / sft: several examples per row, attention kept within each
     compile: bool = False               # torch.compile the training step's model
     fsdp: bool = False                  # torchrun: FSDP2 shards the base and adapters across processes
-    report_to: str | None = None        # tensorboard: scalars under OUTPUT/tensorboard
+    report_to: str | list[str] | None = None  # trackers: tensorboard, mlflow, wandb (commas or spaces)
     weight_decay: float = 0.0
     batch_size: int | None = None       # per process; None: the task's default (TASK_DEFAULTS)
     grad_accum: int = 1
@@ -252,14 +252,9 @@ def _check(options: TrainOptions) -> None:
     _check_objective(options)
     if not options.full:  # the adapter config's own checks; AdaLoRA's schedule once the run's length is known
         options.lora_config(options.max_steps or (options.tinit or 0) + (options.tfinal or 0) + 1)
-    if options.report_to not in (None, "none", "tensorboard"):
-        raise ConfigError(f"unknown --report-to {options.report_to!r}; lorakit writes tensorboard (or none)")
-    if options.report_to == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise ConfigError("--report-to tensorboard needs the tensorboard package: pip install 'lorakit[tensorboard]' "
-                              "(or pip install tensorboard)") from None
+    from .trackers import check_trackers
+
+    check_trackers(options.report_to)
     if options.full and options.qlora:
         raise ConfigError("--full and --qlora exclude each other (QLoRA trains adapters on a frozen 4-bit base)")
     if options.fsdp:

@@ -1,5 +1,5 @@
-"""Experiment logs: train_log.jsonl's records (strict JSON), and `--report-to tensorboard`'s
-TensorBoard event files (torch.utils.tensorboard's SummaryWriter) under OUTPUT/tensorboard."""
+"""Experiment logs: train_log.jsonl's records (strict JSON), and the `--report-to` trackers
+(training/trackers.py) every scalar goes to."""
 
 from __future__ import annotations
 
@@ -25,21 +25,32 @@ def json_record(record: dict, **kwargs) -> str:
 
 
 class Reporter:
-    def __init__(self, output: Path | None, backend: str | None):
-        self.writer = None
-        if output is not None and backend == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
+    """The run's trackers behind one interface (none on processes other than rank 0)."""
 
-            self.writer = SummaryWriter(log_dir=str(Path(output) / "tensorboard"))
+    def __init__(self, output: Path | None, report_to):
+        from .trackers import open_trackers
+
+        self.trackers = open_trackers(Path(output), report_to) if output is not None else []
+
+    def start(self, params: dict) -> None:
+        for tracker in self.trackers:
+            tracker.start(params)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.writer is None:
-            return
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, float(value), step)
-        self.writer.flush()
+        values = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
+        for tracker in self.trackers:
+            tracker.scalars(step, values)
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+    def finish(self, summary: dict, files: list[Path]) -> None:
+        """The test metrics and the run's files, once it has written them."""
+        from .trackers import numeric_metrics
+
+        metrics = numeric_metrics({k: summary.get(k) for k in ("test",)}, "")
+        metrics.update(numeric_metrics({"train_seconds": summary.get("train_seconds")}, ""))
+        for tracker in self.trackers:
+            tracker.finish(metrics, files)
+
+    def close(self, ok: bool = True) -> None:
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.close(ok)

@@ -76,8 +76,8 @@ def test_bad_recipe_options_are_named(classifier_dir, reviews_csv, tmp_path):
         train_options(classifier_dir, reviews_csv, tmp_path / "a", lr_scheduler="step")
     with pytest.raises(ConfigError, match="--warmup-ratio must be in"):
         train_options(classifier_dir, reviews_csv, tmp_path / "a", warmup_ratio=1.5)
-    with pytest.raises(ConfigError, match="unknown --report-to 'wandb'"):
-        train_options(classifier_dir, reviews_csv, tmp_path / "a", report_to="wandb")
+    with pytest.raises(ConfigError, match="unknown --report-to tracker 'comet'; known: tensorboard, mlflow, wandb"):
+        train_options(classifier_dir, reviews_csv, tmp_path / "a", report_to="tensorboard,comet")
     with pytest.raises(ConfigError, match="with --full everything is trained in full"):
         train_options(classifier_dir, reviews_csv, tmp_path / "a", head_lr=1e-3, full=True)
 
