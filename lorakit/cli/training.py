@@ -12,8 +12,6 @@ from .output import answer
 # flags that map onto TrainOptions fields; every default is None so a YAML value is not overridden
 TRAIN_FLAGS = [
     ("--model", str, "embedded name (minilm, smollm2-135m), a model directory or a .gguf file"),
-    ("--data", str, "embedded name (rotten-tomatoes, bbc-news, hamlet), a CSV/JSONL/parquet/text file, or a "
-                    "directory with train.*/validation.*/test.*"),
     ("--task", str, "classify | sft | lm, or preference / RL: dpo | orpo | kto | grpo (data layouts, as TRL's: "
                     "prompt/chosen/rejected or chosen/rejected for dpo and orpo, prompt/completion/label for kto, "
                     "prompt plus the columns rewards read for grpo; text or chat conversations)"),
@@ -30,7 +28,11 @@ TRAIN_FLAGS = [
     ("--seq-len", int, "tokens per example (longer rows are truncated with a warning)"),
     ("--seed", int, None), ("--eval-steps", int, "evaluate on validation every N steps (default: each epoch)"),
     ("--eval-examples", int, "use only the first N validation/test examples"),
-    ("--early-stopping-patience", int, "stop after N evaluations without improvement"),
+    ("--early-stopping-patience", int, "stop after N evaluations without improvement of the validation metric "
+                                       "(classify: accuracy; others: loss or the objective's score); the best "
+                                       "checkpoint is kept"),
+    ("--neftune-noise-alpha", float, "NEFTune: uniform noise of scale ALPHA/sqrt(seq_len*hidden) on the input "
+                                     "embeddings while training, as transformers' Trainer (the paper uses 5)"),
     ("--save-steps", int, "write a resumable checkpoint every N steps"),
     ("--init", str, "adapter initialisation: gaussian, pissa, pissa_niter_K (randomised SVD, K iterations) or "
                     "olora (default: Kaiming A, zero B); pissa/olora runs save an adapter for the original base"),
@@ -94,6 +96,11 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="YAML file of options (flags override it)")
     for flag, kind, text in TRAIN_FLAGS:
         parser.add_argument(flag, type=kind, default=None, help=text)
+    parser.add_argument("--data", nargs="+", default=None,
+                        help="embedded name (rotten-tomatoes, bbc-news, hamlet), a CSV/JSONL/parquet/text file, a "
+                             "directory with train.*/validation.*/test.* files, or a mixture of them with weights: "
+                             "a.jsonl:0.7 b.jsonl:0.3 (the train split drawn in those proportions, its size the sum "
+                             "of the parts'; validation and test are the parts' own, together)")
     parser.add_argument("--targets", nargs="+", default=None,
                         help="modules to adapt, separated by spaces or commas: names/suffixes, a regex, or all-linear "
                              "(default all-linear: every linear layer but the output head, which learned on every "
@@ -143,6 +150,7 @@ def options_from(args: argparse.Namespace):
         targets = targets[0]
     overrides["targets"] = targets
     overrides["modules_to_save"] = list_flag(args.modules_to_save)
+    overrides["data"] = " ".join(args.data) if args.data else None
     overrides["loss_type"] = args.loss_type
     overrides["rewards"] = list_flag(args.rewards)
     return resolve_options(args.config, overrides)

@@ -63,9 +63,61 @@ def split_rows(rows: list[dict], seed: int, fractions=(0.8, 0.1)) -> dict[str, l
             "test": pick(order[n_train + n_val:])}
 
 
+MIXTURE_PART = re.compile(r"(?P<source>.+):(?P<weight>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)")
+
+
+def mixture_parts(data: str) -> list[tuple[str, float]] | None:
+    """``a.jsonl:0.7 b.jsonl:0.3`` as [(source, weight)], or None when ``data`` names one source."""
+    if data in EMBEDDED_DATA or Path(data).exists():
+        return None
+    matches = [MIXTURE_PART.fullmatch(item) for item in data.split()]
+    if not matches or not all(matches):
+        return None
+    return [(m["source"], float(m["weight"])) for m in matches]
+
+
+def check_mixture(data: str) -> None:
+    """Each part of a mixture exists and weighs more than nothing (before anything is loaded)."""
+    for source, weight in mixture_parts(data) or ():
+        if not weight > 0:
+            raise ConfigError(f"--data: the weight of {source} is {weight:g}; mixture weights must be > 0 "
+                              "(drop the part to leave it out)")
+        if source not in EMBEDDED_DATA and not Path(source).exists():
+            raise ConfigError(f"--data: the mixture part {source} does not exist (an embedded name: "
+                              f"{', '.join(sorted(EMBEDDED_DATA))}, a file or a directory of split files)")
+
+
+def mixed_splits(parts: list[tuple[str, float]], seed: int) -> dict[str, list[dict]]:
+    """A weighted mixture: the train split holds as many rows as the parts' train splits together,
+    part i's share weight_i / sum(weights) of them, drawn without replacement while a part has rows
+    left and repeated (reshuffled) past that; validation and test are the parts' own, concatenated."""
+    loaded = [load_splits(source, seed) for source, _ in parts]
+    total, weights = sum(len(splits["train"]) for splits in loaded), [w for _, w in parts]
+    counts = [round(total * w / sum(weights)) for w in weights]
+    rng = random.Random(seed)
+    train = []
+    for splits, count in zip(loaded, counts):
+        rows = splits["train"]
+        if not rows and count:
+            raise ConfigError("--data: a mixture part has no train rows; give it a train split or drop it")
+        while count > 0:
+            order = rows[:]
+            rng.shuffle(order)
+            train += order[:count]
+            count -= len(order)
+    rng.shuffle(train)
+    return {"train": train, **{split: [row for splits in loaded for row in splits[split]]
+                               for split in SPLITS if split != "train"}}
+
+
 def load_splits(data: str, seed: int = 0) -> dict[str, list[dict]]:
     """{"train", "validation", "test"} row lists from an embedded name, a file, or a directory holding
-    train.* / validation.* (or dev.*, valid.*) / test.* files. A single file is split 80/10/10."""
+    train.* / validation.* (or dev.*, valid.*) / test.* files (a single file is split 80/10/10), or a
+    weighted mixture of those (`mixed_splits`)."""
+    parts = mixture_parts(data)
+    if parts is not None:
+        check_mixture(data)
+        return mixed_splits(parts, seed)
     if data in EMBEDDED_DATA:
         return EMBEDDED_DATA[data][0](seed)
     path = Path(data)

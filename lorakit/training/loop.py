@@ -44,6 +44,7 @@ from .distributed import Distributed
 from .evaluation import evaluate, split_metrics
 from .learning_check import learning_check
 from .memory import check_run_fits, estimated_bytes, peak_bytes, peak_since_reset, reset_peak, resident_bytes
+from .neftune import add_neftune
 from .objectives import OBJECTIVE_TASKS, objective_for
 from .objectives.base import mean_logs
 from .objectives.data import embedded_rows
@@ -233,6 +234,7 @@ class Trainer:
             save_options(o, self.output / "train_config.yaml")
             (self.output / "train_log.jsonl").write_text("")
         self.reporter.start(o.to_dict())
+        neftune = add_neftune(self.model, o.neftune_noise_alpha) if o.neftune_noise_alpha else None
         log = open(self.output / "train_log.jsonl", "a") if self.dist.is_main else None
         previous = signal.signal(signal.SIGINT, self._on_interrupt)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not self.dist.is_main or self.quiet)
@@ -267,6 +269,8 @@ class Trainer:
                     self._checkpoint()
         finally:
             bar.close()
+            if neftune is not None:  # as transformers' Trainer: the noise is for training only
+                neftune.remove()
             signal.signal(signal.SIGINT, previous)
             if log:
                 log.close()

@@ -59,7 +59,8 @@ class TrainOptions:
     seed: int = 0
     eval_steps: int | None = None       # None: once per epoch
     eval_examples: int | None = None    # cap validation/test size for speed
-    early_stopping_patience: int | None = None
+    early_stopping_patience: int | None = None  # stop after N evaluations without improvement of the metric
+    neftune_noise_alpha: float | None = None  # NEFTune: noise on the input embeddings while training (TRL's name)
     save_steps: int | None = None       # checkpoint every N steps (always at the end and on Ctrl-C)
     # preference and RL (TRL's names; see training/objectives/)
     adapter: str | None = None          # start from this trained adapter; its frozen copy is the reference
@@ -252,7 +253,15 @@ def _check(options: TrainOptions) -> None:
     _check_objective(options)
     if not options.full:  # the adapter config's own checks; AdaLoRA's schedule once the run's length is known
         options.lora_config(options.max_steps or (options.tinit or 0) + (options.tfinal or 0) + 1)
+    if options.neftune_noise_alpha is not None and not options.neftune_noise_alpha > 0:
+        raise ConfigError(f"--neftune-noise-alpha must be > 0 (the paper uses 5), got {options.neftune_noise_alpha}")
+    if options.early_stopping_patience is not None and options.early_stopping_patience < 1:
+        raise ConfigError(f"--early-stopping-patience counts evaluations: give 1 or more, got "
+                          f"{options.early_stopping_patience}")
+    from .data import check_mixture
     from .trackers import check_trackers
+
+    check_mixture(options.data)
 
     check_trackers(options.report_to)
     if options.full and options.qlora:
