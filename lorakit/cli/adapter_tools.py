@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import ConfigError
 from .output import answer
 
 
@@ -121,8 +122,26 @@ def _compress(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from ..hub.models import resolve_model_path
+
+    if args.format == "vllm":
+        from ..io.vllm_export import export_vllm
+
+        result = export_vllm(args.adapter, args.output, resolve_model_path(args.base) if args.base else None,
+                             rank=args.rank, tolerance=args.tolerance)
+
+        def human(result):
+            how = "exact" if result["exact"] else (f"DoRA cut by SVD, max relative spectral error "
+                                                    f"{result['max_relative_spectral_error']:.2e}")
+            yield (f"wrote {result['output']}: plain LoRA r={result['r']} alpha={result['lora_alpha']} on "
+                   f"{result['modules']} modules from a {result['source']} adapter ({how})")
+            yield "vLLM: vllm serve BASE --enable-lora --lora-modules NAME=" + result["output"] + \
+                f" --max-lora-rank {result['r']}"
+
+        return answer(args, result, human)
     from ..io.gguf import export_gguf
 
+    if not args.base:
+        raise ConfigError("--format gguf needs --base (the base model's directory or embedded name: its config)")
     result = export_gguf(args.adapter, resolve_model_path(args.base), args.output, args.outtype)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -186,11 +205,21 @@ def add_commands(sub) -> None:
     compress.add_argument("--json", action="store_true")
     compress.set_defaults(func=_compress)
 
-    export = sub.add_parser("export", help="an adapter as llama.cpp's LoRA GGUF (llama-server --lora, Ollama ADAPTER)")
+    export = sub.add_parser("export", help="an adapter as llama.cpp's LoRA GGUF (llama-server --lora, Ollama ADAPTER), "
+                                           "or as the plain LoRA vLLM serves (--format vllm)")
     export.add_argument("adapter", help="adapter directory (PEFT format)")
-    export.add_argument("--format", default="gguf", choices=["gguf"])
-    export.add_argument("--base", required=True, help="the base model (directory or embedded name): its config only")
-    export.add_argument("--output", required=True, help="the .gguf file to write")
+    export.add_argument("--format", default="gguf", choices=["gguf", "vllm"],
+                        help="gguf: llama.cpp's adapter file; vllm: a plain LoRA directory (one rank and alpha, "
+                             "lora_A/lora_B only) for any lorakit adapter: rank/alpha patterns and AdaLoRA exactly, "
+                             "DoRA by a truncated SVD of its merged update (its error reported); adapters with modules "
+                             "trained in full are refused (merge them)")
+    export.add_argument("--base", help="the base model (directory or embedded name): gguf reads its config, vllm "
+                                       "its weights (DoRA only)")
+    export.add_argument("--output", required=True, help="the .gguf file (gguf) or the directory (vllm) to write")
+    export.add_argument("--rank", type=int, help="vllm, DoRA: the SVD rank (default: the smallest that keeps every "
+                                                 "dropped singular value ≤ --tolerance × the largest)")
+    export.add_argument("--tolerance", type=float, default=1e-3,
+                        help="vllm, DoRA: the relative spectral error allowed per module (default 1e-3)")
     export.add_argument("--outtype", default="f32", choices=["f32", "f16"])
     export.add_argument("--json", action="store_true")
     export.set_defaults(func=_export)
