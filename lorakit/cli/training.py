@@ -198,6 +198,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.lm_eval:
+        return _lm_eval(args)
     from ..training.inference import evaluate_run
 
     metrics = evaluate_run(args.run, args.data, args.split, model_name=args.model, task=args.task, seed=args.seed,
@@ -208,6 +210,28 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"{args.run or args.model} on {metrics['data']} [{metrics['split']}]:")
     _print_metrics(metrics)
     return 0
+
+
+def _lm_eval(args: argparse.Namespace) -> int:
+    from ..tools.harness import run_lm_eval
+
+    if not args.run:
+        raise ConfigError("--lm-eval evaluates a run: give its directory (lorakit eval RUN --lm-eval TASKS)")
+    result = run_lm_eval(args.run, args.lm_eval, include=args.lm_eval_include, compare_base=args.compare_base,
+                         limit=args.limit, batch_size=min(args.batch_size, 64), num_fewshot=args.num_fewshot,
+                         apply_chat_template=args.apply_chat_template)
+
+    def human(result):
+        for task, sides in result["tasks"].items():
+            yield f"{task}:"
+            for metric, value in sides["adapter"].items():
+                if metric.endswith("_stderr"):
+                    continue
+                base = sides.get("base", {}).get(metric)
+                line = f"  {metric:<20} adapter {value:.4f}"
+                yield line + (f"   base {base:.4f}   change {value - base:+.4f}" if base is not None else "")
+
+    return answer(args, result, human)
 
 
 def _read_texts(args) -> list[str]:
@@ -351,6 +375,18 @@ def add_commands(sub) -> None:
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--seed", type=int, default=0, help="the split seed the run used")
     evaluate.add_argument("--bf16", action="store_true")
+    evaluate.add_argument("--lm-eval", metavar="TASK[,TASK]",
+                          help="run EleutherAI's lm-evaluation-harness tasks on the base + adapter (unmerged, "
+                               "in-process; pip install 'lorakit[lm-eval]'). Bundled tasks (hellaswag, arc_easy, "
+                               "...) fetch their data from the Hugging Face hub, so need a connection or a filled "
+                               "cache; offline, write lm-eval YAML tasks over local JSON files and give their "
+                               "directory with --lm-eval-include")
+    evaluate.add_argument("--lm-eval-include", metavar="DIR", help="a directory of lm-eval task YAML files")
+    evaluate.add_argument("--compare-base", action="store_true",
+                          help="--lm-eval: also evaluate the base alone (adapters off) and print both")
+    evaluate.add_argument("--num-fewshot", type=int, help="--lm-eval: few-shot examples per prompt")
+    evaluate.add_argument("--apply-chat-template", action="store_true",
+                          help="--lm-eval: format prompts with the tokenizer's chat template (for sft runs)")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=_eval)
 
