@@ -134,6 +134,8 @@ def _export(args: argparse.Namespace) -> int:
                                                     f"{result['max_relative_spectral_error']:.2e}")
             yield (f"wrote {result['output']}: plain LoRA r={result['r']} alpha={result['lora_alpha']} on "
                    f"{result['modules']} modules from a {result['source']} adapter ({how})")
+            if result["hint"]:
+                yield "note: " + result["hint"]
             yield "vLLM: vllm serve BASE --enable-lora --lora-modules NAME=" + result["output"] + \
                 f" --max-lora-rank {result['r']}"
 

@@ -142,6 +142,11 @@ def export_vllm(adapter_dir: str | Path, output: str | Path, base_dir: str | Pat
     write_adapter(output, data, state)
     source = "adalora" if is_adalora(config) else ("dora" if config.use_dora else "lora")
     worst = max((row["relative_spectral_error"] for row in cut.values()), default=0.0)
+    full = [path for path, row in cut.items() if row["rank"] * 2 >= min(pairs[path][0].shape[1], pairs[path][1].shape[0])]
+    hint = None
+    if full:  # DoRA's rescaling of W0's columns is a full-rank change once the magnitude has moved
+        hint = (f"{len(full)} of {len(cut)} DoRA modules need at least half their full rank: the plain LoRA is about "
+                "as large as the weights it adapts; serving a merged model (`lorakit merge`) costs less")
     return {"output": str(output), "source": source, "r": common, "lora_alpha": common, "modules": len(pairs),
-            "exact": not cut, "svd_modules": cut, "max_relative_spectral_error": worst}
+            "exact": not cut, "svd_modules": cut, "max_relative_spectral_error": worst, "hint": hint}
 
