@@ -35,6 +35,13 @@ def lora_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, *, E: torch.Ten
     return delta if shape is None else delta.view(shape)
 
 
+def balanced_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) = (√S·Vhᵀ rows, U·√S columns) of the first ``k`` singular triplets of an update:
+    B·A is its best rank-k approximation, with the scale shared evenly by the two factors."""
+    root = S[:k].sqrt()
+    return root[:, None] * Vh[:k], U[:, :k] * root
+
+
 def feature_axis(transposed: bool) -> int:
     """The axis of a base weight that holds output features: 0 for out×in, 1 when stored transposed."""
     return 1 if transposed else 0

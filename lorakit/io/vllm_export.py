@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..config import LoraConfig
+from ..delta import balanced_factors
 from ..errors import ConfigError
 from ..variants.adalora import is_adalora
 from .checkpoint import read_adapter, write_adapter
@@ -71,8 +72,7 @@ def truncated_pair(update: torch.Tensor, rank: int | None, tolerance: float) -> 
     top = float(S[0]) if S.numel() else 0.0
     k = rank if rank is not None else max(1, int((S > tolerance * top).sum()))
     k = min(k, S.numel())
-    root = S[:k].sqrt()
-    B, A = U[:, :k] * root, root[:, None] * Vh[:k]
+    A, B = balanced_factors(U, S, Vh, k)
     dropped = float(S[k]) if k < S.numel() else 0.0
     frobenius = float(S[k:].square().sum().sqrt() / S.square().sum().sqrt()) if top else 0.0
     return A.float(), B.float(), {"rank": k, "relative_spectral_error": dropped / top if top else 0.0,

@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 
 from ..config import LoraConfig
+from ..delta import balanced_factors
 from ..errors import ConfigError
 from ..io.checkpoint import write_adapter
 from ..io.peft_format import WEIGHTS_FILE, bias_key, pair_keys, saved_key
@@ -152,10 +153,9 @@ def extract(base_dir: str | Path, tuned_dir: str | Path, output: str | Path, ran
                 delta_out_in = delta.T if kind == "conv1d" else delta
                 U, S, Vh = torch.linalg.svd(delta_out_in, full_matrices=False)
                 k = _rank_for(S, rank, energy)
-                root = S[:k].sqrt()
+                A, B = balanced_factors(U, S, Vh, k)
                 A_key, B_key = pair_keys(module, embedding=False)
-                tensors[A_key] = (root[:, None] * Vh[:k]).contiguous()
-                tensors[B_key] = (U[:, :k] * root).contiguous()
+                tensors[A_key], tensors[B_key] = A.contiguous(), B.contiguous()
                 kept = float((S[:k] ** 2).sum() / (S ** 2).sum().clamp_min(1e-30))
                 ranks[module] = k
                 modules.append({"module": module, "shape": list(delta_out_in.shape), "rank": k,

@@ -43,7 +43,7 @@ def task_manager(names: list[str], include: str | Path | None):
     return manager
 
 
-def _metrics(results: dict, names: list[str]) -> dict:
+def _metrics(results: dict) -> dict:
     """{task: {metric: value}} from lm-eval's results, its ",none" filter suffix dropped."""
     out = {}
     for task, values in results["results"].items():
@@ -75,7 +75,7 @@ def run_lm_eval(run: str | Path, tasks, include: str | Path | None = None, compa
         results = lm_eval.simple_evaluate(model=harness, tasks=names, task_manager=manager, limit=limit,
                                           num_fewshot=num_fewshot, apply_chat_template=apply_chat_template,
                                           log_samples=False, verbosity="ERROR")
-        return _metrics(results, names)
+        return _metrics(results)
 
     adapted = evaluate()
     base = None

@@ -76,15 +76,18 @@ def mixture_parts(data: str) -> list[tuple[str, float]] | None:
     return [(m["source"], float(m["weight"])) for m in matches]
 
 
-def check_mixture(data: str) -> None:
-    """Each part of a mixture exists and weighs more than nothing (before anything is loaded)."""
-    for source, weight in mixture_parts(data) or ():
+def check_mixture(data: str) -> list[tuple[str, float]] | None:
+    """A mixture's parts, each existing and weighing more than nothing (checked before anything is
+    loaded); None when ``data`` names one source."""
+    parts = mixture_parts(data)
+    for source, weight in parts or ():
         if not weight > 0:
             raise ConfigError(f"--data: the weight of {source} is {weight:g}; mixture weights must be > 0 "
                               "(drop the part to leave it out)")
         if source not in EMBEDDED_DATA and not Path(source).exists():
             raise ConfigError(f"--data: the mixture part {source} does not exist (an embedded name: "
                               f"{', '.join(sorted(EMBEDDED_DATA))}, a file or a directory of split files)")
+    return parts
 
 
 def mixed_splits(parts: list[tuple[str, float]], seed: int) -> dict[str, list[dict]]:
@@ -114,9 +117,8 @@ def load_splits(data: str, seed: int = 0) -> dict[str, list[dict]]:
     """{"train", "validation", "test"} row lists from an embedded name, a file, or a directory holding
     train.* / validation.* (or dev.*, valid.*) / test.* files (a single file is split 80/10/10), or a
     weighted mixture of those (`mixed_splits`)."""
-    parts = mixture_parts(data)
+    parts = check_mixture(data)
     if parts is not None:
-        check_mixture(data)
         return mixed_splits(parts, seed)
     if data in EMBEDDED_DATA:
         return EMBEDDED_DATA[data][0](seed)

@@ -262,7 +262,6 @@ def _check(options: TrainOptions) -> None:
     from .trackers import check_trackers
 
     check_mixture(options.data)
-
     check_trackers(options.report_to)
     if options.full and options.qlora:
         raise ConfigError("--full and --qlora exclude each other (QLoRA trains adapters on a frozen 4-bit base)")

@@ -2,6 +2,7 @@
 JSON files (the hub is unreachable here): a multiple-choice task and a generation task."""
 
 import json
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -80,7 +81,7 @@ def own_accuracy(run, rows, base: bool) -> float:
         for choice in ("negative", "positive"):
             context = tokenizer(row["text"])["input_ids"]
             whole = tokenizer(row["text"] + " " + choice)["input_ids"]
-            with torch.no_grad(), (lk.disable_adapters(model) if base else torch.enable_grad()):
+            with torch.no_grad(), (lk.disable_adapters(model) if base else nullcontext()):
                 logprobs = model(input_ids=torch.tensor([whole])).logits[0].log_softmax(-1)
             scores.append(sum(float(logprobs[i - 1, whole[i]]) for i in range(len(context), len(whole))))
         right += int(scores.index(max(scores)) == int(row["label"] == "positive"))
