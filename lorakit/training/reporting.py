@@ -42,13 +42,12 @@ class Reporter:
             tracker.scalars(step, values)
 
     def finish(self, summary: dict, files: list[Path]) -> None:
-        """The test metrics and the run's files, once it has written them."""
+        """The test metrics (at the run's last step) and the run's files, once it has written them."""
         from .trackers import numeric_metrics
 
-        metrics = numeric_metrics({k: summary.get(k) for k in ("test",)}, "")
-        metrics.update(numeric_metrics({"train_seconds": summary.get("train_seconds")}, ""))
+        metrics = numeric_metrics({"test": summary.get("test"), "train_seconds": summary.get("train_seconds")}, "")
         for tracker in self.trackers:
-            tracker.finish(metrics, files)
+            tracker.finish(summary["steps"], metrics, files)
 
     def close(self, ok: bool = True) -> None:
         trackers, self.trackers = self.trackers, []

@@ -2,7 +2,8 @@
 
 Each tracker is imported only when a run asks for it (they are optional extras). A run gives every
 tracker the same four calls: `start` (the resolved options as parameters), `scalars` (per step),
-`finish` (the test metrics and the run's files: adapter, loss curve, summary) and `close`."""
+`finish` (the test metrics at the last step, and the run's files: adapter, loss curve, summary)
+and `close`."""
 
 from __future__ import annotations
 
@@ -79,9 +80,8 @@ class TensorBoardTracker:
             self.writer.add_scalar(tag, float(value), step)
         self.writer.flush()
 
-    def finish(self, metrics: dict[str, float], files: list[Path]) -> None:
-        for tag, value in metrics.items():
-            self.writer.add_scalar(tag, value, 0)
+    def finish(self, step: int, metrics: dict[str, float], files: list[Path]) -> None:
+        self.scalars(step, metrics)
 
     def close(self, ok: bool) -> None:
         self.writer.close()
@@ -120,9 +120,9 @@ class MlflowTracker:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
 
-    def finish(self, metrics: dict[str, float], files: list[Path]) -> None:
+    def finish(self, step: int, metrics: dict[str, float], files: list[Path]) -> None:
         if metrics:
-            self.scalars(0, metrics)
+            self.scalars(step, metrics)
         for path in files:
             if path.is_dir():
                 self.client.log_artifacts(self.run_id, str(path), artifact_path=path.name)
@@ -150,7 +150,7 @@ class WandbTracker:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         self.run.log({k: float(v) for k, v in values.items()}, step=step)
 
-    def finish(self, metrics: dict[str, float], files: list[Path]) -> None:
+    def finish(self, step: int, metrics: dict[str, float], files: list[Path]) -> None:
         import wandb
 
         self.run.summary.update(metrics)

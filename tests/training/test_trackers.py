@@ -46,7 +46,7 @@ def test_mlflow_run_has_the_options_every_step_and_the_files(causal_dir, sft_jso
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "run"
-    sft_run(causal_dir, sft_jsonl, out, report_to="mlflow")
+    summary = sft_run(causal_dir, sft_jsonl, out, report_to="mlflow")
     client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
     [run] = client.search_runs([client.get_experiment_by_name("lorakit").experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
@@ -55,6 +55,8 @@ def test_mlflow_run_has_the_options_every_step_and_the_files(causal_dir, sft_jso
     assert [m.step for m in losses] == [1, 2, 3, 4]
     assert [m.value for m in losses] == pytest.approx([e["loss"] for e in steps_logged(out)], rel=1e-6)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/loss")] == [2, 4]
+    [test_loss] = client.get_metric_history(run.info.run_id, "test/loss")  # at the run's last step
+    assert test_loss.step == 4 and test_loss.value == pytest.approx(summary["test"]["loss"])
     files = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"adapter", "loss_curve.png", "summary.json"} <= files
     adapter = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
