@@ -25,6 +25,7 @@ from .layers.base import LoraLayer
 from .layers.embedding import LoraEmbedding
 from .layers.linear import LoraLinear
 from .layers.modules_to_save import ModulesToSave
+from .layers.trainable_tokens import TrainableTokens
 from .model.adalora import adalora_penalty, current_ranks, update_and_allocate
 from .model.adapters import (
                      active_adapters,
@@ -55,7 +56,7 @@ __all__ = [
     "loraplus_optimizer", "loraplus_param_groups",
     "quantize", "dequantize", "save_quantized", "load_quantized", "Linear4bit",
     "causal_lm_loss", "linear_cross_entropy", "ChunkedLossLM", "token_logprobs", "gathered_logprobs", "linear_logprobs",
-    "LoraLayer", "LoraLinear", "LoraEmbedding", "ModulesToSave",
+    "LoraLayer", "LoraLinear", "LoraEmbedding", "ModulesToSave", "TrainableTokens",
     "LoraError", "ConfigError", "TargetNotFoundError", "AdapterNotFoundError", "AdapterMismatchError",
     "AdapterFileError", "MergeStateError",
 ]

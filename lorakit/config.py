@@ -40,7 +40,7 @@ HEAD_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS")
 # PEFT features that change the forward pass and that lorakit does not implement: loading an
 # adapter that uses one must fail loudly instead of silently computing something else.
 UNSUPPORTED_PEFT_FEATURES = (
-    "lora_bias", "layer_replication", "trainable_token_indices",
+    "lora_bias", "layer_replication",
     "use_qalora", "alora_invocation_tokens", "use_bdlora",
 )
 
@@ -64,6 +64,9 @@ class LoraConfig:
     exclude_modules: list[str] | str | None = None
     bias: BiasMode = "none"
     modules_to_save: list[str] | None = None
+    # rows of embedding tables trained alone (layers/trainable_tokens.py): a list of token ids for the
+    # input embedding, or {module name: ids}
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     use_rslora: bool = False
     use_dora: bool = False  # DoRA (lorakit/variants/dora.py): a learned magnitude per output feature
     init_lora_weights: bool | str = True  # True, False, "gaussian", "pissa", "pissa_niter_K", "olora" (variants/principal.py)
@@ -95,6 +98,7 @@ class LoraConfig:
                 f"iterations) or 'olora', got {self.init_lora_weights!r}."
             )
         self._check_rank_pattern()
+        self._check_token_indices()
         for pattern, alpha in self.alpha_pattern.items():
             if alpha <= 0:
                 raise ConfigError(f"alpha_pattern[{pattern!r}] must be > 0, got {alpha!r}.")
@@ -126,6 +130,20 @@ class LoraConfig:
             if not isinstance(rank, int) or rank <= 0:
                 raise ConfigError(f"rank_pattern[{pattern!r}] must be a positive integer, got {rank!r}.")
 
+    def _check_token_indices(self) -> None:
+        spec = self.trainable_token_indices
+        if spec is None:
+            return
+        lists = spec.values() if isinstance(spec, dict) else [spec]
+        if isinstance(spec, (str, bytes)) or not all(isinstance(ids, (list, tuple)) for ids in lists):
+            raise ConfigError(f"trainable_token_indices must be a list of token ids or {{module name: ids}}, "
+                              f"got {spec!r}.")
+        for ids in lists:
+            if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise ConfigError(f"trainable_token_indices needs non-negative integer token ids, got {list(ids)!r}.")
+            if len(set(ids)) != len(ids):
+                raise ConfigError(f"trainable_token_indices lists a token twice: {list(ids)!r}.")
+
     # --- per-module values -------------------------------------------------------------------
     def rank_for(self, module_name: str) -> int:
         return _pattern_value(self.rank_pattern, module_name, self.r)
@@ -143,6 +161,8 @@ class LoraConfig:
         for key in ("target_modules", "target_parameters"):
             if isinstance(data[key], (set, tuple)):
                 data[key] = sorted(data[key])
+        if isinstance(data["trainable_token_indices"], tuple):
+            data["trainable_token_indices"] = list(data["trainable_token_indices"])
         data.update(peft_type=self.PEFT_TYPE, revision=None)
         return data
 

@@ -107,6 +107,13 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
                              "corpus of the defaults study where q/v alone did not)")
     parser.add_argument("--modules-to-save", nargs="+", default=None,
                         help="modules trained in full besides the adapters (classify always adds its head)")
+    parser.add_argument("--add-tokens", nargs="+", default=None, metavar="TOKEN",
+                        help="sft / lm: new tokens (commas or spaces between), added to the tokenizer; the embedding "
+                             "is resized and only the new rows train besides the adapter (PEFT's "
+                             "trainable_token_indices), and the untied output head's rows too")
+    parser.add_argument("--trainable-tokens", nargs="+", default=None, metavar="TOKEN",
+                        help="sft / lm: existing tokens whose embedding rows train besides the adapter, as ids or as "
+                             "the vocabulary spells them, e.g. '<|im_start|>,<|im_end|>'")
     for flag, text in TRAIN_SWITCHES:
         parser.add_argument(flag, action="store_true", default=None, help=text)
     parser.add_argument("--loss", dest="loss_type", default=None,
@@ -139,6 +146,14 @@ def list_flag(values: list[str] | None) -> list[str] | None:
     return items
 
 
+def token_list(values: list[str] | None) -> list[str] | None:
+    """Tokens as users type them, split on commas and spaces only (tokens such as <|im_end|> hold
+    characters that list_flag would take for a regex)."""
+    if values is None:
+        return None
+    return [t for value in values for t in value.replace(",", " ").split()]
+
+
 def options_from(args: argparse.Namespace):
     from ..training.options import resolve_options
 
@@ -150,6 +165,8 @@ def options_from(args: argparse.Namespace):
         targets = targets[0]
     overrides["targets"] = targets
     overrides["modules_to_save"] = list_flag(args.modules_to_save)
+    overrides["add_tokens"] = token_list(args.add_tokens)
+    overrides["trainable_tokens"] = token_list(args.trainable_tokens)
     overrides["data"] = " ".join(args.data) if args.data else None
     overrides["loss_type"] = args.loss_type
     overrides["rewards"] = list_flag(args.rewards)

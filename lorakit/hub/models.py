@@ -173,6 +173,23 @@ def _pad_with_eos(model, tokenizer) -> None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
 
+def fit_vocabulary(model, directory: str | Path):
+    """The tokenizer saved beside an adapter, with the model's embedding resized to it, when it has
+    more tokens than the model (a run with --add-tokens); None otherwise. The new rows' values come
+    from the adapter (trainable tokens replace them), so the resize's initial values do not matter."""
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    if not (directory / "tokenizer_config.json").is_file():
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    if len(tokenizer) <= model.get_input_embeddings().weight.shape[0]:
+        return None
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    _pad_with_eos(model, tokenizer)
+    return tokenizer
+
+
 def load_trained(path: str | Path, base_model: str | None = None, dtype=None):
     """(model, tokenizer, record) with the trained adapter loaded (or the fully fine-tuned model);
     ``dtype``: the base's (default fp32), e.g. bf16 to halve a large model's memory."""
@@ -191,6 +208,7 @@ def load_trained(path: str | Path, base_model: str | None = None, dtype=None):
         compute = (torch.bfloat16 if record.get("bf16") else torch.float32) if record.get("qlora") else None
         model, tokenizer = load_model(base_model or record["model"], record["task"], record["labels"],
                                       head_from_adapter=True, quantize=compute, dtype=dtype or compute)
+        tokenizer = fit_vocabulary(model, directory) or tokenizer  # a run that added tokens
         lk.load_adapter(model, directory)
     model.eval()
     return model, tokenizer, record

@@ -5,6 +5,7 @@ A model's adapter ``name`` goes to the file's keys and back (the key names: io/p
   <path>.lora_embedding_A.<name>        <->  <path>.lora_embedding_A
   <path>.modules_to_save.<name>.<param> <->  <path>.<param>
   bias of a LoRA layer                  <->  <path>.base_layer.bias  (bias="all"/"lora_only")
+  <path>.trainable_tokens_delta.<name>  <->  <path>.token_adapter.trainable_tokens_delta
 (loading also takes a LoRA layer's bias as <path>.bias, and PEFT's saved embedding table).
 """
 
@@ -29,7 +30,7 @@ from ..layers.modules_to_save import ModulesToSave
 from ..layers.moe import nested_path
 from ..layers.param import innermost, param_geometry
 from ..model.injection import apply_plan, layer_class_for, plan_injection
-from ..model.state import check_names, lora_layers, registry, saved_modules
+from ..model.state import check_names, lora_layers, registry, saved_modules, token_wrappers
 from ..model.targeting import iter_base_modules, unwrap
 from ..variants.adalora import config_from_peft_dict, is_adalora, saved_pattern
 from ..variants.dora import magnitude_shape
@@ -46,6 +47,8 @@ from .peft_format import (
     magnitude_key,
     pair_keys,
     saved_key,
+    token_rows_key,
+    token_table_key,
 )
 
 
@@ -74,6 +77,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         if adapter_name in wrapper.adapter_names:
             for param, tensor in wrapper.modules_to_save[adapter_name].state_dict().items():
                 state[saved_key(path, param)] = tensor
+    for path, table in token_wrappers(model):
+        if adapter_name in table.adapter_names and table.tied_to is None:
+            state[token_rows_key(path)] = table.trainable_tokens_delta[adapter_name]
     if config.bias == "all":
         for path, module in iter_base_modules(model):
             bias = getattr(unwrap(module), "bias", None)
@@ -279,6 +285,13 @@ def _match_tensors(model, plan, tensors, directory):
     for path in plan.modules_to_save:
         for param, value in unwrap(model.get_submodule(path)).state_dict().items():
             take(saved_key(path, param, prefix=""), tuple(value.shape), path, f"save:{param}")
+    for target in plan.token_targets:
+        if target.tied_to is None:
+            table = unwrap(model.get_submodule(target.path))
+            if token_table_key(target.path, prefix="") in remaining:
+                take(token_table_key(target.path, prefix=""), tuple(table.weight.shape), target.path, "base_weight")
+            take(token_rows_key(target.path, prefix=""), (len(target.indices), table.weight.shape[1]), target.path,
+                 "tokens")
     for key in [k for k in remaining if k.endswith(".bias")]:
         path = key.removesuffix(".bias").removesuffix(".base_layer")
         try:
@@ -308,4 +321,6 @@ def _resolve(model: nn.Module, path: str, attr: str, adapter_name: str) -> torch
         return unwrap(module).bias
     if attr == "base_weight":
         return unwrap(module).weight
+    if attr == "tokens":
+        return module.trainable_tokens_delta[adapter_name]
     return module.modules_to_save[adapter_name].state_dict(keep_vars=True)[attr.removeprefix("save:")]

@@ -10,6 +10,7 @@ from older PEFT). Keys carry the module path and never the adapter name:
   <path>.base_layer.bias                       a LoRA layer's trained bias (bias="all"/"lora_only")
   <path>.base_layer.weight                     a saved embedding table (PEFT writes it; we read it)
   <path>.bias, <path>.<param>                  another module's bias; a saved module's tensors
+  <path>.token_adapter.trainable_tokens_delta  trainable tokens' rows (k×dim, values, not differences)
 
 each after the prefix ``base_model.model.``. ``split_tensors`` turns a file's tensors into one
 ``ModuleParts`` per adapted module and the rest; loading, analysis, streaming merge and GGUF
@@ -64,6 +65,37 @@ def base_weight_key(path: str, prefix: str = PREFIX) -> str:
 def saved_key(path: str, param: str, prefix: str = PREFIX) -> str:
     """A tensor of a module trained in full (modules_to_save), under the module's own name."""
     return f"{prefix}{path}.{param}"
+
+
+def token_rows_key(path: str, prefix: str = PREFIX) -> str:
+    """The rows a trainable-tokens table trains (a tied output head has none of its own)."""
+    return f"{prefix}{path}.token_adapter.trainable_tokens_delta"
+
+
+def token_table_key(path: str, prefix: str = PREFIX) -> str:
+    """The whole table, which PEFT also writes when the vocabulary was resized; we read it."""
+    return f"{prefix}{path}.token_adapter.base_layer.weight"
+
+
+TOKEN_ROWS_SUFFIX = ".token_adapter.trainable_tokens_delta"
+
+
+def take_token_rows(others: dict[str, torch.Tensor], token_indices) -> dict[str, tuple[list[int], torch.Tensor]]:
+    """Pop the trainable-tokens rows out of ``others`` (split_tensors' rest): module path -> (the
+    token ids, their rows). ``token_indices``: the config's trainable_token_indices (a list names
+    the input embedding, the one table a file then holds rows for; a dict matches path suffixes)."""
+    found = {}
+    for key in [k for k in others if k.endswith(TOKEN_ROWS_SUFFIX)]:
+        path = key.removeprefix(PREFIX).removesuffix(TOKEN_ROWS_SUFFIX)
+        if isinstance(token_indices, dict):
+            ids = next((v for name, v in token_indices.items() if path.endswith(name)), None)
+        else:
+            ids = token_indices
+        if ids is None or len(ids) != others[key].shape[0]:
+            raise AdapterMismatchError(f"{key} holds {others[key].shape[0]} rows but the config's "
+                                       f"trainable_token_indices give {ids!r} for it; the adapter is inconsistent.")
+        found[path] = (list(ids), others.pop(key))
+    return found
 
 
 def base_name(key: str) -> str:

@@ -31,16 +31,27 @@ from ..variants.adalora import is_adalora
 from .atomic import staged_directory
 from .checkpoint import read_adapter
 from .model_files import INDEX, checkpoint_entries, read_header, read_tensor, shard_files
-from .peft_format import ModuleParts, base_name, split_tensors
+from .peft_format import ModuleParts, base_name, split_tensors, take_token_rows
 from .runs import trained_on_4bit
 
 
-def _updates(directory: Path) -> tuple[dict[str, ModuleParts], dict[str, torch.Tensor], object]:
+def _updates(directory: Path):
     """(module path -> its update's parts, the base tensors the adapter replaces (saved modules,
-    trained biases) under their base names, the adapter's config)."""
+    trained biases) under their base names, weight name -> (token ids, rows) of trainable tokens,
+    the adapter's config)."""
     config, tensors = read_adapter(directory)
     parts, others = split_tensors(tensors, directory)
-    return parts, {base_name(key): tensor for key, tensor in others.items()}, config
+    rows = {f"{path}.weight": found for path, found in take_token_rows(others, config.trainable_token_indices).items()}
+    return parts, {base_name(key): tensor for key, tensor in others.items()}, rows, config
+
+
+def with_token_rows(key: str, table: torch.Tensor, ids: list[int], rows: torch.Tensor) -> torch.Tensor:
+    """The table with trainable tokens' rows in place (what lk.merge writes)."""
+    if max(ids) >= table.shape[0]:
+        raise ConfigError(f"the adapter trains token {max(ids)} but {key} has {table.shape[0]} rows: its run added "
+                          "tokens. Merge it without --base (`lorakit merge RUN --output DIR`), which resizes the "
+                          "embedding first.")
+    return table.index_copy(0, torch.tensor(ids), rows.to(table.dtype))
 
 
 def check_shape(key: str, weight: torch.Tensor, update: ModuleParts, transposed: bool) -> None:
@@ -86,7 +97,7 @@ def through_4bit(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _merge_shard(source: Path, target: Path, updates: dict, replaced: dict, config, pending: set,
-                 quantized: set[str] = frozenset()) -> int:
+                 quantized: set[str] = frozenset(), token_rows: dict | None = None) -> int:
     """Write ``target`` as ``source`` with the adapter folded in, one tensor in memory at a time.
 
     Every tensor keeps its name, dtype, shape and place, so the source's header is the target's:
@@ -110,6 +121,8 @@ def _merge_shard(source: Path, target: Path, updates: dict, replaced: dict, conf
                                        bool(config.fan_in_fan_out) or updates[module].embedding)
             elif key in replaced:
                 tensor = replaced[key].to(tensor.dtype)
+            elif key in (token_rows or {}):
+                tensor = with_token_rows(key, tensor, *token_rows[key])
             pending.discard(key)
             out.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return entries[-1][1]["data_offsets"][1] if entries else 0
@@ -123,10 +136,10 @@ def stream_merge(adapter_dir: str | Path, base_dir: str | Path, output: str | Pa
         raise ConfigError(f"output directory {target} is not empty; pass --overwrite or choose another --output")
     files, index = shard_files(base_dir)
     checkpoint_entries(base_dir)  # a truncated shard or an index naming absent tensors: refused before writing
-    updates, replaced, config = _updates(Path(adapter_dir))
+    updates, replaced, token_rows, config = _updates(Path(adapter_dir))
     qlora = trained_on_4bit(Path(adapter_dir)) if qlora is None else qlora
     quantized = quantized_weight_names(base_dir) if qlora else frozenset()
-    pending = {f"{m}.weight" for m in updates} | set(replaced)
+    pending = {f"{m}.weight" for m in updates} | set(replaced) | set(token_rows)
     largest = 0
     with staged_directory(target) as staging:
         for name in sorted(p.name for p in base_dir.iterdir() if p.is_file()):
@@ -136,9 +149,9 @@ def stream_merge(adapter_dir: str | Path, base_dir: str | Path, output: str | Pa
             (staging / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         for file in files:
             largest = max(largest, _merge_shard(base_dir / file, staging / file, updates, replaced, config, pending,
-                                                quantized))
+                                                quantized, token_rows))
         if pending:
             raise ConfigError(f"the adapter adapts {sorted(pending)[0]}, which {base_dir} does not hold "
                               f"({len(pending)} such tensors); it was made for another base model")
     return {"output": str(target), "shards": len(files), "largest_shard_bytes": largest,
-            "adapted": len(updates), "replaced": len(replaced), "adalora": is_adalora(config), "qlora": qlora}
+            "adapted": len(updates), "replaced": len(replaced) + len(token_rows), "adalora": is_adalora(config), "qlora": qlora}

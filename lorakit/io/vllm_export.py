@@ -37,6 +37,10 @@ def _refuse_what_vllm_cannot_serve(config: LoraConfig, others: dict, adapter_dir
         raise ConfigError(f"{adapter_dir} trains modules in full ({', '.join(config.modules_to_save or ['saved modules'])}, "
                           "e.g. a classifier head), which vLLM does not load from a LoRA adapter: merge the adapter "
                           "into the base instead (`lorakit merge`) and serve the merged model")
+    if config.trainable_token_indices is not None:
+        raise ConfigError(f"{adapter_dir} trains token embedding rows (trainable_token_indices), which vLLM does not "
+                          "load from a LoRA adapter: merge the adapter into the base instead (`lorakit merge`) and "
+                          "serve the merged model")
     if others:
         key = next(iter(others))
         raise ConfigError(f"{adapter_dir} holds {key}, which a plain LoRA adapter cannot carry (vLLM reads lora_A / "

@@ -112,8 +112,11 @@ def supports_chunked_loss(model: torch.nn.Module) -> bool:
     """True when the model's logits are a plain linear head over its decoder's last hidden state."""
     config = getattr(model, "config", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # a wrapper whose .weight is the weight its forward uses (trainable tokens) counts as plain
+    linear = type(head) is torch.nn.Linear or (
+        getattr(head, "effective_weight", False) and type(getattr(head, "original_module", None)) is torch.nn.Linear)
     return (config is not None and config.model_type in PLAIN_HEAD_MODEL_TYPES
-            and type(head) is torch.nn.Linear and head.bias is None and hasattr(model, "get_decoder"))
+            and linear and head.bias is None and hasattr(model, "get_decoder"))
 
 
 def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,

@@ -10,7 +10,16 @@ from torch import nn
 from ..errors import MergeStateError
 from .injection import set_active
 from .merging import drop_empty_wrappers
-from .state import adapter_wrappers, check_names, drop_registry, lora_layers, merged_adapters, registry, saved_modules
+from .state import (
+    adapter_wrappers,
+    check_names,
+    drop_registry,
+    lora_layers,
+    merged_adapters,
+    registry,
+    saved_modules,
+    token_wrappers,
+)
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -61,7 +70,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             f"adapters {merged} are merged into the weights, so the base model cannot be recovered by "
             "disabling them; call lk.unmerge(model) first."
         )
-    wrappers = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
+    wrappers = [m for _, m in [*lora_layers(model), *saved_modules(model), *token_wrappers(model)]]
     for module in wrappers:
         module.disabled = True
     try:

@@ -125,6 +125,10 @@ def check_combinable(labels: list[str], configs) -> None:
         if config.use_dora:
             raise ConfigError(f"{label} uses DoRA: its magnitude vector rescales the whole weight, so weighted "
                               "sums of DoRA adapters have no meaning; merge it instead (lk.merge, `lorakit merge`).")
+        if config.trainable_token_indices is not None:
+            raise ConfigError(f"{label} trains token embedding rows (trainable_token_indices), which a weighted sum "
+                              "cannot mix (rows are values, not updates); merge it instead, or serve it in a mixed "
+                              "batch.")
 
 
 def _union_targets(configs) -> list[str] | str:

@@ -21,6 +21,7 @@ from ..layers.linear import LoraLinear
 from ..layers.modules_to_save import ModulesToSave
 from ..layers.moe import convert_moe_config, find_param_targets, nested_path
 from ..layers.param import LoraParam
+from ..layers.trainable_tokens import TrainableTokens
 from ..variants.adalora import add_singular_values, is_adalora
 from ..variants.principal import check_principal_init, is_principal_init
 from .adalora import add_penalty_hook
@@ -28,13 +29,23 @@ from .state import (
     BASE,
     adapter_wrappers,
     apply_trainability,
+    check_one_token_adapter,
     ensure_registry,
     has_adapters,
     lora_layers,
     registry,
     walk_modules,
 )
-from .targeting import find_modules_to_save, find_targets, iter_base_modules, minimal_suffixes, replace_module, unwrap
+from .targeting import (
+    TokenTarget,
+    find_modules_to_save,
+    find_targets,
+    find_token_targets,
+    iter_base_modules,
+    minimal_suffixes,
+    replace_module,
+    unwrap,
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,7 @@ class InjectionPlan:
     modules_to_save: list[str]
     # modules owning adapted parameters (target_parameters), with those parameters in nesting order
     param_targets: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)
+    token_targets: list[TokenTarget] = dataclasses.field(default_factory=list)  # trainable_token_indices
 
 
 def check_svd_target(module: nn.Module, path: str) -> None:
@@ -102,17 +114,28 @@ def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str, stri
     for path in save:
         if isinstance(model.get_submodule(path), LoraLayer):
             raise LoraError(f"{path!r} already has LoRA from another adapter; it cannot also be in modules_to_save.")
+    tokens = find_token_targets(model, config)
+    for target in tokens:
+        module = model.get_submodule(target.path)
+        if target.path in targets or isinstance(module, LoraLayer):
+            raise ConfigError(f"{target.path!r} has LoRA, so its rows cannot also train as trainable tokens; leave it "
+                              "out of target_modules or of trainable_token_indices.")
+        if target.path in save or isinstance(module, ModulesToSave):
+            raise ConfigError(f"{target.path!r} is trained in full (modules_to_save), so it cannot also train a few "
+                              "rows (trainable_token_indices); choose one.")
     if config.base_model_name_or_path is None:
         name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         config = dataclasses.replace(config, base_model_name_or_path=name)
-    return InjectionPlan(config=config, targets=targets, modules_to_save=save, param_targets=param_targets)
+    return InjectionPlan(config=config, targets=targets, modules_to_save=save, param_targets=param_targets,
+                         token_targets=tokens)
 
 
 def apply_plan(model: nn.Module, plan: InjectionPlan, adapter_name: str) -> None:
     """Add the planned adapter. Every module it creates takes the train/eval mode of the module it
     wraps (as PEFT: an adapter loaded into a model in eval mode runs without dropout)."""
     config = plan.config
-    paths = [*plan.targets, *(p for p, _ in plan.param_targets), *plan.modules_to_save]
+    paths = [*plan.targets, *(p for p, _ in plan.param_targets), *plan.modules_to_save,
+             *(t.path for t in plan.token_targets)]
     modes = {path: model.get_submodule(path).training for path in paths}
     for path in plan.targets:
         base = unwrap(model.get_submodule(path))
@@ -129,6 +152,13 @@ def apply_plan(model: nn.Module, plan: InjectionPlan, adapter_name: str) -> None
                               config.init_lora_weights)
     for path in plan.modules_to_save:
         _wrap(model, path, ModulesToSave).add_adapter(adapter_name)
+    for target in plan.token_targets:  # embeddings come before the output heads tied to them
+        tied = model.get_submodule(target.tied_to) if target.tied_to else None
+        wrapper = model.get_submodule(target.path)
+        if not isinstance(wrapper, TrainableTokens):
+            wrapper = TrainableTokens(wrapper, tied_to=tied)
+            replace_module(model, target.path, wrapper)
+        wrapper.add_adapter(adapter_name, list(target.indices))
     for path, training in modes.items():
         model.get_submodule(path).train(training)
     reg = ensure_registry(model)
@@ -143,6 +173,7 @@ def apply_plan(model: nn.Module, plan: InjectionPlan, adapter_name: str) -> None
 
 
 def set_active(model: nn.Module, names: list[str]) -> None:
+    check_one_token_adapter(model, list(names))
     registry(model).active = list(names)
     for _, module in adapter_wrappers(model):
         module.active_adapters = [n for n in names if n in module.adapter_names]

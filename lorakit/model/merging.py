@@ -12,8 +12,18 @@ from torch import nn
 from ..errors import ConfigError, LoraError, MergeStateError
 from ..kernels.nf4 import requantize_warning
 from ..layers.base import LoraLayer
+from ..layers.trainable_tokens import TrainableTokens
 from .qlora import dequantize
-from .state import adapter_wrappers, check_names, drop_registry, lora_layers, merged_adapters, registry
+from .state import (
+    adapter_wrappers,
+    check_names,
+    check_one_token_adapter,
+    drop_registry,
+    lora_layers,
+    merged_adapters,
+    registry,
+    token_wrappers,
+)
 from .targeting import replace_module
 
 
@@ -40,7 +50,14 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool =
     if quantized:
         requantize_warning()
     _refuse_tied_weights(model, [(path, layer) for path, layer in layers if not layer.quantized])
+    tables = token_wrappers(model)
+    check_one_token_adapter(model, names)
     if safe:
+        for path, table in tables:
+            broken = [n for n in names if n in table.adapter_names and not torch.isfinite(table.deltas[n]).all()]
+            if broken:
+                raise LoraError(f"adapter {broken[0]!r}'s trainable token rows in {path!r} hold NaN/Inf; nothing was "
+                                "merged. The adapter is likely broken (diverged training).")
         for path, layer in layers:
             candidate = layer.base_weight.detach().clone()
             for name in (n for n in names if n in layer.adapter_names):
@@ -52,6 +69,8 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool =
                 )
     for _, layer in layers:
         layer.merge([n for n in names if n in layer.adapter_names])
+    for _, table in tables:
+        table.merge([n for n in names if n in table.adapter_names])
     return model
 
 
@@ -77,7 +96,7 @@ _merge_into_weights = merge  # unload's `merge` flag shadows the function name
 def unmerge(model: nn.Module) -> nn.Module:
     """Subtract every merged update back out of the base weights."""
     registry(model)
-    for _, layer in lora_layers(model):
+    for _, layer in [*lora_layers(model), *token_wrappers(model)]:
         layer.unmerge()
     return model
 
@@ -116,6 +135,8 @@ def _replace_wrappers_once(model: nn.Module, keep_copy: str | None, only_empty: 
             continue  # moved by replacing its outer wrapper in this pass
         if isinstance(module, LoraLayer):
             plain = module.base_layer
+        elif isinstance(module, TrainableTokens):  # merged: its rows are in the table; else never were
+            plain = module.original_module
         else:
             plain = module.module_for(keep_copy) if keep_copy else module.original_module
         plain.requires_grad_(False)

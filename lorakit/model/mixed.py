@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import LoraError, MergeStateError
-from .state import BASE, check_names, lora_layers, saved_modules
+from .state import BASE, check_names, lora_layers, saved_modules, token_wrappers
 
 CONCAT_COLUMNS = 128  # adapters × rank up to which one-token steps multiply by all adapters at once
 
@@ -111,8 +111,8 @@ def mixed_batch(model: nn.Module, adapter_names: list[str], stack: list[str] | N
     names = check_names(model, adapter_names, allow_base=True)
     if not names:
         raise LoraError("mixed_batch needs one adapter name per batch row; got an empty list.")
-    layers, heads = lora_layers(model), saved_modules(model)
-    merged = sorted({n for _, layer in layers for n in layer.merged_adapters})
+    layers, heads = lora_layers(model), [*saved_modules(model), *token_wrappers(model)]
+    merged = sorted({n for _, layer in [*layers, *token_wrappers(model)] for n in layer.merged_adapters})
     if merged:
         raise MergeStateError(f"adapters {merged} are merged into the weights; call lk.unmerge(model) before mixed_batch.")
     distinct = [n for n in dict.fromkeys(names) if n != BASE]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..kernels.nf4 import Linear4bit
-from .state import lora_layers, saved_modules
+from .state import lora_layers, saved_modules, token_wrappers
 
 
 @dataclass(frozen=True)
@@ -63,4 +63,9 @@ def trainable_parameters(model: nn.Module) -> ParameterReport:
         base = sum(p.numel() for p in wrapper.original_module.parameters())
         for name, copy in wrapper.modules_to_save.items():
             rows.append(ModuleRow(path, "saved", name, None, sum(p.numel() for p in copy.parameters()), base))
+    for path, table in token_wrappers(model):
+        for name in table.adapter_names:
+            count = sum(p.numel() for p in table.adapter_parameters(name))
+            if count:  # a tied output head trains the embedding's rows, counted there
+                rows.append(ModuleRow(path, "tokens", name, None, count, table.original_module.weight.numel()))
     return ParameterReport(trainable=trainable, total=total, lora=lora, rows=rows)

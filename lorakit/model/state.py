@@ -15,6 +15,7 @@ from ..config import LoraConfig
 from ..errors import AdapterNotFoundError, LoraError
 from ..layers.base import LoraLayer
 from ..layers.modules_to_save import ModulesToSave
+from ..layers.trainable_tokens import TrainableTokens
 
 BASE = "__base__"  # the pseudo-adapter name meaning "no adapter" in mixed batches
 _ATTR = "_lorakit_registry"
@@ -77,6 +78,8 @@ def _walk(model: nn.Module, into_copies: bool = True):
         children = module._modules.items()
         if isinstance(module, LoraLayer):
             children = [(name, child) for name, child in children if name == "base_layer"]
+        elif isinstance(module, TrainableTokens):
+            children = [(name, child) for name, child in children if name == "original_module"]
         elif isinstance(module, ModulesToSave) and not into_copies:
             children = [(name, child) for name, child in children if name == "original_module"]
         todo.extend((f"{path}.{name}" if path else name, child) for name, child in reversed(list(children))
@@ -95,7 +98,7 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
 def merged_adapters(model: nn.Module) -> list[str]:
     """Names of the adapters currently folded into the base weights."""
     merged: list[str] = []
-    for _, layer in lora_layers(model):
+    for _, layer in [*lora_layers(model), *token_wrappers(model)]:
         merged += [n for n in layer.merged_adapters if n not in merged]
     return merged
 
@@ -104,9 +107,26 @@ def saved_modules(model: nn.Module) -> list[tuple[str, ModulesToSave]]:
     return [(n, m) for n, m in _walk(model) if isinstance(m, ModulesToSave)]
 
 
+def token_wrappers(model: nn.Module) -> list[tuple[str, TrainableTokens]]:
+    """Tables training a few rows (trainable_token_indices), embeddings before tied output heads."""
+    found = [(n, m) for n, m in _walk(model) if isinstance(m, TrainableTokens)]
+    return sorted(found, key=lambda item: item[1].tied_to is not None)
+
+
+def check_one_token_adapter(model: nn.Module, names: list[str]) -> None:
+    """At most one of ``names`` may train rows of any one table (PEFT's rule: with two, whose row
+    a token gets would be ambiguous)."""
+    for path, table in token_wrappers(model):
+        holding = [n for n in names if n in table.adapter_names]
+        if len(holding) > 1:
+            raise LoraError(f"adapters {holding} both train token rows of {path!r}; use one of them at a time "
+                            "(or a mixed batch, one per row).")
+
+
 def adapter_wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every LoRA layer and saved module, outermost first (parameter wrappers nest)."""
-    return [(n, m) for n, m in _walk(model) if isinstance(m, (LoraLayer, ModulesToSave))]
+    """Every LoRA layer, saved module and trainable-tokens table, outermost first (parameter
+    wrappers nest)."""
+    return [(n, m) for n, m in _walk(model) if isinstance(m, (LoraLayer, ModulesToSave, TrainableTokens))]
 
 
 def base_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -134,6 +154,10 @@ def apply_trainability(model: nn.Module) -> None:
     for _, wrapper in saved_modules(model):
         for name, copy in wrapper.modules_to_save.items():
             copy.requires_grad_(name in trainable)
+    for _, wrapper in token_wrappers(model):
+        for name in wrapper.adapter_names:
+            for p in wrapper.adapter_parameters(name):
+                p.requires_grad_(name in trainable)
     bias_modes = {reg.configs[n].bias for n in trainable}
     if "all" in bias_modes:
         for pname, p in base.items():

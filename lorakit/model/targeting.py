@@ -10,14 +10,18 @@ from __future__ import annotations
 import difflib
 import re
 import warnings
+from dataclasses import dataclass
 from typing import Iterator
 
 from torch import nn
 
 from ..config import CLASSIFIER_HEAD_NAMES, SEQ_CLS_HEAD_NAMES, LoraConfig
-from ..errors import TargetNotFoundError
+from ..errors import ConfigError, TargetNotFoundError
 from ..layers.base import LoraLayer, is_linear_like
 from ..layers.modules_to_save import ModulesToSave
+from ..layers.trainable_tokens import TrainableTokens
+
+WRAPPERS = (LoraLayer, ModulesToSave, TrainableTokens)  # what stands in for a module of the plain model
 
 
 def iter_base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -26,14 +30,14 @@ def iter_base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str,
     for name, child in model.named_children():
         path = f"{prefix}{name}"
         yield path, child
-        if not isinstance(child, (LoraLayer, ModulesToSave)):
+        if not isinstance(child, WRAPPERS):
             yield from iter_base_modules(child, prefix=f"{path}.")
 
 
 def unwrap(module: nn.Module) -> nn.Module:
     if isinstance(module, LoraLayer):
         return module.base_layer
-    if isinstance(module, ModulesToSave):
+    if isinstance(module, (ModulesToSave, TrainableTokens)):
         return module.original_module
     return module
 
@@ -171,6 +175,83 @@ def find_modules_to_save(model: nn.Module, names: list[str] | None, strict: bool
         )
     # A matched container also matches its children by suffix; keep the outermost.
     return [p for p in found if not any(p.startswith(f"{q}.") for q in found)]
+
+
+@dataclass(frozen=True)
+class TokenTarget:
+    """A table whose rows ``indices`` train (trainable_token_indices); ``tied_to``: the embedding
+    whose weight this output head shares (it then holds no rows of its own)."""
+
+    path: str
+    indices: tuple[int, ...]
+    tied_to: str | None = None
+
+
+def find_token_targets(model: nn.Module, config: LoraConfig) -> list[TokenTarget]:
+    """Where ``config.trainable_token_indices`` trains rows, as PEFT resolves it: a list means the
+    input embedding; a dict maps module names (matched as path suffixes) to ids. An output head tied
+    to a targeted input embedding follows it. Raises on names that match nothing, tables of another
+    kind and ids outside the vocabulary."""
+    spec = config.trainable_token_indices
+    if spec is None:
+        return []
+    modules = list(iter_base_modules(model))
+    embedding = _input_embedding(model)
+    if isinstance(spec, dict):
+        wanted = list(spec.items())
+    else:
+        path = _path_of(model, embedding) if embedding is not None else None
+        path = path or next((p for p, _ in modules if p.endswith("embed_tokens")), None)
+        if path is None:
+            raise TargetNotFoundError("trainable_token_indices is a list, meaning the input embedding, and this model "
+                                      "has none that lorakit can find; give {module name: ids} instead.")
+        wanted = [(path, spec)]
+    targets: dict[str, tuple[int, ...]] = {}
+    for name, ids in wanted:
+        found = [p for p, _ in modules if p.endswith(name)]
+        if not found:
+            close = difflib.get_close_matches(name, sorted({p.rsplit(".", 1)[-1] for p, _ in modules}), n=5)
+            raise TargetNotFoundError(f"trainable_token_indices names {name!r}, which matches no module of the model; "
+                                      f"close names: {close}.")
+        for path in found:
+            _check_token_table(unwrap(model.get_submodule(path)), path, ids)
+            targets[path] = tuple(ids)
+    result = [TokenTarget(path, ids) for path, ids in targets.items()]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embedding_path = _path_of(model, embedding) if embedding is not None else None
+    if head is not None and embedding_path in targets and unwrap(head).weight is unwrap(embedding).weight:
+        head_path = _path_of(model, head)
+        if head_path in targets and targets[head_path] != targets[embedding_path]:
+            raise ConfigError(f"{head_path!r} shares its weight with {embedding_path!r} (tied embeddings), so both "
+                              "must train the same token ids; give them the same list, or only the embedding.")
+        result = [t for t in result if t.path != head_path] + [TokenTarget(head_path, targets[embedding_path],
+                                                                           tied_to=embedding_path)]
+    return result
+
+
+def _input_embedding(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except NotImplementedError:
+        return None
+
+
+def _check_token_table(module: nn.Module, path: str, ids) -> None:
+    if isinstance(module, nn.Embedding):
+        if module.max_norm is not None:
+            raise ConfigError(f"{path!r} renormalises its rows (max_norm); trainable tokens need a plain embedding.")
+        size = module.num_embeddings
+    elif isinstance(module, nn.Linear) and module.bias is None:
+        size = module.out_features
+    else:
+        raise ConfigError(f"trainable_token_indices targets {path!r}, a {type(module).__name__}; it trains rows of an "
+                          "nn.Embedding (or of a bias-free output head).")
+    outside = [i for i in ids if i >= size]
+    if outside:
+        raise ConfigError(f"trainable_token_indices has token ids {outside[:5]} outside {path!r}'s vocabulary of {size} "
+                          "rows; resize the embedding first (model.resize_token_embeddings(len(tokenizer)), what "
+                          "`lorakit train --add-tokens` does) or fix the ids.")
 
 
 def minimal_suffixes(model: nn.Module, chosen: list[str]) -> list[str]:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 import lorakit as lk
 
 from ..errors import ConfigError, TrainingDivergedError
-from ..hub.models import load_empty, load_model, resolve_model_path
+from ..hub.models import fit_vocabulary, load_empty, load_model, resolve_model_path
 from ..io.atomic import staged_directory, staged_file
 from ..io.runs import RUN_FILE, run_record
 from ..kernels.losses import ChunkedLossLM, supports_chunked_loss
@@ -53,7 +53,7 @@ from .options import TrainOptions, save_options
 from .packing import pack_examples
 from .placement import placement_for
 from .reporting import Reporter, json_record
-from .setup import clamp_seq_len, prepare_model, prepare_output, shards_from_files
+from .setup import add_and_choose_tokens, clamp_seq_len, prepare_model, prepare_output, shards_from_files
 
 BEST = "best_trainable.safetensors"
 BAR_KEYS = ("reward", "kl", "rewards/accuracies", "rollout_tokens_per_s")  # shown beside the loss
@@ -130,6 +130,9 @@ class Trainer:
             model = self.checkpoint.model
         else:
             model, self.tokenizer = load_model(o.model, task, self.labels, quantize=quantize, dtype=quantize)
+        if o.adapter:  # continuing an adapter whose run added tokens: its tokenizer, the embedding resized
+            self.tokenizer = fit_vocabulary(model, o.adapter) or self.tokenizer
+        self.token_indices = add_and_choose_tokens(model, self.tokenizer, o)
         self.seq_len = clamp_seq_len(o.seq_len, model)
         self.templates = (o.prompt_template, o.response_template)
         if o.task == "sft" and not any(self.templates) and o.data in EMBEDDED_SFT_TEMPLATES:
@@ -175,7 +178,7 @@ class Trainer:
         sharding, on the shards."""
         o = self.options
         self.adalora, self.placement = o.method == "adalora", placement_for(o.fsdp, self.checkpoint)
-        self.model = prepare_model(model, o, self.total_steps)
+        self.model = prepare_model(model, o, self.total_steps, self.token_indices)
         if self.checkpoint is not None:  # the adapters' initial values, drawn as prepare_model's injection drew them
             torch.manual_seed(o.seed)
             materialize_adapters(self.model)

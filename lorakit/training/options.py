@@ -23,6 +23,8 @@ class TrainOptions:
     dropout: float = 0.05
     targets: list[str] | str | None = None  # None: the task's default (TASK_DEFAULTS)
     modules_to_save: list[str] | None = None  # trained in full besides the adapters (classify adds its head)
+    add_tokens: list[str] | None = None  # new tokens: added to the tokenizer, the embedding resized, their rows trained
+    trainable_tokens: list[str] | None = None  # existing tokens (ids or token strings) whose embedding rows train
     use_dora: bool = False              # DoRA: a learned magnitude per output feature
     init: str | None = None             # init_lora_weights: pissa, pissa_niter_K, olora, gaussian (None: default)
     rslora: bool = False                # scaling alpha/sqrt(r)
@@ -102,18 +104,19 @@ class TrainOptions:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def lora_config(self, total_steps: int | None = None):
+    def lora_config(self, total_steps: int | None = None, token_indices=None):
         """The adapter config this run trains, built here only: the trainer, the memory estimate and
         the option checks all use it, and its own checks are the only ones (their messages name the
         command-line flags). ``total_steps``: the run's length, which AdaLoRA's schedule needs
-        (--max-steps when not given)."""
+        (--max-steps when not given); ``token_indices``: trainable_token_indices, the ids that
+        --add-tokens / --trainable-tokens name once the tokenizer has resolved them (setup.py)."""
         from ..config import LoraConfig
         from ..variants.adalora import AdaLoraConfig
 
         fields = dict(lora_alpha=self.lora_alpha, lora_dropout=self.dropout, target_modules=self.targets,
                       task_type="SEQ_CLS" if self.task == "classify" else "CAUSAL_LM",
                       modules_to_save=self.modules_to_save,  # SEQ_CLS adds the classifier head, as PEFT does
-                      use_rslora=self.rslora)
+                      use_rslora=self.rslora, trainable_token_indices=token_indices)
         try:
             if self.method == "adalora":
                 steps = total_steps or self.max_steps or 1
@@ -263,6 +266,7 @@ def _check(options: TrainOptions) -> None:
 
     check_mixture(options.data)
     check_trackers(options.report_to)
+    _check_tokens(options)
     if options.full and options.qlora:
         raise ConfigError("--full and --qlora exclude each other (QLoRA trains adapters on a frozen 4-bit base)")
     if options.fsdp:
@@ -273,6 +277,21 @@ def _check(options: TrainOptions) -> None:
                               "torchrun --nproc_per_node 2 -m lorakit train ... --fsdp")
         if options.method == "adalora" or options.compile:
             raise ConfigError("--fsdp does not combine with --method adalora or --compile yet; drop one of them")
+
+
+def _check_tokens(options: TrainOptions) -> None:
+    if not (options.add_tokens or options.trainable_tokens):
+        return
+    if options.task == "classify":
+        raise ConfigError("--add-tokens / --trainable-tokens train rows of a language model's embedding; classify "
+                          "runs train a head instead: drop them")
+    if options.full and options.trainable_tokens:
+        raise ConfigError("--trainable-tokens picks embedding rows to train, and --full trains every weight: drop one")
+    if options.fsdp or options.method == "adalora":
+        raise ConfigError("--add-tokens / --trainable-tokens do not combine with --fsdp or --method adalora yet")
+    for flag, tokens in (("--add-tokens", options.add_tokens), ("--trainable-tokens", options.trainable_tokens)):
+        if tokens is not None and (not tokens or any(not str(t).strip() for t in tokens)):
+            raise ConfigError(f"{flag} needs one or more tokens, got {tokens!r}")
 
 
 LOSS_TYPES = {"dpo": ("sigmoid", "ipo", "hinge", "robust", "simpo"), "grpo": ("dapo", "grpo", "bnpo", "dr_grpo")}

@@ -34,7 +34,48 @@ def clamp_seq_len(seq_len: int, model) -> int:
     return seq_len
 
 
-def prepare_model(model, options: TrainOptions, total_steps: int | None = None):
+def add_and_choose_tokens(model, tokenizer, options: TrainOptions):
+    """trainable_token_indices for --add-tokens / --trainable-tokens (None without them).
+
+    --add-tokens adds the tokens to the tokenizer and resizes the embedding (transformers' mean
+    initialisation for the new rows); their rows train. An output head with its own weight (untied)
+    trains the same rows, or the new tokens could never be predicted. --trainable-tokens names
+    existing tokens, as ids or as the tokenizer spells them (e.g. a chat template's <|im_end|>)."""
+    if not (options.add_tokens or options.trainable_tokens):
+        return None
+    ids = [_token_id(tokenizer, token, len(tokenizer)) for token in options.trainable_tokens or []]
+    if options.add_tokens:
+        known = [t for t in options.add_tokens if t in tokenizer.get_vocab()]
+        if known:
+            raise ConfigError(f"--add-tokens: {known[:5]} are already in the vocabulary; name existing tokens with "
+                              "--trainable-tokens instead")
+        tokenizer.add_tokens(list(options.add_tokens))
+        model.resize_token_embeddings(len(tokenizer))
+        ids += [tokenizer.convert_tokens_to_ids(t) for t in options.add_tokens]
+    ids = list(dict.fromkeys(ids))
+    if options.full:
+        return None  # every row trains anyway; the tokens only needed adding
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if options.add_tokens and head is not None and head.weight is not embedding.weight:
+        names = {module: name for name, module in model.named_modules()}
+        return {names[embedding]: ids, names[head]: ids}
+    return ids
+
+
+def _token_id(tokenizer, token: str, vocab: int) -> int:
+    token = str(token).strip()
+    if token.isdigit():
+        if int(token) >= vocab:
+            raise ConfigError(f"--trainable-tokens: token id {token} is outside the vocabulary of {vocab} tokens")
+        return int(token)
+    found = tokenizer.get_vocab().get(token)
+    if found is None:
+        raise ConfigError(f"--trainable-tokens: {token!r} is not a token of this tokenizer (give the token as it "
+                          "is spelled in the vocabulary, an id, or add it with --add-tokens)")
+    return found
+
+
+def prepare_model(model, options: TrainOptions, total_steps: int | None = None, token_indices=None):
     if options.grad_checkpointing:  # non-reentrant: works with a frozen base and the fused LoRA path
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -54,7 +95,7 @@ def prepare_model(model, options: TrainOptions, total_steps: int | None = None):
         # the adapter's initial values depend on the seed alone, not on what loading the model drew
         # (a sharded run builds it on the meta device and draws the same values later: fsdp.py)
         torch.manual_seed(options.seed)
-        lk.inject(model, options.lora_config(total_steps))
+        lk.inject(model, options.lora_config(total_steps, token_indices))
     if options.bf16:  # frozen base in bf16 (a QLoRA base: what is not 4-bit); LoRA weights and heads stay fp32
         lk.cast_base(model, torch.bfloat16)
     return model
@@ -67,4 +108,4 @@ def shards_from_files(options: TrainOptions) -> bool:
     from ..variants.principal import is_principal_init
 
     return (not options.full and options.method == "lora" and not options.use_dora and options.adapter is None
-            and not is_principal_init(options.init or True))
+            and not is_principal_init(options.init or True) and not (options.add_tokens or options.trainable_tokens))

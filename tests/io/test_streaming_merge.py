@@ -129,3 +129,39 @@ def test_a_corrupt_index_or_a_base_of_other_shapes_is_named_and_nothing_written(
     with pytest.raises(lk.ConfigError, match="not a valid safetensors index"):
         stream_merge(tmp_path / "adapter", base_dir, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_trainable_token_rows_are_merged_as_in_memory(tmp_path, tied):
+    model = tiny_llama()
+    model.config.tie_word_embeddings = tied
+    if not tied:
+        model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone() * 0.5)
+    else:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path / "base", max_shard_size="10KB")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    indices = [3, 40] if tied else {"embed_tokens": [3, 40], "lm_head": [7]}
+    adapted = lk.inject(copy.deepcopy(base), lk.LoraConfig(r=4, target_modules=["q_proj"],
+                                                           trainable_token_indices=indices))
+    randomize_lora(adapted, scale=0.3)
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "trainable_tokens_delta" in name:
+                param.normal_()
+    lk.save_adapter(adapted, tmp_path / "adapter")
+    report = stream_merge(tmp_path / "adapter", tmp_path / "base", tmp_path / "merged")
+    assert report["replaced"] == (1 if tied else 2)
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
+    in_memory = lk.unload(lk.load_adapter(copy.deepcopy(base), tmp_path / "adapter")).state_dict()
+    for key in streamed:
+        assert torch.equal(streamed[key], in_memory[key]), key
+    assert not torch.equal(streamed["model.embed_tokens.weight"], base.state_dict()["model.embed_tokens.weight"])
+    # an adapter whose run added tokens cannot be merged into the smaller table on file
+    grown = copy.deepcopy(base)
+    grown.resize_token_embeddings(base.config.vocab_size + 2)
+    lk.inject(grown, lk.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[base.config.vocab_size]))
+    lk.save_adapter(grown, tmp_path / "grown")
+    with pytest.raises(lk.ConfigError, match="added tokens"):
+        stream_merge(tmp_path / "grown", tmp_path / "base", tmp_path / "merged2")
+    assert not (tmp_path / "merged2").exists()

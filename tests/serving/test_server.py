@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 from transformers import AutoModelForSequenceClassification
 
 import lorakit as lk
@@ -145,3 +146,41 @@ def test_classifier_server(classifier_dir, tmp_path):
         assert [set(d["probabilities"]) for d in reply["data"]] == [{"neg", "pos"}] * 2
         assert httpx.post(f"{running.url}/v1/completions", json={"model": "senti", "prompt": "x"}).status_code == 400
 
+
+
+def test_trainable_token_adapters_share_batches_and_equal_offline(causal_dir, adapter_dir, tmp_path):
+    """An adapter that trains embedding rows (trainable tokens, tied or not: this base is untied) is
+    served in the same batches as plain LoRA adapters and the base, each row with its own rows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(causal_dir)
+    ids = tokenizer.convert_tokens_to_ids(["film", "good", "the", "<|im_end|>"])
+    model = AutoModelForCausalLM.from_pretrained(causal_dir)
+    lk.inject(model, lk.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["q_proj"],
+                                   trainable_token_indices={"embed_tokens": ids, "lm_head": ids}))
+    randomize_lora(model, scale=0.8, seed=11)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                param.normal_(0, 2.0)
+    lk.save_adapter(model, tmp_path / "tokens")
+    (tmp_path / "alpha").symlink_to(adapter_dir / "alpha")
+    big = AutoModelForCausalLM.from_pretrained(causal_dir)  # an adapter for a larger vocabulary
+    big.resize_token_embeddings(big.config.vocab_size + 4)
+    lk.inject(big, lk.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[big.config.vocab_size - 1]))
+    lk.save_adapter(big, tmp_path / "grown")
+    engine = build_engine(causal_dir, {"tokens": tmp_path / "tokens", "alpha": tmp_path / "alpha"},
+                          adapter_dir=str(tmp_path))
+    with BackgroundServer(engine) as running:
+        jobs = [(adapter, prompt) for adapter in ["tokens", "alpha", engine.base_name] for prompt in PROMPTS[:3]]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            replies = list(pool.map(lambda job: complete(running.url, *job), jobs))
+        assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+        texts = {}
+        for (adapter, prompt), reply in zip(jobs, replies):
+            name = "base" if adapter == engine.base_name else adapter
+            texts[adapter, prompt] = reply.json()["choices"][0]["text"]
+            assert texts[adapter, prompt] == offline(causal_dir, tmp_path, name, prompt), (adapter, prompt)
+        assert any(texts["tokens", p] != texts[engine.base_name, p] for p in PROMPTS[:3])
+        refused = complete(running.url, "grown", "the film was")
+        assert refused.status_code == 422 and "outside" in refused.json()["error"]["message"]
