@@ -69,7 +69,8 @@ class LoraConfig:
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     use_rslora: bool = False
     use_dora: bool = False  # DoRA (lorakit/variants/dora.py): a learned magnitude per output feature
-    init_lora_weights: bool | str = True  # True, False, "gaussian", "pissa", "pissa_niter_K", "olora" (variants/principal.py)
+    init_lora_weights: bool | str = True  # True, False, "gaussian", "pissa", "pissa_niter_K", "olora" (variants/principal.py), "loftq"
+    loftq_config: dict = field(default_factory=dict)  # init "loftq": PEFT's LoftQConfig fields (variants/loftq.py)
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     layers_to_transform: list[int] | int | None = None
@@ -92,11 +93,19 @@ class LoraConfig:
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
         if self.init_lora_weights not in (True, False, "gaussian") and not (
                 isinstance(self.init_lora_weights, str)
-                and re.fullmatch(r"pissa|pissa_niter_\d+|olora", self.init_lora_weights)):
+                and re.fullmatch(r"pissa|pissa_niter_\d+|olora|loftq", self.init_lora_weights)):
             raise ConfigError(
                 f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_K' (K subspace "
-                f"iterations) or 'olora', got {self.init_lora_weights!r}."
+                f"iterations), 'olora' or 'loftq', got {self.init_lora_weights!r}."
             )
+        if self.init_lora_weights == "loftq":
+            if not self.loftq_config:
+                raise ConfigError("init_lora_weights='loftq' needs loftq_config (as PEFT), e.g. "
+                                  "{'loftq_bits': 4, 'loftq_iter': 1}.")
+            check_loftq_config(self.loftq_config)
+            if self.use_dora or self.target_parameters:
+                raise ConfigError("init_lora_weights='loftq' initialises plain LoRA on linear layers; drop use_dora / "
+                                  "target_parameters, or use another init.")
         self._check_rank_pattern()
         self._check_token_indices()
         for pattern, alpha in self.alpha_pattern.items():
@@ -185,10 +194,29 @@ class LoraConfig:
             # PiSSA / OLoRA stay: as PEFT does, loading re-runs them, because the adapter was trained on
             # the residual base they leave behind.
             kwargs["init_lora_weights"] = True
+        if kwargs.get("init_lora_weights") != "loftq":
+            kwargs.pop("loftq_config", None)  # only meaningful with init "loftq", which loading never re-runs
         for key in ("target_modules", "target_parameters"):
             if isinstance(kwargs.get(key), (set, tuple)):
                 kwargs[key] = sorted(kwargs[key])
         return cls(**kwargs)
+
+
+LOFTQ_DEFAULTS = {"loftq_bits": 4, "loftq_iter": 1}  # PEFT's LoftQConfig
+
+
+def check_loftq_config(loftq_config: dict) -> dict:
+    """PEFT's LoftQConfig fields, defaults filled in; refused when lorakit cannot honour them."""
+    unknown = set(loftq_config) - set(LOFTQ_DEFAULTS)
+    if unknown:
+        raise ConfigError(f"loftq_config has unknown fields {sorted(unknown)}; it takes {sorted(LOFTQ_DEFAULTS)}.")
+    config = {**LOFTQ_DEFAULTS, **loftq_config}
+    if config["loftq_bits"] != 4:
+        raise ConfigError(f"loftq_bits={config['loftq_bits']!r}: lorakit's LoftQ quantizes to 4-bit NF4 (QLoRA's "
+                          "format); 8-bit bases are not implemented. Use loftq_bits=4.")
+    if not isinstance(config["loftq_iter"], int) or config["loftq_iter"] < 1:
+        raise ConfigError(f"loftq_iter must be a positive integer (alternating rounds), got {config['loftq_iter']!r}.")
+    return config
 
 
 def _pattern_value(patterns: dict, module_name: str, default):

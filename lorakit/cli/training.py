@@ -34,8 +34,10 @@ TRAIN_FLAGS = [
     ("--neftune-noise-alpha", float, "NEFTune: uniform noise of scale ALPHA/sqrt(seq_len*hidden) on the input "
                                      "embeddings while training, as transformers' Trainer (the paper uses 5)"),
     ("--save-steps", int, "write a resumable checkpoint every N steps"),
-    ("--init", str, "adapter initialisation: gaussian, pissa, pissa_niter_K (randomised SVD, K iterations) or "
-                    "olora (default: Kaiming A, zero B); pissa/olora runs save an adapter for the original base"),
+    ("--init", str, "adapter initialisation: gaussian, pissa, pissa_niter_K (randomised SVD, K iterations), "
+                    "olora (default: Kaiming A, zero B; pissa/olora runs save an adapter for the original base), or "
+                    "loftq with --qlora (A, B start as the best rank-r fit of the 4-bit error W - NF4(W); "
+                    "--alpha then defaults to r)"),
     ("--loraplus-ratio", float, "LoRA+: B learns RATIO times faster than A (the paper uses 16)"),
     ("--optim", str, "optimizer: adamw (default), adamw8bit (bitsandbytes, 8-bit moments), sgd (momentum 0.9), "
                       "adafactor"),

@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..io.model_files import TORCH_DTYPES, Entry, checkpoint_entries, has_safetensors, read_entry
 from ..kernels.nf4 import Linear4bit
-from ..model.qlora import quantized_layers
+from ..model.qlora import quantized_layers, remember_full_weights
 
 HEAD_PREFIXES = ("classifier", "score", "pre_classifier")  # task heads a base checkpoint lacks: new, initialised
 HEADROOM = 0.9  # of the memory available, what a model may take (the rest: activations, the optimizer, the OS)
@@ -184,6 +184,9 @@ def fill(empty: EmptyModel) -> nn.Module:
     left = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
     if left:
         raise ConfigError(f"loading {empty.path} left {left[:3]} without values; load it without --qlora")
+    if empty.quantized:  # LoftQ reads a 4-bit layer's weight again, as it was quantized from (in empty.dtype)
+        key_of = {name: key for key, name in empty.names.items()}
+        remember_full_weights(model, lambda path: read_entry(empty.entries[key_of[f"{path}.weight"]]).to(empty.dtype))
     return model.eval()
 
 

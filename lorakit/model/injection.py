@@ -14,6 +14,7 @@ from torch import nn
 from ..config import CLASSIFIER_HEAD_NAMES, HEAD_TASK_TYPES, LoraConfig, resolve_target_modules
 from ..errors import ConfigError, LoraError
 from ..kernels.lora import SHARED_INPUT_SETS, SharedInputGroup
+from ..kernels.nf4 import Linear4bit
 from ..layers.base import LoraLayer, conv1d_class
 from ..layers.conv import CONV_TYPES, LoraConv, check_conv
 from ..layers.embedding import LoraEmbedding
@@ -23,8 +24,10 @@ from ..layers.moe import convert_moe_config, find_param_targets, nested_path
 from ..layers.param import LoraParam
 from ..layers.trainable_tokens import TrainableTokens
 from ..variants.adalora import add_singular_values, is_adalora
+from ..variants.loftq import check_loftq_target, loftq_init
 from ..variants.principal import check_principal_init, is_principal_init
 from .adalora import add_penalty_hook
+from .qlora import full_weights
 from .state import (
     BASE,
     adapter_wrappers,
@@ -107,6 +110,8 @@ def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str, stri
         for path in targets:
             check_svd_target(unwrap(model.get_submodule(path)), path)
     for path in targets:
+        if config.init_lora_weights == "loftq":
+            check_loftq_target(unwrap(model.get_submodule(path)), path, full_weights(model) is not None)
         check_principal_init(unwrap(model.get_submodule(path)), config.init_lora_weights, path)
         check_conv(unwrap(model.get_submodule(path)), path)
         if isinstance(model.get_submodule(path), ModulesToSave):
@@ -144,6 +149,9 @@ def apply_plan(model: nn.Module, plan: InjectionPlan, adapter_name: str) -> None
                           config.lora_dropout, config.init_lora_weights, use_dora=config.use_dora)
         if is_adalora(config):
             add_singular_values(layer, adapter_name, config.init_lora_weights)
+        if config.init_lora_weights == "loftq":  # the base then holds the quantized weight A, B complement
+            quantized = isinstance(layer.base_layer, Linear4bit)
+            loftq_init(layer, adapter_name, config.loftq_config, full_weights(model)(path) if quantized else None)
     for path, names in plan.param_targets:
         for name in names:
             layer = _param_wrapper(model, path, names, name)
@@ -230,7 +238,8 @@ def materialize_adapters(model: nn.Module, device: torch.device | str = "cpu") -
     values equal a normal injection's. Inits that read the base weight cannot run yet: refused."""
     configs = registry(model).configs
     for name, config in configs.items():
-        if is_principal_init(config.init_lora_weights) or config.use_dora or is_adalora(config):
+        if is_principal_init(config.init_lora_weights) or config.init_lora_weights == "loftq" or config.use_dora \
+                or is_adalora(config):
             raise ConfigError(f"adapter {name!r} starts from the base weights (PiSSA / OLoRA, DoRA's magnitude or "
                               "AdaLoRA's SVD form), which a model built on the meta device does not hold yet")
     for _, layer in lora_layers(model):

@@ -11,6 +11,19 @@ from ..kernels.nf4 import Linear4bit
 from .state import has_adapters
 from .targeting import name_matches, output_head_names
 
+FULL_WEIGHTS = "_lorakit_full_weights"  # where a 4-bit model's full-precision weights can be read again
+
+
+def remember_full_weights(model: nn.Module, read) -> None:
+    """Record ``read(module_path) -> weight``: the full-precision weight of a 4-bit layer, read from
+    the checkpoint the model was loaded from (LoftQ needs it; nothing is kept in memory)."""
+    model.__dict__[FULL_WEIGHTS] = read
+
+
+def full_weights(model: nn.Module):
+    """The reader remember_full_weights recorded, or None."""
+    return model.__dict__.get(FULL_WEIGHTS)
+
 
 def quantized_layers(model: nn.Module, skip: list[str] | None = None) -> list[tuple[str, nn.Linear]]:
     """(path, layer) of each layer QLoRA stores in 4 bits: every plain nn.Linear but the output

@@ -99,6 +99,10 @@ class TrainOptions:
 
     @property
     def lora_alpha(self) -> float:
+        # LoftQ's A, B are not divided by the scaling (as PEFT), so they compensate the quantization
+        # error exactly at scaling 1: alpha = r
+        if self.alpha is None and self.init == "loftq":
+            return float(self.r)
         return self.alpha if self.alpha is not None else 2.0 * self.r
 
     def to_dict(self) -> dict:
@@ -124,7 +128,10 @@ class TrainOptions:
                                      tinit=self.tinit if self.tinit is not None else steps // 10,
                                      tfinal=self.tfinal if self.tfinal is not None else steps // 5,
                                      deltaT=self.delta_t, **fields)
-            return LoraConfig(r=self.r, use_dora=self.use_dora,
+            # LoftQ, one round on the 4-bit base as loaded (PEFT's replace_lora_weights_loftq): the base
+            # stays NF4(W), so the adapter loads on any QLoRA load of the same base
+            loftq = {"loftq_bits": 4, "loftq_iter": 1} if self.init == "loftq" else {}
+            return LoraConfig(r=self.r, use_dora=self.use_dora, loftq_config=loftq,
                               init_lora_weights=self.init if self.init is not None else True, **fields)
         except ConfigError as exc:
             raise ConfigError(in_flag_terms(str(exc))) from None
@@ -246,6 +253,9 @@ def _check(options: TrainOptions) -> None:
             raise ConfigError("--resume does not restore AdaLoRA's importance scores yet; rerun the AdaLoRA run whole")
     if options.full and (options.use_dora or options.init or options.loraplus_ratio):
         raise ConfigError("--use-dora, --init and --loraplus-ratio configure adapters; --full trains no adapter")
+    if options.init == "loftq" and not options.qlora:
+        raise ConfigError("--init loftq starts the adapter by absorbing the 4-bit quantization error, so it needs "
+                          "--qlora (without it there is no quantization error to absorb)")
     from .optim import check_choices
 
     if options.packing and options.task == "classify":
