@@ -66,9 +66,10 @@ def shard_from_checkpoint(model: nn.Module, empty, chunked_loss: bool) -> nn.Mod
         if isinstance(target, DTensor) and target.placements == (Shard(0),) and len(entry.shape) >= 1:
             rows = -(-entry.shape[0] // target.device_mesh.size())  # torch.chunk's split, as FSDP2's
             start = min(entry.shape[0], target.device_mesh.get_local_rank() * rows)
-            local = read_rows(entry, start, min(entry.shape[0], start + rows))
-            if local.shape == target.to_local().shape:
-                return local
+            stop = min(entry.shape[0], start + rows)
+            # read only these rows when they are the local shard's shape (checked first: one read)
+            if (stop - start, *entry.shape[1:]) == tuple(target.to_local().shape):
+                return read_rows(entry, start, stop)
         return read_entry(entry)
 
     adapters = {name: p.detach().clone() for name, p in model.named_parameters() if not p.is_meta}

@@ -53,7 +53,14 @@ from .options import TrainOptions, save_options
 from .packing import pack_examples
 from .placement import placement_for
 from .reporting import Reporter, json_record
-from .setup import add_and_choose_tokens, clamp_seq_len, prepare_model, prepare_output, shards_from_files
+from .setup import (
+    add_and_choose_tokens,
+    clamp_seq_len,
+    prepare_model,
+    prepare_output,
+    shards_from_files,
+    usable_seq_len,
+)
 
 BEST = "best_trainable.safetensors"
 BAR_KEYS = ("reward", "kl", "rewards/accuracies", "rollout_tokens_per_s")  # shown beside the loss
@@ -97,8 +104,7 @@ class Trainer:
         if o.task == "classify":
             return
         config = AutoConfig.from_pretrained(resolve_model_path(o.model))
-        limit = getattr(config, "max_position_embeddings", None)
-        check_run_fits(config, o, min(o.seq_len, limit or o.seq_len), nproc=self.dist.world_size)
+        check_run_fits(config, o, usable_seq_len(o.seq_len, config), nproc=self.dist.world_size)
 
     def _load_data(self) -> None:
         """The splits, and for classify the label names (at least two)."""

@@ -25,13 +25,18 @@ def prepare_output(output: Path, options: TrainOptions, dist: Distributed) -> No
     dist.barrier()
 
 
+def usable_seq_len(seq_len: int, config) -> int:
+    """--seq-len, capped at the model's limit of positions (its config's max_position_embeddings)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    return min(seq_len, limit) if limit else seq_len
+
+
 def clamp_seq_len(seq_len: int, model) -> int:
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and seq_len > limit:
-        warnings.warn(f"--seq-len {seq_len} exceeds the model's limit of {limit} positions; using {limit}",
+    usable = usable_seq_len(seq_len, model.config)
+    if usable < seq_len:
+        warnings.warn(f"--seq-len {seq_len} exceeds the model's limit of {usable} positions; using {usable}",
                       stacklevel=2)
-        return limit
-    return seq_len
+    return usable
 
 
 def add_and_choose_tokens(model, tokenizer, options: TrainOptions):
