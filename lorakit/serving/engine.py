@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from .attention import use_grouped_attention
 from .continuous import ContinuousBatcher
 from .metrics import Counters
 from .pool import AdapterPool
@@ -151,6 +152,7 @@ class Engine:
     def _work(self) -> None:
         if self.scheduler == "continuous":
             with self.model_lock:
+                use_grouped_attention(self.model)  # the slot cache's masked forwards, without repeat_kv
                 fits = self.labels is not None or slot_cache_fits(
                     self.model, self.limits.max_prompt_tokens + self.limits.max_new_tokens)
             if fits:
