@@ -74,15 +74,14 @@ class TrainableTokens(nn.Module):
             return getattr(modules["original_module"], name)
 
     # --- adapters ------------------------------------------------------------------------------
-    def add_adapter(self, name: str, token_indices: list[int], init_weights: bool = True) -> None:
+    def add_adapter(self, name: str, token_indices: list[int]) -> None:
         if self.tied_to is not None:
             return  # the embedding's wrapper owns the rows
         weight = self.original_module.weight
         rows = weight.detach()[torch.tensor(token_indices, device=weight.device)]
-        start = rows.clone() if init_weights else torch.randn_like(rows)
         dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         self.token_indices[name] = list(token_indices)
-        self.trainable_tokens_delta[name] = nn.Parameter(start.to(dtype))
+        self.trainable_tokens_delta[name] = nn.Parameter(rows.to(dtype, copy=True))
         self.trainable_tokens_original.put(name, rows.clone())
 
     def remove_adapter(self, name: str) -> None:
@@ -157,7 +156,7 @@ class TrainableTokens(nn.Module):
                 picked = picked * scale.to(picked.dtype)
             return torch.where((slot >= 0).unsqueeze(-1), picked.to(out.dtype), out)
         # a tied output head: the logit columns of these tokens come from the trained rows
-        columns = F.linear(x.to(rows.dtype) if x.dtype != rows.dtype else x, rows).to(out.dtype)
+        columns = F.linear(x.to(rows.dtype), rows).to(out.dtype)
         return out.index_copy(-1, self._index(name, out.device), columns)
 
     def _index(self, name: str, device) -> torch.Tensor:

@@ -14,11 +14,8 @@ from .state import (
     adapter_wrappers,
     check_names,
     drop_registry,
-    lora_layers,
     merged_adapters,
     registry,
-    saved_modules,
-    token_wrappers,
 )
 
 
@@ -70,7 +67,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             f"adapters {merged} are merged into the weights, so the base model cannot be recovered by "
             "disabling them; call lk.unmerge(model) first."
         )
-    wrappers = [m for _, m in [*lora_layers(model), *saved_modules(model), *token_wrappers(model)]]
+    wrappers = [m for _, m in adapter_wrappers(model)]
     for module in wrappers:
         module.disabled = True
     try:

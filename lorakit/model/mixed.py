@@ -111,8 +111,9 @@ def mixed_batch(model: nn.Module, adapter_names: list[str], stack: list[str] | N
     names = check_names(model, adapter_names, allow_base=True)
     if not names:
         raise LoraError("mixed_batch needs one adapter name per batch row; got an empty list.")
-    layers, heads = lora_layers(model), [*saved_modules(model), *token_wrappers(model)]
-    merged = sorted({n for _, layer in [*layers, *token_wrappers(model)] for n in layer.merged_adapters})
+    layers, tables = lora_layers(model), token_wrappers(model)
+    heads = [*saved_modules(model), *tables]
+    merged = sorted({n for _, layer in [*layers, *tables] for n in layer.merged_adapters})
     if merged:
         raise MergeStateError(f"adapters {merged} are merged into the weights; call lk.unmerge(model) before mixed_batch.")
     distinct = [n for n in dict.fromkeys(names) if n != BASE]

@@ -16,6 +16,7 @@ from ..errors import AdapterNotFoundError, LoraError
 from ..layers.base import LoraLayer
 from ..layers.modules_to_save import ModulesToSave
 from ..layers.trainable_tokens import TrainableTokens
+from .targeting import WRAPPERS
 
 BASE = "__base__"  # the pseudo-adapter name meaning "no adapter" in mixed batches
 _ATTR = "_lorakit_registry"
@@ -126,7 +127,7 @@ def check_one_token_adapter(model: nn.Module, names: list[str]) -> None:
 def adapter_wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every LoRA layer, saved module and trainable-tokens table, outermost first (parameter
     wrappers nest)."""
-    return [(n, m) for n, m in _walk(model) if isinstance(m, (LoraLayer, ModulesToSave, TrainableTokens))]
+    return [(n, m) for n, m in _walk(model) if isinstance(m, WRAPPERS)]
 
 
 def base_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

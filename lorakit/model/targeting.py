@@ -197,11 +197,11 @@ def find_token_targets(model: nn.Module, config: LoraConfig) -> list[TokenTarget
         return []
     modules = list(iter_base_modules(model))
     embedding = _input_embedding(model)
+    embedding_path = _path_of(model, embedding) if embedding is not None else None
     if isinstance(spec, dict):
         wanted = list(spec.items())
     else:
-        path = _path_of(model, embedding) if embedding is not None else None
-        path = path or next((p for p, _ in modules if p.endswith("embed_tokens")), None)
+        path = embedding_path or next((p for p, _ in modules if p.endswith("embed_tokens")), None)
         if path is None:
             raise TargetNotFoundError("trainable_token_indices is a list, meaning the input embedding, and this model "
                                       "has none that lorakit can find; give {module name: ids} instead.")
@@ -218,7 +218,6 @@ def find_token_targets(model: nn.Module, config: LoraConfig) -> list[TokenTarget
             targets[path] = tuple(ids)
     result = [TokenTarget(path, ids) for path, ids in targets.items()]
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    embedding_path = _path_of(model, embedding) if embedding is not None else None
     if head is not None and embedding_path in targets and unwrap(head).weight is unwrap(embedding).weight:
         head_path = _path_of(model, head)
         if head_path in targets and targets[head_path] != targets[embedding_path]:

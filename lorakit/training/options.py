@@ -114,7 +114,7 @@ class TrainOptions:
         command-line flags). ``total_steps``: the run's length, which AdaLoRA's schedule needs
         (--max-steps when not given); ``token_indices``: trainable_token_indices, the ids that
         --add-tokens / --trainable-tokens name once the tokenizer has resolved them (setup.py)."""
-        from ..config import LoraConfig
+        from ..config import LOFTQ_DEFAULTS, LoraConfig
         from ..variants.adalora import AdaLoraConfig
 
         fields = dict(lora_alpha=self.lora_alpha, lora_dropout=self.dropout, target_modules=self.targets,
@@ -130,7 +130,7 @@ class TrainOptions:
                                      deltaT=self.delta_t, **fields)
             # LoftQ, one round on the 4-bit base as loaded (PEFT's replace_lora_weights_loftq): the base
             # stays NF4(W), so the adapter loads on any QLoRA load of the same base
-            loftq = {"loftq_bits": 4, "loftq_iter": 1} if self.init == "loftq" else {}
+            loftq = dict(LOFTQ_DEFAULTS, loftq_iter=1) if self.init == "loftq" else {}
             return LoraConfig(r=self.r, use_dora=self.use_dora, loftq_config=loftq,
                               init_lora_weights=self.init if self.init is not None else True, **fields)
         except ConfigError as exc:
