@@ -1,6 +1,7 @@
 """Run inside a venv that holds only README command one's install (no test extras): every command
 of the product must work there. Generates with the embedded SmolLM2 (the GGUF read needs the core
-dependencies alone), trains 2 SFT steps, and serves one chat request over HTTP on loopback."""
+dependencies alone), trains 2 SFT steps (and one QLoRA + LoftQ step with an added token, generated
+from), and serves one chat request over HTTP on loopback."""
 
 import json
 import os
@@ -31,6 +32,12 @@ assert reply["reply"].strip(), reply
 step("train", "--model", "smollm2-135m", "--data", "rotten-tomatoes", "--task", "sft", "--max-steps", "2",
      "--batch-size", "2", "--seq-len", "96", "--eval-examples", "2", "--output", str(work / "sft"))
 assert (work / "sft" / "adapter" / "adapter_model.safetensors").is_file()
+# this round's training options need nothing beyond the core either: QLoRA + LoftQ (lorakit's own NF4)
+# and new tokens, loaded back by generate (the base resized to the run's tokenizer)
+step("train", "--model", "smollm2-135m", "--data", "rotten-tomatoes", "--task", "sft", "--max-steps", "1",
+     "--batch-size", "2", "--seq-len", "96", "--eval-examples", "2", "--qlora", "--init", "loftq",
+     "--add-tokens", "<|tool|>", "--output", str(work / "loftq"))
+step("generate", str(work / "loftq"), "--prompt", "Review: a fine film", "--max-new-tokens", "2")
 
 with socket.socket() as probe:
     probe.bind(("127.0.0.1", 0))
@@ -57,4 +64,4 @@ try:
 finally:
     server.terminate()
     server.wait(30)
-print("fresh-install smoke: generate, sft train and serve all ran with command one's install alone")
+print("fresh-install smoke: generate, sft train (also qlora + loftq + added tokens) and serve all ran with command one's install alone")
