@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--adapters", type=int, default=8, help="0: every request to the base model")
     parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1, help="engine worker threads (lorakit serve --workers)")
     parser.add_argument("--lorakit", help="import lorakit from this checkout instead")
     args = parser.parse_args()
     if args.lorakit:
@@ -43,7 +44,7 @@ def main() -> None:
     spent, fed = collections.Counter(), collections.Counter()
     forward = continuous.ContinuousBatcher._forward
 
-    def timed(self, rows, first_slot, ids, starts, last=None):
+    def timed(self, rows, first_slot, ids, starts, last=None):  # summed over workers when several
         start = time.perf_counter()
         result = forward(self, rows, first_slot, ids, starts, last)
         phase = "decode" if ids.shape[1] == 1 else "prefill"
@@ -61,7 +62,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         names = make_adapters(base, Path(tmp), args.adapters) if args.adapters else []
         engine = Engine(copy.deepcopy(base), tokenizer, base_name="base", adapter_dir=tmp,
-                        limits=Limits(max_batch=args.max_batch, max_queue=512, max_new_tokens=32))
+                        limits=Limits(max_batch=args.max_batch, max_queue=512, max_new_tokens=32),
+                        **({"workers": args.workers} if args.workers > 1 else {}))
         for name in names:
             engine.pool.load(name)
 

@@ -8,16 +8,18 @@ import os
 
 def _serve(args: argparse.Namespace) -> int:
     from ..serving.engine import Limits
-    from ..serving.server import build_engine, parse_adapter_specs, resolve_dtype, serve
+    from ..serving.server import build_engine, parse_adapter_specs, resolve_dtype, resolve_workers, serve
 
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_tokens_limit,
                     max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                     kv_cache_mb=args.kv_cache_mb)
     dtype, why = resolve_dtype(args.dtype)
+    workers, workers_why = resolve_workers(args.workers, args.scheduler, args.max_batch)
     print(f"dtype: {dtype} ({why})")
+    print(f"workers: {workers} ({workers_why})")
     engine = build_engine(args.model, parse_adapter_specs(args.adapter or []), args.adapter_dir, limits, dtype,
                           args.max_loaded_adapters, args.scheduler, args.prefill_chunk, args.prefix_cache_mb,
-                          qlora=args.qlora)
+                          qlora=args.qlora, workers=workers)
     print(f"serving {engine.base_name} with adapters {engine.adapters or '(none)'} on http://{args.host}:{args.port}")
     serve(engine, args.host, args.port, args.api_key or os.environ.get("LORAKIT_API_KEY"))
     return 0
@@ -40,6 +42,10 @@ def add_commands(sub) -> None:
     serve.add_argument("--scheduler", default="continuous", choices=["continuous", "static"],
                        help="continuous: requests join and leave the running batch at every decoding step, prompts "
                             "prefilled in chunks between steps; static: a batch runs until its longest row ends")
+    serve.add_argument("--workers", default="auto",
+                       help="engine workers decoding at once over the one model, each with its share of --max-batch, "
+                            "of the KV cache and of the cores; auto (default): 2 where there are 2 cores or more "
+                            "(continuous scheduling), else 1; said at start")
     serve.add_argument("--prefill-chunk", type=int, default=256,
                        help="prompt tokens prefilled between two decoding steps (continuous scheduler)")
     serve.add_argument("--max-queue", type=int, default=128, help="waiting requests before 429")

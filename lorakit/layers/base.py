@@ -16,6 +16,7 @@ from .. import delta as arith
 from ..errors import ConfigError
 from ..kernels.nf4 import Linear4bit
 from ..variants.lora import LoraVariant
+from .per_thread import PerThread, thread_buffers
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -51,6 +52,9 @@ class LoraLayer(nn.Module):
     # the variant object each adapter gets: plain LoRA, or this layer type's DoRA (None: not offered)
     lora_variant = LoraVariant
     dora_variant = None
+    # what the next forwards do, for the thread that set it (serving workers run forwards at once)
+    disabled = PerThread(False)  # inside lk.disable_adapters
+    mixed = PerThread(None)      # a mixed.MixedRows inside lk.mixed_batch (built there)
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -63,8 +67,6 @@ class LoraLayer(nn.Module):
         self.scaling: dict[str, float] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
-        self.disabled = False
-        self.mixed = None  # a mixed.MixedRows inside lk.mixed_batch (built there)
 
     def __getattr__(self, name: str):
         # Model code reads attributes of the modules it owns (T5: ``self.wo.weight.dtype``); a wrapped
@@ -181,7 +183,8 @@ class LoraLayer(nn.Module):
         self.__dict__.pop("_row_buffers", None)
 
     def row_buffers(self) -> dict:
-        return self.__dict__.setdefault("_row_buffers", {})
+        """The calling thread's reused output buffers of mixed batches."""
+        return thread_buffers(self.__dict__, "_row_buffers")
 
     def rank(self, name: str) -> int:
         return self.lora_pair(name)[0].shape[0]

@@ -11,6 +11,8 @@ import copy
 import torch
 from torch import nn
 
+from .per_thread import PerThread
+
 
 class ModulesToSave(nn.Module):
     """A module trained in full beside the adapters (e.g. a classifier head): one copy per adapter.
@@ -18,13 +20,15 @@ class ModulesToSave(nn.Module):
     ``original_module`` stays frozen; ``modules_to_save[name]`` is the adapter's trainable copy.
     """
 
+    # per thread (layers/per_thread.py): serving workers run forwards of one model at once
+    disabled = PerThread(False)
+    mixed_names = PerThread(None)  # per-row adapter names during lk.mixed_batch
+
     def __init__(self, original_module: nn.Module):
         super().__init__()
         self.original_module = original_module
         self.modules_to_save = nn.ModuleDict()
         self.active_adapters: list[str] = []
-        self.disabled = False
-        self.mixed_names: list[str] | None = None  # per-row adapter names during lk.mixed_batch
 
     @property
     def adapter_names(self) -> list[str]:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .per_thread import PerThread
+
 
 class TrainableTokens(nn.Module):
     """An ``nn.Embedding`` (or a tied, bias-free ``nn.Linear`` output head) whose chosen rows train.
@@ -27,6 +29,10 @@ class TrainableTokens(nn.Module):
     (what unmerge writes back). A tied wrapper (``tied_to`` set) reads all three from the wrapper
     of the embedding it shares the weight with.
     """
+
+    # per thread (layers/per_thread.py): serving workers run forwards of one model at once
+    disabled = PerThread(False)
+    mixed_names = PerThread(None)  # per-row adapter names during lk.mixed_batch
 
     effective_weight = True  # ``.weight`` is the weight the forward uses (the chunked loss reads it)
 
@@ -40,8 +46,6 @@ class TrainableTokens(nn.Module):
             self.token_indices: dict[str, list[int]] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
-        self.disabled = False
-        self.mixed_names: list[str] | None = None  # per-row adapter names during lk.mixed_batch
         self._slots: dict[tuple, torch.Tensor] = {}
 
     @property

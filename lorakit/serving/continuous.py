@@ -67,10 +67,16 @@ class _Active:
 
 
 class ContinuousBatcher:
-    def __init__(self, engine, prefill_chunk: int = 256, prefill_tokens: int = PREFILL_TOKENS,
-                 prefix_cache_bytes: int = 0):
+    """One worker's scheduler: ``worker`` of the engine's ``workers``, with its share of max_batch
+    slots and of the KV cache; the prefix cache is the engine's, shared by all workers."""
+
+    def __init__(self, engine, prefill_chunk: int = 256, prefill_tokens: int = PREFILL_TOKENS, worker: int = 0):
         self.engine, self.prefill_chunk, self.prefill_tokens = engine, prefill_chunk, prefill_tokens
-        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.worker, workers = worker, engine.workers
+        total = engine.limits.max_batch
+        self.max_batch = total // workers + (worker < total % workers)
+        self.kv_cache_bytes = int(engine.limits.kv_cache_mb * 2**20 / workers)
+        self.prefix_cache: PrefixCache = engine.prefix_cache
         self.running: list[_Active] = []     # slot i holds running[i]
         self.prefilling: _Active | None = None  # slot len(running)
         self.waiting: deque = deque()
@@ -84,8 +90,8 @@ class ContinuousBatcher:
         engine = self.engine
         self._ensure_cache()
         limits = engine.limits
-        self.cache.reserve(int(limits.kv_cache_mb * 2**20), limits.max_prompt_tokens + limits.max_new_tokens)
-        engine.counters.kv_cache(self.cache)
+        self.cache.reserve(self.kv_cache_bytes, limits.max_prompt_tokens + limits.max_new_tokens)
+        engine.counters.kv_cache(self.cache, self.worker)
         while engine.running:
             if not self._pull(block=not (self.running or self.prefilling or self.waiting)):
                 break
@@ -95,19 +101,24 @@ class ContinuousBatcher:
                 self._guarded(self.running[:], self._decode_step)
             if self.prefilling is not None:
                 self._guarded([self.prefilling], self._prefill_chunk)
-            engine.counters.running(len(self.running) + (self.prefilling is not None))
+            engine.counters.running(len(self.running) + (self.prefilling is not None), self.worker)
         for active in [*self.running, *([self.prefilling] if self.prefilling else [])]:
             self._fail(active, ServingError("the server is shutting down", 503))
 
     def _pull(self, block: bool) -> bool:
-        """Move queued requests to ``waiting`` (classification requests run at once); False on close."""
+        """Move queued requests to ``waiting`` (classification requests run at once); False on close.
+        One of several workers takes only its share (``_share``), leaving the rest to the others."""
         classify = []
         try:
+            if not block and self._share() <= 0:
+                return True
             item = self.engine.take(block)
             while True:
                 if item is None:
                     return False
                 (classify if item.kind == "classify" else self.waiting).append(item)
+                if self._share() <= 0:
+                    break
                 item = self.engine.take(block=False)
         except queue.Empty:
             pass
@@ -115,12 +126,27 @@ class ContinuousBatcher:
             self.engine.run_batch(classify_batch, classify, "classification")
         return True
 
+    def load(self) -> int:
+        """Requests this worker holds: running, being prefilled, or taken and waiting to start."""
+        return len(self.running) + (self.prefilling is not None) + len(self.waiting)
+
+    def _share(self) -> float:
+        """How many more queued requests to take now: all of them with one worker; with several, up
+        to an even split of everything queued and held by the workers, within this one's slots (a
+        burst of 8 requests goes 4 and 4 to two idle workers, not 8 to the first that wakes)."""
+        engine = self.engine
+        if engine.workers == 1:
+            return float("inf")
+        mine = self.load()
+        held = engine.queue.qsize() + sum(batcher.load() for batcher in engine.batchers)
+        return min(-(-held // engine.workers) - mine, self.max_batch - mine)
+
     def _admit(self) -> None:
         """Start waiting requests: short prompts (up to a token budget per turn) are prefilled now,
         in forwards of similar length, even while a long prompt is being prefilled chunk by chunk
         (it is parked in the last slot meanwhile, so a long prompt never holds up short ones); a
         long prompt at the head of the line starts its chunks when no other one is in progress."""
-        limit = self.engine.limits.max_batch
+        limit = self.max_batch
         busy = len(self.running) + (self.prefilling is not None)
         if not self.waiting or busy >= limit:
             return
@@ -155,7 +181,7 @@ class ContinuousBatcher:
         capacity = self.cache.capacity
         mask = self.cache.plan(slice(first_slot, first_slot + len(rows)), starts, tokens)
         if self.cache.capacity != capacity:  # it grew
-            engine.counters.kv_cache(self.cache)
+            engine.counters.kv_cache(self.cache, self.worker)
         positions = starts.unsqueeze(1) + torch.arange(tokens)
         device = self.cache.device
         names = [a.request.adapter for a in rows]
@@ -164,7 +190,7 @@ class ContinuousBatcher:
         # 3-D input copies the whole vocab × hidden weight once per forward (measured: over half
         # of a short prompt's prefill).
         keep = torch.tensor([tokens - 1]) if last is None else torch.unique(last)
-        with engine.model_lock, torch.inference_mode(), self._adapters(names):
+        with engine.model_lock.shared(), torch.inference_mode(), self._adapters(names):
             out = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device),
                         use_cache=True, logits_to_keep=keep.to(device), **{self.cache_keyword: self.cache})
         if last is None:
@@ -175,8 +201,7 @@ class ContinuousBatcher:
     def _ensure_cache(self) -> None:
         if self.cache is None:
             reference = next(self.engine.model.parameters())
-            self.cache = SlotCache(self.engine.model.config, self.engine.limits.max_batch, reference.dtype,
-                                   reference.device)
+            self.cache = SlotCache(self.engine.model.config, self.max_batch, reference.dtype, reference.device)
 
     def _restore_prefix(self, owner: tuple, prompt: list[int], slot: int) -> int:
         """Copy the cached blocks ``prompt`` starts with into ``slot``; how many tokens they cover."""

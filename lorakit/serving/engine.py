@@ -8,10 +8,18 @@ through ``lk.mixed_batch`` and stops on its own (EOS, stop string, max_tokens). 
   static - whatever arrived within a short window, up to max_batch, runs together until its last
       row finishes (static.py); kept for comparison and for models the slot cache does not fit.
 
+With ``workers`` > 1 (continuous scheduling only) that many worker threads each run their own
+continuous batcher over the one model, with a share of ``max_batch`` slots and of the KV cache, one
+prefix cache between them and ``torch`` threads split between them: on this 2-core machine two
+one-thread workers decode 1.6x as many tokens per second as one two-thread worker, whose second
+core idles through the per-op Python and small ops (BENCHMARKS.md, issue 26). Forwards share the
+model lock; adapter loads take it alone (locks.py).
+
 What a scheduler may use of the engine (and nothing else): ``model``, ``tokenizer``, ``labels``,
-``limits``, ``model_lock``, ``running``, ``counters``, ``has_adapters()``, ``take(block)``,
-``finish(request)``, ``run_batch(...)``, ``report_waiting(count)`` and ``adapter_version(name)``.
-The HTTP layer (app.py) only validates and hands requests over.
+``limits``, ``model_lock``, ``running``, ``counters``, ``workers``, ``prefix_cache``,
+``has_adapters()``, ``take(block)``, ``finish(request)``, ``run_batch(...)``,
+``report_waiting(count)`` and ``adapter_version(name)``. The HTTP layer (app.py) only validates and
+hands requests over.
 """
 
 from __future__ import annotations
@@ -25,8 +33,10 @@ import torch
 
 from .attention import use_grouped_attention
 from .continuous import ContinuousBatcher
+from .locks import ModelLock
 from .metrics import Counters
 from .pool import AdapterPool
+from .prefix_cache import PrefixCache
 from .requests import Limits, Request, ServingError
 from .slot_cache import slot_cache_fits
 from .static import StaticBatcher
@@ -39,20 +49,29 @@ __all__ = ["Engine", "Limits", "Request", "ServingError"]
 class Engine:
     def __init__(self, model, tokenizer, *, base_name: str = "base", adapter_dir: str | None = None,
                  labels: list[str] | None = None, limits: Limits = Limits(), max_loaded_adapters: int | None = None,
-                 scheduler: str = "continuous", prefill_chunk: int = 256, prefix_cache_mb: float = 256):
+                 scheduler: str = "continuous", prefill_chunk: int = 256, prefix_cache_mb: float = 256,
+                 workers: int = 1):
         if scheduler not in ("continuous", "static"):
             raise ServingError(f"unknown scheduler {scheduler!r}; choose continuous or static")
         if prefill_chunk < 1:
             raise ServingError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
+        if workers < 1 or (workers > 1 and scheduler != "continuous"):
+            raise ServingError(f"workers must be 1 or more (more than 1 only with continuous scheduling), got {workers}")
+        if workers > limits.max_batch:
+            raise ServingError(f"{workers} workers need max_batch of at least {workers}, got {limits.max_batch}")
         self.model, self.tokenizer, self.base_name, self.labels, self.limits = model.eval(), tokenizer, base_name, labels, limits
         if prefix_cache_mb < 0:
             raise ServingError(f"prefix_cache_mb must be 0 (off) or more, got {prefix_cache_mb}")
         self.scheduler, self.prefill_chunk, self.prefix_cache_mb = scheduler, prefill_chunk, prefix_cache_mb
         self.queue: queue.Queue[Request | None] = queue.Queue()
-        self.model_lock = threading.Lock()  # held while a batch runs and while adapters change
+        self.model_lock = ModelLock()  # shared by forwards, exclusive while adapters change
+        self.workers = workers
+        self.threads_per_worker = max(1, torch.get_num_threads() // workers)
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20))
+        self.batchers: list[ContinuousBatcher] = []  # the workers' schedulers, once they start
         self.pool = AdapterPool(self.model, self.model_lock, base_name=base_name, adapter_dir=adapter_dir,
                                 max_loaded=max_loaded_adapters, wait_s=limits.adapter_wait_s)
-        self._waiting_elsewhere: Callable[[], int] = lambda: 0  # taken off the queue by a scheduler, not started
+        self._waiting_elsewhere: list[Callable[[], int]] = []  # taken off the queue by schedulers, not started
         self.counters = Counters(waiting=self.waiting, loaded_adapters=lambda: len(self.adapters))
         self.stats, self.prometheus = self.counters.stats, self.counters.prometheus
         self.running = True
@@ -89,7 +108,7 @@ class Engine:
         with self.queue.mutex:
             self.queue.queue.extend(requests)
             self.queue.unfinished_tasks += len(requests)
-            self.queue.not_empty.notify()
+            self.queue.not_empty.notify(len(requests))  # every idle worker may take a share
 
     def _admit(self, request: Request) -> None:
         if not self.running:
@@ -106,7 +125,7 @@ class Engine:
 
     def waiting(self) -> int:
         """Requests accepted but not started yet (those waiting for room for their adapter included)."""
-        return self.queue.qsize() + self._waiting_elsewhere() + len(self.pool.line)
+        return self.queue.qsize() + sum(count() for count in self._waiting_elsewhere) + len(self.pool.line)
 
     def metrics(self) -> dict:
         return self.counters.summary(self.waiting(), len(self.adapters))
@@ -127,7 +146,7 @@ class Engine:
 
     def report_waiting(self, count: Callable[[], int]) -> None:
         """A scheduler holding requests it has not started tells the queue limit about them."""
-        self._waiting_elsewhere = count
+        self._waiting_elsewhere.append(count)
 
     def finish(self, request: Request) -> None:
         """The request is answered (or failed, or cancelled): its adapter may go."""
@@ -138,7 +157,7 @@ class Engine:
         """``run(self, requests)`` under the model lock; a failure fails these requests with a 500,
         never the server; they are finished either way."""
         try:
-            with self.model_lock, torch.inference_mode():
+            with self.model_lock.shared(), torch.inference_mode():
                 run(self, requests)
         except Exception as exc:
             self.counters.failed(len(requests), 500)
@@ -156,8 +175,21 @@ class Engine:
                 fits = self.labels is not None or slot_cache_fits(
                     self.model, self.limits.max_prompt_tokens + self.limits.max_new_tokens)
             if fits:
-                ContinuousBatcher(self, self.prefill_chunk, prefix_cache_bytes=int(self.prefix_cache_mb * 2**20)).run()
+                self.batchers = batchers = [ContinuousBatcher(self, self.prefill_chunk, worker=i)
+                                            for i in range(self.workers)]
+                others = [threading.Thread(target=self._run_worker, args=(b,), name=f"lorakit-engine-{i}", daemon=True)
+                          for i, b in enumerate(batchers[1:], start=1)]
+                for thread in others:
+                    thread.start()
+                self._run_worker(batchers[0])
+                for thread in others:
+                    thread.join()
                 return
             log.warning("this model's attention does not take the slot cache; serving with static batching")
             self.scheduler = "static"
         StaticBatcher(self).run()
+
+    def _run_worker(self, batcher: ContinuousBatcher) -> None:
+        if self.workers > 1:  # each worker its share of the cores (a thread's own OpenMP team)
+            torch.set_num_threads(self.threads_per_worker)
+        batcher.run()

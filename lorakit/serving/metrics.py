@@ -8,6 +8,7 @@ totals of /v1/stats together.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 
@@ -72,6 +73,9 @@ class Counters:
                       "kv_cache": {"slots": 0, "columns": 0, "bytes": 0}}
         self.latencies: deque[float] = deque(maxlen=2000)
         self.prometheus = ServerMetrics(waiting=waiting, loaded_adapters=loaded_adapters)
+        self._lock = threading.Lock()  # several workers report at once
+        self._kv_caches: dict[int, object] = {}  # per worker
+        self._running: dict[int, int] = {}
 
     def accepted(self, request) -> None:
         self.stats["requests"] += 1
@@ -86,8 +90,11 @@ class Counters:
         self.stats["batches"] += 1
         self.stats["batched_rows"] += rows
 
-    def running(self, rows: int) -> None:
-        self.prometheus.running.set(rows)
+    def running(self, rows: int, worker: int = 0) -> None:
+        """Worker ``worker`` is decoding or prefilling ``rows`` requests; the gauge is the sum."""
+        with self._lock:
+            self._running[worker] = rows
+            self.prometheus.running.set(sum(self._running.values()))
 
     def prompt(self, tokens: int) -> None:
         self.prometheus.prompt_tokens.inc(tokens)
@@ -95,17 +102,24 @@ class Counters:
 
     def prefix(self, cache) -> None:
         """The prefix cache after a prefill: its totals into both views."""
-        seen = self.stats["prefix_cache"]
-        self.prometheus.prefix_queried.inc(cache.queried - seen["queried_tokens"])
-        self.prometheus.prefix_hits.inc(cache.hit - seen["hit_tokens"])
-        self.prometheus.prefix_hit_rate.set(cache.hit_rate())
-        self.stats["prefix_cache"] = {"queried_tokens": cache.queried, "hit_tokens": cache.hit,
-                                      "hit_rate": round(cache.hit_rate(), 4), "bytes": cache.bytes}
+        with self._lock:
+            seen = self.stats["prefix_cache"]
+            self.prometheus.prefix_queried.inc(cache.queried - seen["queried_tokens"])
+            self.prometheus.prefix_hits.inc(cache.hit - seen["hit_tokens"])
+            self.prometheus.prefix_hit_rate.set(cache.hit_rate())
+            self.stats["prefix_cache"] = {"queried_tokens": cache.queried, "hit_tokens": cache.hit,
+                                          "hit_rate": round(cache.hit_rate(), 4), "bytes": cache.bytes}
 
-    def kv_cache(self, cache) -> None:
-        """The slot cache's size, after it is reserved or grows."""
-        self.prometheus.kv_cache_bytes.set(cache.bytes())
-        self.stats["kv_cache"] = {"slots": cache.slots, "columns": cache.capacity, "bytes": cache.bytes()}
+    def kv_cache(self, cache, worker: int = 0) -> None:
+        """Worker ``worker``'s slot cache, after it is reserved or grows: slots and bytes summed over
+        the workers, columns the longest any slot holds."""
+        with self._lock:
+            self._kv_caches[worker] = cache
+            caches = list(self._kv_caches.values())
+            total = sum(c.bytes() for c in caches)
+            self.prometheus.kv_cache_bytes.set(total)
+            self.stats["kv_cache"] = {"slots": sum(c.slots for c in caches),
+                                      "columns": max(c.capacity for c in caches), "bytes": total}
 
     def completion(self, tokens: int) -> None:
         self.stats["completion_tokens"] += tokens  # the Prometheus counter counts each token as it comes

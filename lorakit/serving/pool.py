@@ -6,8 +6,8 @@ POST /v1/adapters, vLLM's /v1/load_lora_adapter). Adapters given at start are re
 pinned: they are evicted like the others and come back from their path when a request names them
 again, so the cap holds exactly and no name ever becomes unknown.
 
-Locks, outermost first: ``loading`` (one load or eviction at a time), ``model_lock`` (shared with
-the engine: held while a batch runs and while adapters change), ``idle`` (guards ``in_use``,
+Locks, outermost first: ``loading`` (one load or eviction at a time), ``model_lock`` (taken alone
+here while adapters change; the engine's forwards share it), ``idle`` (guards ``in_use``,
 ``draining`` and the line; notified whenever any of them changes).
 """
 

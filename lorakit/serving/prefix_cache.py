@@ -8,11 +8,12 @@ blocks 0..b all match. Keys and values depend on the adapter (LoRA on q/k/v chan
 adapter and the load it came from are part of the key: a reloaded adapter never meets the old one's
 entries. The last prompt token is always computed (its logits give the first new token), so at most
 len(prompt) - 1 tokens come from the cache. Least recently used entries go once ``max_bytes`` is
-reached.
+reached. Several serving workers share one cache, so every method holds its lock.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import torch
@@ -32,9 +33,14 @@ class PrefixCache:
         self.bytes = 0
         self.queried = 0  # prompt tokens looked up
         self.hit = 0      # of those, tokens taken from the cache
+        self.lock = threading.Lock()
 
     def lookup(self, owner: tuple, prompt: list[int]) -> list[torch.Tensor]:
         """The cached blocks ``prompt`` starts with, in order (count their tokens with ``BLOCK``)."""
+        with self.lock:
+            return self._lookup(owner, prompt)
+
+    def _lookup(self, owner: tuple, prompt: list[int]) -> list[torch.Tensor]:
         blocks = []
         if self.max_bytes > 0:
             for end in range(BLOCK, len(prompt), BLOCK):  # never the block holding the last token
@@ -52,11 +58,15 @@ class PrefixCache:
         before its last token)."""
         if self.max_bytes <= 0:
             return []
-        return [end - BLOCK for end in range(BLOCK, len(prompt), BLOCK)
-                if _key(owner, prompt, end) not in self.entries]
+        with self.lock:
+            return [end - BLOCK for end in range(BLOCK, len(prompt), BLOCK)
+                    if _key(owner, prompt, end) not in self.entries]
 
     def add(self, owner: tuple, prompt: list[int], start: int, block: torch.Tensor) -> None:
-        key = _key(owner, prompt, start + BLOCK)
+        with self.lock:
+            self._add(_key(owner, prompt, start + BLOCK), block)
+
+    def _add(self, key: tuple, block: torch.Tensor) -> None:
         if key in self.entries:
             return
         size = block.numel() * block.element_size()

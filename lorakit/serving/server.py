@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 from pathlib import Path
@@ -49,10 +50,39 @@ def resolve_dtype(dtype: str) -> tuple[str, str]:
     return "fp32", "auto: no native bf16 matrix unit on this CPU (--dtype bf16 to serve in bf16 anyway)"
 
 
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_workers(workers: str, scheduler: str, max_batch: int) -> tuple[int, str]:
+    """``auto`` -> 2 engine workers where there are 2 cores or more (continuous scheduling), else 1;
+    with the reason. Chosen on this 2-core machine's anchor workload and checked on the open-loop
+    one (BENCHMARKS.md, issue 26); not measured on larger machines."""
+    if workers != "auto":
+        try:
+            count = int(workers)
+        except ValueError:
+            raise ConfigError(f"--workers must be a whole number or auto, got {workers!r}") from None
+        if count < 1:
+            raise ConfigError(f"--workers must be at least 1, got {count}")
+        if count > 1 and scheduler != "continuous":
+            raise ConfigError("--workers above 1 needs --scheduler continuous")
+        if count > max_batch:
+            raise ConfigError(f"--workers {count} needs --max-batch of at least {count}, got {max_batch}")
+        return count, "as asked (--workers)"
+    cores = usable_cores()
+    if scheduler != "continuous" or cores < 2 or max_batch < 2:
+        return 1, f"auto: {cores} core(s), {scheduler} scheduling"
+    return 2, f"auto: {cores} cores, each worker {cores // 2} torch thread(s) (--workers 1 for one worker on all)"
+
+
 def build_engine(model_name: str, adapters: dict[str, Path], adapter_dir: str | None = None,
                  limits: Limits = Limits(), dtype: str = "fp32", max_loaded_adapters: int | None = None,
                  scheduler: str = "continuous", prefill_chunk: int = 256, prefix_cache_mb: float = 256,
-                 qlora: bool = False) -> Engine:
+                 qlora: bool = False, workers: int = 1) -> Engine:
     """Load the base model once (a classifier when the adapters were trained with task classify;
     4-bit when they were trained with QLoRA, or with ``qlora``) in ``dtype``, and every --adapter
     onto it. A 4-bit base is read straight into 4 bits (hub/low_memory.py)."""
@@ -83,7 +113,7 @@ def build_engine(model_name: str, adapters: dict[str, Path], adapter_dir: str | 
                                   dtype=torch_dtype, quantize=torch_dtype if qlora else None)
     engine = Engine(model, tokenizer, base_name=Path(model_name).name or model_name, adapter_dir=adapter_dir,
                     labels=labels, limits=limits, max_loaded_adapters=max_loaded_adapters, scheduler=scheduler,
-                    prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb)
+                    prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb, workers=workers)
     for name, path in adapters.items():
         engine.pool.add_start_adapter(name, path)
     return engine

@@ -198,3 +198,45 @@ def test_a_request_naming_the_base_by_its_public_name_is_refused_not_spun_on(eng
     with pytest.raises(ServingError, match="check_model"):
         engine.submit(Request("generate", engine.base_name, ids, lambda kind, value: None, max_new_tokens=2))
     assert engine.waiting() == 0
+
+
+def test_two_workers_decode_at_once_and_every_reply_matches_offline(causal_dir, adapter_dir):  # noqa: F811
+    """Each worker its own batches over the one model (DoRA and plain LoRA rows, base rows); an
+    adapter loaded while both decode joins without a wrong token anywhere."""
+    engine = make_engine(causal_dir, adapter_dir, workers=2)
+    workers_seen = set()
+    count = engine.prometheus.token
+
+    def token(request):
+        workers_seen.add(threading.current_thread().name)
+        count(request)
+    engine.prometheus.token = token
+    prompts = ["the film was", "a movie is very", "the actor is", "the plot was very dull and"]
+    jobs = [(f"job{i}", adapter, prompt, 12) for i, (adapter, prompt) in
+            enumerate((a, p) for a in ("alpha", "beta", "base") for p in prompts)]
+    try:
+        events = []
+        recorders = [submit(engine, *job, events) for job in jobs]
+        wait_for_tokens(recorders[0], 2)
+        engine.pool.add_start_adapter("gamma", adapter_dir / "gamma")  # takes the model lock alone
+        late = [(f"late{i}", "gamma", prompt, 12) for i, prompt in enumerate(prompts)]
+        recorders += [submit(engine, *job, events) for job in late]
+        for recorder, (name, adapter, prompt, max_tokens) in zip(recorders, jobs + late):
+            assert recorder.finished.wait(60) and recorder.error is None, recorder.error
+            assert recorder.result["text"] == offline(causal_dir, adapter_dir, adapter, prompt, max_new_tokens=max_tokens), name
+        assert workers_seen == {"lorakit-engine", "lorakit-engine-1"}
+        assert engine.metrics()["kv_cache"]["slots"] == engine.limits.max_batch  # 8 + 8
+    finally:
+        engine.close()
+
+
+def test_workers_are_checked():
+    from lorakit.errors import ConfigError
+    from lorakit.serving.server import resolve_workers
+
+    assert resolve_workers("3", "continuous", 16)[0] == 3
+    assert resolve_workers("auto", "static", 16)[0] == 1
+    for value, scheduler, message in (("0", "continuous", "at least 1"), ("two", "continuous", "whole number"),
+                                      ("2", "static", "continuous"), ("20", "continuous", "max-batch")):
+        with pytest.raises(ConfigError, match=message):
+            resolve_workers(value, scheduler, 16)
