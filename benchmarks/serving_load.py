@@ -1,6 +1,6 @@
 """Open-loop load on `lorakit serve` (issue 16): Poisson arrivals, 100 adapters on demand, streaming.
 
-    python -m benchmarks.serving_load [--rates 0.25,0.5,1.5 --requests 32 --adapters 100 --resident 8]
+    python -m benchmarks.serving_load [--rates 0.25,0.5,1.5 --requests 32 --adapters 100 --resident 8 --workers 2]
 
 SmolLM2-135M-Instruct on loopback; every request streams /v1/completions with a prompt of 20-400
 tokens (rotten-tomatoes reviews strung together), max_tokens 8-128, greedy, and one of 100 LoRA
@@ -165,6 +165,7 @@ def main() -> None:
     parser.add_argument("--resident", type=int, default=8)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--schedulers", default="continuous,static")
+    parser.add_argument("--workers", type=int, default=1, help="engine workers of the continuous and merged servers")
     parser.add_argument("--no-check", action="store_true", help="skip the offline-generate comparison")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serving_load.json"))
     args = parser.parse_args()
@@ -185,7 +186,8 @@ def main() -> None:
         replies = {}
         for scheduler in args.schedulers.split(","):
             engine = Engine(copy.deepcopy(base), tokenizer, base_name="smollm2-135m", adapter_dir=tmp, limits=limits,
-                            max_loaded_adapters=args.resident, scheduler=scheduler)
+                            max_loaded_adapters=args.resident, scheduler=scheduler,
+                            workers=args.workers if scheduler == "continuous" else 1)
             with BackgroundServer(engine) as server:
                 open_loop(server.url, jobs[:2], 10.0)  # warm-up
                 report["runs"][f"{scheduler} prefill 1x400"] = {"prefill_tokens_per_s": prefill_rate(
@@ -202,7 +204,8 @@ def main() -> None:
         # at the same batch limit, and at the resident count: with 8 adapters in memory, at most 8
         # requests of distinct adapters run at once (vLLM's max_loras means the same)
         for label, batch in (("merged", args.max_batch), (f"merged, max batch {args.resident}", args.resident)):
-            engine = Engine(merged, tokenizer, base_name="merged", limits=dataclasses.replace(limits, max_batch=batch))
+            engine = Engine(merged, tokenizer, base_name="merged", limits=dataclasses.replace(limits, max_batch=batch),
+                            workers=min(args.workers, batch))
             with BackgroundServer(engine) as server:
                 open_loop(server.url, jobs[:2], 10.0, model_of=lambda job: "merged")
                 results = open_loop(server.url, jobs, max(rates), model_of=lambda job: "merged")

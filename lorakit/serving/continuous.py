@@ -190,6 +190,9 @@ class ContinuousBatcher:
         # 3-D input copies the whole vocab × hidden weight once per forward (measured: over half
         # of a short prompt's prefill).
         keep = torch.tensor([tokens - 1]) if last is None else torch.unique(last)
+        threads = engine.threads_for(self)
+        if threads and threads != torch.get_num_threads():  # this thread's own OpenMP team size
+            torch.set_num_threads(threads)
         with engine.model_lock.shared(), torch.inference_mode(), self._adapters(names):
             out = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device),
                         use_cache=True, logits_to_keep=keep.to(device), **{self.cache_keyword: self.cache})

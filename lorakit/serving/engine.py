@@ -66,7 +66,8 @@ class Engine:
         self.queue: queue.Queue[Request | None] = queue.Queue()
         self.model_lock = ModelLock()  # shared by forwards, exclusive while adapters change
         self.workers = workers
-        self.threads_per_worker = max(1, torch.get_num_threads() // workers)
+        self.threads = torch.get_num_threads()  # the process's torch threads, split between busy workers
+        self.threads_per_worker = max(1, self.threads // workers)
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20))
         self.batchers: list[ContinuousBatcher] = []  # the workers' schedulers, once they start
         self.pool = AdapterPool(self.model, self.model_lock, base_name=base_name, adapter_dir=adapter_dir,
@@ -190,6 +191,14 @@ class Engine:
         StaticBatcher(self).run()
 
     def _run_worker(self, batcher: ContinuousBatcher) -> None:
-        if self.workers > 1:  # each worker its share of the cores (a thread's own OpenMP team)
-            torch.set_num_threads(self.threads_per_worker)
         batcher.run()
+
+    def threads_for(self, batcher: ContinuousBatcher) -> int | None:
+        """torch threads for ``batcher``'s next forward (None: leave them, one worker): its share of
+        the cores while another worker holds requests, all of them while it works alone (a lone
+        request's prefill, and so its time to first token, is as fast as with one worker)."""
+        if self.workers == 1:
+            return None
+        if all(other is batcher or not other.load() for other in self.batchers):
+            return self.threads
+        return self.threads_per_worker
