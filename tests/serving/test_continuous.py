@@ -105,6 +105,24 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decoding_steps(engine):
     assert during_prefill >= chunks - 1 >= 10
 
 
+def test_a_long_prompt_alone_is_prefilled_in_one_forward(engine, causal_dir, adapter_dir):  # noqa: F811
+    """Chunks only make room for other requests: with none running, waiting or queued, the whole
+    prompt goes in one forward, and the reply is the same."""
+    widths = []
+    hook = engine.model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(
+        kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        events = []
+        alone = submit(engine, "alone", "beta", LONG, 3, events)
+        assert alone.finished.wait(60) and alone.error is None, alone.error
+    finally:
+        hook.remove()
+    prompt_tokens = len(engine.tokenizer(LONG)["input_ids"])
+    assert prompt_tokens > 10 * engine.prefill_chunk
+    assert widths[0] == prompt_tokens and sorted(set(widths[1:])) == [1], widths
+    assert alone.result["text"] == offline(causal_dir, adapter_dir, "beta", LONG, max_new_tokens=3)
+
+
 def test_short_prompts_start_while_a_long_one_is_prefilled_and_long_ones_reuse_prefixes(engine, causal_dir,
                                                                                           adapter_dir):  # noqa: F811
     """A short prompt arriving during a long prompt's chunks is answered first (the long one is
