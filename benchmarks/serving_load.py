@@ -132,15 +132,24 @@ def summarise(results: list[dict]) -> dict:
             "errors": len(results) - len(ok), "first_error": next((r["error"] for r in results if r.get("error")), None)}
 
 
-def prefill_rate(url: str, model: str, tokenizer, prompt: str, parallel: int) -> float:
-    """Prompt tokens per second for ``parallel`` copies of one long prompt with max_tokens 1."""
-    n_tokens = len(tokenizer(prompt)["input_ids"])
-    body = {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+def prefill_rate(url: str, model: str, tokenizer, prompts: list[str]) -> float:
+    """Prompt tokens per second for ``prompts`` sent at once with max_tokens 1. Each prompt is used
+    once: a prompt sent again would start from the server's prefix cache."""
+    n_tokens = sum(len(tokenizer(p)["input_ids"]) for p in prompts)
+    bodies = [{"model": model, "prompt": p, "max_tokens": 1, "temperature": 0} for p in prompts]
     start = time.perf_counter()
-    with ThreadPoolExecutor(parallel) as pool:
-        replies = list(pool.map(lambda _: httpx.post(f"{url}/v1/completions", json=body, timeout=600), range(parallel)))
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        replies = list(pool.map(lambda body: httpx.post(f"{url}/v1/completions", json=body, timeout=600), bodies))
     assert all(r.status_code == 200 for r in replies), replies[0].text
-    return parallel * n_tokens / (time.perf_counter() - start)
+    return n_tokens / (time.perf_counter() - start)
+
+
+def long_prompts(tokenizer, count: int, length: int = 400) -> list[str]:
+    """``count`` distinct prompts of ``length`` tokens (consecutive windows of the review corpus)."""
+    ids = tokenizer(" ".join(r["text"] for r in load_splits("rotten-tomatoes")["train"][:3000]))["input_ids"]
+    if len(ids) < count * length:
+        raise ValueError(f"the corpus holds {len(ids) // length} prompts of {length} tokens, {count} asked")
+    return [tokenizer.decode(ids[i * length:(i + 1) * length]) for i in range(count)]
 
 
 def offline_texts(base, tokenizer, adapter_dir: Path, jobs: list[dict]) -> list[str]:
@@ -182,7 +191,7 @@ def main() -> None:
         adapter_dir = Path(tmp)
         names = make_adapters(base, adapter_dir, args.adapters)
         jobs = make_requests(tokenizer, names, args.requests)
-        long_prompt = tokenizer.decode(tokenizer(" ".join(j["prompt"] for j in jobs))["input_ids"][:400])
+        prompts = iter(long_prompts(tokenizer, 17 * len(args.schedulers.split(","))))
         replies = {}
         for scheduler in args.schedulers.split(","):
             engine = Engine(copy.deepcopy(base), tokenizer, base_name="smollm2-135m", adapter_dir=tmp, limits=limits,
@@ -191,9 +200,9 @@ def main() -> None:
             with BackgroundServer(engine) as server:
                 open_loop(server.url, jobs[:2], 10.0)  # warm-up
                 report["runs"][f"{scheduler} prefill 1x400"] = {"prefill_tokens_per_s": prefill_rate(
-                    server.url, "smollm2-135m", tokenizer, long_prompt, 1)}
+                    server.url, "smollm2-135m", tokenizer, [next(prompts)])}
                 report["runs"][f"{scheduler} prefill 16x400"] = {"prefill_tokens_per_s": prefill_rate(
-                    server.url, "smollm2-135m", tokenizer, long_prompt, 16)}
+                    server.url, "smollm2-135m", tokenizer, [next(prompts) for _ in range(16)])}
                 for rate in rates:
                     results = open_loop(server.url, jobs, rate)
                     replies[(scheduler, rate)] = results

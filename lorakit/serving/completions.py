@@ -79,7 +79,7 @@ async def respond(http: HttpRequest, body, prompts: list[list[int]], chat: bool)
     if body.logprobs not in (None, False) or body.top_logprobs:
         raise ServingError("logprobs / top_logprobs are not supported by lorakit serve; drop them (lorakit "
                            "never returns a reply without what was asked)")
-    adapter = await asyncio.to_thread(engine.check_model, body.model)  # may load it from --adapter-dir
+    adapter = engine.check_model(body.model, load=False)  # submit loads it (from --adapter-dir) if need be
     requests = [generation_request(body, ids, adapter) for ids in prompts]
     queues = []
     try:

@@ -62,7 +62,7 @@ async def classify(http: HttpRequest):
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts or len(texts) > engine.limits.max_batch or any(not t for t in texts):
         raise ServingError(f"input must hold 1 to {engine.limits.max_batch} non-empty texts")
-    adapter = await asyncio.to_thread(engine.check_model, body.model)
+    adapter = engine.check_model(body.model, load=False)  # submit loads it if need be
     queues, requests = [], []
     for text in texts:
         ids = engine.tokenizer(text, truncation=True, max_length=engine.limits.max_prompt_tokens)["input_ids"]

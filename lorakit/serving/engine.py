@@ -91,9 +91,12 @@ class Engine:
         """``name`` and which load of it is resident: cached keys and values belong to one load."""
         return name, self.pool.loads.get(name, 0)
 
-    def check_model(self, name: str) -> str:
-        """The adapter a request for model ``name`` runs with, loaded if need be (AdapterPool.resolve)."""
-        return self.pool.resolve(name)
+    def check_model(self, name: str, load: bool = True) -> str:
+        """The adapter a request for model ``name`` runs with, loaded if need be (AdapterPool.resolve).
+        load=False only checks the name: the HTTP endpoints leave the load to ``submit``, which
+        counts the request against the adapter in the same step, so no other request evicts it
+        in between."""
+        return self.pool.resolve(name) if load else self.pool.check(name)
 
     # --- requests ------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:

@@ -96,12 +96,32 @@ class AdapterPool:
 
     def _load(self, name: str, path: Path) -> None:
         with self.model_lock:
-            try:
-                lk.load_adapter(self.model, path, adapter_name=name)
-            except LoraError as exc:
-                raise ServingError(f"adapter {name!r} cannot be loaded: {exc}", 422) from None
-            self.loads[name] = self.loads.get(name, 0) + 1
+            self._attach(name, path)
+
+    def _attach(self, name: str, path: Path) -> None:
+        """Load ``name`` into the model; the caller holds the model lock."""
+        try:
+            lk.load_adapter(self.model, path, adapter_name=name)
+        except LoraError as exc:
+            raise ServingError(f"adapter {name!r} cannot be loaded: {exc}", 422) from None
+        self.loads[name] = self.loads.get(name, 0) + 1
         self.last_used[name] = time.monotonic()  # just loaded counts as just used: not the next to go
+
+    def _replace(self, victim: str, name: str, path: Path) -> None:
+        """Evict idle ``victim`` and load ``name`` in one turn of the model lock: every exclusive turn
+        waits for the forwards in flight and stops new ones, so one turn, not two. The caller holds
+        the loading lock, under which requests are counted in use: the victim stays idle."""
+        with self.idle:
+            self.draining.add(victim)  # requests naming it meanwhile wait, then load it again
+        try:
+            with self.model_lock:
+                lk.delete_adapter(self.model, victim)
+                self.last_used.pop(victim, None)
+                self._attach(name, path)
+        finally:
+            with self.idle:
+                self.draining.discard(victim)
+                self.idle.notify_all()
 
     def load(self, name: str) -> None:
         """POST /v1/adapters: load ``name`` by name, within the cap like any on-demand load."""
@@ -144,34 +164,59 @@ class AdapterPool:
         if name in self.adapters:
             self.last_used[name] = time.monotonic()
             return name
-        raise ServingError(f"unknown model {name!r}; available: {', '.join([self.base_name, *self.adapters])}", 404)
+        raise self._unknown(name)
+
+    def check(self, name: str) -> str:
+        """What ``resolve`` returns, without loading: a request's adapter is loaded when it is
+        submitted (``acquire``), counted in use in the same step."""
+        if name in (self.base_name, BASE):
+            return BASE
+        if name in self.adapters or self.known(name):
+            return name
+        raise self._unknown(name)
+
+    def _unknown(self, name: str) -> ServingError:
+        return ServingError(f"unknown model {name!r}; available: {', '.join([self.base_name, *self.adapters])}", 404)
 
     def acquire(self, adapter: str) -> None:
         """Count a request against ``adapter`` (reloading it if it was evicted since the request
         named it): from here until ``release`` it cannot be evicted or unloaded."""
         while True:
             if adapter != BASE and adapter not in self.adapters:
-                # load it again without holding the loading lock (waiting for room while holding it
-                # would stop the requests ahead in line)
-                if self.resolve(adapter) != adapter:  # the base's public name: BASE is what runs
+                if adapter == self.base_name:  # the base's public name: BASE is what runs
                     raise ServingError(f"a request's adapter is an adapter name or BASE ({BASE!r}), not the base "
                                        f"model's name {adapter!r}; resolve names with engine.check_model(name)")
+                if not self.known(adapter):
+                    raise self._unknown(adapter)
+                # load it (again) and count the request in the same turn of the loading lock, so the
+                # next request in line cannot evict it first (that made 79 loads of 32 requests);
+                # waiting for room happens without holding the loading lock, so the line moves
+                self._load_on_demand(adapter, claim=True)
+                return
             with self.loading:  # evictions happen under this lock: once counted in use, the adapter stays
                 if adapter != BASE and adapter not in self.adapters:
                     continue  # evicted again in between
                 with self.idle:
                     if adapter in self.draining:  # its unload began in between: wait, reload
                         continue
-                    self.in_use[adapter] = self.in_use.get(adapter, 0) + 1
+                self._count(adapter)
                 return
+
+    def _count(self, adapter: str) -> None:
+        """One more request of ``adapter`` accepted: in use (not evictable) until ``release``."""
+        with self.idle:
+            self.in_use[adapter] = self.in_use.get(adapter, 0) + 1
+        if adapter != BASE:
+            self.last_used[adapter] = time.monotonic()
 
     def release(self, adapter: str) -> None:
         with self.idle:
             self.in_use[adapter] -= 1
             self.idle.notify_all()
 
-    def _load_on_demand(self, name: str) -> None:
-        """Load ``name``, first evicting the least recently used idle adapter when the resident ones
+    def _load_on_demand(self, name: str, claim: bool = False) -> None:
+        """Load ``name`` (claim=True: and count a request against it before anything else can evict
+        it), first evicting the least recently used idle adapter when the resident ones
         are at the cap. When all of them have requests in flight, requests that need room queue for
         it first come, first served, without holding the loading lock (requests for resident
         adapters keep being accepted meanwhile); only the first in line waits against ``wait_s``, so
@@ -187,6 +232,8 @@ class AdapterPool:
             while True:
                 with self.loading:
                     if name in self.adapters:
+                        if claim:
+                            self._count(name)
                         return
                     with self.idle:
                         draining = name in self.draining
@@ -196,8 +243,11 @@ class AdapterPool:
                     if not draining and (not full or idle):
                         if idle:
                             victim = min(idle, key=lambda a: self.last_used.get(a, 0.0))
-                            self.unload(victim, timeout=0)
-                        self._load(name, self.resolve_path(name))
+                            self._replace(victim, name, self.resolve_path(name))
+                        else:
+                            self._load(name, self.resolve_path(name))
+                        if claim:
+                            self._count(name)
                         return
                 with self.idle:
                     if draining:  # wait for its unload to finish, then load it again
