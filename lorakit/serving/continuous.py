@@ -31,6 +31,7 @@ import lorakit as lk
 
 from ..model.state import BASE
 from .decoding import _eos_ids, _pick, _Row, classify_batch
+from .openmp import release_threads
 from .prefix_cache import BLOCK, PrefixCache
 from .requests import ServingError
 from .slot_cache import SlotCache, cache_keyword
@@ -192,7 +193,10 @@ class ContinuousBatcher:
         keep = torch.tensor([tokens - 1]) if last is None else torch.unique(last)
         threads = engine.threads_for(self)
         if threads and threads != torch.get_num_threads():  # this thread's own OpenMP team size
+            fewer = threads < torch.get_num_threads()
             torch.set_num_threads(threads)
+            if fewer:  # its idle team threads would count against the other worker's spinning
+                release_threads()
         with engine.model_lock.shared(), torch.inference_mode(), self._adapters(names):
             out = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device),
                         use_cache=True, logits_to_keep=keep.to(device), **{self.cache_keyword: self.cache})

@@ -35,6 +35,7 @@ from .attention import use_grouped_attention
 from .continuous import ContinuousBatcher
 from .locks import ModelLock
 from .metrics import Counters
+from .openmp import release_threads
 from .pool import AdapterPool
 from .prefix_cache import PrefixCache
 from .requests import Limits, Request, ServingError
@@ -76,6 +77,9 @@ class Engine:
         self.counters = Counters(waiting=self.waiting, loaded_adapters=lambda: len(self.adapters))
         self.stats, self.prometheus = self.counters.stats, self.counters.prometheus
         self.running = True
+        # the caller's OpenMP team (built while it loaded the model) would keep the workers' teams
+        # from spinning between operations: free it (serving/openmp.py)
+        release_threads()
         self.worker = threading.Thread(target=self._work, name="lorakit-engine", daemon=True)
         self.worker.start()
 

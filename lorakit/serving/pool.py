@@ -23,6 +23,7 @@ import lorakit as lk
 from ..errors import LoraError
 from ..io.peft_format import CONFIG_FILE
 from ..model.state import BASE
+from .openmp import release_threads
 from .requests import ADAPTER_NAME, ServingError
 
 
@@ -106,6 +107,7 @@ class AdapterPool:
             raise ServingError(f"adapter {name!r} cannot be loaded: {exc}", 422) from None
         self.loads[name] = self.loads.get(name, 0) + 1
         self.last_used[name] = time.monotonic()  # just loaded counts as just used: not the next to go
+        release_threads()  # an OpenMP team this (HTTP) thread built for the copies would slow the engine's
 
     def _replace(self, victim: str, name: str, path: Path) -> None:
         """Evict idle ``victim`` and load ``name`` in one turn of the model lock: every exclusive turn
