@@ -37,6 +37,7 @@ from lorakit.serving import BackgroundServer, Engine, Limits
 from lorakit.training.data import load_splits
 
 from .common import print_table
+from .serving import CLIENT
 
 
 def make_adapters(base, directory: Path, count: int) -> list[str]:
@@ -73,7 +74,7 @@ def stream_one(url: str, model: str, job: dict) -> dict:
     times, text, usage, error = [], [], None, None
     body = {"model": model, "prompt": job["prompt"], "max_tokens": job["max_tokens"], "temperature": 0, "stream": True}
     try:
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=900) as reply:
+        with CLIENT.stream("POST", f"{url}/v1/completions", json=body) as reply:
             if reply.status_code != 200:
                 return {"sent": sent, "error": f"HTTP {reply.status_code}: {reply.read()[:200]!r}"}
             for line in reply.iter_lines():
@@ -139,7 +140,7 @@ def prefill_rate(url: str, model: str, tokenizer, prompts: list[str]) -> float:
     bodies = [{"model": model, "prompt": p, "max_tokens": 1, "temperature": 0} for p in prompts]
     start = time.perf_counter()
     with ThreadPoolExecutor(len(prompts)) as pool:
-        replies = list(pool.map(lambda body: httpx.post(f"{url}/v1/completions", json=body, timeout=600), bodies))
+        replies = list(pool.map(lambda body: CLIENT.post(f"{url}/v1/completions", json=body), bodies))
     assert all(r.status_code == 200 for r in replies), replies[0].text
     return n_tokens / (time.perf_counter() - start)
 
