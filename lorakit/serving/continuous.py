@@ -192,10 +192,10 @@ class ContinuousBatcher:
         # of a short prompt's prefill).
         keep = torch.tensor([tokens - 1]) if last is None else torch.unique(last)
         threads = engine.threads_for(self)
-        if threads and threads != torch.get_num_threads():  # this thread's own OpenMP team size
-            fewer = threads < torch.get_num_threads()
+        current = torch.get_num_threads()  # this thread's own OpenMP team size
+        if threads and threads != current:
             torch.set_num_threads(threads)
-            if fewer:  # its idle team threads would count against the other worker's spinning
+            if threads < current:  # its idle team threads would count against the other worker's spinning
                 release_threads()
         with engine.model_lock.shared(), torch.inference_mode(), self._adapters(names):
             out = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device),

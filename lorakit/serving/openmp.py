@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 
-log = logging.getLogger("lorakit.serving")
 OMP_PAUSE_SOFT = 1
 
 

@@ -117,13 +117,20 @@ class AdapterPool:
             self.draining.add(victim)  # requests naming it meanwhile wait, then load it again
         try:
             with self.model_lock:
-                lk.delete_adapter(self.model, victim)
-                self.last_used.pop(victim, None)
+                self._detach(victim)
                 self._attach(name, path)
         finally:
-            with self.idle:
-                self.draining.discard(victim)
-                self.idle.notify_all()
+            self._end_draining(victim)
+
+    def _detach(self, name: str) -> None:
+        """Drop ``name`` from the model; the caller holds the model lock."""
+        lk.delete_adapter(self.model, name)
+        self.last_used.pop(name, None)
+
+    def _end_draining(self, name: str) -> None:
+        with self.idle:
+            self.draining.discard(name)
+            self.idle.notify_all()
 
     def load(self, name: str) -> None:
         """POST /v1/adapters: load ``name`` by name, within the cap like any on-demand load."""
@@ -145,28 +152,26 @@ class AdapterPool:
                 if not self.idle.wait_for(lambda: self.in_use.get(name, 0) == 0, timeout=timeout):
                     raise ServingError(f"adapter {name!r} is still busy after {timeout:.0f} s; try again", 503)
             with self.model_lock:
-                lk.delete_adapter(self.model, name)
-            self.last_used.pop(name, None)
+                self._detach(name)
             if forget:
                 self.sources.pop(name, None)
         finally:
-            with self.idle:
-                self.draining.discard(name)
-                self.idle.notify_all()
+            self._end_draining(name)
 
     # --- requests ------------------------------------------------------------------------------
     def resolve(self, name: str) -> str:
         """The adapter a request names (BASE for the base model): loaded already, or loaded now
         (given at start, or from --adapter-dir), evicting the least recently used idle adapter when
         the cap is reached."""
-        if name in (self.base_name, BASE):
+        adapter = self.check(name)
+        if adapter == BASE:
             return BASE
-        if name not in self.adapters and self.known(name):
-            self._load_on_demand(name)
-        if name in self.adapters:
-            self.last_used[name] = time.monotonic()
-            return name
-        raise self._unknown(name)
+        if adapter not in self.adapters:
+            self._load_on_demand(adapter)
+        if adapter in self.adapters:
+            self.last_used[adapter] = time.monotonic()
+            return adapter
+        raise self._unknown(adapter)
 
     def check(self, name: str) -> str:
         """What ``resolve`` returns, without loading: a request's adapter is loaded when it is
@@ -185,11 +190,9 @@ class AdapterPool:
         named it): from here until ``release`` it cannot be evicted or unloaded."""
         while True:
             if adapter != BASE and adapter not in self.adapters:
-                if adapter == self.base_name:  # the base's public name: BASE is what runs
+                if self.check(adapter) != adapter:  # the base's public name: BASE is what runs
                     raise ServingError(f"a request's adapter is an adapter name or BASE ({BASE!r}), not the base "
                                        f"model's name {adapter!r}; resolve names with engine.check_model(name)")
-                if not self.known(adapter):
-                    raise self._unknown(adapter)
                 # load it (again) and count the request in the same turn of the loading lock, so the
                 # next request in line cannot evict it first (that made 79 loads of 32 requests);
                 # waiting for room happens without holding the loading lock, so the line moves
