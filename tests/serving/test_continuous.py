@@ -146,6 +146,24 @@ def test_short_prompts_start_while_a_long_one_is_prefilled_and_long_ones_reuse_p
         assert recorder.result["text"] == offline(causal_dir, adapter_dir, adapter, prompt, max_new_tokens=3)
 
 
+def test_short_prompts_behind_long_ones_are_not_held_up(engine, causal_dir, adapter_dir):  # noqa: F811
+    """Two long prompts first in line, a short one behind them: the short one starts at once (the long
+    ones keep their order for their chunks), not after the first long prompt's last chunk."""
+    events = []
+    record_tokens(engine, events)
+    first, second, short = (Recorder(name, events) for name in ("first", "second", "short"))
+    engine.submit_all([Request("generate", "beta", engine.tokenizer(LONG)["input_ids"], first, max_new_tokens=3),
+                       Request("generate", "alpha", engine.tokenizer(LONG + "and so")["input_ids"], second,
+                               max_new_tokens=3),
+                       Request("generate", "alpha", engine.tokenizer("a movie is very")["input_ids"], short,
+                               max_new_tokens=3)])
+    assert all(r.finished.wait(60) and r.error is None for r in (first, second, short))
+    assert short.times("token")[0] < first.times("token")[0] < second.times("token")[0]
+    for recorder, (adapter, prompt) in ((first, ("beta", LONG)), (second, ("alpha", LONG + "and so")),
+                                        (short, ("alpha", "a movie is very"))):
+        assert recorder.result["text"] == offline(causal_dir, adapter_dir, adapter, prompt, max_new_tokens=3)
+
+
 def test_static_scheduler_gives_the_same_replies(causal_dir, adapter_dir):  # noqa: F811
     replies = {}
     for scheduler in ("static", "continuous"):
