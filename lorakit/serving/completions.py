@@ -91,13 +91,15 @@ async def respond(http: HttpRequest, body, prompts: list[list[int]], chat: bool)
         raise
     ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
     if not body.stream:
+        watch = ClientWatch(http, requests)
         try:
-            watch = ClientWatch(http, requests)
             results = [await final(watch, q) for q in queues]
         except asyncio.CancelledError:  # the server is stopping this handler
             for request in requests:
                 request.cancel()
             raise
+        finally:
+            watch.close()
         return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": body.model,
                 "choices": [{**choice(chat, r["text"], r["finish_reason"], False), "index": i}
@@ -120,16 +122,19 @@ async def stream(http: HttpRequest, requests: list[Request], events: asyncio.Que
 
 async def chunks(http: HttpRequest, requests: list[Request], events: asyncio.Queue, header: dict, chat: bool):
     watch = ClientWatch(http, requests)
-    while True:
-        event, value = await watch.next_event(events)
-        if event == "error":
-            yield f"data: {json.dumps({'error': {'message': str(value), 'code': value.status}})}\n\n"
-            break
-        text, finish = (value, None) if event == "delta" else (None, value["finish_reason"])
-        chunk = {**header, "choices": [choice(chat, text, finish, True)]}
-        if event == "done":  # the last chunk carries the usage, as OpenAI's include_usage chunk does
-            chunk["usage"] = usage(value["prompt_tokens"], value["completion_tokens"])
-        yield f"data: {json.dumps(chunk)}\n\n"
-        if event == "done":
-            break
+    try:
+        while True:
+            event, value = await watch.next_event(events)
+            if event == "error":
+                yield f"data: {json.dumps({'error': {'message': str(value), 'code': value.status}})}\n\n"
+                break
+            text, finish = (value, None) if event == "delta" else (None, value["finish_reason"])
+            chunk = {**header, "choices": [choice(chat, text, finish, True)]}
+            if event == "done":  # the last chunk carries the usage, as OpenAI's include_usage chunk does
+                chunk["usage"] = usage(value["prompt_tokens"], value["completion_tokens"])
+            yield f"data: {json.dumps(chunk)}\n\n"
+            if event == "done":
+                break
+    finally:
+        watch.close()
     yield "data: [DONE]\n\n"

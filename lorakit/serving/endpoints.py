@@ -69,7 +69,10 @@ async def classify(http: HttpRequest):
         requests.append(Request(kind="classify", adapter=adapter, prompt_ids=ids, sink=None))
         queues.append(await submit(engine, requests[-1]))
     watch = ClientWatch(http, requests)
-    results = [await final(watch, q) for q in queues]
+    try:
+        results = [await final(watch, q) for q in queues]
+    finally:
+        watch.close()
     return {"object": "list", "model": body.model, "data": [{"index": i, **r} for i, r in enumerate(results)]}
 
 
