@@ -13,7 +13,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import StreamingResponse
 
 from .endpoints import body_of, engine_of
-from .protocol import ClientGone, ClientWatch, final, submit
+from .protocol import ClientGone, ClientWatch, results, submit
 from .requests import Request, ServingError
 from .schemas import ChatBody, CompletionBody, documented
 
@@ -91,20 +91,17 @@ async def respond(http: HttpRequest, body, prompts: list[list[int]], chat: bool)
         raise
     ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
     if not body.stream:
-        watch = ClientWatch(http, requests)
         try:
-            results = [await final(watch, q) for q in queues]
+            answers = await results(http, requests, queues)
         except asyncio.CancelledError:  # the server is stopping this handler
             for request in requests:
                 request.cancel()
             raise
-        finally:
-            watch.close()
         return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": body.model,
                 "choices": [{**choice(chat, r["text"], r["finish_reason"], False), "index": i}
-                            for i, r in enumerate(results)],
-                "usage": usage(sum(r["prompt_tokens"] for r in results), sum(r["completion_tokens"] for r in results))}
+                            for i, r in enumerate(answers)],
+                "usage": usage(sum(r["prompt_tokens"] for r in answers), sum(r["completion_tokens"] for r in answers))}
     header = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
               "model": body.model}
     return StreamingResponse(stream(http, requests, queues[0], header, chat), media_type="text/event-stream")

@@ -12,7 +12,7 @@ from fastapi import APIRouter
 from fastapi import Request as HttpRequest
 from fastapi.responses import PlainTextResponse, Response
 
-from .protocol import ClientWatch, final, parse, submit
+from .protocol import parse, results, submit
 from .requests import Request, ServingError
 from .schemas import AdapterBody, ClassifyBody, VllmLoraBody, documented
 
@@ -68,12 +68,8 @@ async def classify(http: HttpRequest):
         ids = engine.tokenizer(text, truncation=True, max_length=engine.limits.max_prompt_tokens)["input_ids"]
         requests.append(Request(kind="classify", adapter=adapter, prompt_ids=ids, sink=None))
         queues.append(await submit(engine, requests[-1]))
-    watch = ClientWatch(http, requests)
-    try:
-        results = [await final(watch, q) for q in queues]
-    finally:
-        watch.close()
-    return {"object": "list", "model": body.model, "data": [{"index": i, **r} for i, r in enumerate(results)]}
+    answers = await results(http, requests, queues)
+    return {"object": "list", "model": body.model, "data": [{"index": i, **r} for i, r in enumerate(answers)]}
 
 
 @router.post("/v1/adapters", openapi_extra=documented(AdapterBody))

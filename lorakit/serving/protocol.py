@@ -136,8 +136,16 @@ async def submit(engine, request: Request) -> asyncio.Queue:
     return events
 
 
-async def final(watch: ClientWatch, events: asyncio.Queue):
-    """The request's result, raising its error; ClientGone if its client leaves first."""
+async def results(http: HttpRequest, requests: list[Request], queues: list[asyncio.Queue]) -> list:
+    """Each request's result in order, raising the first error; ClientGone if the client leaves first."""
+    watch = ClientWatch(http, requests)
+    try:
+        return [await _final(watch, events) for events in queues]
+    finally:
+        watch.close()
+
+
+async def _final(watch: ClientWatch, events: asyncio.Queue):
     while True:
         kind, value = await watch.next_event(events)
         if kind == "done":
