@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from ..errors import ConfigError
 from .output import answer
@@ -29,36 +28,35 @@ def _estimate(args: argparse.Namespace) -> int:
         out_dim, in_dim = (int(v) for v in args.linear.lower().split("x"))
         lora, base, pct = est.single_projection(out_dim, in_dim, args.r)
         result = {"projection": args.linear, "r": args.r, "lora_params": lora, "base_params": base, "percent": pct}
-        print(json.dumps(result, indent=2) if args.json else
-              f"{args.linear} projection, r={args.r}: {lora:,} LoRA params vs {base:,} ({pct:.2f}%, "
-              f"{base / lora:.0f}x fewer)")
-        return 0
+        return answer(args, result, lambda r: [
+            f"{r['projection']} projection, r={r['r']}: {r['lora_params']:,} LoRA params vs {r['base_params']:,} "
+            f"({r['percent']:.2f}%, {r['base_params'] / r['lora_params']:.0f}x fewer)"])
     config = est.load_config(args.preset, args.config, args.model)
     result = est.estimate(config, r=args.r, targets=targets, lora_alpha=args.alpha, dtype=args.dtype,
                           optimizer=args.optimizer, batch_size=args.batch_size, seq_len=args.seq_len,
                           grad_checkpointing=args.grad_checkpointing, name=args.preset or args.config or args.model,
                           use_dora=args.use_dora, chunked_loss=args.chunked_loss, nproc=args.nproc, fsdp=args.fsdp,
                           task=args.task, num_generations=args.num_generations)
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
-        return 0
-    print(f"{result.model}: {result.model_params:,} parameters; LoRA r={args.r}")
-    for target, count in result.per_target.items():
-        print(f"  {target:<24} {count:>14,}")
-    print(f"  {'total':<24} {result.lora_params:>14,}  ({result.percent:.3f}% of all parameters; "
-          f"{result.per_layer:,} per layer)")
-    print(f"adapter file: {_gb(result.adapter_bytes_fp32)} in fp32, {_gb(result.adapter_bytes_fp16)} in fp16")
-    print(f"\nmemory ({args.dtype} weights, {args.optimizer}, batch {args.batch_size} x {args.seq_len}"
-          f"{', gradient checkpointing' if args.grad_checkpointing else ''}"
-          f"{TASK_NOTES.get(args.task, '').format(g=args.num_generations)}"
-          f"{f', per process of {args.nproc}' + (' (FSDP)' if args.fsdp else ' (DDP)') if args.nproc > 1 else ''}):")
-    print(f"  {'method':<8}{'weights':>12}{'gradients':>12}{'optimizer':>12}{'activations':>13}{'total':>12}")
-    planned = "qlora" if args.qlora else "lora"
-    for row in result.memory:
-        mark = "*" if row.method == planned else " "
-        print(f" {mark}{row.method:<8}{_gb(row.weights):>12}{_gb(row.gradients):>12}{_gb(row.optimizer):>12}"
-              f"{_gb(row.activations):>13}{_gb(row.total):>12}")
-    return 0
+
+    def human(_):
+        yield f"{result.model}: {result.model_params:,} parameters; LoRA r={args.r}"
+        for target, count in result.per_target.items():
+            yield f"  {target:<24} {count:>14,}"
+        yield (f"  {'total':<24} {result.lora_params:>14,}  ({result.percent:.3f}% of all parameters; "
+               f"{result.per_layer:,} per layer)")
+        yield f"adapter file: {_gb(result.adapter_bytes_fp32)} in fp32, {_gb(result.adapter_bytes_fp16)} in fp16"
+        processes = (f", per process of {args.nproc}" + (" (FSDP)" if args.fsdp else " (DDP)")) if args.nproc > 1 else ""
+        yield (f"\nmemory ({args.dtype} weights, {args.optimizer}, batch {args.batch_size} x {args.seq_len}"
+               f"{', gradient checkpointing' if args.grad_checkpointing else ''}"
+               f"{TASK_NOTES.get(args.task, '').format(g=args.num_generations)}{processes}):")
+        yield f"  {'method':<8}{'weights':>12}{'gradients':>12}{'optimizer':>12}{'activations':>13}{'total':>12}"
+        planned = "qlora" if args.qlora else "lora"
+        for row in result.memory:
+            mark = "*" if row.method == planned else " "
+            yield (f" {mark}{row.method:<8}{_gb(row.weights):>12}{_gb(row.gradients):>12}{_gb(row.optimizer):>12}"
+                   f"{_gb(row.activations):>13}{_gb(row.total):>12}")
+
+    return answer(args, result.to_dict(), human)
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -66,43 +64,45 @@ def _analyze(args: argparse.Namespace) -> int:
 
     if args.compare:
         grids = analysis.compare(args.adapter, args.compare)
-        result = {path: grid.tolist() for path, grid in grids.items()}
         plots = []
         if args.plot:
             from ..tools.plots import similarity_heatmaps
 
             plots = [str(p) for p in similarity_heatmaps(grids, args.plot, labels=(args.adapter, args.compare))]
-        if args.json:
-            print(json.dumps({"phi": result, "plots": plots}))
-            return 0
-        print(f"subspace similarity phi(i, j) of {args.adapter} vs {args.compare} "
-              f"(right-singular vectors of A; 1 = same directions)")
-        for path, grid in grids.items():
-            print(f"  {path}: phi(1,1)={grid[0, 0]:.3f}  phi(1,{grid.shape[1]})={grid[0, -1]:.3f}  "
-                  f"phi({min(grid.shape)},{min(grid.shape)})={grid[min(grid.shape) - 1, min(grid.shape) - 1]:.3f}")
-        for p in plots:
-            print(f"plot: {p}")
-        return 0
+
+        def human_compare(_):
+            yield (f"subspace similarity phi(i, j) of {args.adapter} vs {args.compare} "
+                   f"(right-singular vectors of A; 1 = same directions)")
+            for path, grid in grids.items():
+                k = min(grid.shape)
+                yield (f"  {path}: phi(1,1)={grid[0, 0]:.3f}  phi(1,{grid.shape[1]})={grid[0, -1]:.3f}  "
+                       f"phi({k},{k})={grid[k - 1, k - 1]:.3f}")
+            for p in plots:
+                yield f"plot: {p}"
+
+        phi = {path: grid.tolist() for path, grid in grids.items()}
+        return answer(args, {"phi": phi, "plots": plots}, human_compare)
     report = analysis.analyze(args.adapter)
     if args.plot:
         from ..tools.plots import spectrum_plots
 
         report["plots"] = [str(p) for p in spectrum_plots(report, args.plot)]
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"{args.adapter}: r={report['r']}, lora_alpha={report['lora_alpha']}, base {report['base_model']}")
-    print(f"  {'module':<60}{'norm':>10}{'rank90':>8}{'rank99':>8}  top singular values")
-    for row in report["modules"]:
-        top = ", ".join(f"{v:.3g}" for v in row["singular_values"][:3])
-        print(f"  {row['path']:<60}{row['norm']:>10.4f}{row['effective_rank_90']:>8}{row['effective_rank_99']:>8}  {top}")
-    for kind, summary in report["summary"].items():
-        print(f"  {kind}: {summary['modules']} modules, mean norm {summary['mean_norm']:.4f}, mean effective rank "
-              f"{summary['mean_effective_rank_90']:.1f} (90%) / {summary['mean_effective_rank_99']:.1f} (99%)")
-    print(report["recommendation"]["text"])
-    for p in report.get("plots", []):
-        print(f"plot: {p}")
-    return 0
+
+    def human(report):
+        yield f"{args.adapter}: r={report['r']}, lora_alpha={report['lora_alpha']}, base {report['base_model']}"
+        yield f"  {'module':<60}{'norm':>10}{'rank90':>8}{'rank99':>8}  top singular values"
+        for row in report["modules"]:
+            top = ", ".join(f"{v:.3g}" for v in row["singular_values"][:3])
+            yield (f"  {row['path']:<60}{row['norm']:>10.4f}{row['effective_rank_90']:>8}"
+                   f"{row['effective_rank_99']:>8}  {top}")
+        for kind, summary in report["summary"].items():
+            yield (f"  {kind}: {summary['modules']} modules, mean norm {summary['mean_norm']:.4f}, mean effective "
+                   f"rank {summary['mean_effective_rank_90']:.1f} (90%) / {summary['mean_effective_rank_99']:.1f} (99%)")
+        yield report["recommendation"]["text"]
+        for p in report.get("plots", []):
+            yield f"plot: {p}"
+
+    return answer(args, report, human)
 
 
 def _compress(args: argparse.Namespace) -> int:
@@ -145,12 +145,9 @@ def _export(args: argparse.Namespace) -> int:
     if not args.base:
         raise ConfigError("--format gguf needs --base (the base model's directory or embedded name: its config)")
     result = export_gguf(args.adapter, resolve_model_path(args.base), args.output, args.outtype)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"wrote {result['output']}: {result['tensors']} tensors for {result['architecture']}, alpha "
-              f"{result['alpha']:g}, {result['bytes'] / 1e6:.1f} MB (llama.cpp: llama-server -m BASE.gguf --lora FILE)")
-    return 0
+    return answer(args, result, lambda r: [
+        f"wrote {r['output']}: {r['tensors']} tensors for {r['architecture']}, alpha {r['alpha']:g}, "
+        f"{r['bytes'] / 1e6:.1f} MB (llama.cpp: llama-server -m BASE.gguf --lora FILE)"])
 
 
 def add_commands(sub) -> None:

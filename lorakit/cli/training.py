@@ -175,23 +175,23 @@ def options_from(args: argparse.Namespace):
     return resolve_options(args.config, overrides)
 
 
-def _print_metrics(metrics: dict | None, indent: str = "  ") -> None:
+def _metric_lines(metrics: dict | None, indent: str = "  "):
     if not metrics:
         return
     for key in ("accuracy", "macro_f1", "answer_accuracy", "reward", "preference_accuracy", "rewards/accuracies",
                 "rewards/margins", "kl", "loss", "perplexity", "examples"):
         if key in metrics:
             value = metrics[key]
-            print(f"{indent}{key:<16} {value:.4f}" if isinstance(value, float) else f"{indent}{key:<16} {value}")
+            yield f"{indent}{key:<16} {value:.4f}" if isinstance(value, float) else f"{indent}{key:<16} {value}"
     if "confusion_matrix" in metrics:
         labels = metrics["labels"]
         width = max(8, *(len(label) for label in labels)) + 1
-        print(f"{indent}confusion matrix (rows: true, columns: predicted)")
-        print(f"{indent}{'':>{width}}" + "".join(f"{label:>{width}}" for label in labels))
+        yield f"{indent}confusion matrix (rows: true, columns: predicted)"
+        yield f"{indent}{'':>{width}}" + "".join(f"{label:>{width}}" for label in labels)
         for label, row in zip(labels, metrics["confusion_matrix"]):
-            print(f"{indent}{label:>{width}}" + "".join(f"{v:>{width}}" for v in row))
+            yield f"{indent}{label:>{width}}" + "".join(f"{v:>{width}}" for v in row)
     if "sample_replies" in metrics:
-        print(f"{indent}sample replies: {metrics['sample_replies'][:3]}")
+        yield f"{indent}sample replies: {metrics['sample_replies'][:3]}"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -200,19 +200,22 @@ def _train(args: argparse.Namespace) -> int:
     summary = train(options_from(args))
     if not summary.get("is_main", True):
         return 0  # under torchrun only rank 0 reports
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    elif not summary.get("interrupted"):
-        print(f"\n{summary['method']} on {summary['model']} / {summary['data']}: {summary['steps']} steps in "
-              f"{summary['train_seconds']} s; {summary['trainable_params']:,} trainable of {summary['total_params']:,}")
+
+    def human(summary):
+        if summary.get("interrupted"):
+            return
+        yield (f"\n{summary['method']} on {summary['model']} / {summary['data']}: {summary['steps']} steps in "
+               f"{summary['train_seconds']} s; {summary['trainable_params']:,} trainable of {summary['total_params']:,}")
         if summary.get("test"):
-            print(f"test (weights from step {summary['best_step'] or summary['steps']}):")
-            _print_metrics(summary["test"])
+            yield f"test (weights from step {summary['best_step'] or summary['steps']}):"
+            yield from _metric_lines(summary["test"])
         memory = summary.get("memory") or {}
         if memory.get("estimate_bytes"):
-            print(f"memory: peak {memory['peak_bytes'] / 1e6:,.0f} MB measured, {memory['estimate_bytes'] / 1e6:,.0f} MB "
-                  "by `lorakit estimate` for these options")
-        print(f"saved: {summary['artifact']}\nloss curve: {summary['loss_curve']}")
+            yield (f"memory: peak {memory['peak_bytes'] / 1e6:,.0f} MB measured, "
+                   f"{memory['estimate_bytes'] / 1e6:,.0f} MB by `lorakit estimate` for these options")
+        yield f"saved: {summary['artifact']}\nloss curve: {summary['loss_curve']}"
+
+    answer(args, summary, human)
     return 130 if summary.get("interrupted") else 0
 
 
@@ -223,12 +226,12 @@ def _eval(args: argparse.Namespace) -> int:
 
     metrics = evaluate_run(args.run, args.data, args.split, model_name=args.model, task=args.task, seed=args.seed,
                            limit=args.limit, batch_size=args.batch_size, bf16=args.bf16)
-    if args.json:
-        print(json.dumps(metrics, indent=2))
-        return 0
-    print(f"{args.run or args.model} on {metrics['data']} [{metrics['split']}]:")
-    _print_metrics(metrics)
-    return 0
+
+    def human(metrics):
+        yield f"{args.run or args.model} on {metrics['data']} [{metrics['split']}]:"
+        yield from _metric_lines(metrics)
+
+    return answer(args, metrics, human)
 
 
 def _lm_eval(args: argparse.Namespace) -> int:
@@ -330,15 +333,13 @@ def _merge(args: argparse.Namespace) -> int:
 
         result = stream_merge(args.run, resolve_model_path(args.base), args.output, overwrite=args.overwrite,
                               qlora=True if args.qlora else None)
-        print(json.dumps(result) if args.json else
-              f"merged into {result['output']} shard by shard ({result['shards']} shards, largest "
-              f"{result['largest_shard_bytes'] / 1e6:.1f} MB held at a time)")
-        return 0
+        return answer(args, result, lambda r: [
+            f"merged into {r['output']} shard by shard ({r['shards']} shards, largest "
+            f"{r['largest_shard_bytes'] / 1e6:.1f} MB held at a time)"])
 
     target = merge_run(args.run, args.output, dtype=args.dtype, overwrite=args.overwrite)
-    print(json.dumps({"merged": str(target)}) if args.json else
-          f"merged model written to {target} (loads with transformers' from_pretrained, no lorakit needed)")
-    return 0
+    return answer(args, {"merged": str(target)}, lambda r: [
+        f"merged model written to {r['merged']} (loads with transformers' from_pretrained, no lorakit needed)"])
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -347,15 +348,16 @@ def _sweep(args: argparse.Namespace) -> int:
     ranks = [int(v) for v in args.ranks.split(",")]
     seeds = [int(v) for v in args.seeds.split(",")]
     result = sweep(options_from(args), ranks, seeds)
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    print(f"\n{'r':>4} {'trainable':>12} {'lora params':>12}  test {result['rows'][0]['metric']} (mean ± std over {len(seeds)} seed(s))")
-    for row in result["rows"]:
-        mean = "n/a" if row["mean"] is None else f"{row['mean']:.4f} ± {row['std']:.4f}"
-        print(f"{row['r']:>4} {row['trainable_params']:>12,} {row['lora_params']:>12,}  {mean}")
-    print(f"plot: {result['plot']}")
-    return 0
+
+    def human(result):
+        yield (f"\n{'r':>4} {'trainable':>12} {'lora params':>12}  test {result['rows'][0]['metric']} "
+               f"(mean ± std over {len(seeds)} seed(s))")
+        for row in result["rows"]:
+            mean = "n/a" if row["mean"] is None else f"{row['mean']:.4f} ± {row['std']:.4f}"
+            yield f"{row['r']:>4} {row['trainable_params']:>12,} {row['lora_params']:>12,}  {mean}"
+        yield f"plot: {result['plot']}"
+
+    return answer(args, result, human)
 
 
 def _demo(args: argparse.Namespace) -> int:

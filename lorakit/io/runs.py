@@ -41,6 +41,9 @@ def read_run(path: str | Path) -> tuple[Path, dict]:
 
 
 def trained_on_4bit(directory: str | Path) -> bool:
-    """Whether the run record next to an adapter says it was trained with QLoRA (on the NF4 base)."""
-    record = Path(directory) / RUN_FILE
-    return record.is_file() and bool(json.loads(record.read_text()).get("qlora"))
+    """Whether the run record next to an adapter says it was trained with QLoRA (on the NF4 base); a PEFT
+    adapter with no lorakit record was not."""
+    try:
+        return bool(read_run(directory)[1].get("qlora"))
+    except ConfigError:
+        return False
