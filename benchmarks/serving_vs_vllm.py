@@ -9,8 +9,11 @@ SmolLM2-135M-Instruct weights (lorakit's safetensors cache of the GGUF) and the 
 (r=8 on q,k,v,o, random B, written by lorakit). For each dtype and server:
   - the anchor workload (benchmarks/serving.py's 64 concurrent greedy chat requests, max_tokens 32):
     to the base model and with request i naming adapter i mod 8; generated tokens per second;
-  - (bf16 only, --rates) open-loop Poisson load with streaming (benchmarks/serving_load.py's
-    requests over the 8 adapters): time to first token p50 / p95 per rate.
+  - (--rates, in --ttft-dtype: by default the dtype `lorakit serve --dtype auto` picks on this CPU,
+    bf16 where it has native bf16 matrix units, else fp32) open-loop Poisson load with streaming
+    (benchmarks/serving_load.py's requests over the 8 adapters): time to first token p50 / p95 per rate.
+The CPU (model, native bf16 unit or none) is printed and recorded with the results: the ratios
+differ between an AMX machine and an AVX2-only one.
 vLLM runs with its defaults plus --enable-lora (prefix caching on); "vLLM compiled" is the same
 server without --enable-lora (its compiled path; base requests only). Replies are compared between
 the servers request by request.
@@ -31,6 +34,7 @@ import httpx
 import torch
 
 from lorakit.hub.models import load_model
+from lorakit.serving.server import native_bf16, resolve_dtype
 
 from .common import print_table
 from .serving import anchor_messages, make_adapters, run
@@ -39,6 +43,14 @@ from .serving_load import make_requests, open_loop, summarise
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
             "VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
 VLLM_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    try:
+        return next((line.split(":", 1)[1].strip() for line in Path(cpuinfo).read_text().splitlines()
+                     if line.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
 
 
 def start(command: list[str], env: dict, url: str, log: Path) -> subprocess.Popen:
@@ -86,7 +98,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vllm-python", help="python of the vLLM-CPU venv (without it: lorakit alone)")
     parser.add_argument("--dtypes", default="bf16,fp32")
-    parser.add_argument("--rates", default="0.25,0.5,1.5", help="open-loop rates for TTFT (bf16); '' to skip")
+    parser.add_argument("--rates", default="0.25,0.5,1.5", help="open-loop rates for TTFT; '' to skip")
+    parser.add_argument("--ttft-dtype", default="auto", help="the dtype the TTFT runs use (auto: lorakit serve's)")
     parser.add_argument("--load-requests", type=int, default=16, help="requests per open-loop rate")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -96,12 +109,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serving_vs_vllm.json"))
     args = parser.parse_args()
     torch.set_num_threads(2)
+    ttft_dtype = resolve_dtype(args.ttft_dtype)[0]
+    cpu = {"model": cpu_model(), "native_bf16": native_bf16()}
+    print(f"CPU: {cpu['model']}; native bf16 unit: {cpu['native_bf16'] or 'none'}; TTFT runs in {ttft_dtype}")
     base, tokenizer = load_model("smollm2-135m", "lm")
     model_dir = Path(base.name_or_path)
     messages = anchor_messages(args.requests)
     rates = [float(r) for r in args.rates.split(",") if r]
     url = f"http://127.0.0.1:{args.port}"
-    results: dict = {}
+    results: dict = {"cpu": cpu}
     with tempfile.TemporaryDirectory() as tmp:
         names = make_adapters(base, Path(tmp), 8)
         load_jobs = make_requests(tokenizer, names, args.load_requests)
@@ -120,7 +136,7 @@ def main() -> None:
                         tokens = sum(r["usage"]["completion_tokens"] for r in replies)
                         row[label] = {"tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens,
                                       "texts": [r["choices"][0]["message"]["content"] for r in replies]}
-                    if dtype == "bf16" and lora:
+                    if dtype == ttft_dtype and lora:
                         for rate in rates:
                             got = open_loop(url, load_jobs, rate, model_of=lambda job: job["adapter"])
                             row[f"load {rate}"] = summarise(got)
@@ -134,6 +150,8 @@ def main() -> None:
 
     rows = []
     for key, row in results.items():
+        if key == "cpu":
+            continue
         rows.append((key, *(f"{row[m]['tokens_per_s']:.1f}" if m in row else "-" for m in ("base", "8 adapters"))))
     print_table(f"{args.requests} chat requests, max_tokens {args.max_tokens}, greedy, SmolLM2-135M, 2 cores, "
                 "generated tokens/s", rows, ("server", "base", "8 adapters"))

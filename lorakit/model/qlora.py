@@ -9,7 +9,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..kernels.nf4 import Linear4bit
 from .state import has_adapters
-from .targeting import name_matches, output_head_names
+from .targeting import name_matches, output_head_names, replace_module
 
 FULL_WEIGHTS = "_lorakit_full_weights"  # where a 4-bit model's full-precision weights can be read again
 
@@ -48,7 +48,7 @@ def quantize(model: nn.Module, compute_dtype: torch.dtype = torch.float32, skip:
     if not targets:
         raise ConfigError("quantize found no nn.Linear layer to quantize (besides the output head)")
     for path, linear in targets:
-        model.set_submodule(path, Linear4bit.from_linear(linear, compute_dtype))
+        replace_module(model, path, Linear4bit.from_linear(linear, compute_dtype))
     return model
 
 
@@ -64,5 +64,5 @@ def dequantize(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modul
                 if module.bias is not None:
                     linear.bias.copy_(module.bias)
             linear.requires_grad_(False)
-            model.set_submodule(path, linear)
+            replace_module(model, path, linear)
     return model

@@ -49,10 +49,20 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
+_structure = [0]  # bumped by every replace_module: lorakit's wrappers come and go only through it
+
+
+def structure_generation() -> int:
+    """A number that changes whenever replace_module puts a module into any model: what
+    model/state.py's cached list of wrappers is keyed on."""
+    return _structure[0]
+
+
 def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
     """Put ``module`` at ``path`` (a dotted module path) inside ``model``."""
     parent_path, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
+    _structure[0] += 1
 
 
 def is_supported(module: nn.Module) -> bool:

@@ -194,3 +194,30 @@ def test_one_token_rows_multiply_by_all_adapters_at_once_and_match_the_gather():
                 alone = model(input_ids=ids[row:row + 1]).logits
             torch.testing.assert_close(together[row:row + 1], alone, atol=1e-5, rtol=1e-5)
     assert calls and all(calls)
+
+
+def test_wrappers_found_once_follow_every_change_of_structure(ids):
+    """The wrappers a mixed batch and disable_adapters act on are looked up once and kept until
+    a wrapper comes or goes: an adapter on new modules, an unload, a new injection all show."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    base = logits(model, ids)
+    lk.inject(model, lk.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]), "a")
+    randomize_lora(model, scale=0.3)
+    with lk.mixed_batch(model, ["a"] * ids.shape[0]):  # the list of wrappers is now kept
+        logits(model, ids)
+    lk.inject(model, lk.LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj"]), "b")  # new wrappers
+    randomize_lora(model, scale=0.3, seed=11)
+    lk.set_adapter(model, "b")
+    alone = logits(model, ids)
+    assert not torch.allclose(alone, base, atol=1e-3)
+    with lk.mixed_batch(model, ["b"] * ids.shape[0]):
+        assert torch.allclose(logits(model, ids), alone, atol=1e-5)
+    with lk.disable_adapters(model):  # v_proj's new layers switched off too
+        assert torch.allclose(logits(model, ids), base, atol=1e-6)
+    plain = lk.unload(model, merge=False)
+    assert torch.allclose(logits(plain, ids), base, atol=1e-6)
+    lk.inject(plain, lk.LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj"]), "c")
+    randomize_lora(plain, scale=0.3, seed=12)
+    with lk.disable_adapters(plain):  # the new k_proj layers, not the unloaded ones
+        assert torch.allclose(logits(plain, ids), base, atol=1e-6)
