@@ -72,7 +72,9 @@ def stream_one(url: str, model: str, job: dict) -> dict:
     """Send one streaming completion; times of its arrival, first token and every later token."""
     sent = time.perf_counter()
     times, text, usage, error = [], [], None, None
-    body = {"model": model, "prompt": job["prompt"], "max_tokens": job["max_tokens"], "temperature": 0, "stream": True}
+    # include_usage: vLLM streams its token counts only when asked (a last chunk with no choices)
+    body = {"model": model, "prompt": job["prompt"], "max_tokens": job["max_tokens"], "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
     try:
         with CLIENT.stream("POST", f"{url}/v1/completions", json=body) as reply:
             if reply.status_code != 200:
@@ -84,7 +86,7 @@ def stream_one(url: str, model: str, job: dict) -> dict:
                 if "error" in chunk:
                     error = chunk["error"]["message"]
                     break
-                piece = chunk["choices"][0]["text"]
+                piece = chunk["choices"][0]["text"] if chunk.get("choices") else ""
                 if piece:
                     times.append(time.perf_counter())
                     text.append(piece)
