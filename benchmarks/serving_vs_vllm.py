@@ -34,7 +34,7 @@ import httpx
 import torch
 
 from lorakit.hub.models import load_model
-from lorakit.serving.server import native_bf16, resolve_dtype
+from lorakit.serving.server import cpuinfo_value, native_bf16, resolve_dtype
 
 from .common import print_table
 from .serving import anchor_messages, make_adapters, run
@@ -43,14 +43,6 @@ from .serving_load import make_requests, open_loop, summarise
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
             "VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
 VLLM_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
-
-
-def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
-    try:
-        return next((line.split(":", 1)[1].strip() for line in Path(cpuinfo).read_text().splitlines()
-                     if line.startswith("model name")), "unknown")
-    except OSError:
-        return "unknown"
 
 
 def start(command: list[str], env: dict, url: str, log: Path) -> subprocess.Popen:
@@ -110,14 +102,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     ttft_dtype = resolve_dtype(args.ttft_dtype)[0]
-    cpu = {"model": cpu_model(), "native_bf16": native_bf16()}
+    cpu = {"model": cpuinfo_value("model name") or "unknown", "native_bf16": native_bf16()}
     print(f"CPU: {cpu['model']}; native bf16 unit: {cpu['native_bf16'] or 'none'}; TTFT runs in {ttft_dtype}")
     base, tokenizer = load_model("smollm2-135m", "lm")
     model_dir = Path(base.name_or_path)
     messages = anchor_messages(args.requests)
     rates = [float(r) for r in args.rates.split(",") if r]
     url = f"http://127.0.0.1:{args.port}"
-    results: dict = {"cpu": cpu}
+    results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         names = make_adapters(base, Path(tmp), 8)
         load_jobs = make_requests(tokenizer, names, args.load_requests)
@@ -150,8 +142,6 @@ def main() -> None:
 
     rows = []
     for key, row in results.items():
-        if key == "cpu":
-            continue
         rows.append((key, *(f"{row[m]['tokens_per_s']:.1f}" if m in row else "-" for m in ("base", "8 adapters"))))
     print_table(f"{args.requests} chat requests, max_tokens {args.max_tokens}, greedy, SmolLM2-135M, 2 cores, "
                 "generated tokens/s", rows, ("server", "base", "8 adapters"))
@@ -177,7 +167,7 @@ def main() -> None:
                 print(f"{dtype} rate {rate}/s TTFT p50/p95: " + "; ".join(
                     f"{s} {c.get('ttft_p50')}/{c.get('ttft_p95')} s" for s, c in cells))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    args.out.write_text(json.dumps({"cpu": cpu, **results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -28,15 +28,21 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 BF16_UNITS = ("amx_bf16", "avx512_bf16")  # CPU flags of native bf16 matrix instructions
 
 
+def cpuinfo_value(key: str, cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The first ``key : value`` line of /proc/cpuinfo (``flags``, ``model name``), or None where
+    there is none (or not Linux)."""
+    try:
+        return next((line.split(":", 1)[1].strip() for line in Path(cpuinfo).read_text().splitlines()
+                     if line.split(":", 1)[0].strip() == key), None)
+    except OSError:
+        return None
+
+
 def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> str | None:
     """The CPU's native bf16 matrix unit (AMX-BF16 or AVX512-BF16), or None (or not Linux): where
     there is one, bf16 matmuls run 2-3x fp32's (BENCHMARKS.md, issue 26); elsewhere bf16 is emulated
     and slower than fp32."""
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in Path(cpuinfo).read_text().splitlines()
-                      if line.startswith("flags")), [])
-    except OSError:
-        return None
+    flags = (cpuinfo_value("flags", cpuinfo) or "").split()
     return next((unit for unit in BF16_UNITS if unit in flags), None)
 
 
