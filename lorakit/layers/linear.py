@@ -79,7 +79,8 @@ class LoraLinear(ModulePairLayer):
     def fused_adapter(self, x: torch.Tensor, args, kwargs) -> str | None:
         """The adapter to run through the fused autograd path, or None for the general path: used
         when training one unmerged adapter on a frozen plain Linear/Conv1D in a single dtype."""
-        if args or kwargs or self.disabled or self.mixed is not None or not torch.is_grad_enabled():
+        # grad mode first: inference forwards (serving) stop at the cheapest check
+        if not torch.is_grad_enabled() or args or kwargs or self.disabled or self.mixed is not None:
             return None
         active = self.unmerged_active()
         if len(active) != 1 or not self.plain_base:
@@ -114,12 +115,12 @@ class LoraLinear(ModulePairLayer):
             return result
         return torch.addmm(result.reshape(-1, result.shape[-1]), h2, B.t()).view(result.shape)
 
-    def add_mixed_dora(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def add_mixed_dora(self, result: torch.Tensor, x: torch.Tensor, mixed) -> torch.Tensor:
         """Mixed rows when some adapter uses DoRA: y + (k−1)⊙(y − b) + k⊙s·B·A·x with k each row's
         scale (1 for plain LoRA and base rows): still two batched matmuls, no loop over adapters."""
         batch = x.shape[0]
-        A_rows, B_rows, _ = self.mixed.row_pairs(batch)
-        scale = self.mixed.scale_stack.index_select(0, self.mixed.rows_for(batch)).unsqueeze(1)
+        A_rows, B_rows, _ = mixed.row_pairs(batch)
+        scale = mixed.scale_stack.index_select(0, mixed.rows_for(batch)).unsqueeze(1)
         lora = torch.bmm(torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(A_rows.dtype), A_rows), B_rows)
         y = result.reshape(batch, -1, result.shape[-1])
         bias = getattr(self.base_layer, "bias", None)
@@ -127,21 +128,26 @@ class LoraLinear(ModulePairLayer):
         return (y + (scale - 1) * base + scale * lora).view(result.shape).to(result.dtype)
 
     def add_mixed(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        mixed = self.mixed  # a per-thread lookup: read once
         batch = x.shape[0]
-        if self.mixed.scale_stack is not None:
-            return self.add_mixed_dora(result, x)
+        if mixed.scale_stack is not None:
+            return self.add_mixed_dora(result, x, mixed)
         x3 = x.reshape(batch, -1, x.shape[-1])
         # Serving a 16-bit base: the LoRA term in the base's precision, as vLLM computes it (its
         # rounding is far below the 16-bit rounding of the sum it joins) instead of converting every
         # activation to the adapters' fp32 and back; a fifth of a mixed prefill's time in bf16.
-        low = x3.dtype if x3.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled() else None
-        together = (self.mixed.concatenated(batch, low or self.mixed.A_stack.dtype)
+        grad = torch.is_grad_enabled()
+        low = x3.dtype if x3.dtype in (torch.bfloat16, torch.float16) and not grad else None
+        together = (mixed.concatenated(batch, low or mixed.A_stack.dtype)
                     if x3.shape[1] == 1 and not self.training else None)
         if together is not None:  # one token per row (decoding): all adapters in two GEMMs
             A_cat, B_cat, own = together
-            h = torch.matmul(x3.to(A_cat.dtype), A_cat).mul_(own)
-            return result + torch.matmul(h, B_cat).view(result.shape).to(result.dtype)
-        A_rows, B_rows, p = self.mixed.row_pairs(batch)
+            h = torch.mm(x.reshape(batch, -1).to(A_cat.dtype), A_cat).mul_(own.view(batch, -1))
+            if h.dtype == result.dtype and not grad and self.accumulates_in_place(result):
+                result.view(batch, -1).addmm_(h, B_cat)  # the B term added inside its GEMM
+                return result
+            return result + torch.mm(h, B_cat).view(result.shape).to(result.dtype)
+        A_rows, B_rows, p = mixed.row_pairs(batch)
         if low:
             A_rows, B_rows = A_rows.to(low), B_rows.to(low)
         x3 = x3.to(A_rows.dtype)

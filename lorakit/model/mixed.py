@@ -35,6 +35,7 @@ class MixedRows:
     buffers: dict = field(default_factory=dict)  # the layer's, reused across blocks
     scale_stack: torch.Tensor | None = None  # DoRA: slots×out scales m/‖W0 + s·B·A‖ (1 elsewhere)
     slot_names: tuple[str, ...] = ()  # the adapter of slot i + 1
+    shared: dict = field(default_factory=dict)  # one block's, the same for every layer: row masks
 
     def adapter_rows(self, batch: int):
         """(adapter name or None for the base, row indices) for each slot present in the batch: for
@@ -80,12 +81,15 @@ class MixedRows:
             A_cat = self.A_stack[1:].permute(1, 0, 2).reshape(in_dim, -1).to(dtype).contiguous()
             B_cat = self.B_stack[1:].reshape(-1, self.B_stack.shape[2]).to(dtype)
             self.buffers["concatenated"] = (key, A_cat, B_cat)
-        if ("mask", batch) not in self._per_batch:
+        # the mask depends only on the rows, the slot count and the rank: one per block, not per
+        # layer (built in each of 120 layers it was a sixth of a small decoding step's LoRA cost)
+        mask_key = ("mask", batch, slots, rank, dtype, self.A_stack.device)
+        if mask_key not in self.shared:
             own = (self.rows_for(batch).view(-1, 1) - 1) == torch.arange((slots - 1) * rank,
                                                                           device=self.A_stack.device) // rank
-            self._per_batch[("mask", batch)] = own.to(dtype).unsqueeze(1)
+            self.shared[mask_key] = own.to(dtype).unsqueeze(1)
         _, A_cat, B_cat = self.buffers["concatenated"]
-        return A_cat, B_cat, self._per_batch[("mask", batch)]
+        return A_cat, B_cat, self.shared[mask_key]
 
     def _outputs(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         # Fresh multi-MB tensors on every block cost page faults, so they are kept and reused;
@@ -126,19 +130,24 @@ def mixed_batch(model: nn.Module, adapter_names: list[str], stack: list[str] | N
     slot = {BASE: 0, **{n: i for i, n in enumerate(distinct, start=1)}}
     row_slots = torch.tensor([slot[n] for n in names])
     on_device: dict[torch.device, torch.Tensor] = {}
+    shared: dict = {}
+    slot_names = tuple(distinct)
     for _, layer in layers:
-        A_stack, B_stack, dropout = layer.mixed_stacks(distinct)
-        if A_stack.device not in on_device:
-            on_device[A_stack.device] = row_slots.to(A_stack.device)
-        rows = on_device[A_stack.device]
-        layer.mixed = MixedRows(rows, A_stack, B_stack, dropout, buffers=layer.row_buffers(),
-                                scale_stack=layer.dora_scale_stack(distinct), slot_names=tuple(distinct))
+        stacks = layer.mixed_stacks(distinct)
+        if stacks.A.device not in on_device:
+            on_device[stacks.A.device] = row_slots.to(stacks.A.device)
+        rows = on_device[stacks.A.device]
+        # object.__setattr__: straight to the per-thread descriptor, past nn.Module.__setattr__'s
+        # checks (a server enters this block at every decoding step, for every layer)
+        object.__setattr__(layer, "mixed", MixedRows(rows, stacks.A, stacks.B, stacks.dropout,
+                                                     buffers=layer.row_buffers(), scale_stack=stacks.scale,
+                                                     slot_names=slot_names, shared=shared))
     for _, head in heads:
         head.mixed_names = names
     try:
         yield model
     finally:
         for _, layer in layers:
-            layer.mixed = None
+            object.__setattr__(layer, "mixed", None)
         for _, head in heads:
             head.mixed_names = None

@@ -221,3 +221,17 @@ def test_wrappers_found_once_follow_every_change_of_structure(ids):
     randomize_lora(plain, scale=0.3, seed=12)
     with lk.disable_adapters(plain):  # the new k_proj layers, not the unloaded ones
         assert torch.allclose(logits(plain, ids), base, atol=1e-6)
+
+
+def test_one_token_rows_over_layers_of_different_ranks(ids):
+    """Decoding steps share each row mask between layers of the same width only: here q_proj
+    stacks rank 4 at most and the other projections rank 8, and every row still equals its adapter."""
+    model = three_adapters("llama")
+    model.eval()
+    names = ["c", "a", lk.BASE, "b"]
+    step = ids[:, :1]
+    with torch.no_grad(), lk.mixed_batch(model, names, stack=["a", "b", "c"]):
+        together = model(input_ids=step).logits
+    with torch.no_grad():
+        for row, name in enumerate(names):
+            torch.testing.assert_close(together[row], per_adapter(model, step, name)[row], atol=1e-5, rtol=1e-5)

@@ -253,3 +253,39 @@ def test_dora_members_of_a_shared_input_share_one_projection_and_mask(p, monkeyp
         assert torch.allclose(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5), name
     if p:
         assert (draws_a, draws_b) == (4 * 2, 7 * 2)
+
+
+def test_mixed_batch_scales_are_kept_across_blocks_and_follow_changes():
+    """A server enters a mixed batch at every step: DoRA's per-row scales are computed once and
+    kept, and computed again when the magnitude or the base weight changes in place."""
+    arch = BY_NAME["llama"]
+    torch.manual_seed(0)
+    model = arch.build()
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], use_dora=True), "dora")
+    lk.inject(model, lk.LoraConfig(r=4, target_modules=["q_proj"]), "plain")
+    for name in ("dora", "plain"):
+        lk.set_adapter(model, name)
+        perturb_trainable(model, 5)
+    model.eval()
+    names = ["dora", "plain", "plain", "dora"]  # one per row of the architecture's inputs
+    layer = next(m for m in model.modules() if isinstance(m, lk.LoraLayer))
+
+    def mixed_and_scales():
+        with torch.no_grad(), lk.mixed_batch(model, names, stack=["dora", "plain"]):
+            return run_arch(model, arch), layer.mixed.scale_stack
+
+    def alone(name):
+        lk.set_adapter(model, name)
+        with torch.no_grad():
+            return run_arch(model, arch)
+    first, scales = mixed_and_scales()
+    assert mixed_and_scales()[1] is scales
+    for change in (lambda: layer.base_layer.weight.add_(torch.randn_like(layer.base_layer.weight), alpha=0.1), lambda: layer.lora_magnitude_vector["dora"].mul_(1.5)):
+        with torch.no_grad():
+            change()
+        changed, recomputed = mixed_and_scales()
+        assert recomputed is not scales
+        for row, name in enumerate(names):
+            torch.testing.assert_close(changed[row], alone(name)[row], atol=ATOL, rtol=0)
+        assert not torch.allclose(changed[0], first[0], atol=1e-4)
+        first, scales = changed, recomputed
