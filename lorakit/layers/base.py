@@ -18,6 +18,7 @@ from torch import nn
 from .. import delta as arith
 from ..errors import ConfigError
 from ..kernels.nf4 import Linear4bit
+from ..kernels.versions import tracked
 from ..variants.lora import LoraVariant
 from .per_thread import PerThread, thread_buffers
 
@@ -279,6 +280,7 @@ class LoraLayer(nn.Module):
         stacks = MixedStacks(*self._build_stacks(list(names), present), self.dora_scale_stack(list(names)))
         if stacks.scale is not None:  # DoRA's scales also read the base weight (a merge round trip rounds it)
             params.append(self.base_layer.packed if self.quantized else self.base_layer.weight)
+        params = tracked(params)  # adapters loaded under inference_mode have no version counter
         self.__dict__["_mixed_cache"] = (names, scalings, params, list(map(_VERSION, params)), stacks)
         return stacks
 

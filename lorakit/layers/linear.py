@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.dora import row_sq_norms
+from ..kernels.versions import change_key
 from ..variants.dora import DoraLinear
 from ..variants.principal import is_principal_init, principal_init
 from .base import ModulePairLayer, conv1d_class, lora_dims_of
@@ -69,7 +70,7 @@ class LoraLinear(ModulePairLayer):
 
     def weight_sq_norms(self) -> torch.Tensor:
         weight = self.base_layer.weight
-        key = (weight.data_ptr(), weight._version)
+        key = change_key(weight)
         cached = self.__dict__.get("_weight_sq_norms")
         if cached is None or cached[0] != key:  # the frozen base's ‖W0‖² per row, once
             cached = (key, row_sq_norms(weight, self.fan_in_fan_out))

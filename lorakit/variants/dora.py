@@ -26,6 +26,7 @@ from torch import nn
 from .. import delta as arith
 from ..kernels.dora import FusedDoraLinear, SharedDoraMember
 from ..kernels.lora import compute_dtype
+from ..kernels.versions import change_key
 from .lora import LoraVariant
 
 
@@ -75,7 +76,7 @@ class Dora(LoraVariant):
             norm = column_norm(layer, name, layer.base_weight, dtype)
         else:
             weight = layer.base_weight
-            key = (dtype, layer.scaling[name], *((t.data_ptr(), t._version) for t in (weight, *layer.lora_pair(name))))
+            key = (dtype, layer.scaling[name], *(change_key(t) for t in (weight, *layer.lora_pair(name))))
             if self.norm_cache is None or self.norm_cache[0] != key:
                 self.norm_cache = (key, column_norm(layer, name, weight, dtype))
             norm = self.norm_cache[1]

@@ -235,3 +235,22 @@ def test_one_token_rows_over_layers_of_different_ranks(ids):
     with torch.no_grad():
         for row, name in enumerate(names):
             torch.testing.assert_close(together[row], per_adapter(model, step, name)[row], atol=1e-5, rtol=1e-5)
+
+
+def test_adapters_made_under_inference_mode_serve_mixed_batches(ids):
+    """Tensors created under torch.inference_mode have no version counter; the stacks cache (and
+    DoRA's norm caches) must not read one. Everything here happens in inference mode."""
+    with torch.inference_mode():
+        model = tiny_llama(seed=4)
+        lk.inject(model, lk.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]), "a")
+        lk.inject(model, lk.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], use_dora=True), "d")
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * 0.3)
+        model.eval()
+        names = ["a", "d", lk.BASE, "a"]
+        for _ in range(2):  # the second block reuses the kept stacks
+            with lk.mixed_batch(model, names, stack=["a", "d"]):
+                together = logits(model, ids)
+        for row, name in enumerate(names):
+            torch.testing.assert_close(together[row], per_adapter(model, ids, name)[row], atol=1e-5, rtol=1e-5)
