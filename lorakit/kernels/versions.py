@@ -8,12 +8,22 @@ so a cache over them must be cleared by whoever writes them there.
 
 from __future__ import annotations
 
+import operator
+
 import torch
+
+_VERSION = operator.attrgetter("_version")
 
 
 def tracked(tensors) -> list[torch.Tensor]:
     """The tensors whose in-place changes can be seen (all but inference tensors)."""
     return [t for t in tensors if not t.is_inference()]
+
+
+def versions(tensors: list[torch.Tensor]) -> list[int]:
+    """The version counters of ``tracked`` tensors, read in one C-level map: a cache over many
+    tensors checks them on every use (a server's mixed batch, at every decoding step)."""
+    return list(map(_VERSION, tensors))
 
 
 def change_key(tensor: torch.Tensor) -> tuple[int, int]:

@@ -9,7 +9,6 @@ so state-dict keys translate one-to-one to PEFT's adapter format.
 
 from __future__ import annotations
 
-import operator
 from typing import NamedTuple
 
 import torch
@@ -19,12 +18,11 @@ from torch import nn
 from .. import delta as arith
 from ..errors import ConfigError
 from ..kernels.nf4 import Linear4bit
-from ..kernels.versions import tracked
+from ..kernels.versions import tracked, versions
 from ..variants.lora import LoraVariant
 from .per_thread import PerThread, thread_buffers
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-_VERSION = operator.attrgetter("_version")  # a tensor's in-place change counter
 
 
 class MixedStacks(NamedTuple):
@@ -271,10 +269,9 @@ class LoraLayer(nn.Module):
         names = tuple(slot_names)
         scalings = tuple(self.scaling.get(n) for n in names)
         cached = self.__dict__.get("_mixed_cache")
-        # the version check runs on every block: one C-level map over the parameters, not a
-        # Python loop (it was a third of entering a block over 120 layers)
-        if cached is not None and cached[0] == names and cached[1] == scalings \
-                and list(map(_VERSION, cached[2])) == cached[3]:
+        # the version check runs on every block (a Python loop over the parameters was a third of
+        # entering a block over 120 layers)
+        if cached is not None and cached[0] == names and cached[1] == scalings and versions(cached[2]) == cached[3]:
             return cached[4]
         held = set(self.adapter_names)
         present = [n for n in names if n in held]
@@ -283,7 +280,7 @@ class LoraLayer(nn.Module):
         if stacks.scale is not None:  # DoRA's scales also read the base weight (a merge round trip rounds it)
             params.append(self.base_layer.packed if self.quantized else self.base_layer.weight)
         params = tracked(params)  # adapters loaded under inference_mode have no version counter
-        self.__dict__["_mixed_cache"] = (names, scalings, params, list(map(_VERSION, params)), stacks)
+        self.__dict__["_mixed_cache"] = (names, scalings, params, versions(params), stacks)
         return stacks
 
     def dora_scale_stack(self, slot_names: list[str]) -> torch.Tensor | None:
@@ -322,7 +319,7 @@ class LoraLayer(nn.Module):
                     continue
                 A, B = pairs[name]
                 missing = r_max - A.shape[0]  # ranks padded with zero columns / rows
-                A, B = (A, B) if A.dtype == B.dtype == dtype else (A.to(dtype), B.to(dtype))
+                A, B = A.to(dtype), B.to(dtype)
                 A_parts.append(F.pad(A.T, (0, missing)) if missing else A.T)
                 B_parts.append(F.pad(B.T, (0, 0, 0, missing)) if missing else B.T)
                 scales.append(self.scaling[name])
