@@ -46,6 +46,17 @@ class PerThread:
             _values()[key] = value
 
 
+def assign(obj, name: str, value) -> None:
+    """Set ``obj``'s PerThread attribute ``name`` for the calling thread, straight through its
+    descriptor. ``obj.name = value`` on a module goes through ``nn.Module.__setattr__``'s checks
+    first, which cost more than the setting: lk.mixed_batch and lk.disable_adapters set these on
+    every wrapper at every decoding step of a server."""
+    descriptor = getattr(type(obj), name, None)
+    if not isinstance(descriptor, PerThread):
+        raise TypeError(f"{type(obj).__name__}.{name} is not a PerThread attribute")
+    descriptor.__set__(obj, value)
+
+
 def thread_buffers(owner_dict: dict, key: str) -> dict:
     """A dict stored in ``owner_dict[key]`` for the calling thread (reused output buffers)."""
     per_thread = owner_dict.setdefault(key, {})

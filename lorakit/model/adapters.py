@@ -8,6 +8,7 @@ from typing import Iterator
 from torch import nn
 
 from ..errors import MergeStateError
+from ..layers.per_thread import assign
 from .injection import set_active
 from .merging import drop_empty_wrappers
 from .state import (
@@ -69,9 +70,9 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         )
     wrappers = [m for _, m in adapter_wrappers(model)]
     for module in wrappers:
-        module.disabled = True
+        assign(module, "disabled", True)
     try:
         yield model
     finally:
         for module in wrappers:
-            module.disabled = False
+            assign(module, "disabled", False)

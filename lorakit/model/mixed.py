@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import LoraError, MergeStateError
+from ..layers.per_thread import assign
 from .state import BASE, check_names, lora_layers, saved_modules, token_wrappers
 
 CONCAT_COLUMNS = 128  # adapters × rank up to which one-token steps multiply by all adapters at once
@@ -137,17 +138,14 @@ def mixed_batch(model: nn.Module, adapter_names: list[str], stack: list[str] | N
         if stacks.A.device not in on_device:
             on_device[stacks.A.device] = row_slots.to(stacks.A.device)
         rows = on_device[stacks.A.device]
-        # object.__setattr__: straight to the per-thread descriptor, past nn.Module.__setattr__'s
-        # checks (a server enters this block at every decoding step, for every layer)
-        object.__setattr__(layer, "mixed", MixedRows(rows, stacks.A, stacks.B, stacks.dropout,
-                                                     buffers=layer.row_buffers(), scale_stack=stacks.scale,
-                                                     slot_names=slot_names, shared=shared))
+        assign(layer, "mixed", MixedRows(rows, stacks.A, stacks.B, stacks.dropout, buffers=layer.row_buffers(),
+                                         scale_stack=stacks.scale, slot_names=slot_names, shared=shared))
     for _, head in heads:
         head.mixed_names = names
     try:
         yield model
     finally:
         for _, layer in layers:
-            object.__setattr__(layer, "mixed", None)
+            assign(layer, "mixed", None)
         for _, head in heads:
             head.mixed_names = None

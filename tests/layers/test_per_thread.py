@@ -3,6 +3,7 @@ running forwards of one model at once (a server's workers) each get their own ro
 
 import threading
 
+import pytest
 import torch
 
 import lorakit as lk
@@ -84,3 +85,17 @@ def test_a_block_in_one_thread_leaves_the_others_on_the_active_adapter():
         assert done.wait(30)
     thread.join()
     torch.testing.assert_close(seen["out"], active, rtol=0, atol=0)
+
+
+def test_assign_sets_only_per_thread_attributes():
+    """assign goes straight to the descriptor, so it refuses a name that is not a PerThread one
+    (a plain attribute set that way would skip nn.Module's bookkeeping)."""
+    from lorakit.layers.per_thread import assign
+
+    layer = lk.LoraLayer(torch.nn.Linear(2, 2))
+    assign(layer, "disabled", True)
+    assert layer.disabled is True
+    assign(layer, "disabled", False)
+    assert layer.disabled is False
+    with pytest.raises(TypeError, match="not a PerThread"):
+        assign(layer, "training", False)
