@@ -27,6 +27,16 @@ SHAPES = {
 }
 
 
+def parse_with_checkout(parser) -> object:
+    """``parser``'s arguments plus ``--lorakit PATH``: lorakit is then imported from that checkout, so
+    two commits compare on the same machine minutes apart. Call it before anything imports lorakit."""
+    parser.add_argument("--lorakit", help="import lorakit from this checkout instead")
+    args = parser.parse_args()
+    if args.lorakit:
+        sys.path.insert(0, args.lorakit)
+    return args
+
+
 def llama_config(shape: str) -> LlamaConfig:
     return LlamaConfig(**SHAPES[shape], max_position_embeddings=512, tie_word_embeddings=False)
 

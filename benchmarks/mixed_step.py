@@ -20,10 +20,11 @@ import contextlib
 import copy
 import functools
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from .common import parse_with_checkout
 
 
 def main() -> None:
@@ -31,10 +32,7 @@ def main() -> None:
     parser.add_argument("--rows", default="4,8", help="decoding rows, comma separated")
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a serving worker has 1)")
-    parser.add_argument("--lorakit", help="import lorakit from this checkout instead")
-    args = parser.parse_args()
-    if args.lorakit:
-        sys.path.insert(0, args.lorakit)
+    args = parse_with_checkout(parser)
     import torch
     from transformers import DynamicCache
 

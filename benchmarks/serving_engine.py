@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from .common import parse_with_checkout
 
 
 def main() -> None:
@@ -28,10 +29,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=8, help="0: every request to the base model")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1, help="engine worker threads (lorakit serve --workers)")
-    parser.add_argument("--lorakit", help="import lorakit from this checkout instead")
-    args = parser.parse_args()
-    if args.lorakit:
-        sys.path.insert(0, args.lorakit)
+    args = parse_with_checkout(parser)
     import torch
 
     from lorakit.hub.models import load_model
