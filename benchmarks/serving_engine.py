@@ -2,6 +2,7 @@
 
     python -m benchmarks.serving_engine [--dtype bf16 --adapters 8 --max-batch 64]
     python -m benchmarks.serving_engine --lorakit /path/to/other/checkout   # the same on another commit
+    python -m benchmarks.serving_engine --dtype fp32 --packed-weights off    # fp32 without packed weights
 
 benchmarks/serving.py's 64 chat requests (max_tokens 32, greedy, SmolLM2-135M-Instruct), handed to
 ``Engine.submit_all`` at once, request i on adapter i mod N (N=0: the base model). Prints generated
@@ -29,6 +30,8 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=8, help="0: every request to the base model")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1, help="engine worker threads (lorakit serve --workers)")
+    parser.add_argument("--packed-weights", choices=["auto", "on", "off"],
+                        help="lorakit serve --packed-weights (default: the engine's own default)")
     args = parse_with_checkout(parser)
     import torch
 
@@ -61,7 +64,9 @@ def main() -> None:
         names = make_adapters(base, Path(tmp), args.adapters) if args.adapters else []
         engine = Engine(copy.deepcopy(base), tokenizer, base_name="base", adapter_dir=tmp,
                         limits=Limits(max_batch=args.max_batch, max_queue=512, max_new_tokens=32),
-                        **({"workers": args.workers} if args.workers > 1 else {}))
+                        **({"workers": args.workers} if args.workers > 1 else {}),
+                        **({"packed_weights": args.packed_weights} if args.packed_weights else {}))
+        print("packed weights:", getattr(engine, "packed_weights_note", "(this checkout has none)"))
         for name in names:
             engine.pool.load(name)
 

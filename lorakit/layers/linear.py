@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.dora import row_sq_norms
+from ..kernels.packed_linear import PackedLinear
 from ..kernels.versions import change_key
 from ..variants.dora import DoraLinear
 from ..variants.principal import is_principal_init, principal_init
@@ -25,9 +26,10 @@ class LoraLinear(ModulePairLayer):
         super().__init__(base_layer)
         self.fan_in_fan_out = isinstance(base_layer, conv1d_class())
         self.transpose_delta = self.fan_in_fan_out
-        # Exactly nn.Linear / Conv1D (not a subclass with its own forward): their output is not kept
-        # for backward, and their weight is all the fused path needs.
-        self.plain_base = type(base_layer) in (nn.Linear, conv1d_class())
+        # Exactly nn.Linear / Conv1D (not a subclass with its own forward; a server's PackedLinear
+        # computes the same product): their output is not kept for backward, and their weight is
+        # all the fused path needs.
+        self.plain_base = type(base_layer) in (nn.Linear, PackedLinear, conv1d_class())
         self.in_features, self.out_features = lora_dims_of(base_layer)
 
     def lora_dims(self):

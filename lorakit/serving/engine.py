@@ -31,11 +31,13 @@ from typing import Callable
 
 import torch
 
+from ..kernels.packed_linear import unpack_linears
 from .attention import use_grouped_attention
 from .continuous import ContinuousBatcher
 from .locks import ModelLock
 from .metrics import Counters
 from .openmp import release_threads
+from .packed_weights import SETTINGS as PACKED_SETTINGS, use_packed_weights
 from .pool import AdapterPool
 from .prefix_cache import PrefixCache
 from .requests import Limits, Request, ServingError
@@ -51,7 +53,7 @@ class Engine:
     def __init__(self, model, tokenizer, *, base_name: str = "base", adapter_dir: str | None = None,
                  labels: list[str] | None = None, limits: Limits = Limits(), max_loaded_adapters: int | None = None,
                  scheduler: str = "continuous", prefill_chunk: int = 256, prefix_cache_mb: float = 256,
-                 workers: int = 1):
+                 workers: int = 1, packed_weights: str = "auto"):
         if scheduler not in ("continuous", "static"):
             raise ServingError(f"unknown scheduler {scheduler!r}; choose continuous or static")
         if prefill_chunk < 1:
@@ -60,6 +62,8 @@ class Engine:
             raise ServingError(f"workers must be 1 or more (more than 1 only with continuous scheduling), got {workers}")
         if workers > limits.max_batch:
             raise ServingError(f"{workers} workers need max_batch of at least {workers}, got {limits.max_batch}")
+        if packed_weights not in PACKED_SETTINGS:
+            raise ServingError(f"packed_weights must be one of {', '.join(PACKED_SETTINGS)}, got {packed_weights!r}")
         self.model, self.tokenizer, self.base_name, self.labels, self.limits = model.eval(), tokenizer, base_name, labels, limits
         if prefix_cache_mb < 0:
             raise ServingError(f"prefix_cache_mb must be 0 (off) or more, got {prefix_cache_mb}")
@@ -76,6 +80,8 @@ class Engine:
         self._waiting_elsewhere: list[Callable[[], int]] = []  # taken off the queue by schedulers, not started
         self.counters = Counters(waiting=self.waiting, loaded_adapters=lambda: len(self.adapters))
         self.stats, self.prometheus = self.counters.stats, self.counters.prometheus
+        # before the worker starts, so nothing runs on the model meanwhile (packed_weights.py)
+        self.packed_weights, self.packed_weights_note = use_packed_weights(self.model, packed_weights)
         self.running = True
         # the caller's OpenMP team (built while it loaded the model) would keep the workers' teams
         # from spinning between operations: free it (serving/openmp.py)
@@ -142,6 +148,10 @@ class Engine:
         self.running = False
         self.queue.put(None)  # wakes the worker
         self.worker.join(timeout=10)
+        if self.packed_weights:  # the model goes back as it came (its packed copies freed)
+            with self.model_lock:
+                unpack_linears(self.model)
+            self.packed_weights = False
 
     # --- what schedulers use -------------------------------------------------------------------
     def take(self, block: bool, timeout: float | None = None) -> Request | None:

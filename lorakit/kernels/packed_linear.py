@@ -1,0 +1,100 @@
+"""Small-batch products of a frozen fp32 ``nn.Linear`` through oneDNN's packed weights.
+
+torch runs an fp32 ``F.linear`` on CPU through MKL. For a handful of rows (a server's decoding step)
+MKL is slow on some CPUs: on this AMD EPYC (AVX2), 4 rows through SmolLM2's 49152 × 576 LM head take
+25 ms against 10 ms for one row, and the 1536 × 576 MLP weights run 1.3-2× slower than oneDNN's
+GEMM over the same weight reordered into its blocked layout (``torch.ops.mkldnn``, the packed
+weights torch's own compiler uses for frozen CPU linears). From about 128 rows on (prefill) MKL is
+as fast or faster, and for thin weights (576 → 192, the KV projections) oneDNN's fixed cost per call
+loses at every row count. ``PackedLinear`` keeps a packed copy of its weight beside it and takes it
+for the row counts and sizes where it measured faster (BENCHMARKS.md, issue 26); everything else,
+and anything that records gradients, goes through ``F.linear`` as before. The packed copy is rebuilt
+when the weight changes (``versions.change_key``), so a merge or an in-place update never reads a
+stale copy. The results equal ``F.linear``'s up to fp32 rounding.
+
+``pack_linears(model)`` turns a model's plain fp32 CPU ``nn.Linear`` modules into ``PackedLinear``
+(same parameters, same state dict; extra memory: one more copy of their weights) and
+``unpack_linears`` turns them back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .versions import change_key
+
+# Where the packed product measured faster (fp32, 1 and 2 threads; BENCHMARKS.md, issue 26):
+SMALL_WEIGHT = 256 * 1024  # fewer weight elements: oneDNN's cost per call outweighs its GEMM
+LARGE_WEIGHT = 8 * 2**20  # LM-head-sized weights: faster at every row count up to LARGE_ROWS
+ROWS = (2, 64)  # rows (tokens in the batch) for the weights in between
+LARGE_ROWS = (1, 128)
+
+
+def packing_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def packable(module: nn.Module) -> bool:
+    """A plain fp32 CPU ``nn.Linear`` whose weight is large enough to gain from packing."""
+    return (type(module) is nn.Linear and module.weight.dtype == torch.float32
+            and module.weight.device.type == "cpu" and module.weight.numel() >= SMALL_WEIGHT)
+
+
+class PackedLinear(nn.Linear):
+    """``nn.Linear`` that multiplies a few rows at a time through a packed copy of its weight.
+    Made from an existing ``nn.Linear`` by ``pack_linears``, never constructed directly."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        rows = input.numel() // self.in_features if input.dim() else 0
+        low, high = self.packed_rows
+        if not low <= rows <= high or torch.is_grad_enabled() or input.dtype != torch.float32:
+            return F.linear(input, self.weight, self.bias)
+        out = torch.ops.mkldnn._linear_pointwise(input.reshape(rows, self.in_features), self.packed_weight(),
+                                                 self.bias, "none", [], "")
+        return out.view(*input.shape[:-1], self.out_features)
+
+    def packed_weight(self) -> torch.Tensor:
+        key = change_key(self.weight)
+        cached = self.__dict__.get("_packed")
+        if cached is None or cached[0] != key:
+            # the weight with the batch size oneDNN should block for (the middle of the range)
+            cached = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 16))
+            self.__dict__["_packed"] = cached
+        return cached[1]
+
+    def __getstate__(self):
+        # copies (deepcopy, pickle) leave the packed weight behind: oneDNN's opaque tensor has no
+        # storage to copy; a copy packs its own on first use
+        state = self.__dict__.copy()
+        state.pop("_packed", None)
+        return state
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Turn every ``packable`` module of ``model`` into a ``PackedLinear`` and pack its weight now;
+    the number of weight elements packed (the extra memory, in fp32 elements)."""
+    total = 0
+    for module in model.modules():
+        if packable(module):
+            module.__class__ = PackedLinear
+            large = module.weight.numel() >= LARGE_WEIGHT
+            module.packed_rows = LARGE_ROWS if large else ROWS
+            module.packed_weight()
+            total += module.weight.numel()
+    return total
+
+
+def unpack_linears(model: nn.Module) -> None:
+    """Undo ``pack_linears``: plain ``nn.Linear`` modules again, their packed copies freed."""
+    for module in model.modules():
+        if type(module) is PackedLinear:
+            module.__class__ = nn.Linear
+            module.__dict__.pop("_packed", None)
+            module.__dict__.pop("packed_rows", None)
+
+
+def packed_elements(model: nn.Module) -> int:
+    """Weight elements ``pack_linears`` would copy (to check the memory before packing)."""
+    return sum(m.weight.numel() for m in model.modules() if packable(m))

@@ -1,0 +1,69 @@
+"""The served fp32 base's linear weights packed for small batches (kernels/packed_linear.py).
+
+A server's decoding steps multiply a few rows at a time, where torch's MKL path is slow on some CPUs
+and oneDNN's packed weights are 1.2-2× faster (BENCHMARKS.md, issue 26). ``use_packed_weights``
+packs them when the engine starts: for ``auto`` only where it pays and fits (an fp32 model on CPU,
+torch built with oneDNN, the extra copy under half of the memory available), then checks one
+small-batch forward against the unpacked model and unpacks (saying so) when they differ or it
+fails. It returns what it did in one line, which ``lorakit serve`` prints at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from ..kernels.packed_linear import pack_linears, packed_elements, packing_available, unpack_linears
+
+log = logging.getLogger("lorakit.serving")
+SETTINGS = ("auto", "on", "off")  # lorakit serve --packed-weights
+
+
+def available_bytes() -> int | None:
+    """Memory the OS can hand out now (MemAvailable), None where it cannot say."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def use_packed_weights(model, setting: str = "auto") -> tuple[bool, str]:
+    """Pack ``model``'s fp32 linear weights per ``setting`` (auto, on, off): whether it did, and
+    a line saying what it did and why."""
+    if setting == "off":
+        return False, "off (--packed-weights off)"
+    elements = packed_elements(model)
+    if not packing_available():
+        return False, "off (this torch has no oneDNN)"
+    if not elements:
+        return False, "off (no fp32 CPU linear weight large enough to gain)"
+    extra, free = elements * 4, available_bytes()
+    if setting == "auto" and free is not None and extra > free // 2:
+        return False, (f"off (their {extra / 2**20:.0f} MB copy is over half of the {free / 2**20:.0f} MB "
+                       "available; --packed-weights on forces them)")
+    reference = next(model.parameters())
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    ids = (torch.arange(4 * 3).view(4, 3) % config.vocab_size).to(reference.device)  # 4 rows: the packed range
+    try:
+        with torch.inference_mode():
+            before = model(input_ids=ids).logits
+            pack_linears(model)
+            after = model(input_ids=ids).logits
+    except Exception as exc:  # noqa: BLE001 - any failure: keep torch's linears
+        unpack_linears(model)
+        log.warning("packed weights are not usable with this model (%s); serving with torch's own linears", exc)
+        return False, f"off (a forward through them failed: {exc})"
+    if (after - before).abs().max() > 1e-4 * before.abs().max().clamp_min(1.0):
+        unpack_linears(model)
+        log.warning("packed weights gave other logits for this model; serving with torch's own linears")
+        return False, "off (they gave other logits for this model)"
+    return True, f"on ({extra / 2**20:.0f} MB more: decoding steps' linears through oneDNN; --packed-weights off)"
