@@ -36,6 +36,7 @@ def make_adapters(base, directory: Path, count: int) -> list[str]:
     names = []
     for i in range(count):
         model = copy.deepcopy(base)
+        torch.manual_seed(i)  # A's init too: the same adapters in every run, so runs generate the same replies
         lk.inject(model, lk.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
         gen = torch.Generator().manual_seed(i)
         with torch.no_grad():

@@ -30,6 +30,9 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=8, help="0: every request to the base model")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1, help="engine worker threads (lorakit serve --workers)")
+    parser.add_argument("--requests", type=int, default=64, help="the anchor workload's first N requests")
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (a decode-heavy "
+                                                                   "run: more tokens, fewer requests)")
     parser.add_argument("--packed-weights", choices=["auto", "on", "off"],
                         help="lorakit serve --packed-weights (default: the engine's own default)")
     args = parse_with_checkout(parser)
@@ -57,13 +60,13 @@ def main() -> None:
     base, tokenizer = load_model("smollm2-135m", "lm", dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     base.eval()
     prompts = []
-    for messages in anchor_messages(64):
+    for messages in anchor_messages(args.requests):
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
     with tempfile.TemporaryDirectory() as tmp:
         names = make_adapters(base, Path(tmp), args.adapters) if args.adapters else []
         engine = Engine(copy.deepcopy(base), tokenizer, base_name="base", adapter_dir=tmp,
-                        limits=Limits(max_batch=args.max_batch, max_queue=512, max_new_tokens=32),
+                        limits=Limits(max_batch=args.max_batch, max_queue=512, max_new_tokens=args.max_tokens),
                         **({"workers": args.workers} if args.workers > 1 else {}),
                         **({"packed_weights": args.packed_weights} if args.packed_weights else {}))
         print("packed weights:", getattr(engine, "packed_weights_note", "(this checkout has none)"))
@@ -90,7 +93,7 @@ def main() -> None:
         answer(4, 4)  # warm-up: first forwards, the adapters' stacks
         spent.clear()
         fed.clear()
-        seconds, results = answer(len(prompts), 32)
+        seconds, results = answer(len(prompts), args.max_tokens)
         metrics = engine.metrics()
         engine.close()
     tokens = sum(r["completion_tokens"] for r in results)
