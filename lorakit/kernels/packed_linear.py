@@ -1,16 +1,18 @@
 """Small-batch products of a frozen fp32 ``nn.Linear`` through oneDNN's packed weights.
 
 torch runs an fp32 ``F.linear`` on CPU through MKL. For a handful of rows (a server's decoding step)
-MKL is slow on some CPUs: on this AMD EPYC (AVX2), 4 rows through SmolLM2's 49152 × 576 LM head take
-25 ms against 10 ms for one row, and the 1536 × 576 MLP weights run 1.3-2× slower than oneDNN's
-GEMM over the same weight reordered into its blocked layout (``torch.ops.mkldnn``, the packed
-weights torch's own compiler uses for frozen CPU linears). From about 128 rows on (prefill) MKL is
-as fast or faster, and for thin weights (576 → 192, the KV projections) oneDNN's fixed cost per call
-loses at every row count. ``PackedLinear`` keeps a packed copy of its weight beside it and takes it
-for the row counts and sizes where it measured faster (BENCHMARKS.md, issue 26); everything else,
-and anything that records gradients, goes through ``F.linear`` as before. The packed copy is rebuilt
-when the weight changes (``versions.change_key``), so a merge or an in-place update never reads a
-stale copy. The results equal ``F.linear``'s up to fp32 rounding.
+MKL is slow on some CPUs: on this AMD EPYC (AVX2), 2-8 rows through SmolLM2's 49152 × 576 LM head
+take 2-2.5× as long as one row, although the weight is read once either way, and its MLP weights run
+1.2-2× slower than oneDNN's GEMM over the same weight reordered into its blocked layout
+(``torch.ops.mkldnn``: the packed weights torch's own compiler uses for frozen CPU linears). With
+more rows the arithmetic dominates and MKL catches up: with one thread (a server with two busy
+workers) the packed product loses from about 16 rows on, except for LM-head-sized weights, which
+gain up to 128 rows; thin weights (576 → 192, the KV projections) lose at every row count to
+oneDNN's fixed cost per call. ``PackedLinear`` keeps a packed copy of its weight beside it and takes
+it for the row counts and sizes where it measured faster (BENCHMARKS.md, issue 26); everything
+else, and anything that records gradients, goes through ``F.linear`` as before. The packed copy is
+rebuilt when the weight changes (``versions.change_key``), so a merge or an in-place update never
+reads a stale copy. The results equal ``F.linear``'s up to fp32 rounding.
 
 ``pack_linears(model)`` turns a model's plain fp32 CPU ``nn.Linear`` modules into ``PackedLinear``
 (same parameters, same state dict; extra memory: one more copy of their weights) and
@@ -25,10 +27,11 @@ from torch import nn
 
 from .versions import change_key
 
-# Where the packed product measured faster (fp32, 1 and 2 threads; BENCHMARKS.md, issue 26):
+# Where the packed product measured faster at both 1 and 2 threads (fp32; tuned on SmolLM2-135M's
+# shapes, checked on a LLaMA of other shapes; benchmarks/packed_linear.py, BENCHMARKS.md, issue 26):
 SMALL_WEIGHT = 256 * 1024  # fewer weight elements: oneDNN's cost per call outweighs its GEMM
 LARGE_WEIGHT = 8 * 2**20  # LM-head-sized weights: faster at every row count up to LARGE_ROWS
-ROWS = (2, 64)  # rows (tokens in the batch) for the weights in between
+ROWS = (2, 8)  # rows (tokens in the batch) for the weights in between
 LARGE_ROWS = (1, 128)
 
 

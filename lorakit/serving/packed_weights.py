@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from ..kernels.packed_linear import pack_linears, packed_elements, packing_available, unpack_linears
+from ..kernels.packed_linear import ROWS, pack_linears, packed_elements, packing_available, unpack_linears
 
 log = logging.getLogger("lorakit.serving")
 SETTINGS = ("auto", "on", "off")  # lorakit serve --packed-weights
@@ -52,7 +52,8 @@ def use_packed_weights(model, setting: str = "auto") -> tuple[bool, str]:
                        "available; --packed-weights on forces them)")
     reference = next(model.parameters())
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    ids = (torch.arange(4 * 3).view(4, 3) % config.vocab_size).to(reference.device)  # 4 rows: the packed range
+    rows = ROWS[0]  # one token each: a product every packed module takes through its packed copy
+    ids = (torch.arange(rows).view(rows, 1) % config.vocab_size + 1).to(reference.device)
     try:
         with torch.inference_mode():
             before = model(input_ids=ids).logits
