@@ -52,7 +52,8 @@ class PackedLinear(nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         rows = input.numel() // self.in_features if input.dim() else 0
         low, high = self.packed_rows
-        if not low <= rows <= high or torch.is_grad_enabled() or input.dtype != torch.float32:
+        # (a model moved to another device or dtype after packing takes torch's path too)
+        if not low <= rows <= high or torch.is_grad_enabled() or input.dtype != torch.float32 or not input.is_cpu:
             return F.linear(input, self.weight, self.bias)
         out = torch.ops.mkldnn._linear_pointwise(input.reshape(rows, self.in_features), self.packed_weight(),
                                                  self.bias, "none", [], "")

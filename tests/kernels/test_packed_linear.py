@@ -114,3 +114,12 @@ def test_a_packed_model_copies_saves_and_unpacks_as_before(every_size):
     unpack_linears(model)
     assert not any(type(m) is PackedLinear for m in model.modules())
     assert not any("_packed" in m.__dict__ for m in model.modules())
+
+
+def test_a_packed_module_converted_to_bf16_takes_torch_path(every_size):
+    linear = _linear()
+    pack_linears(linear)
+    linear.to(torch.bfloat16)
+    x = torch.randn(4, 48, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(x), nn.functional.linear(x, linear.weight, linear.bias))
