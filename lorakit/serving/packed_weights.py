@@ -52,8 +52,10 @@ def use_packed_weights(model, setting: str = "auto") -> tuple[bool, str]:
                        "available; --packed-weights on forces them)")
     reference = next(model.parameters())
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    rows = ROWS[0]  # one token each: a product every packed module takes through its packed copy
-    ids = (torch.arange(rows).view(rows, 1) % config.vocab_size + 1).to(reference.device)
+    # one sequence (a classifier without a pad token takes no batch) of a length that every packed
+    # module multiplies through its packed copy
+    rows = ROWS[0]
+    ids = (torch.arange(1, rows + 1).view(1, rows) % config.vocab_size).to(reference.device)
     try:
         with torch.inference_mode():
             before = model(input_ids=ids).logits
