@@ -11,29 +11,14 @@ fails. It returns what it did in one line, which ``lorakit serve`` prints at sta
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
+from ..hub.low_memory import available_bytes
 from ..kernels.packed_linear import ROWS, pack_linears, packed_elements, packing_available, unpack_linears
 
 log = logging.getLogger("lorakit.serving")
 SETTINGS = ("auto", "on", "off")  # lorakit serve --packed-weights
-
-
-def available_bytes() -> int | None:
-    """Memory the OS can hand out now (MemAvailable), None where it cannot say."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def use_packed_weights(model, setting: str = "auto") -> tuple[bool, str]:
