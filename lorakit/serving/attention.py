@@ -19,6 +19,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .checks import same_logits
+
 log = logging.getLogger("lorakit.serving")
 NAME = "lorakit_grouped_sdpa"
 
@@ -61,16 +63,14 @@ def use_grouped_attention(model) -> bool:
     try:
         _register()
         with torch.inference_mode():
-            before = model(input_ids=ids, attention_mask=mask).logits.float()
+            before = model(input_ids=ids, attention_mask=mask).logits
             model.set_attn_implementation(NAME)
-            after = model(input_ids=ids, attention_mask=mask).logits.float()
+            after = model(input_ids=ids, attention_mask=mask).logits
     except Exception as exc:  # noqa: BLE001 - any failure: keep transformers' own attention
         model.set_attn_implementation("sdpa")
         log.warning("grouped attention is not usable with this model (%s); using transformers' sdpa", exc)
         return False
-    tolerance = 1e-4 if reference.dtype == torch.float32 else 2e-2
-    if model.config._attn_implementation != NAME or \
-            (after - before).abs().max() > tolerance * before.abs().max().clamp_min(1.0):
+    if model.config._attn_implementation != NAME or not same_logits(after, before, reference.dtype):
         model.set_attn_implementation("sdpa")
         log.warning("grouped attention gave other logits for this model; using transformers' sdpa")
         return False

@@ -16,6 +16,7 @@ import torch
 
 from ..hub.low_memory import available_bytes
 from ..kernels.packed_linear import ROWS, pack_linears, packed_elements, packing_available, unpack_linears
+from .checks import same_logits
 
 log = logging.getLogger("lorakit.serving")
 SETTINGS = ("auto", "on", "off")  # lorakit serve --packed-weights
@@ -50,7 +51,7 @@ def use_packed_weights(model, setting: str = "auto") -> tuple[bool, str]:
         unpack_linears(model)
         log.warning("packed weights are not usable with this model (%s); serving with torch's own linears", exc)
         return False, f"off (a forward through them failed: {exc})"
-    if (after - before).abs().max() > 1e-4 * before.abs().max().clamp_min(1.0):
+    if not same_logits(after, before, reference.dtype):
         unpack_linears(model)
         log.warning("packed weights gave other logits for this model; serving with torch's own linears")
         return False, "off (they gave other logits for this model)"
