@@ -9,7 +9,7 @@ from lorakit.kernels.packed_linear import PackedLinear
 from lorakit.serving import Limits, ServingError, build_engine
 from lorakit.serving.packed_weights import use_packed_weights
 from tests.helpers import offline, tiny_llama
-from tests.serving.test_continuous import Recorder, submit
+from tests.serving.test_continuous import submit
 
 pytestmark = pytest.mark.skipif(not packed_linear.packing_available(), reason="torch built without oneDNN")
 
