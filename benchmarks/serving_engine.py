@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import resource
 import tempfile
 import threading
 import time
@@ -35,6 +36,8 @@ def main() -> None:
                                                                    "run: more tokens, fewer requests)")
     parser.add_argument("--packed-weights", choices=["auto", "on", "off"],
                         help="lorakit serve --packed-weights (default: the engine's own default)")
+    parser.add_argument("--packed-prefill", choices=["auto", "off"],
+                        help="lorakit serve --packed-prefill (default: the engine's own default)")
     args = parse_with_checkout(parser)
     import torch
 
@@ -56,6 +59,16 @@ def main() -> None:
         fed[phase] += ids.numel()
         return result
     continuous.ContinuousBatcher._forward = timed
+    forward_packed = getattr(continuous.ContinuousBatcher, "_forward_packed", None)
+
+    def timed_packed(self, adapter, first_slot, fed_ids, starts):  # packed prefill: real tokens only
+        start = time.perf_counter()
+        result = forward_packed(self, adapter, first_slot, fed_ids, starts)
+        spent["prefill"] += time.perf_counter() - start
+        fed["prefill"] += sum(map(len, fed_ids))
+        return result
+    if forward_packed is not None:
+        continuous.ContinuousBatcher._forward_packed = timed_packed
 
     base, tokenizer = load_model("smollm2-135m", "lm", dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     base.eval()
@@ -68,8 +81,10 @@ def main() -> None:
         engine = Engine(copy.deepcopy(base), tokenizer, base_name="base", adapter_dir=tmp,
                         limits=Limits(max_batch=args.max_batch, max_queue=512, max_new_tokens=args.max_tokens),
                         **({"workers": args.workers} if args.workers > 1 else {}),
-                        **({"packed_weights": args.packed_weights} if args.packed_weights else {}))
+                        **({"packed_weights": args.packed_weights} if args.packed_weights else {}),
+                        **({"packed_prefill": args.packed_prefill} if args.packed_prefill else {}))
         print("packed weights:", getattr(engine, "packed_weights_note", "(this checkout has none)"))
+        print("packed prefill:", getattr(engine, "packed_prefill_note", "(this checkout has none)"))
         for name in names:
             engine.pool.load(name)
 
@@ -93,7 +108,9 @@ def main() -> None:
         answer(4, 4)  # warm-up: first forwards, the adapters' stacks
         spent.clear()
         fed.clear()
+        before = resource.getrusage(resource.RUSAGE_SELF)
         seconds, results = answer(len(prompts), args.max_tokens)
+        after = resource.getrusage(resource.RUSAGE_SELF)
         metrics = engine.metrics()
         engine.close()
     tokens = sum(r["completion_tokens"] for r in results)
@@ -102,6 +119,8 @@ def main() -> None:
     for phase in ("prefill", "decode"):
         print(f"  {phase}: {spent[phase]:.2f} s, {fed[phase]} tokens fed, {fed[phase] / max(spent[phase], 1e-9):.0f} "
               f"tokens/s")
+    print(f"  CPU: user {after.ru_utime - before.ru_utime:.1f} s, system {after.ru_stime - before.ru_stime:.1f} s, "
+          f"{after.ru_minflt - before.ru_minflt} page faults; peak RSS {after.ru_maxrss / 2**20:.2f} GiB")
     print(f"  mean rows per decoding step {metrics['mean_batch_size']}; prefix cache {metrics.get('prefix_cache')}")
 
 

@@ -180,6 +180,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="engine workers of the continuous and merged servers")
     parser.add_argument("--packed-weights", default="auto", choices=["auto", "on", "off"],
                         help="lorakit serve --packed-weights, for every server of the run")
+    parser.add_argument("--packed-prefill", default="auto", choices=["auto", "off"],
+                        help="lorakit serve --packed-prefill, for every server of the run")
     parser.add_argument("--no-check", action="store_true", help="skip the offline-generate comparison")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serving_load.json"))
     args = parser.parse_args()
@@ -201,7 +203,8 @@ def main() -> None:
         for scheduler in args.schedulers.split(","):
             engine = Engine(copy.deepcopy(base), tokenizer, base_name="smollm2-135m", adapter_dir=tmp, limits=limits,
                             max_loaded_adapters=args.resident, scheduler=scheduler,
-                            workers=args.workers if scheduler == "continuous" else 1, packed_weights=args.packed_weights)
+                            workers=args.workers if scheduler == "continuous" else 1, packed_weights=args.packed_weights,
+                            packed_prefill=args.packed_prefill)
             with BackgroundServer(engine) as server:
                 open_loop(server.url, jobs[:2], 10.0)  # warm-up
                 report["runs"][f"{scheduler} prefill 1x400"] = {"prefill_tokens_per_s": prefill_rate(
@@ -219,7 +222,8 @@ def main() -> None:
         # requests of distinct adapters run at once (vLLM's max_loras means the same)
         for label, batch in (("merged", args.max_batch), (f"merged, max batch {args.resident}", args.resident)):
             engine = Engine(merged, tokenizer, base_name="merged", limits=dataclasses.replace(limits, max_batch=batch),
-                            workers=min(args.workers, batch), packed_weights=args.packed_weights)
+                            workers=min(args.workers, batch), packed_weights=args.packed_weights,
+                            packed_prefill=args.packed_prefill)
             with BackgroundServer(engine) as server:
                 open_loop(server.url, jobs[:2], 10.0, model_of=lambda job: "merged")
                 results = open_loop(server.url, jobs, max(rates), model_of=lambda job: "merged")

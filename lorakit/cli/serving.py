@@ -19,8 +19,10 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"workers: {workers} ({workers_why})")
     engine = build_engine(args.model, parse_adapter_specs(args.adapter or []), args.adapter_dir, limits, dtype,
                           args.max_loaded_adapters, args.scheduler, args.prefill_chunk, args.prefix_cache_mb,
-                          qlora=args.qlora, workers=workers, packed_weights=args.packed_weights)
+                          qlora=args.qlora, workers=workers, packed_weights=args.packed_weights,
+                          packed_prefill=args.packed_prefill)
     print(f"packed weights: {engine.packed_weights_note}")
+    print(f"packed prefill: {engine.packed_prefill_note}")
     print(f"serving {engine.base_name} with adapters {engine.adapters or '(none)'} on http://{args.host}:{args.port}")
     serve(engine, args.host, args.port, args.api_key or os.environ.get("LORAKIT_API_KEY"))
     return 0
@@ -63,6 +65,10 @@ def add_commands(sub) -> None:
                        help="a copy of the fp32 base's linear weights packed for oneDNN, which multiplies the few rows "
                             "of a decoding step faster than torch's default path on some CPUs; auto (default): on for "
                             "an fp32 base when the copy takes under half of the memory available; said at start")
+    serve.add_argument("--packed-prefill", default="auto", choices=["auto", "off"],
+                       help="prefill the prompts of one forward laid end to end in one row instead of padded to the "
+                            "longest (continuous scheduler); auto (default): on when the model's packed forward "
+                            "gives its plain forward's logits, checked at start; said at start")
     serve.add_argument("--prefix-cache-mb", type=float, default=256,
                        help="memory for keys and values of shared prompt prefixes (chat templates, system prompts), "
                             "reused by later requests with the same adapter; 0 turns it off; hit rate in /metrics")

@@ -10,11 +10,15 @@ layer) and 1.2x in a 64-row decoding step (1.0 vs 1.2 ms). The results are the s
 
 ``use_grouped_attention`` switches a model over, checks one forward against the model's own
 attention and switches back (saying so) when the two differ or the new one fails.
+
+The same function runs packed prefill forwards (packed_prefill.py): while a thread has a packed
+plan active, each prompt's queries attend to their own slot's keys and values only.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +27,16 @@ from .checks import same_logits
 
 log = logging.getLogger("lorakit.serving")
 NAME = "lorakit_grouped_sdpa"
+_packing = threading.local()  # .plan: the packed prefill plan of this thread's forward in progress
+
+
+def packed_plan():
+    """The packed prefill plan (packed_prefill.PackedPlan) of this thread's forward, or None."""
+    return getattr(_packing, "plan", None)
+
+
+def set_packed_plan(plan) -> None:
+    _packing.plan = plan
 
 
 def grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
@@ -31,6 +45,9 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
     heads, dim) out. Only the masked grouped case differs from transformers' SDPA path."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    plan = packed_plan()
+    if plan is not None:
+        return plan.attend(module, query, scaling, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     plain = attention_mask is None or groups == 1 or any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux"))
     if plain or kwargs.get("output_attentions"):
@@ -41,7 +58,7 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
     return out.transpose(1, 2).contiguous(), None
 
 
-def _register() -> None:
+def register_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -61,7 +78,7 @@ def use_grouped_attention(model) -> bool:
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # a left-padded row: a 4-D mask with masked columns reaches the attention
     try:
-        _register()
+        register_attention()
         with torch.inference_mode():
             before = model(input_ids=ids, attention_mask=mask).logits
             model.set_attn_implementation(NAME)

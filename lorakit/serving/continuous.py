@@ -7,8 +7,10 @@ prefilled together in one forward (a prompt several of them share, such as the G
 GRPO prompt or an n>1 request, is computed once and its keys and values copied to the others'
 slots), while a longer prompt goes one chunk per turn, so it delays running requests by one chunk
 per token, not by the whole prompt; short prompts still start while a long one is between chunks.
-Short prompts are grouped by length so that right-padding wastes little, and every prompt starts
-after the blocks of it the prefix cache (prefix_cache.py) already holds for its adapter. A
+Short prompts go in one forward per adapter laid end to end, no padding (packed_prefill.py; where
+a model's packed forward is not proved equal to its plain one, they are grouped by length so that
+right-padding wastes little), and every prompt starts after the blocks of it the prefix cache
+(prefix_cache.py) already holds for its adapter. A
 newcomer whose prompt is done samples its first token and joins the running rows. Keys and values
 live in a SlotCache: one slot per request, its own positions, a 4-D mask, so joining and leaving
 copy nothing but one moved slot.
@@ -32,6 +34,7 @@ import lorakit as lk
 from ..model.state import BASE
 from .decoding import _eos_ids, _pick, _Row, classify_batch
 from .openmp import release_threads
+from .packed_prefill import packing, placeholder_mask
 from .prefix_cache import BLOCK, PrefixCache
 from .requests import ServingError
 from .slot_cache import SlotCache, cache_keyword
@@ -55,6 +58,15 @@ def length_groups(newcomers: list) -> list[list]:
             groups.append([active])
             real = length
     return groups
+
+
+def adapter_groups(newcomers: list) -> list[list]:
+    """Split newcomers into one packed prefill forward per adapter (a packed forward is one row, so
+    one adapter), in order of each adapter's first request."""
+    groups: dict[str, list] = {}
+    for active in newcomers:
+        groups.setdefault(active.request.adapter, []).append(active)
+    return list(groups.values())
 
 
 class _Active:
@@ -170,7 +182,7 @@ class ContinuousBatcher:
         parked, self.prefilling = self.prefilling, None
         if parked is not None:
             self.cache.move(len(self.running), limit - 1, parked.length)  # out of the newcomers' slots
-        for group in length_groups(short):
+        for group in (adapter_groups if self.engine.packed_prefill else length_groups)(short):
             self._prefill_together(group)
         if parked is not None:
             self.cache.move(limit - 1, len(self.running), parked.length)
@@ -186,34 +198,54 @@ class ContinuousBatcher:
     def _forward(self, rows: list[_Active], first_slot: int, ids: torch.Tensor, starts: torch.Tensor,
                  last: torch.Tensor | None = None):
         """Logits of each row's last new token (or of column ``last[row]`` of the new tokens)."""
-        engine, model = self.engine, self.engine.model
         self._ensure_cache()
         tokens = ids.shape[1]
         capacity = self.cache.capacity
         mask = self.cache.plan(slice(first_slot, first_slot + len(rows)), starts, tokens)
         if self.cache.capacity != capacity:  # it grew
-            engine.counters.kv_cache(self.cache, self.worker)
+            self.engine.counters.kv_cache(self.cache, self.worker)
         positions = starts.unsqueeze(1) + torch.arange(tokens)
-        device = self.cache.device
-        names = [a.request.adapter for a in rows]
         # The columns whose logits are wanted, always as an index tensor: an int makes transformers
         # slice the hidden states to a strided view, and the LM head's matmul over a strided
         # 3-D input copies the whole vocab × hidden weight once per forward (measured: over half
         # of a short prompt's prefill).
         keep = torch.tensor([tokens - 1]) if last is None else torch.unique(last)
+        out = self._run([a.request.adapter for a in rows], contextlib.nullcontext(), input_ids=ids, attention_mask=mask,
+                        position_ids=positions, logits_to_keep=keep)
+        if last is None:
+            return out.logits[:, -1]
+        column = torch.searchsorted(keep, last).to(out.logits.device)
+        return out.logits[torch.arange(len(last), device=out.logits.device), column]
+
+    def _forward_packed(self, adapter: str, first_slot: int, fed: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """One forward of several prompts of one adapter laid end to end (packed_prefill.py): prompt
+        i's tokens ``fed[i]`` into slot ``first_slot + i`` from column ``starts[i]``; the logits of
+        each one's last token."""
+        self._ensure_cache()
+        capacity = self.cache.capacity
+        plan = self.cache.plan_packed(first_slot, starts, [len(f) for f in fed])
+        if self.cache.capacity != capacity:
+            self.engine.counters.kv_cache(self.cache, self.worker)
+        ids = torch.tensor([[token for prompt in fed for token in prompt]])
+        mask = placeholder_mask(plan, self.cache.dtype)
+        out = self._run([adapter], packing(plan), input_ids=ids, attention_mask=mask,
+                        position_ids=plan.positions().unsqueeze(0), logits_to_keep=plan.last_tokens())
+        return out.logits[0]
+
+    def _run(self, names: list[str], context, **inputs):
+        """The model's forward over this worker's slot cache, each row through its adapter, with this
+        worker's share of the torch threads."""
+        engine, model = self.engine, self.engine.model
+        device = self.cache.device
         threads = engine.threads_for(self)
         current = torch.get_num_threads()  # this thread's own OpenMP team size
         if threads and threads != current:
             torch.set_num_threads(threads)
             if threads < current:  # its idle team threads would count against the other worker's spinning
                 release_threads()
-        with engine.model_lock.shared(), torch.inference_mode(), self._adapters(names):
-            out = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device),
-                        use_cache=True, logits_to_keep=keep.to(device), **{self.cache_keyword: self.cache})
-        if last is None:
-            return out.logits[:, -1]
-        column = torch.searchsorted(keep, last).to(out.logits.device)
-        return out.logits[torch.arange(len(last), device=out.logits.device), column]
+        inputs = {name: value.to(device) for name, value in inputs.items()}
+        with engine.model_lock.shared(), torch.inference_mode(), self._adapters(names), context:
+            return model(use_cache=True, **inputs, **{self.cache_keyword: self.cache})
 
     def _ensure_cache(self) -> None:
         if self.cache is None:
@@ -261,8 +293,8 @@ class ContinuousBatcher:
 
     def _prefill_together(self, newcomers: list[_Active]) -> None:
         """Prefill short prompts in one forward, each distinct (adapter, prompt) once, in the slots
-        after the running rows (right-padded: a row's padding columns lie past its length, never
-        attended to, overwritten as it grows). A prompt whose first blocks are in the prefix cache
+        after the running rows: packed (one adapter, laid end to end) or right-padded (a row's
+        padding columns lie past its length, never attended to, overwritten as it grows). A prompt whose first blocks are in the prefix cache
         gets them copied into its slot and feeds only the rest. Afterwards its new whole blocks go
         into the prefix cache, a shared prompt's keys and values are copied into the slot of every
         other newcomer that has it, and each samples its first token and joins the running rows.
@@ -277,10 +309,13 @@ class ContinuousBatcher:
             starts = [self._restore_prefix(owner, prompt, first + source)
                       for source, (owner, prompt) in enumerate(zip(owners, prompts))]
             fed = [p[s:] for p, s in zip(prompts, starts)]
-            width = max(len(f) for f in fed)
-            ids = torch.tensor([f + [f[-1]] * (width - len(f)) for f in fed])
-            logits = self._forward([members[0] for members in groups.values()], first, ids, torch.tensor(starts),
-                                   last=torch.tensor([len(f) - 1 for f in fed]))
+            if self.engine.packed_prefill:  # one adapter (adapter_groups), no padding
+                logits = self._forward_packed(newcomers[0].request.adapter, first, fed, starts)
+            else:
+                width = max(len(f) for f in fed)
+                ids = torch.tensor([f + [f[-1]] * (width - len(f)) for f in fed])
+                logits = self._forward([members[0] for members in groups.values()], first, ids, torch.tensor(starts),
+                                       last=torch.tensor([len(f) - 1 for f in fed]))
             for source, (owner, prompt) in enumerate(zip(owners, prompts)):
                 self._store_prefix(owner, prompt, first + source)
             slot = first + len(groups)

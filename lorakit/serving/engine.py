@@ -37,6 +37,7 @@ from .continuous import ContinuousBatcher
 from .locks import ModelLock
 from .metrics import Counters
 from .openmp import release_threads
+from .packed_prefill import SETTINGS as PACKED_PREFILL_SETTINGS, use_packed_prefill
 from .packed_weights import SETTINGS as PACKED_SETTINGS, use_packed_weights
 from .pool import AdapterPool
 from .prefix_cache import PrefixCache
@@ -53,7 +54,7 @@ class Engine:
     def __init__(self, model, tokenizer, *, base_name: str = "base", adapter_dir: str | None = None,
                  labels: list[str] | None = None, limits: Limits = Limits(), max_loaded_adapters: int | None = None,
                  scheduler: str = "continuous", prefill_chunk: int = 256, prefix_cache_mb: float = 256,
-                 workers: int = 1, packed_weights: str = "auto"):
+                 workers: int = 1, packed_weights: str = "auto", packed_prefill: str = "auto"):
         if scheduler not in ("continuous", "static"):
             raise ServingError(f"unknown scheduler {scheduler!r}; choose continuous or static")
         if prefill_chunk < 1:
@@ -64,6 +65,9 @@ class Engine:
             raise ServingError(f"{workers} workers need max_batch of at least {workers}, got {limits.max_batch}")
         if packed_weights not in PACKED_SETTINGS:
             raise ServingError(f"packed_weights must be one of {', '.join(PACKED_SETTINGS)}, got {packed_weights!r}")
+        if packed_prefill not in PACKED_PREFILL_SETTINGS:
+            raise ServingError(f"packed_prefill must be one of {', '.join(PACKED_PREFILL_SETTINGS)}, "
+                               f"got {packed_prefill!r}")
         self.model, self.tokenizer, self.base_name, self.labels, self.limits = model.eval(), tokenizer, base_name, labels, limits
         if prefix_cache_mb < 0:
             raise ServingError(f"prefix_cache_mb must be 0 (off) or more, got {prefix_cache_mb}")
@@ -82,6 +86,9 @@ class Engine:
         self.stats, self.prometheus = self.counters.stats, self.counters.prometheus
         # before the worker starts, so nothing runs on the model meanwhile (packed_weights.py)
         self.packed_weights, self.packed_weights_note = use_packed_weights(self.model, packed_weights)
+        self.packed_prefill, self.packed_prefill_note = False, "off (static batching pads its prompts)"
+        if scheduler == "continuous":
+            self._check_continuous(packed_prefill)
         self.running = True
         # the caller's OpenMP team (built while it loaded the model) would keep the workers' teams
         # from spinning between operations: free it (serving/openmp.py)
@@ -186,25 +193,30 @@ class Engine:
                 self.finish(request)
 
     # --- the worker ----------------------------------------------------------------------------
-    def _work(self) -> None:
-        if self.scheduler == "continuous":
-            with self.model_lock:
-                use_grouped_attention(self.model)  # the slot cache's masked forwards, without repeat_kv
-                fits = self.labels is not None or slot_cache_fits(
-                    self.model, self.limits.max_prompt_tokens + self.limits.max_new_tokens)
-            if fits:
-                self.batchers = batchers = [ContinuousBatcher(self, self.prefill_chunk, worker=i)
-                                            for i in range(self.workers)]
-                others = [threading.Thread(target=self._run_worker, args=(b,), name=f"lorakit-engine-{i}", daemon=True)
-                          for i, b in enumerate(batchers[1:], start=1)]
-                for thread in others:
-                    thread.start()
-                self._run_worker(batchers[0])
-                for thread in others:
-                    thread.join()
-                return
+    def _check_continuous(self, packed_prefill: str) -> None:
+        """Which of the continuous scheduler's speed-ups this model takes, each proved by a forward
+        (the slot cache itself, or static batching when it does not fit); before the worker starts."""
+        use_grouped_attention(self.model)  # the slot cache's masked forwards, without repeat_kv
+        fits = self.labels is not None or slot_cache_fits(
+            self.model, self.limits.max_prompt_tokens + self.limits.max_new_tokens)
+        if not fits:
             log.warning("this model's attention does not take the slot cache; serving with static batching")
             self.scheduler = "static"
+        elif self.labels is None:
+            self.packed_prefill, self.packed_prefill_note = use_packed_prefill(self.model, packed_prefill)
+
+    def _work(self) -> None:
+        if self.scheduler == "continuous":
+            self.batchers = batchers = [ContinuousBatcher(self, self.prefill_chunk, worker=i)
+                                        for i in range(self.workers)]
+            others = [threading.Thread(target=self._run_worker, args=(b,), name=f"lorakit-engine-{i}", daemon=True)
+                      for i, b in enumerate(batchers[1:], start=1)]
+            for thread in others:
+                thread.start()
+            self._run_worker(batchers[0])
+            for thread in others:
+                thread.join()
+            return
         StaticBatcher(self).run()
 
     def _run_worker(self, batcher: ContinuousBatcher) -> None:

@@ -13,10 +13,13 @@ by moving the last one into it.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
+from ..errors import LoraError
 from .checks import same_logits
 
 GROWTH = 256  # columns added at a time: growing copies the buffers, so not every token
@@ -38,6 +41,7 @@ class SlotCache(Cache):
         self._width = 0
         self._chunk_starts: list[int] = []  # each row's first column in a prompt-chunk forward
         self._common_start: int | None = None  # theirs when all rows share it
+        self._packed: PackedPlan | None = None  # set for a packed prefill forward (plan_packed)
 
     # --- what transformers calls ---------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -45,6 +49,12 @@ class SlotCache(Cache):
         0..width (shorter rows' extra columns are masked out)."""
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         rows, tokens = self._rows, key_states.shape[2]
+        if self._packed is not None:  # one row of several prompts: each prompt's part into its slot
+            plan = self._packed
+            for slot, start, length, offset in plan.segments():
+                keys[slot, :, start:start + length] = key_states[0, :, offset:offset + length].to(self.dtype)
+                values[slot, :, start:start + length] = value_states[0, :, offset:offset + length].to(self.dtype)
+            return key_states, value_states  # the attention reads the slots itself (PackedPlan.attend)
         if tokens == 1:  # decoding: one token per row, each at its own position
             slot_ids = torch.arange(rows.start, rows.stop, device=self.device)
             keys[slot_ids, :, self._starts] = key_states[:, :, 0].to(self.dtype)
@@ -72,6 +82,7 @@ class SlotCache(Cache):
         ends = starts + tokens
         self._ensure(int(ends.max()))
         self._rows, self._starts, self._width = rows, starts.to(self.device), int(ends.max())
+        self._packed = None
         if tokens > 1:
             self._chunk_starts = starts.tolist()
             self._common_start = self._chunk_starts[0] if len(set(self._chunk_starts)) == 1 else None
@@ -81,6 +92,15 @@ class SlotCache(Cache):
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         return mask.unsqueeze(1)  # rows × 1 × tokens × width
+
+    def plan_packed(self, first_slot: int, starts: list[int], lengths: list[int]) -> "PackedPlan":
+        """Set up a packed prefill forward: prompt i's ``lengths[i]`` new tokens go to slot
+        ``first_slot + i`` from column ``starts[i]`` on, all of them laid end to end in one row."""
+        ends = [start + length for start, length in zip(starts, lengths)]
+        self._ensure(max(ends))
+        self._rows, self._width = slice(first_slot, first_slot + len(starts)), max(ends)
+        self._packed = PackedPlan(self, list(range(first_slot, first_slot + len(starts))), list(starts), list(lengths))
+        return self._packed
 
     def move(self, source: int, target: int, length: int) -> None:
         """Copy slot ``source``'s first ``length`` columns into slot ``target``."""
@@ -130,6 +150,62 @@ class SlotCache(Cache):
                 grown[:, :, : self.capacity] = old
                 buffers[i] = grown
         self.capacity = capacity
+
+
+@dataclass
+class PackedPlan:
+    """A packed prefill forward's layout: prompt i fills columns starts[i]..starts[i] + lengths[i]
+    of slot slots[i], and its tokens are positions offsets[i].. of the forward's single row."""
+
+    cache: SlotCache
+    slots: list[int]
+    starts: list[int]
+    lengths: list[int]
+    offsets: list[int] = field(init=False)
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.offsets = [sum(self.lengths[:i]) for i in range(len(self.lengths))]
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.lengths)
+
+    def segments(self):
+        return zip(self.slots, self.starts, self.lengths, self.offsets)
+
+    def last_tokens(self) -> torch.Tensor:
+        """Each prompt's last token's position in the row: the logits the forward keeps."""
+        return torch.tensor([offset + length - 1 for offset, length in zip(self.offsets, self.lengths)])
+
+    def positions(self) -> torch.Tensor:
+        return torch.cat([torch.arange(start, start + length) for start, length in zip(self.starts, self.lengths)])
+
+    def attend(self, module, query: torch.Tensor, scaling, **kwargs):
+        """transformers' attention-function result for the packed row: each prompt's queries over
+        its own slot's columns 0..its end (its cached prefix and itself), causal from its start."""
+        if any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "s_aux")):
+            raise LoraError("packed prefill cannot run this model's attention (it adds a bias, soft cap or sinks)")
+        keys, values = self.cache.keys[module.layer_idx], self.cache.values[module.layer_idx]
+        out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])  # (batch, tokens, heads, dim)
+        grouped = query.shape[1] != keys.shape[1]
+        for slot, start, length, offset in self.segments():
+            column = slice(0, start + length)
+            if start == 0:  # no cached prefix: plain causal attention
+                mask, causal = None, True
+            else:  # query j sits at column start + j
+                mask, causal = self._mask(start, length, query.device), False
+            attended = F.scaled_dot_product_attention(
+                query[:, :, offset:offset + length], keys[slot:slot + 1, :, column], values[slot:slot + 1, :, column],
+                attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=grouped)
+            out[0, offset:offset + length] = attended[0].transpose(0, 1)
+        return out, None
+
+    def _mask(self, start: int, length: int, device) -> torch.Tensor:
+        key = (start, length)
+        if key not in self._masks:  # the same for every layer of the forward
+            self._masks[key] = torch.ones(length, start + length, dtype=torch.bool, device=device).tril(start)
+        return self._masks[key]
 
 
 def cache_keyword(model) -> str:

@@ -1,0 +1,107 @@
+"""Packed prefill: the prompts of one prefill forward laid end to end in one row, each attending to
+its own slot only; every reply stays equal to offline `generate`, and a model whose packed forward
+differs keeps padded prefill."""
+
+import pytest
+import torch
+from lorakit.serving import continuous
+from lorakit.serving.attention import use_grouped_attention
+from lorakit.serving.packed_prefill import packing, placeholder_mask, use_packed_prefill
+from lorakit.serving.prefix_cache import BLOCK
+from lorakit.serving.slot_cache import PackedPlan, SlotCache, cache_keyword
+from tests.helpers import offline, tiny_llama
+from tests.serving.test_continuous import make_engine, submit
+
+SHARED = "the film was really good and the plot was very dull but the actor is quite lovely and the music "
+
+
+def packed_logits(model, prompts, prefixes):
+    """Each prompt's last logits from one packed forward, prompt i after its first prefixes[i]
+    tokens were put in its slot by an ordinary forward."""
+    cache = SlotCache(model.config, len(prompts), torch.float32, torch.device("cpu"))
+    keyword = cache_keyword(model)
+    with torch.inference_mode():
+        for slot, (ids, prefix) in enumerate(zip(prompts, prefixes)):
+            if prefix:
+                mask = cache.plan(slice(slot, slot + 1), torch.tensor([0]), prefix)
+                model(input_ids=ids[:prefix].unsqueeze(0), attention_mask=mask, use_cache=True,
+                      position_ids=torch.arange(prefix).unsqueeze(0), **{keyword: cache})
+        plan = cache.plan_packed(0, prefixes, [len(ids) - prefix for ids, prefix in zip(prompts, prefixes)])
+        with packing(plan):
+            out = model(input_ids=torch.cat([ids[prefix:] for ids, prefix in zip(prompts, prefixes)]).unsqueeze(0),
+                        attention_mask=placeholder_mask(plan, torch.float32), use_cache=True,
+                        position_ids=plan.positions().unsqueeze(0), logits_to_keep=plan.last_tokens(),
+                        **{keyword: cache})
+    return out.logits[0]
+
+
+def test_each_packed_prompt_gets_its_own_forwards_logits():
+    model = tiny_llama(layers=3)
+    assert use_grouped_attention(model)
+    on, note = use_packed_prefill(model)
+    assert on and note.startswith("on")
+    prompts = [torch.arange(2, 2 + n) % 60 for n in (9, 4, 13, 6)]
+    packed = packed_logits(model, prompts, prefixes=[0, 0, 5, 3])
+    with torch.inference_mode():
+        for i, ids in enumerate(prompts):
+            torch.testing.assert_close(packed[i], model(input_ids=ids.unsqueeze(0)).logits[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_whose_packed_forward_differs_keeps_padded_prefill(monkeypatch):
+    model = tiny_llama()
+    use_grouped_attention(model)
+    before = model.config._attn_implementation
+    # a plan that forgets the cached prefix: the probe's second prompt comes out wrong
+    monkeypatch.setattr(PackedPlan, "_mask", lambda self, start, length, device: torch.ones(
+        length, start + length, dtype=torch.bool).tril(0))
+    on, note = use_packed_prefill(model)
+    assert not on and "differs" in note
+    assert model.config._attn_implementation == before
+
+
+def test_packed_prefill_is_off_when_asked_or_without_sdpa():
+    model = tiny_llama()
+    assert use_packed_prefill(model, "off") == (False, "off (--packed-prefill off)")
+    model.set_attn_implementation("eager")
+    on, note = use_packed_prefill(model)
+    assert not on and "'eager'" in note and model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("setting", ["auto", "off"])
+def test_packed_and_padded_engines_answer_as_offline_generate(causal_dir, adapter_dir, monkeypatch, setting):  # noqa: F811
+    forwards = []
+    packed = continuous.ContinuousBatcher._forward_packed
+
+    def counted(self, adapter, first_slot, fed, starts):
+        forwards.append((adapter, [len(f) for f in fed], list(starts)))
+        return packed(self, adapter, first_slot, fed, starts)
+    monkeypatch.setattr(continuous.ContinuousBatcher, "_forward_packed", counted)
+    engine = make_engine(causal_dir, adapter_dir, packed_prefill=setting)
+    try:
+        assert engine.packed_prefill == (setting == "auto")
+        # different lengths, three adapters in one turn; the second round starts after the
+        # prefix cache's blocks of the first (a packed prompt with a prefix already in its slot)
+        jobs = [("alpha", SHARED + "a", 6), ("base", "a movie is very", 5), ("beta", "the plot", 6),
+                ("alpha", "the actor is quite lovely and the film", 6), ("base", SHARED, 4)]
+        for round_ in (jobs, [(a, SHARED + "so the film is", n) for a, _, n in jobs[:2]]):
+            events = []
+            recorders = [submit(engine, f"r{i}", adapter, prompt, n, events) for i, (adapter, prompt, n) in
+                         enumerate(round_)]
+            for recorder, (adapter, prompt, n) in zip(recorders, round_):
+                assert recorder.finished.wait(60) and recorder.error is None, recorder.error
+                assert recorder.result["text"] == offline(causal_dir, adapter_dir, adapter, prompt, max_new_tokens=n)
+    finally:
+        engine.close()
+    if setting == "off":
+        assert forwards == []
+        return
+    assert any(len(lengths) > 1 for _, lengths, _ in forwards), "several prompts went in one packed forward"
+    assert any(start >= BLOCK for _, _, starts in forwards for start in starts), "a prompt followed a cached prefix"
+
+
+def test_the_packed_mask_is_a_view_of_the_planned_shape():
+    cache = SlotCache(tiny_llama().config, 2, torch.float32, torch.device("cpu"))
+    plan = cache.plan_packed(0, [0, 3], [4, 2])
+    mask = placeholder_mask(plan, torch.float32)
+    assert mask.shape == (1, 1, 6, 5) and mask.untyped_storage().nbytes() == 4  # one number, broadcast
+    assert plan.positions().tolist() == [0, 1, 2, 3, 3, 4] and plan.last_tokens().tolist() == [3, 5]
