@@ -76,7 +76,8 @@ def servers(args, model_dir: Path, adapter_dir: Path, names: list[str], dtype: s
             "--max-model-len", "2048"]
     lorakit = [sys.executable, "-m", "lorakit", "serve", "--model", "smollm2-135m", "--port", str(args.port),
                "--dtype", dtype, "--max-batch", str(args.max_batch), "--max-queue", "1024",
-               *[x for spec in lora_specs for x in ("--adapter", spec)], "--workers", args.workers]
+               *[x for spec in lora_specs for x in ("--adapter", spec)], "--workers", args.workers,
+               "--packed-prefill", args.packed_prefill]
     table = {"lorakit": (lorakit, {}, "smollm2-135m", True)}
     if args.vllm_python:
         table["vLLM --enable-lora"] = (vllm + ["--enable-lora", "--max-loras", "8", "--max-lora-rank", "8",
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--workers", default="auto", help="lorakit serve --workers")
+    parser.add_argument("--packed-prefill", default="auto", choices=["auto", "off"], help="lorakit serve --packed-prefill")
     parser.add_argument("--port", type=int, default=8091)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serving_vs_vllm.json"))
     args = parser.parse_args()

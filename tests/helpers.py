@@ -1,8 +1,11 @@
 """Shared test helpers (no fixtures: those live in the conftest.py files): tiny random-init models
 of several families, on-disk data builders, and the small drivers tests share (a zoo forward, the
-CLI, a training run's options, offline generation for the server tests)."""
+CLI, a training run's options, offline generation for the server tests, a serving engine and the
+sinks that record its requests)."""
 
 import random
+import threading
+import time
 
 import httpx
 import torch
@@ -19,6 +22,8 @@ from transformers import (
 
 import lorakit as lk
 from lorakit.cli import main
+from lorakit.serving import Limits, build_engine
+from lorakit.serving.requests import Request
 from lorakit.training.options import resolve_options
 from tests.zoo import main_output
 
@@ -153,3 +158,37 @@ def offline(causal_dir, adapter_dir, adapter, prompt, max_new_tokens=8, chat=Fal
 def complete(url, model, prompt, **kw):
     body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0, **kw}
     return httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+
+
+# --- serving engine drivers ---------------------------------------------------------------------
+class Recorder:
+    """A request's sink. ``events`` is shared by all requests: (request name, kind, time), where the
+    kinds are the sink's ("delta", "done", "error") and "token" (one per generated token)."""
+
+    def __init__(self, name, events):
+        self.name, self.events, self.result, self.error = name, events, None, None
+        self.finished = threading.Event()
+
+    def __call__(self, kind, payload):
+        self.events.append((self.name, kind, time.perf_counter()))
+        self.result = payload if kind == "done" else self.result
+        self.error = payload if kind == "error" else self.error
+        if kind in ("done", "error"):
+            self.finished.set()
+
+    def times(self, kind):
+        return [t for name, k, t in self.events if name == self.name and k == kind]
+
+
+def submit(engine, name, adapter, prompt, max_tokens, events):
+    recorder = Recorder(name, events)
+    ids = engine.tokenizer(prompt)["input_ids"]
+    name_or_base = engine.base_name if adapter == "base" else adapter
+    engine.submit(Request("generate", engine.check_model(name_or_base), ids, recorder, max_new_tokens=max_tokens))
+    return recorder
+
+
+def make_engine(causal_dir, adapter_dir, **kw):
+    """An engine over the tiny causal model with adapters alpha and beta loaded."""
+    return build_engine(causal_dir, {"alpha": adapter_dir / "alpha", "beta": adapter_dir / "beta"},
+                        limits=Limits(max_new_tokens=40, max_prompt_tokens=100), **kw)

@@ -10,10 +10,9 @@ per token, not by the whole prompt; short prompts still start while a long one i
 Short prompts go in one forward per adapter laid end to end, no padding (packed_prefill.py; where
 a model's packed forward is not proved equal to its plain one, they are grouped by length so that
 right-padding wastes little), and every prompt starts after the blocks of it the prefix cache
-(prefix_cache.py) already holds for its adapter. A
-newcomer whose prompt is done samples its first token and joins the running rows. Keys and values
-live in a SlotCache: one slot per request, its own positions, a 4-D mask, so joining and leaving
-copy nothing but one moved slot.
+(prefix_cache.py) already holds for its adapter. A newcomer whose prompt is done samples its first
+token and joins the running rows. Keys and values live in a SlotCache: one slot per request, its
+own positions, a 4-D mask, so joining and leaving copy nothing but one moved slot.
 
 Why not transformers' own continuous batching (``generate_batch`` / PagedAttentionCache): it runs
 its own generation loop with one set of weights for every request; lorakit needs each row's adapter,
@@ -294,8 +293,9 @@ class ContinuousBatcher:
     def _prefill_together(self, newcomers: list[_Active]) -> None:
         """Prefill short prompts in one forward, each distinct (adapter, prompt) once, in the slots
         after the running rows: packed (one adapter, laid end to end) or right-padded (a row's
-        padding columns lie past its length, never attended to, overwritten as it grows). A prompt whose first blocks are in the prefix cache
-        gets them copied into its slot and feeds only the rest. Afterwards its new whole blocks go
+        padding columns lie past its length, never attended to, overwritten as it grows). A prompt
+        whose first blocks are in the prefix cache gets them copied into its slot and feeds only
+        the rest. Afterwards its new whole blocks go
         into the prefix cache, a shared prompt's keys and values are copied into the slot of every
         other newcomer that has it, and each samples its first token and joins the running rows.
         If the forward fails, only these newcomers fail."""

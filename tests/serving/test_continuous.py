@@ -6,39 +6,11 @@ import time
 
 import pytest
 
-from lorakit.serving import Limits, build_engine
 from lorakit.serving import engine as engine_module
 from lorakit.serving.requests import Request
-from tests.helpers import offline
+from tests.helpers import Recorder, make_engine, offline, submit
 
 LONG = "the film was really good and the plot was very dull but the actor is quite lovely " * 3
-
-
-class Recorder:
-    """A request's sink. ``events`` is shared by all requests: (request name, kind, time), where the
-    kinds are the sink's ("delta", "done", "error") and "token" (one per generated token)."""
-
-    def __init__(self, name, events):
-        self.name, self.events, self.result, self.error = name, events, None, None
-        self.finished = threading.Event()
-
-    def __call__(self, kind, payload):
-        self.events.append((self.name, kind, time.perf_counter()))
-        self.result = payload if kind == "done" else self.result
-        self.error = payload if kind == "error" else self.error
-        if kind in ("done", "error"):
-            self.finished.set()
-
-    def times(self, kind):
-        return [t for name, k, t in self.events if name == self.name and k == kind]
-
-
-def submit(engine, name, adapter, prompt, max_tokens, events):
-    recorder = Recorder(name, events)
-    ids = engine.tokenizer(prompt)["input_ids"]
-    name_or_base = engine.base_name if adapter == "base" else adapter
-    engine.submit(Request("generate", engine.check_model(name_or_base), ids, recorder, max_new_tokens=max_tokens))
-    return recorder
 
 
 def record_tokens(engine, events):
@@ -48,11 +20,6 @@ def record_tokens(engine, events):
         events.append((request.sink.name, "token", time.perf_counter()))
         count(request)
     engine.prometheus.token = token
-
-
-def make_engine(causal_dir, adapter_dir, **kw):  # noqa: F811
-    return build_engine(causal_dir, {"alpha": adapter_dir / "alpha", "beta": adapter_dir / "beta"},
-                        limits=Limits(max_new_tokens=40, max_prompt_tokens=100), **kw)
 
 
 @pytest.fixture

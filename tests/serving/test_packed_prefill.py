@@ -4,13 +4,14 @@ differs keeps padded prefill."""
 
 import pytest
 import torch
+
 from lorakit.serving import continuous
 from lorakit.serving.attention import use_grouped_attention
 from lorakit.serving.packed_prefill import packing, placeholder_mask, use_packed_prefill
 from lorakit.serving.prefix_cache import BLOCK
+from lorakit.serving.requests import Request
 from lorakit.serving.slot_cache import PackedPlan, SlotCache, cache_keyword
-from tests.helpers import offline, tiny_llama
-from tests.serving.test_continuous import make_engine, submit
+from tests.helpers import Recorder, make_engine, offline, tiny_llama
 
 SHARED = "the film was really good and the plot was very dull but the actor is quite lovely and the music "
 
@@ -68,7 +69,7 @@ def test_packed_prefill_is_off_when_asked_or_without_sdpa():
 
 
 @pytest.mark.parametrize("setting", ["auto", "off"])
-def test_packed_and_padded_engines_answer_as_offline_generate(causal_dir, adapter_dir, monkeypatch, setting):  # noqa: F811
+def test_packed_and_padded_engines_answer_as_offline_generate(causal_dir, adapter_dir, monkeypatch, setting):
     forwards = []
     packed = continuous.ContinuousBatcher._forward_packed
 
@@ -84,9 +85,11 @@ def test_packed_and_padded_engines_answer_as_offline_generate(causal_dir, adapte
         jobs = [("alpha", SHARED + "a", 6), ("base", "a movie is very", 5), ("beta", "the plot", 6),
                 ("alpha", "the actor is quite lovely and the film", 6), ("base", SHARED, 4)]
         for round_ in (jobs, [(a, SHARED + "so the film is", n) for a, _, n in jobs[:2]]):
-            events = []
-            recorders = [submit(engine, f"r{i}", adapter, prompt, n, events) for i, (adapter, prompt, n) in
-                         enumerate(round_)]
+            recorders = [Recorder(f"r{i}", []) for i in range(len(round_))]
+            # queued at once, so one turn admits them all whatever the threads' timing
+            engine.submit_all([Request("generate", engine.check_model(engine.base_name if a == "base" else a),
+                                       engine.tokenizer(prompt)["input_ids"], recorder, max_new_tokens=n)
+                               for recorder, (a, prompt, n) in zip(recorders, round_)])
             for recorder, (adapter, prompt, n) in zip(recorders, round_):
                 assert recorder.finished.wait(60) and recorder.error is None, recorder.error
                 assert recorder.result["text"] == offline(causal_dir, adapter_dir, adapter, prompt, max_new_tokens=n)

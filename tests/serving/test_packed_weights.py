@@ -8,8 +8,7 @@ from lorakit.kernels import packed_linear
 from lorakit.kernels.packed_linear import PackedLinear
 from lorakit.serving import Limits, ServingError, build_engine
 from lorakit.serving.packed_weights import use_packed_weights
-from tests.helpers import offline, tiny_llama
-from tests.serving.test_continuous import submit
+from tests.helpers import offline, submit, tiny_llama
 
 pytestmark = pytest.mark.skipif(not packed_linear.packing_available(), reason="torch built without oneDNN")
 
