@@ -2,16 +2,20 @@
 its own slot only; every reply stays equal to offline `generate`, and a model whose packed forward
 differs keeps padded prefill."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from lorakit.serving import continuous
 from lorakit.serving.attention import use_grouped_attention
 from lorakit.serving.packed_prefill import packing, placeholder_mask, use_packed_prefill
+from lorakit.serving.prefill_groups import adapter_groups
 from lorakit.serving.prefix_cache import BLOCK
 from lorakit.serving.requests import Request
-from lorakit.serving.slot_cache import PackedPlan, SlotCache, cache_keyword
+from lorakit.serving.slot_cache import PackedPlan, SlotCache, cache_keyword, slot_cache_fits
 from tests.helpers import Recorder, make_engine, offline, tiny_llama
+from tests.zoo import ZOO
 
 SHARED = "the film was really good and the plot was very dull but the actor is quite lovely and the music "
 
@@ -41,6 +45,20 @@ def test_each_packed_prompt_gets_its_own_forwards_logits():
     assert use_grouped_attention(model)
     on, note = use_packed_prefill(model)
     assert on and note.startswith("on")
+    prompts = [torch.arange(2, 2 + n) % 60 for n in (9, 4, 13, 6)]
+    packed = packed_logits(model, prompts, prefixes=[0, 0, 5, 3])
+    with torch.inference_mode():
+        for i, ids in enumerate(prompts):
+            torch.testing.assert_close(packed[i], model(input_ids=ids.unsqueeze(0)).logits[0, -1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", [a for a in ZOO if a.task_type == "CAUSAL_LM"], ids=lambda a: a.name)
+def test_every_zoo_decoder_the_slot_cache_fits_takes_packed_prefill(arch):
+    model = arch.build()
+    use_grouped_attention(model)
+    if not slot_cache_fits(model, 32):
+        pytest.skip(f"{arch.name} is served with static batching (no slot cache, so no packed prefill)")
+    assert use_packed_prefill(model)[0]
     prompts = [torch.arange(2, 2 + n) % 60 for n in (9, 4, 13, 6)]
     packed = packed_logits(model, prompts, prefixes=[0, 0, 5, 3])
     with torch.inference_mode():
@@ -108,3 +126,10 @@ def test_the_packed_mask_is_a_view_of_the_planned_shape():
     mask = placeholder_mask(plan, torch.float32)
     assert mask.shape == (1, 1, 6, 5) and mask.untyped_storage().nbytes() == 4  # one number, broadcast
     assert plan.positions().tolist() == [0, 1, 2, 3, 3, 4] and plan.last_tokens().tolist() == [3, 5]
+
+
+def test_a_turn_goes_in_one_packed_forward_per_adapter_in_order_of_arrival():
+    newcomers = [SimpleNamespace(request=SimpleNamespace(adapter=name)) for name in ["b", "a", "b", "base", "a"]]
+    groups = adapter_groups(newcomers)
+    assert [[n.request.adapter for n in group] for group in groups] == [["b", "b"], ["a", "a"], ["base"]]
+    assert [n for group in groups for n in group if n.request.adapter == "b"] == [newcomers[0], newcomers[2]]

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lorakit.serving import BackgroundServer, Limits, build_engine
-from lorakit.serving.continuous import PADDING, length_groups
+from lorakit.serving.prefill_groups import PADDING, length_groups
 from lorakit.serving.prefix_cache import BLOCK, PrefixCache
 from lorakit.serving.requests import Request
 from lorakit.serving.slot_cache import GROWTH, SlotCache, cache_keyword
