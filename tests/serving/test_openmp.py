@@ -1,12 +1,16 @@
-"""The engine frees the OpenMP team of the thread that built it, so its workers' teams spin."""
+"""The engine frees the OpenMP team of the thread that built it, and a worker frees its own when it goes
+idle, so the teams that work spin."""
 
 import os
+import threading
 import time
 
 import pytest
 import torch
 
+from lorakit.serving import continuous
 from lorakit.serving.openmp import _libgomp, release_threads
+from tests.helpers import make_engine, submit
 
 
 def os_threads() -> int:
@@ -32,3 +36,21 @@ def test_release_frees_the_calling_threads_openmp_team_and_torch_goes_on():
         assert float(x[0]) == 3.0 and os_threads() == before
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_worker_that_goes_idle_frees_its_openmp_team(causal_dir, adapter_dir, monkeypatch):  # noqa: F811
+    """Otherwise its idle threads count against the team of the worker that next runs alone on
+    every core, whose threads then sleep between operations (a lone 400-token prefill on SmolLM2
+    ran 1.26-1.34x slower, BENCHMARKS.md)."""
+    freed_by = []
+    monkeypatch.setattr(continuous, "release_threads", lambda: freed_by.append(threading.current_thread().name))
+    engine = make_engine(causal_dir, adapter_dir, workers=2)
+    try:
+        recorder = submit(engine, "lone", "base", "a movie is very", 2, [])
+        assert recorder.finished.wait(60) and recorder.error is None
+        deadline = time.monotonic() + 5
+        while not any(name.startswith("lorakit-engine") for name in freed_by) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert any(name.startswith("lorakit-engine") for name in freed_by)
+    finally:
+        engine.close()
