@@ -27,6 +27,9 @@ from .checks import same_logits
 
 log = logging.getLogger("lorakit.serving")
 NAME = "lorakit_grouped_sdpa"
+# attention extras some models pass (a position bias, a logit soft cap, attention sinks): only
+# transformers' own SDPA path applies them
+EXTRAS = ("position_bias", "softcap", "s_aux")
 _packing = threading.local()  # .plan: the packed prefill plan of this thread's forward in progress
 
 
@@ -49,7 +52,7 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
     if plan is not None:
         return plan.attend(module, query, scaling, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
-    plain = attention_mask is None or groups == 1 or any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux"))
+    plain = attention_mask is None or groups == 1 or any(kwargs.get(k) is not None for k in EXTRAS)
     if plain or kwargs.get("output_attentions"):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)

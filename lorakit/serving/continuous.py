@@ -274,10 +274,9 @@ class ContinuousBatcher:
         after the running rows: packed (one adapter, laid end to end) or right-padded (a row's
         padding columns lie past its length, never attended to, overwritten as it grows). A prompt
         whose first blocks are in the prefix cache gets them copied into its slot and feeds only
-        the rest. Afterwards its new whole blocks go
-        into the prefix cache, a shared prompt's keys and values are copied into the slot of every
-        other newcomer that has it, and each samples its first token and joins the running rows.
-        If the forward fails, only these newcomers fail."""
+        the rest. Afterwards its new whole blocks go into the prefix cache, a shared prompt's keys
+        and values are copied into the slot of every other newcomer that has it, and each samples
+        its first token and joins the running rows. If the forward fails, only these newcomers fail."""
         first = len(self.running)
         groups: dict[tuple, list[_Active]] = {}
         for active in newcomers:

@@ -202,7 +202,9 @@ class Engine:
         if not fits:
             log.warning("this model's attention does not take the slot cache; serving with static batching")
             self.scheduler = "static"
-        elif self.labels is None:
+        elif self.labels is not None:
+            self.packed_prefill_note = "off (a classifier generates nothing to prefill)"
+        else:
             self.packed_prefill, self.packed_prefill_note = use_packed_prefill(self.model, packed_prefill)
 
     def _work(self) -> None:

@@ -43,7 +43,8 @@ def placeholder_mask(plan: PackedPlan, dtype: torch.dtype) -> torch.Tensor:
     """The attention mask a packed forward is given: 4-D, so that transformers takes it as it is
     instead of building one, and never read (each prompt's attention is the plan's). A
     broadcast view: no memory for tokens × columns."""
-    return torch.zeros((1, 1, 1, 1), dtype=dtype).expand(1, 1, plan.tokens, plan.cache.get_seq_length())
+    return torch.zeros((1, 1, 1, 1), dtype=dtype, device=plan.cache.device).expand(
+        1, 1, plan.tokens, plan.cache.get_seq_length())
 
 
 def use_packed_prefill(model, setting: str = "auto") -> tuple[bool, str]:
@@ -83,7 +84,7 @@ def _packed_equals_plain(model) -> bool:
         plan = cache.plan_packed(0, [0, 2], [len(first), len(second) - 2])
         with packing(plan):
             out = model(input_ids=torch.cat([first, second[2:]]).unsqueeze(0).to(reference.device),
-                        attention_mask=placeholder_mask(plan, reference.dtype).to(reference.device),
+                        attention_mask=placeholder_mask(plan, reference.dtype),
                         position_ids=plan.positions().unsqueeze(0).to(reference.device), use_cache=True,
                         logits_to_keep=plan.last_tokens().to(reference.device), **{keyword: cache})
     packed = out.logits[0]

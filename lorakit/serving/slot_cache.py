@@ -13,6 +13,7 @@ by moving the last one into it.
 from __future__ import annotations
 
 import inspect
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
 from ..errors import LoraError
+from .attention import EXTRAS
 from .checks import same_logits
 
 GROWTH = 256  # columns added at a time: growing copies the buffers, so not every token
@@ -165,7 +167,7 @@ class PackedPlan:
     _masks: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        self.offsets = [sum(self.lengths[:i]) for i in range(len(self.lengths))]
+        self.offsets = [0, *itertools.accumulate(self.lengths)][:-1]
 
     @property
     def tokens(self) -> int:
@@ -184,7 +186,7 @@ class PackedPlan:
     def attend(self, module, query: torch.Tensor, scaling, **kwargs):
         """transformers' attention-function result for the packed row: each prompt's queries over
         its own slot's columns 0..its end (its cached prefix and itself), causal from its start."""
-        if any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "s_aux")):
+        if any(kwargs.get(name) is not None for name in EXTRAS):
             raise LoraError("packed prefill cannot run this model's attention (it adds a bias, soft cap or sinks)")
         keys, values = self.cache.keys[module.layer_idx], self.cache.values[module.layer_idx]
         out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])  # (batch, tokens, heads, dim)
