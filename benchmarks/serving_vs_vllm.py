@@ -11,7 +11,9 @@ SmolLM2-135M-Instruct weights (lorakit's safetensors cache of the GGUF) and the 
     to the base model and with request i naming adapter i mod 8; generated tokens per second;
   - (--rates, in --ttft-dtype: by default the dtype `lorakit serve --dtype auto` picks on this CPU,
     bf16 where it has native bf16 matrix units, else fp32) open-loop Poisson load with streaming
-    (benchmarks/serving_load.py's requests over the 8 adapters): time to first token p50 / p95 per rate.
+    (benchmarks/serving_load.py's requests over the 8 adapters): time to first token p50 / p95 per rate;
+  - (--prefill-prompts N) prompt prefill through HTTP: N distinct 400-token prompts one at a time,
+    max_tokens 1, to the base model (none repeats, so no prefix cache hit); the median prompt tokens/s.
 The CPU (model, native bf16 unit or none) is printed and recorded with the results: the ratios
 differ between an AMX machine and an AVX2-only one.
 vLLM runs with its defaults plus --enable-lora (prefix caching on); "vLLM compiled" is the same
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,7 +41,7 @@ from lorakit.serving.server import cpuinfo_value, native_bf16, resolve_dtype
 
 from .common import print_table
 from .serving import anchor_messages, make_adapters, run
-from .serving_load import make_requests, open_loop, summarise
+from .serving_load import long_prompts, make_requests, open_loop, prefill_rate, summarise
 
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
             "VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
@@ -99,6 +102,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--workers", default="auto", help="lorakit serve --workers")
     parser.add_argument("--packed-prefill", default="auto", choices=["auto", "off"], help="lorakit serve --packed-prefill")
+    parser.add_argument("--prefill-prompts", type=int, default=3, help="400-token prompts for the prefill figure; 0 skips it")
     parser.add_argument("--port", type=int, default=8091)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serving_vs_vllm.json"))
     args = parser.parse_args()
@@ -115,6 +119,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         names = make_adapters(base, Path(tmp), 8)
         load_jobs = make_requests(tokenizer, names, args.load_requests)
+        long = long_prompts(tokenizer, args.prefill_prompts)  # every server gets the same prompts
         for dtype in args.dtypes.split(","):
             for server, (command, env, base_name, lora) in servers(args, model_dir, Path(tmp), names, dtype).items():
                 key = f"{server}, {dtype}"
@@ -134,13 +139,19 @@ def main() -> None:
                         for rate in rates:
                             got = open_loop(url, load_jobs, rate, model_of=lambda job: job["adapter"])
                             row[f"load {rate}"] = summarise(got)
+                    if long:
+                        rates_seen = [prefill_rate(url, base_name, tokenizer, [prompt]) for prompt in long]
+                        row["prefill 1x400"] = {"prompt_tokens_per_s": statistics.median(rates_seen),
+                                                "each": rates_seen}
                     metrics = httpx.get(f"{url}/metrics", timeout=10).text
                     row["prefix_cache_lines"] = [line for line in metrics.splitlines()
                                                  if "prefix_cache" in line and not line.startswith("#")][:6]
                 finally:
                     stop(process)
                 results[key] = row
-                print(key, {k: round(v["tokens_per_s"], 1) for k, v in row.items() if "tokens_per_s" in v}, flush=True)
+                print(key, {k: round(v["tokens_per_s"], 1) for k, v in row.items() if "tokens_per_s" in v},
+                      {k: round(v["prompt_tokens_per_s"], 1) for k, v in row.items() if "prompt_tokens_per_s" in v},
+                      flush=True)
 
     rows = []
     for key, row in results.items():
@@ -158,6 +169,10 @@ def main() -> None:
                     same = sum(a == b for a, b in zip(ours[mode]["texts"], theirs[mode]["texts"]))
                     print(f"{dtype} {mode}: lorakit / {server} = {ours[mode]['tokens_per_s'] / theirs[mode]['tokens_per_s']:.2f}x; "
                           f"equal replies {same}/{len(ours[mode]['texts'])}")
+            if "prefill 1x400" in ours and "prefill 1x400" in theirs:
+                print(f"{dtype} prefill 1x400: lorakit {ours['prefill 1x400']['prompt_tokens_per_s']:.0f} / {server} "
+                      f"{theirs['prefill 1x400']['prompt_tokens_per_s']:.0f} prompt tokens/s = "
+                      f"{ours['prefill 1x400']['prompt_tokens_per_s'] / theirs['prefill 1x400']['prompt_tokens_per_s']:.2f}x")
             if "8 adapters" in ours:
                 print(f"{dtype}: lorakit 8 adapters / {server} base = "
                       f"{ours['8 adapters']['tokens_per_s'] / theirs['base']['tokens_per_s']:.2f}x")

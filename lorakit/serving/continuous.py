@@ -176,12 +176,8 @@ class ContinuousBatcher:
     def _forward(self, rows: list[_Active], first_slot: int, ids: torch.Tensor, starts: torch.Tensor,
                  last: torch.Tensor | None = None):
         """Logits of each row's last new token (or of column ``last[row]`` of the new tokens)."""
-        self._ensure_cache()
         tokens = ids.shape[1]
-        capacity = self.cache.capacity
-        mask = self.cache.plan(slice(first_slot, first_slot + len(rows)), starts, tokens)
-        if self.cache.capacity != capacity:  # it grew
-            self.engine.counters.kv_cache(self.cache, self.worker)
+        mask = self._plan(lambda cache: cache.plan(slice(first_slot, first_slot + len(rows)), starts, tokens))
         positions = starts.unsqueeze(1) + torch.arange(tokens)
         # The columns whose logits are wanted, always as an index tensor: an int makes transformers
         # slice the hidden states to a strided view, and the LM head's matmul over a strided
@@ -199,16 +195,22 @@ class ContinuousBatcher:
         """One forward of several prompts of one adapter laid end to end (packed_prefill.py): prompt
         i's tokens ``fed[i]`` into slot ``first_slot + i`` from column ``starts[i]``; the logits of
         each one's last token."""
-        self._ensure_cache()
-        capacity = self.cache.capacity
-        plan = self.cache.plan_packed(first_slot, starts, [len(f) for f in fed])
-        if self.cache.capacity != capacity:
-            self.engine.counters.kv_cache(self.cache, self.worker)
+        plan = self._plan(lambda cache: cache.plan_packed(first_slot, starts, [len(f) for f in fed]))
         ids = torch.tensor([[token for prompt in fed for token in prompt]])
         mask = placeholder_mask(plan, self.cache.dtype)
         out = self._run([adapter], packing(plan), input_ids=ids, attention_mask=mask,
                         position_ids=plan.positions().unsqueeze(0), logits_to_keep=plan.last_tokens())
         return out.logits[0]
+
+    def _plan(self, make):
+        """``make(cache)``: the slot cache's plan for the next forward, which may grow the cache; the
+        metrics then report its new size."""
+        self._ensure_cache()
+        capacity = self.cache.capacity
+        plan = make(self.cache)
+        if self.cache.capacity != capacity:
+            self.engine.counters.kv_cache(self.cache, self.worker)
+        return plan
 
     def _run(self, names: list[str], context, **inputs):
         """The model's forward over this worker's slot cache, each row through its adapter, with this
