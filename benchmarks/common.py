@@ -46,9 +46,11 @@ def build_llama(shape: str, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(llama_config(shape)).eval()
 
 
-def interleaved(cases: dict, repeats: int, warmup: int = 1, seed: int = 0) -> dict[str, float]:
+def interleaved(cases: dict, repeats: int, warmup: int = 1, seed: int = 0, pause: float = 0.0) -> dict[str, float]:
     """Median seconds per call of each case, running the cases round-robin (in a shuffled order
-    each round) so that machine noise and order effects hit them all alike."""
+    each round) so that machine noise and order effects hit them all alike. ``pause``: seconds of
+    sleep after every call, untimed, for cases that leave the CPU busy after they return (a server
+    process that polls for a while after its last request)."""
     for fn in cases.values():
         for _ in range(warmup):
             fn()
@@ -60,6 +62,7 @@ def interleaved(cases: dict, repeats: int, warmup: int = 1, seed: int = 0) -> di
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
+            time.sleep(pause)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

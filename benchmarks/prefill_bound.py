@@ -1,36 +1,43 @@
 """How fast can one prompt be prefilled on this CPU? The matrix work's floor against a bare
 transformers forward and `lorakit serve` (issue 26's "prompt prefill through the HTTP server").
 
-    python -m benchmarks.prefill_bound [--tokens 400 --rounds 7 --threads 2 --workers 2]
+    python -m benchmarks.prefill_bound [--tokens 400 --rounds 7 --threads 2 --workers auto]
+        [--vllm-python ~/.cache/vllm-cpu-venv/bin/python]
 
 SmolLM2-135M-Instruct in fp32, one prompt of --tokens tokens, side by side in one run (the cases
 take turns in a shuffled order each round; medians):
   matrix floor - only the forward's matrix work, on the model's own weights: every projection of
                  every layer as one GEMM over the prompt's rows, causal SDPA per layer, and the LM
-                 head for the last token. No norms, RoPE, activations, residual adds, cache writes
-                 or Python: what no implementation of this forward can go under on these cores;
+                 head for the last token, through torch's kernels (MKL's sgemm, flash SDPA). No
+                 norms, RoPE, activations, residual adds, cache writes or Python: what an eager
+                 forward on torch's kernels cannot go under on these cores;
   forward      - the model's own transformers forward (logits of the last token, no cache);
-  http         - a fresh prompt of the same length through `lorakit serve` (max_tokens 1) on
-                 loopback: tokenising, the engine's prefill with its slot cache, HTTP.
+  lorakit serve - a fresh prompt of the same length through `lorakit serve` (its own process,
+                 max_tokens 1) on loopback: tokenising, the engine's prefill with its slot cache, HTTP;
+  vLLM compiled - (with --vllm-python) the same through vLLM-CPU's server (its compiled path, no
+                 LoRA, serving_vs_vllm.py's settings). Both servers start before the rounds; each
+                 idles while the other works, and every case waits 2 s after the one before (vLLM's server
+                 polls on one core for ~1 s after a request; idle, it takes 1% of the machine).
 Prints tokens/s of each and their ratio to the floor.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from lorakit.hub.models import load_model
-from lorakit.serving import BackgroundServer, Engine, Limits
 from lorakit.serving.openmp import release_threads
 
 from .common import interleaved, print_table
 from .serving_load import long_prompts, prefill_rate
+from .serving_vs_vllm import VLLM_ENV, start, stop
 
 
 def matrix_floor(model, tokens: int):
@@ -64,7 +71,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=2, help="the server's engine workers")
+    parser.add_argument("--workers", default="auto", help="lorakit serve --workers")
+    parser.add_argument("--vllm-python", help="python of the vLLM-CPU venv: adds vLLM's server as a case")
+    parser.add_argument("--port", type=int, default=8092, help="the first of the servers' ports")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/prefill_bound.json"))
     args = parser.parse_args()
     from lorakit.cli import quiet_libraries
@@ -73,7 +82,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model("smollm2-135m", "lm")
     model.eval()
-    prompts = iter(long_prompts(tokenizer, args.rounds + 2, args.tokens))  # each once: no prefix cache hits
+    servers = {"lorakit serve": ([sys.executable, "-m", "lorakit", "serve", "--model", "smollm2-135m", "--dtype", "fp32",
+                                  "--workers", args.workers, "--port", str(args.port)], {}, "smollm2-135m")}
+    if args.vllm_python:
+        servers["vLLM compiled"] = ([args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                                     model.name_or_path, "--host", "127.0.0.1", "--port", str(args.port + 1),
+                                     "--served-model-name", "base", "--dtype", "float32", "--max-model-len", "2048"],
+                                    VLLM_ENV, "base")
+    # every prompt once (a repeated one would start from the server's prefix cache)
+    prompts = iter(long_prompts(tokenizer, len(servers) * (args.rounds + 1) + 1, args.tokens))
     ids = tokenizer(next(prompts), return_tensors="pt")["input_ids"]
     tokens = ids.shape[1]
 
@@ -81,17 +98,25 @@ def main() -> None:
         with torch.inference_mode():
             model(ids, use_cache=False, logits_to_keep=1)
 
-    engine = Engine(copy.deepcopy(model), tokenizer,  # the engine may repack its weights
-                    base_name="smollm2-135m", workers=args.workers,
-                    limits=Limits(max_prompt_tokens=max(512, tokens + 16), max_new_tokens=8))
-    with BackgroundServer(engine) as server:
-        def http() -> None:
-            release_threads()  # this thread's idle OpenMP team would slow the server's (serving/openmp.py)
-            prefill_rate(server.url, "smollm2-135m", tokenizer, [next(prompts)])
+    def through(url: str, name: str):
+        def send() -> None:
+            release_threads()  # this process's idle OpenMP team would take the cores' turns (serving/openmp.py)
+            prefill_rate(url, name, tokenizer, [next(prompts)])
+        return send
 
-        seconds = interleaved({"matrix floor": matrix_floor(model, tokens), "forward": forward, "http": http},
-                              repeats=args.rounds)
-    engine.close()
+    cases = {"matrix floor": matrix_floor(model, tokens), "forward": forward}
+    running = []
+    try:
+        for port, (label, (command, env, name)) in enumerate(servers.items(), start=args.port):
+            url = f"http://127.0.0.1:{port}"
+            running.append(start(command, env, url, Path(tempfile.gettempdir()) / f"prefill_bound_{port}.log"))
+            cases[label] = through(url, name)
+        # vLLM's engine polls on one core for about a second after each request (measured: the
+        # machine 50% busy for 1 s, 6% after), which would slow whichever case came next
+        seconds = interleaved(cases, repeats=args.rounds, pause=2.0 if args.vllm_python else 0.0)
+    finally:
+        for process in running:
+            stop(process)
     rate = {name: tokens / s for name, s in seconds.items()}
     floor = rate["matrix floor"]
     print_table(f"one {tokens}-token prompt, fp32, {args.threads} threads, median of {args.rounds} rounds",
