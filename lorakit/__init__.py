@@ -17,6 +17,7 @@ from .errors import (
                      TargetNotFoundError,
 )
 from .io.checkpoint import adapter_state_dict, load_adapter, read_adapter, save_adapter
+from .io.hotswap import hotswap_adapter
 from .io.quantized import load_quantized, save_quantized
 from .kernels.logprobs import gathered_logprobs, linear_logprobs, token_logprobs
 from .kernels.losses import ChunkedLossLM, causal_lm_loss, linear_cross_entropy
@@ -33,6 +34,7 @@ from .model.adapters import (
                      disable_adapters,
                      list_adapters,
                      merged_adapters,
+                     rename_adapter,
                      set_adapter,
 )
 from .model.combining import add_weighted_adapter
@@ -50,8 +52,8 @@ __version__ = "0.1.0"
 __all__ = [
     "LoraConfig", "AdaLoraConfig", "PRESET_TARGET_MODULES", "inject", "update_and_allocate", "current_ranks",
     "orthogonal_penalty", "adalora_penalty", "trainable_parameters", "ParameterReport",
-    "save_adapter", "load_adapter", "read_adapter", "adapter_state_dict",
-    "set_adapter", "delete_adapter", "list_adapters", "active_adapters", "merged_adapters", "disable_adapters",
+    "save_adapter", "load_adapter", "read_adapter", "adapter_state_dict", "hotswap_adapter",
+    "set_adapter", "delete_adapter", "rename_adapter", "list_adapters", "active_adapters", "merged_adapters", "disable_adapters",
     "merge", "unmerge", "unload", "add_weighted_adapter", "cast_base", "mixed_batch", "BASE",
     "loraplus_optimizer", "loraplus_param_groups",
     "quantize", "dequantize", "save_quantized", "load_quantized", "Linear4bit",

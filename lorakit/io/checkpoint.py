@@ -225,16 +225,16 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     config, tensors = read_adapter(directory)
     config = dataclasses.replace(config, inference_mode=not is_trainable)
     plan = plan_injection(model, config, adapter_name, strict=False)
-    assignments = _match_tensors(model, plan, tensors, Path(directory))
+    assignments = match_tensors(model, plan, tensors, Path(directory))
     apply_plan(model, plan, adapter_name)
     with torch.no_grad():
         for (owner, attr), tensor in assignments:
-            target = _resolve(model, owner, attr, adapter_name)
+            target = tensor_target(model, owner, attr, adapter_name)
             target.copy_(tensor.to(dtype=target.dtype, device=target.device))
     return model  # apply_plan has set what trains
 
 
-def _match_tensors(model, plan, tensors, directory):
+def match_tensors(model, plan, tensors, directory):
     """Pair every tensor in the file with the parameter it fills; raise on any mismatch."""
     config = plan.config
     prefixed = {k.startswith(PREFIX) for k in tensors}
@@ -309,7 +309,7 @@ def _match_tensors(model, plan, tensors, directory):
     return assignments
 
 
-def _resolve(model: nn.Module, path: str, attr: str, adapter_name: str) -> torch.Tensor:
+def tensor_target(model: nn.Module, path: str, attr: str, adapter_name: str) -> torch.Tensor:
     module = model.get_submodule(path)
     if attr in ("A", "B"):
         return module.lora_pair(adapter_name)[attr == "B"]

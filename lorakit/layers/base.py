@@ -191,6 +191,17 @@ class LoraLayer(nn.Module):
         self.active_adapters = [a for a in self.active_adapters if a != name]
         self.clear_mixed_cache()
 
+    def rename_adapter(self, old: str, new: str) -> None:
+        """Hold adapter ``old``'s state under ``new``: the same tensors and objects, no copies."""
+        for container in (*self.adapter_containers(), self.lora_dropout, self.lora_E, self.lora_magnitude_vector):
+            if old in container:
+                container[new] = container.pop(old)
+        for table in (self.scaling, self.dropout_rate, self.variants):
+            table[new] = table.pop(old)
+        self.active_adapters = [new if a == old else a for a in self.active_adapters]
+        self.merged_adapters = [new if a == old else a for a in self.merged_adapters]
+        self.clear_mixed_cache()
+
     def clear_mixed_cache(self) -> None:
         """Drop the stacked adapters and row buffers kept for mixed batches."""
         self.__dict__.pop("_mixed_cache", None)

@@ -7,9 +7,10 @@ from typing import Iterator
 
 from torch import nn
 
-from ..errors import MergeStateError
+from ..errors import LoraError, MergeStateError
+from ..layers.base import LoraLayer
 from ..layers.per_thread import assign
-from .injection import set_active
+from .injection import check_new_name, set_active
 from .merging import drop_empty_wrappers
 from .state import (
     adapter_wrappers,
@@ -56,6 +57,27 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         return
     remaining = [a for a in reg.active if a != name]
     set_active(model, remaining or [next(iter(reg.configs))])
+
+
+def rename_adapter(model: nn.Module, old: str, new: str) -> None:
+    """Call adapter ``old`` ``new`` from now on: its weights, config and place among the active
+    adapters stay as they are. Covers adapters held by LoRA layers only (a server reusing an
+    evicted adapter's tensors for the next one); an adapter with saved modules or trainable tokens
+    raises before anything changes."""
+    check_names(model, old)
+    check_new_name(model, new)
+    holders = [module for _, module in adapter_wrappers(model) if old in module.adapter_names]
+    others = sorted({type(module).__name__ for module in holders if not isinstance(module, LoraLayer)})
+    if others:
+        raise LoraError(f"adapter {old!r} also lives in {', '.join(others)} wrappers, which rename_adapter does not "
+                        "cover; save it and load it under the new name instead.")
+    for module in holders:
+        module.rename_adapter(old, new)
+    reg = registry(model)
+    configs = [((new if name == old else name), config) for name, config in reg.configs.items()]
+    reg.configs.clear()
+    reg.configs.update(configs)  # in place and in order: list_adapters keeps its order
+    reg.active = [new if name == old else name for name in reg.active]
 
 
 @contextlib.contextmanager

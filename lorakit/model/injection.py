@@ -75,17 +75,22 @@ def layer_class_for(base: nn.Module) -> type[LoraLayer]:
     return LoraEmbedding if isinstance(base, nn.Embedding) else LoraLinear
 
 
-def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str, strict: bool = True) -> InjectionPlan:
-    """Resolve ``config`` against ``model``; strict=False (loading a saved adapter) tolerates
-    modules_to_save entries that the model lacks."""
-    if not isinstance(config, LoraConfig):
-        raise ConfigError(f"expected a lorakit.LoraConfig, got {type(config).__name__}.")
+def check_new_name(model: nn.Module, adapter_name: str) -> None:
+    """Raise unless ``adapter_name`` can name a new adapter of ``model``."""
     if not adapter_name or adapter_name == BASE or "." in adapter_name:
         raise ConfigError(f"invalid adapter name {adapter_name!r}: use a non-empty name without dots.")
     if has_adapters(model) and adapter_name in registry(model).configs:
         raise LoraError(
             f"adapter {adapter_name!r} already exists; pick another adapter_name or lk.delete_adapter it first."
         )
+
+
+def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str, strict: bool = True) -> InjectionPlan:
+    """Resolve ``config`` against ``model``; strict=False (loading a saved adapter) tolerates
+    modules_to_save entries that the model lacks."""
+    if not isinstance(config, LoraConfig):
+        raise ConfigError(f"expected a lorakit.LoraConfig, got {type(config).__name__}.")
+    check_new_name(model, adapter_name)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     config = resolve_target_modules(config, model_type)
     user_save = list(config.modules_to_save or [])

@@ -105,20 +105,36 @@ class AdapterPool:
             lk.load_adapter(self.model, path, adapter_name=name)
         except LoraError as exc:
             raise ServingError(f"adapter {name!r} cannot be loaded: {exc}", 422) from None
-        self.loads[name] = self.loads.get(name, 0) + 1
+        self._loaded(name)
+
+    def _loaded(self, name: str) -> None:
+        self.loads[name] = self.loads.get(name, 0) + 1  # a new version: prefix-cache entries of the last load are stale
         self.last_used[name] = time.monotonic()  # just loaded counts as just used: not the next to go
         release_threads()  # an OpenMP team this (HTTP) thread built for the copies would slow the engine's
 
     def _replace(self, victim: str, name: str, path: Path) -> None:
         """Evict idle ``victim`` and load ``name`` in one turn of the model lock: every exclusive turn
         waits for the forwards in flight and stops new ones, so one turn, not two. The caller holds
-        the loading lock, under which requests are counted in use: the victim stays idle."""
+        the loading lock, under which requests are counted in use: the victim stays idle.
+
+        Where ``name`` fits the victim's modules (no module the victim lacks, the same DoRA,
+        rsLoRA and dropout settings: the common case of many adapters trained alike), it is
+        hot-swapped into the victim's tensors (lk.hotswap_adapter) and the victim renamed, instead of
+        building ``name``'s modules, which held the lock for most of a turn (BENCHMARKS.md, issue
+        26); anything else is evicted and loaded."""
         with self.idle:
             self.draining.add(victim)  # requests naming it meanwhile wait, then load it again
         try:
             with self.model_lock:
-                self._detach(victim)
-                self._attach(name, path)
+                try:
+                    lk.hotswap_adapter(self.model, path, victim)
+                except LoraError:  # refused before changing anything: evict and load
+                    self._detach(victim)
+                    self._attach(name, path)
+                    return
+                lk.rename_adapter(self.model, victim, name)
+                self.last_used.pop(victim, None)
+                self._loaded(name)
         finally:
             self._end_draining(victim)
 

@@ -67,6 +67,10 @@ class Dora(LoraVariant):
     def remove(self, layer, name):
         del layer.lora_magnitude_vector[name]
 
+    def forget_values(self, layer, name):
+        # the cache's key has no version for inference tensors: an in-place load would not change it
+        self.norm_cache = None
+
     def scale(self, layer, name: str, dtype: torch.dtype) -> torch.Tensor:
         """m / ‖W0 + s·B·A‖: gradient flows into m only. Without autograd (inference) the norm is
         cached until a weight changes (every in-place update bumps a version counter), so an

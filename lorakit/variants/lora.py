@@ -31,6 +31,10 @@ class LoraVariant:
     def remove(self, layer, name: str) -> None:
         """Delete the variant's parameters when the adapter is deleted."""
 
+    def forget_values(self, layer, name: str) -> None:
+        """The adapter's tensors were overwritten in place (``lk.hotswap_adapter``): drop anything
+        computed from them (nothing here)."""
+
     def add(self, layer, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """``result`` (the base output) with the adapter's term added."""
         return layer.add_lora(result, x, name)

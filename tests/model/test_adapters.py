@@ -76,3 +76,27 @@ def test_unknown_adapter_names_the_known_ones():
 def test_api_on_a_plain_model_says_what_to_do():
     with pytest.raises(lk.LoraError, match="call lk.inject"):
         lk.set_adapter(tiny_llama(), "a")
+
+
+def test_rename_keeps_weights_order_and_active_state(ids):
+    model = two_adapters()
+    lk.set_adapter(model, "b")
+    expected = logits(model, ids)
+    with lk.mixed_batch(model, ["a", "b", "a", "b"], stack=["a", "b"]):
+        mixed = logits(model, ids)
+    lk.rename_adapter(model, "b", "c")
+    assert lk.list_adapters(model) == ["a", "c"] and lk.active_adapters(model) == ["c"]
+    assert torch.equal(logits(model, ids), expected)
+    with lk.mixed_batch(model, ["a", "c", "a", "c"], stack=["a", "c"]):
+        assert torch.equal(logits(model, ids), mixed)
+    assert not any("b" in layer.adapter_names for layer in model.modules() if isinstance(layer, LoraLayer))
+    with pytest.raises(lk.LoraError, match="already exists"):
+        lk.rename_adapter(model, "a", "c")
+
+
+def test_rename_refuses_an_adapter_with_saved_modules_before_changing_anything():
+    model = lk.inject(tiny_llama(), lk.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with pytest.raises(lk.LoraError, match="ModulesToSave"):
+        lk.rename_adapter(model, "default", "other")
+    assert lk.list_adapters(model) == ["default"]
+    assert all("default" in layer.adapter_names for layer in model.modules() if isinstance(layer, LoraLayer))

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lorakit.serving import BackgroundServer, Limits, build_engine
-from tests.helpers import complete, offline
+from tests.helpers import complete, offline, submit
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +186,8 @@ def test_requests_waiting_for_room_queue_first_come_first_served(causal_dir, ada
 
     with one_busy_slot(causal_dir, adapter_dir, wait_s=1.0) as engine:
         loads, outcome = [], {}
-        load = engine.pool._attach
-        engine.pool._attach = lambda name, path: (loads.append(name), load(name, path))
+        loaded = engine.pool._loaded  # every load ends here, a hot-swap into an evicted adapter's tensors too
+        engine.pool._loaded = lambda name: (loads.append(name), loaded(name))
 
         def ask(name):
             try:
@@ -316,3 +316,28 @@ def test_serve_qlora_serves_the_base_in_4bit_equal_to_offline_on_the_same_base(c
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert served["choices"][0]["text"] == tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_an_evicted_adapter_of_the_same_shape_lends_its_tensors_to_the_next_and_replies_stay_exact(
+        causal_dir, adapter_dir):  # noqa: F811
+    """alpha and gamma are plain LoRA adapters of one shape: gamma is hot-swapped into alpha's
+    tensors; beta (DoRA) does not fit them and is evicted and loaded. Every reply equals offline
+    generate with its adapter."""
+    engine = build_engine(causal_dir, {}, adapter_dir=str(adapter_dir), max_loaded_adapters=1)
+    pool = engine.pool
+    try:
+        built = []
+        attach = pool._attach
+        pool._attach = lambda name, path: (built.append(name), attach(name, path))
+        for adapter in ("alpha", "gamma", "beta", "alpha"):
+            if adapter == "gamma":
+                before = {id(p) for p in engine.model.parameters()}
+            recorder = submit(engine, adapter, adapter, "a movie is very", 6, [])
+            assert recorder.finished.wait(60) and recorder.error is None
+            assert recorder.result["text"] == offline(causal_dir, adapter_dir, adapter, "a movie is very", 6)
+            if adapter == "gamma":
+                assert {id(p) for p in engine.model.parameters()} == before  # no tensor built for gamma
+        assert built == ["alpha", "beta", "alpha"]  # gamma was swapped in; beta and alpha built
+        assert pool.loads == {"alpha": 2, "gamma": 1, "beta": 1} and pool.adapters == ["alpha"]
+    finally:
+        engine.close()
