@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import LoraConfig
 from ..errors import AdapterMismatchError, ConfigError, LoraError, MergeStateError
 from ..layers.base import LoraLayer
 from ..model.injection import plan_injection
@@ -43,6 +44,49 @@ def hotswap_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name
     """Replace adapter ``adapter_name``'s weights and scalings by those of the adapter saved in
     ``directory``, keeping its name (PEFT's ``hotswap_adapter``). Every check runs first: a refused
     swap leaves the model as it was."""
+    prepare_hotswap(model, directory, adapter_name).apply()
+    return model
+
+
+@dataclasses.dataclass
+class Hotswap:
+    """A checked swap, not applied yet: the file read, the new adapter planned and matched against
+    the model, nothing changed. A server prepares it while forwards run and applies it (a copy)
+    alone; the adapter must not change in between."""
+
+    model: nn.Module
+    adapter_name: str
+    config: LoraConfig
+    targets: set[str]
+    held: dict[str, LoraLayer]  # the adapter's layers by path
+    assignments: list  # ((path, attr), tensor) as io/checkpoint.match_tensors pairs them
+
+    def apply(self) -> None:
+        name, config = self.adapter_name, self.config
+        with torch.no_grad():
+            for path, layer in self.held.items():
+                if path not in self.targets:  # as PEFT: what the new adapter leaves out adds nothing
+                    for tensor in layer.lora_pair(name):
+                        tensor.zero_()
+                    continue
+                rank = config.rank_for(path)
+                if layer.rank(name) != rank:
+                    A = layer.lora_pair(name)[0]
+                    layer.create_pair(name, rank, A.dtype, A.device)
+                    for tensor in layer.lora_pair(name):
+                        tensor.requires_grad_(A.requires_grad)
+                layer.scaling[name] = config.scaling_for(path)
+            for (path, attr), tensor in self.assignments:
+                target = tensor_target(self.model, path, attr, name)
+                target.copy_(tensor.to(dtype=target.dtype, device=target.device))
+        for layer in self.held.values():
+            layer.variants[name].forget_values(layer, name)
+            layer.clear_mixed_cache()
+        registry(self.model).configs[name] = config
+
+
+def prepare_hotswap(model: nn.Module, directory: str | os.PathLike, adapter_name: str) -> Hotswap:
+    """Every check and read of ``hotswap_adapter``, changing nothing; raises as it does."""
     check_names(model, adapter_name)
     if adapter_name in merged_adapters(model):
         raise MergeStateError(f"adapter {adapter_name!r} is merged into the weights; call lk.unmerge(model) "
@@ -74,24 +118,4 @@ def hotswap_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name
     if foreign:
         raise LoraError(f"{directory} also holds base-layer tensors ({', '.join(foreign)}); hot-swapping replaces "
                         "adapter tensors only: load it with lk.load_adapter instead.")
-    with torch.no_grad():
-        for path, layer in held.items():
-            if path not in plan.targets:  # as PEFT: what the new adapter leaves out adds nothing
-                for tensor in layer.lora_pair(adapter_name):
-                    tensor.zero_()
-                continue
-            rank = config.rank_for(path)
-            if layer.rank(adapter_name) != rank:
-                A = layer.lora_pair(adapter_name)[0]
-                layer.create_pair(adapter_name, rank, A.dtype, A.device)
-                for tensor in layer.lora_pair(adapter_name):
-                    tensor.requires_grad_(A.requires_grad)
-            layer.scaling[adapter_name] = config.scaling_for(path)
-        for (path, attr), tensor in assignments:
-            target = tensor_target(model, path, attr, adapter_name)
-            target.copy_(tensor.to(dtype=target.dtype, device=target.device))
-    for layer in held.values():
-        layer.variants[adapter_name].forget_values(layer, adapter_name)
-        layer.clear_mixed_cache()
-    registry(model).configs[adapter_name] = config
-    return model
+    return Hotswap(model, adapter_name, config, set(plan.targets), held, assignments)

@@ -21,6 +21,7 @@ from pathlib import Path
 import lorakit as lk
 
 from ..errors import LoraError
+from ..io.hotswap import prepare_hotswap
 from ..io.peft_format import CONFIG_FILE
 from ..model.state import BASE
 from .openmp import release_threads
@@ -121,17 +122,22 @@ class AdapterPool:
         rsLoRA and dropout settings: the common case of many adapters trained alike), it is
         hot-swapped into the victim's tensors (lk.hotswap_adapter) and the victim renamed, instead of
         building ``name``'s modules, which held the lock for most of a turn (BENCHMARKS.md, issue
-        26); anything else is evicted and loaded."""
+        26); anything else is evicted and loaded. The swap is prepared before the lock: the loading
+        lock, which this thread holds, keeps every other load and eviction out meanwhile, and the
+        victim, draining, can be neither unloaded nor used."""
         with self.idle:
             self.draining.add(victim)  # requests naming it meanwhile wait, then load it again
         try:
+            try:  # read and checked while forwards run: only the copy takes the lock
+                swap = prepare_hotswap(self.model, path, victim)
+            except LoraError:  # it does not fit: evict and load
+                swap = None
             with self.model_lock:
-                try:
-                    lk.hotswap_adapter(self.model, path, victim)
-                except LoraError:  # refused before changing anything: evict and load
+                if swap is None:
                     self._detach(victim)
                     self._attach(name, path)
                     return
+                swap.apply()
                 lk.rename_adapter(self.model, victim, name)
                 self.last_used.pop(victim, None)
                 self._loaded(name)
