@@ -11,11 +11,13 @@ As in PEFT: the two configs must agree on ``use_rslora``, ``lora_dropout``, ``al
 gets zero A and B, so it adds nothing); each module's scaling becomes the new adapter's; a merged
 adapter is refused. Where a module's rank differs, its A and B are rebuilt at the new rank (PEFT
 pads a smaller rank with zeros for compiled models and swaps the tensors of a larger one: the same
-outputs). Unlike PEFT, the adapter's recorded config becomes the new one, so that saving it writes
-what its weights are; and each module's scaling honours the new config's rank_pattern and
-alpha_pattern, as loading it does (PEFT 0.21's swap matches those patterns against the parameter's
-full key, so a patterned module keeps the default rank's scaling; tests/io/test_hotswap.py). Adapters with saved modules, trainable tokens, base-layer tensors, AdaLoRA
-or parameter targets are refused before anything changes: load them with ``lk.load_adapter``.
+outputs). Unlike PEFT 0.21: the adapter's recorded config becomes the new one, so that saving it
+writes what its weights are; each module's scaling honours the new config's rank_pattern and
+alpha_pattern, as loading it does (PEFT's swap matches those patterns against the parameter's full
+key, so a patterned module keeps the default rank's scaling); and DoRA adapters swap (PEFT's raises
+KeyError on the magnitude's key). tests/io/test_hotswap.py shows both. Adapters with saved modules,
+trainable tokens, base-layer tensors, AdaLoRA or parameter targets are refused before anything
+changes: load them with ``lk.load_adapter``.
 """
 
 from __future__ import annotations
