@@ -138,14 +138,18 @@ class WandbTracker:
     OUTPUT/wandb/offline-run-*` uploads it later); project WANDB_PROJECT or "lorakit"."""
 
     def __init__(self, output: Path):
-        import wandb
+        import wandb  # noqa: F401 - a missing package fails here, before training starts
 
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "lorakit"), dir=str(output.resolve()),
-                              name=output.resolve().name, mode=os.environ.get("WANDB_MODE", "offline"),
-                              reinit="create_new")
+        self.output, self.run = output, None
 
     def start(self, params: dict) -> None:
-        self.run.config.update(params, allow_val_change=True)
+        import wandb
+
+        # the options go in with the run itself: the run record is written when it starts, where a
+        # config update made after init once went missing from an offline run's log (a CI run)
+        output = self.output.resolve()
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "lorakit"), dir=str(output), name=output.name,
+                              mode=os.environ.get("WANDB_MODE", "offline"), reinit="create_new", config=params)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         self.run.log({k: float(v) for k, v in values.items()}, step=step)
@@ -163,7 +167,8 @@ class WandbTracker:
         self.run.log_artifact(artifact)
 
     def close(self, ok: bool) -> None:
-        self.run.finish(exit_code=0 if ok else 1)
+        if self.run is not None:  # None: the run failed before it started
+            self.run.finish(exit_code=0 if ok else 1)
 
 
 TRACKERS = {"tensorboard": TensorBoardTracker, "mlflow": MlflowTracker, "wandb": WandbTracker}
