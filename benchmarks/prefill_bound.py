@@ -37,7 +37,7 @@ from lorakit.serving.openmp import release_threads
 
 from .common import interleaved, print_table
 from .serving_load import long_prompts, prefill_rate
-from .serving_vs_vllm import VLLM_ENV, start, stop
+from .serving_vs_vllm import VLLM_ENV, start, stop, vllm_command
 
 
 def matrix_floor(model, tokens: int):
@@ -82,12 +82,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model("smollm2-135m", "lm")
     model.eval()
-    servers = {"lorakit serve": ([sys.executable, "-m", "lorakit", "serve", "--model", "smollm2-135m", "--dtype", "fp32",
-                                  "--workers", args.workers, "--port", str(args.port)], {}, "smollm2-135m")}
+    servers = {"lorakit serve": ([sys.executable, "-m", "lorakit", "serve", "--model", "smollm2-135m", "--dtype",
+                                  "fp32", "--workers", args.workers, "--port", str(args.port)], {}, "smollm2-135m")}
     if args.vllm_python:
-        servers["vLLM compiled"] = ([args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model",
-                                     model.name_or_path, "--host", "127.0.0.1", "--port", str(args.port + 1),
-                                     "--served-model-name", "base", "--dtype", "float32", "--max-model-len", "2048"],
+        servers["vLLM compiled"] = (vllm_command(args.vllm_python, Path(model.name_or_path), args.port + 1, "fp32"),
                                     VLLM_ENV, "base")
     # every prompt once (a repeated one would start from the server's prefix cache)
     prompts = iter(long_prompts(tokenizer, len(servers) * (args.rounds + 1) + 1, args.tokens))

@@ -71,12 +71,17 @@ def stop(process: subprocess.Popen) -> None:
         process.kill()
 
 
+def vllm_command(python: str, model_dir: Path, port: int, dtype: str) -> list[str]:
+    """vLLM-CPU's OpenAI server for the model, served as "base" (its compiled path: add
+    --enable-lora and its options for adapters)."""
+    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host", "127.0.0.1",
+            "--port", str(port), "--served-model-name", "base", "--dtype", VLLM_DTYPES[dtype], "--max-model-len", "2048"]
+
+
 def servers(args, model_dir: Path, adapter_dir: Path, names: list[str], dtype: str) -> dict[str, tuple]:
     """name -> (command, env, base model name, serves adapters)."""
     lora_specs = [f"{n}={adapter_dir / n}" for n in names]
-    vllm = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host",
-            "127.0.0.1", "--port", str(args.port), "--served-model-name", "base", "--dtype", VLLM_DTYPES[dtype],
-            "--max-model-len", "2048"]
+    vllm = vllm_command(args.vllm_python, model_dir, args.port, dtype)
     lorakit = [sys.executable, "-m", "lorakit", "serve", "--model", "smollm2-135m", "--port", str(args.port),
                "--dtype", dtype, "--max-batch", str(args.max_batch), "--max-queue", "1024",
                *[x for spec in lora_specs for x in ("--adapter", spec)], "--workers", args.workers,

@@ -32,8 +32,9 @@ from torch import nn
 from ..config import LoraConfig
 from ..errors import AdapterMismatchError, ConfigError, LoraError, MergeStateError
 from ..layers.base import LoraLayer
+from ..model.adapters import lora_layers_of
 from ..model.injection import plan_injection
-from ..model.state import adapter_wrappers, check_names, merged_adapters, registry
+from ..model.state import check_names, merged_adapters, registry
 from ..variants.adalora import is_adalora
 from .checkpoint import match_tensors, read_adapter, tensor_target
 
@@ -105,11 +106,7 @@ def prepare_hotswap(model: nn.Module, directory: str | os.PathLike, adapter_name
                         "hot-swapping does not cover; load it with lk.load_adapter instead.")
     config = dataclasses.replace(config, inference_mode=old.inference_mode)
     plan = plan_injection(model, config, PLANNING_NAME, strict=False)
-    held = {path: module for path, module in adapter_wrappers(model) if adapter_name in module.adapter_names}
-    others = sorted({type(module).__name__ for module in held.values() if not isinstance(module, LoraLayer)})
-    if others:
-        raise LoraError(f"adapter {adapter_name!r} also lives in {', '.join(others)} wrappers, which hot-swapping "
-                        "does not cover; delete it and load the new one with lk.load_adapter instead.")
+    held = lora_layers_of(model, adapter_name, "hot-swapping", "delete it and load the new one with lk.load_adapter")
     outside = [path for path in plan.targets if path not in held]
     if outside:
         raise AdapterMismatchError(f"{directory} adapts {outside[0]} ({len(outside)} modules in all), which "

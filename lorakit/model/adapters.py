@@ -59,6 +59,18 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     set_active(model, remaining or [next(iter(reg.configs))])
 
 
+def lora_layers_of(model: nn.Module, name: str, doing: str, instead: str) -> dict[str, LoraLayer]:
+    """Adapter ``name``'s layers by path, for an operation (``doing``) that covers LoRA layers only;
+    raises, saying to ``instead``, when the adapter also lives in other wrappers (saved modules,
+    trainable tokens)."""
+    holders = {path: module for path, module in adapter_wrappers(model) if name in module.adapter_names}
+    others = sorted({type(module).__name__ for module in holders.values() if not isinstance(module, LoraLayer)})
+    if others:
+        raise LoraError(f"adapter {name!r} also lives in {', '.join(others)} wrappers, which {doing} does not "
+                        f"cover; {instead} instead.")
+    return holders
+
+
 def rename_adapter(model: nn.Module, old: str, new: str) -> None:
     """Call adapter ``old`` ``new`` from now on: its weights, config and place among the active
     adapters stay as they are. Covers adapters held by LoRA layers only (a server reusing an
@@ -66,13 +78,8 @@ def rename_adapter(model: nn.Module, old: str, new: str) -> None:
     raises before anything changes."""
     check_names(model, old)
     check_new_name(model, new)
-    holders = [module for _, module in adapter_wrappers(model) if old in module.adapter_names]
-    others = sorted({type(module).__name__ for module in holders if not isinstance(module, LoraLayer)})
-    if others:
-        raise LoraError(f"adapter {old!r} also lives in {', '.join(others)} wrappers, which rename_adapter does not "
-                        "cover; save it and load it under the new name instead.")
-    for module in holders:
-        module.rename_adapter(old, new)
+    for layer in lora_layers_of(model, old, "renaming", "save it and load it under the new name").values():
+        layer.rename_adapter(old, new)
     reg = registry(model)
     configs = [((new if name == old else name), config) for name, config in reg.configs.items()]
     reg.configs.clear()
