@@ -38,6 +38,8 @@ def main() -> None:
                         help="lorakit serve --packed-weights (default: the engine's own default)")
     parser.add_argument("--packed-prefill", choices=["auto", "off"],
                         help="lorakit serve --packed-prefill (default: the engine's own default)")
+    parser.add_argument("--decode-kernel", choices=["auto", "off"],
+                        help="lorakit serve --decode-kernel (default: the engine's own default)")
     args = parse_with_checkout(parser)
     import torch
 
@@ -82,9 +84,11 @@ def main() -> None:
                         limits=Limits(max_batch=args.max_batch, max_queue=512, max_new_tokens=args.max_tokens),
                         **({"workers": args.workers} if args.workers > 1 else {}),
                         **({"packed_weights": args.packed_weights} if args.packed_weights else {}),
-                        **({"packed_prefill": args.packed_prefill} if args.packed_prefill else {}))
+                        **({"packed_prefill": args.packed_prefill} if args.packed_prefill else {}),
+                        **({"decode_kernel": args.decode_kernel} if args.decode_kernel else {}))
         print("packed weights:", getattr(engine, "packed_weights_note", "(this checkout has none)"))
         print("packed prefill:", getattr(engine, "packed_prefill_note", "(this checkout has none)"))
+        print("decoding attention:", getattr(engine, "decode_kernel_note", "(this checkout has none)"))
         for name in names:
             engine.pool.load(name)
 

@@ -20,9 +20,10 @@ def _serve(args: argparse.Namespace) -> int:
     engine = build_engine(args.model, parse_adapter_specs(args.adapter or []), args.adapter_dir, limits, dtype,
                           args.max_loaded_adapters, args.scheduler, args.prefill_chunk, args.prefix_cache_mb,
                           qlora=args.qlora, workers=workers, packed_weights=args.packed_weights,
-                          packed_prefill=args.packed_prefill)
+                          packed_prefill=args.packed_prefill, decode_kernel=args.decode_kernel)
     print(f"packed weights: {engine.packed_weights_note}")
     print(f"packed prefill: {engine.packed_prefill_note}")
+    print(f"decoding attention: {engine.decode_kernel_note}")
     print(f"serving {engine.base_name} with adapters {engine.adapters or '(none)'} on http://{args.host}:{args.port}")
     serve(engine, args.host, args.port, args.api_key or os.environ.get("LORAKIT_API_KEY"))
     return 0
@@ -69,6 +70,11 @@ def add_commands(sub) -> None:
                        help="prefill the prompts of one forward laid end to end in one row instead of padded to the "
                             "longest (continuous scheduler); auto (default): on when the model's packed forward "
                             "gives its plain forward's logits, checked at start; said at start")
+    serve.add_argument("--decode-kernel", default="auto", choices=["auto", "off"],
+                       help="decoding steps' attention through lorakit's C++ kernel, each row over its own cached "
+                            "columns, instead of SDPA over the padded mask; auto (default): on for an fp32 CPU base "
+                            "when a C++ compiler builds it (once, about a second) and its logits equal SDPA's; "
+                            "said at start")
     serve.add_argument("--prefix-cache-mb", type=float, default=256,
                        help="memory for keys and values of shared prompt prefixes (chat templates, system prompts), "
                             "reused by later requests with the same adapter; 0 turns it off; hit rate in /metrics")

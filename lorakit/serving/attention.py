@@ -12,7 +12,9 @@ layer) and 1.2x in a 64-row decoding step (1.0 vs 1.2 ms). The results are the s
 attention and switches back (saying so) when the two differ or the new one fails.
 
 The same function runs packed prefill forwards (packed_prefill.py): while a thread has a packed
-plan active, each prompt's queries attend to their own slot's keys and values only.
+plan active, each prompt's queries attend to their own slot's keys and values only. And decoding
+steps (decode_kernel.py): while a thread has a decode plan active, one-token queries go through
+kernels/decode_attention.py over each row's own columns instead of SDPA over the padded mask.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ NAME = "lorakit_grouped_sdpa"
 # transformers' own SDPA path applies them
 EXTRAS = ("position_bias", "softcap", "s_aux")
 _packing = threading.local()  # .plan: the packed prefill plan of this thread's forward in progress
+_decoding = threading.local()  # .plan: the decode plan (decode_kernel.DecodePlan) of this thread's forward
 
 
 def packed_plan():
@@ -42,6 +45,15 @@ def set_packed_plan(plan) -> None:
     _packing.plan = plan
 
 
+def decode_plan():
+    """The decode plan (decode_kernel.DecodePlan) of this thread's forward, or None."""
+    return getattr(_decoding, "plan", None)
+
+
+def set_decode_plan(plan) -> None:
+    _decoding.plan = plan
+
+
 def grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
                  **kwargs):
     """transformers' attention-function signature: (batch, heads, tokens, dim) in, (batch, tokens,
@@ -51,6 +63,9 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
     plan = packed_plan()
     if plan is not None:
         return plan.attend(module, query, scaling, **kwargs)
+    decoding = decode_plan()
+    if decoding is not None and decoding.takes(query, key, value, kwargs):
+        return decoding.attend(query, key, value, scaling), None
     groups = getattr(module, "num_key_value_groups", 1)
     plain = attention_mask is None or groups == 1 or any(kwargs.get(k) is not None for k in EXTRAS)
     if plain or kwargs.get("output_attentions"):

@@ -31,6 +31,7 @@ import torch
 import lorakit as lk
 
 from ..model.state import BASE
+from .decode_kernel import decoding
 from .decoding import _eos_ids, _pick, _Row, classify_batch
 from .openmp import release_threads
 from .packed_prefill import packing, placeholder_mask
@@ -184,7 +185,9 @@ class ContinuousBatcher:
         # 3-D input copies the whole vocab × hidden weight once per forward (measured: over half
         # of a short prompt's prefill).
         keep = torch.tensor([tokens - 1]) if last is None else torch.unique(last)
-        out = self._run([a.request.adapter for a in rows], contextlib.nullcontext(), input_ids=ids, attention_mask=mask,
+        # one token a row (a decoding step): each row's attention over its own columns (decode_kernel.py)
+        context = decoding(self.engine.decode_kernel, starts) if tokens == 1 else contextlib.nullcontext()
+        out = self._run([a.request.adapter for a in rows], context, input_ids=ids, attention_mask=mask,
                         position_ids=positions, logits_to_keep=keep)
         if last is None:
             return out.logits[:, -1]

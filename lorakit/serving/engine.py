@@ -37,6 +37,7 @@ from .continuous import ContinuousBatcher
 from .locks import ModelLock
 from .metrics import Counters
 from .openmp import release_threads
+from .decode_kernel import SETTINGS as DECODE_KERNEL_SETTINGS, use_decode_kernel
 from .packed_prefill import SETTINGS as PACKED_PREFILL_SETTINGS, use_packed_prefill
 from .packed_weights import SETTINGS as PACKED_SETTINGS, use_packed_weights
 from .pool import AdapterPool
@@ -54,7 +55,8 @@ class Engine:
     def __init__(self, model, tokenizer, *, base_name: str = "base", adapter_dir: str | None = None,
                  labels: list[str] | None = None, limits: Limits = Limits(), max_loaded_adapters: int | None = None,
                  scheduler: str = "continuous", prefill_chunk: int = 256, prefix_cache_mb: float = 256,
-                 workers: int = 1, packed_weights: str = "auto", packed_prefill: str = "auto"):
+                 workers: int = 1, packed_weights: str = "auto", packed_prefill: str = "auto",
+                 decode_kernel: str = "auto"):
         if scheduler not in ("continuous", "static"):
             raise ServingError(f"unknown scheduler {scheduler!r}; choose continuous or static")
         if prefill_chunk < 1:
@@ -68,6 +70,9 @@ class Engine:
         if packed_prefill not in PACKED_PREFILL_SETTINGS:
             raise ServingError(f"packed_prefill must be one of {', '.join(PACKED_PREFILL_SETTINGS)}, "
                                f"got {packed_prefill!r}")
+        if decode_kernel not in DECODE_KERNEL_SETTINGS:
+            raise ServingError(f"decode_kernel must be one of {', '.join(DECODE_KERNEL_SETTINGS)}, "
+                               f"got {decode_kernel!r}")
         self.model, self.tokenizer, self.base_name, self.labels, self.limits = model.eval(), tokenizer, base_name, labels, limits
         if prefix_cache_mb < 0:
             raise ServingError(f"prefix_cache_mb must be 0 (off) or more, got {prefix_cache_mb}")
@@ -87,8 +92,9 @@ class Engine:
         # before the worker starts, so nothing runs on the model meanwhile (packed_weights.py)
         self.packed_weights, self.packed_weights_note = use_packed_weights(self.model, packed_weights)
         self.packed_prefill, self.packed_prefill_note = False, "off (static batching pads its prompts)"
+        self.decode_kernel, self.decode_kernel_note = None, "SDPA (static batching)"
         if scheduler == "continuous":
-            self._check_continuous(packed_prefill)
+            self._check_continuous(packed_prefill, decode_kernel)
         self.running = True
         # the caller's OpenMP team (built while it loaded the model) would keep the workers' teams
         # from spinning between operations: free it (serving/openmp.py)
@@ -193,7 +199,7 @@ class Engine:
                 self.finish(request)
 
     # --- the worker ----------------------------------------------------------------------------
-    def _check_continuous(self, packed_prefill: str) -> None:
+    def _check_continuous(self, packed_prefill: str, decode_kernel: str) -> None:
         """Which of the continuous scheduler's speed-ups this model takes, each proved by a forward
         (the slot cache itself, or static batching when it does not fit); before the worker starts."""
         use_grouped_attention(self.model)  # the slot cache's masked forwards, without repeat_kv
@@ -204,8 +210,10 @@ class Engine:
             self.scheduler = "static"
         elif self.labels is not None:
             self.packed_prefill_note = "off (a classifier generates nothing to prefill)"
+            self.decode_kernel_note = "SDPA (a classifier decodes nothing)"
         else:
             self.packed_prefill, self.packed_prefill_note = use_packed_prefill(self.model, packed_prefill)
+            self.decode_kernel, self.decode_kernel_note = use_decode_kernel(self.model, decode_kernel)
 
     def _work(self) -> None:
         if self.scheduler == "continuous":
