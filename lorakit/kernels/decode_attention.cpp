@@ -42,12 +42,18 @@ struct Strides {  // in elements; the last dimension of every tensor is contiguo
     int64_t q_row, q_head, k_row, k_head, k_col, v_row, v_head, v_col, o_row, o_head;
 };
 
-// scores[g * length + col] = q_g . k_col
+// scores[g * length + col] = q_g . k_col; more than 3 heads go 3 at a time (the row's keys are in
+// cache by then), so that the accumulators fit in 16 vector registers
 template <int64_t G, int64_t D>
 void dot_products(const float* q, const float* k, int64_t k_col, int64_t length, float* scores) {
+    if constexpr (G > 3) {
+        dot_products<3, D>(q, k, k_col, length, scores);
+        dot_products<G - 3, D>(q + 3 * D, k, k_col, length, scores + 3 * length);
+        return;
+    }
     int64_t col = 0;
 #ifdef LORAKIT_AVX2
-    if constexpr (G <= 3 && D % 8 == 0) {  // 4 columns x G heads of accumulators: at most 12 registers
+    if constexpr (D % 8 == 0) {  // 4 columns x G heads of accumulators: at most 12 registers
         for (; col + 4 <= length; col += 4) {
             __m256 sums[G][4];
             for (int64_t g = 0; g < G; ++g)
@@ -80,10 +86,16 @@ void dot_products(const float* q, const float* k, int64_t k_col, int64_t length,
         }
 }
 
-// out_g = sum over columns of p[g * length + col] * v_col, a few 8-wide slices of D at a time
+// out_g = sum over columns of p[g * length + col] * v_col, 32 (or 8) of D at a time, 3 heads at a
+// time: the G x 32 accumulators stay in registers
 template <int64_t G, int64_t D>
 void weighted_values(const float* p, const float* v, int64_t v_col, int64_t length, float* out, int64_t o_head) {
-    constexpr int64_t SLICE = D % 32 == 0 && G <= 3 ? 32 : 8;  // G x SLICE accumulators stay in registers
+    if constexpr (G > 3) {
+        weighted_values<3, D>(p, v, v_col, length, out, o_head);
+        weighted_values<G - 3, D>(p + 3 * length, v, v_col, length, out + 3 * o_head, o_head);
+        return;
+    }
+    constexpr int64_t SLICE = D % 32 == 0 ? 32 : 8;
     for (int64_t part = 0; part < D; part += SLICE) {
         float sums[G][SLICE] = {};
         for (int64_t col = 0; col < length; ++col) {
