@@ -85,8 +85,10 @@ def servers(args, model_dir: Path, adapter_dir: Path, names: list[str], dtype: s
     lorakit = [sys.executable, "-m", "lorakit", "serve", "--model", "smollm2-135m", "--port", str(args.port),
                "--dtype", dtype, "--max-batch", str(args.max_batch), "--max-queue", "1024",
                *[x for spec in lora_specs for x in ("--adapter", spec)], "--workers", args.workers,
-               "--packed-prefill", args.packed_prefill]
+               "--packed-prefill", args.packed_prefill, "--decode-kernel", args.decode_kernel]
     table = {"lorakit": (lorakit, {}, "smollm2-135m", True)}
+    for flags in args.also_lorakit or []:  # the same server with other flags (the last of a flag given wins)
+        table[f"lorakit {flags}"] = (lorakit + flags.split(), {}, "smollm2-135m", True)
     if args.vllm_python:
         table["vLLM --enable-lora"] = (vllm + ["--enable-lora", "--max-loras", "8", "--max-lora-rank", "8",
                                                "--max-cpu-loras", "8", "--lora-modules", *lora_specs],
@@ -107,6 +109,10 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--workers", default="auto", help="lorakit serve --workers")
     parser.add_argument("--packed-prefill", default="auto", choices=["auto", "off"], help="lorakit serve --packed-prefill")
+    parser.add_argument("--decode-kernel", default="auto", choices=["auto", "off"], help="lorakit serve --decode-kernel")
+    parser.add_argument("--also-lorakit", action="append", metavar="FLAGS",
+                        help="also run lorakit serve with these extra flags (e.g. '--decode-kernel off'), in the same "
+                             "run: an A/B on one machine's minute; repeatable")
     parser.add_argument("--prefill-prompts", type=int, default=3, help="400-token prompts for the prefill figure; 0 skips it")
     parser.add_argument("--port", type=int, default=8091)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serving_vs_vllm.json"))
@@ -165,6 +171,14 @@ def main() -> None:
                 "generated tokens/s", rows, ("server", "base", "8 adapters"))
     for dtype in args.dtypes.split(","):
         ours = results.get(f"lorakit, {dtype}", {})
+        for flags in args.also_lorakit or []:
+            other = results.get(f"lorakit {flags}, {dtype}", {})
+            for mode in ("base", "8 adapters"):
+                if mode in ours and mode in other:
+                    same = sum(a == b for a, b in zip(ours[mode]["texts"], other[mode]["texts"]))
+                    print(f"{dtype} {mode}: lorakit / lorakit {flags} = "
+                          f"{ours[mode]['tokens_per_s'] / other[mode]['tokens_per_s']:.2f}x; equal replies "
+                          f"{same}/{len(ours[mode]['texts'])}")
         for server in ("vLLM --enable-lora", "vLLM compiled (no LoRA)"):
             theirs = results.get(f"{server}, {dtype}")
             if not theirs or not ours:
