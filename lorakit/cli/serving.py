@@ -72,7 +72,7 @@ def add_commands(sub) -> None:
                             "gives its plain forward's logits, checked at start; said at start")
     serve.add_argument("--decode-kernel", default="auto", choices=["auto", "off"],
                        help="decoding steps' attention through lorakit's C++ kernel, each row over its own cached "
-                            "columns, instead of SDPA over the padded mask; auto (default): on for an fp32 CPU base "
+                            "columns, instead of SDPA over the padded mask; auto (default): on for an fp32 or bf16 CPU base "
                             "when a C++ compiler builds it (once, about a second) and its logits equal SDPA's; "
                             "said at start")
     serve.add_argument("--prefix-cache-mb", type=float, default=256,

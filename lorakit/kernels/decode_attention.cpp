@@ -1,9 +1,10 @@
-// Decoding attention over a slot cache, fp32, one thread: each row has one query token, its query
-// heads share key/value heads in groups of G, and row r attends to its own first lengths[r] columns.
+// Decoding attention over a slot cache, fp32 or bf16, one thread: each row has one query token, its
+// query heads share key/value heads in groups of G, and row r attends to its own first lengths[r]
+// columns. bf16 keys and values are widened to fp32 as they are loaded; sums are fp32 throughout.
 //
 // Why not torch's SDPA: for one query token per row, its CPU flash kernel runs a blocked loop made
 // for many query tokens and reads every row up to the widest row's width (a padded 4-D mask), at
-// 8-10 GB/s on a core that streams 37 GB/s. Here the G query heads of a key/value head go through
+// 8-10 GB/s on a core that streams 37 GB/s (in bf16 it is slower still). Here the G query heads of a key/value head go through
 // each key and value column together, every row stops at its own length, and the dot products of
 // four columns are reduced at once. Built at first use by decode_attention.py (ctypes: no Python
 // headers, no torch headers, a one-second compile).
@@ -38,14 +39,40 @@ inline float exp_nonpositive(float x) {
     return p * power;
 }
 
+struct Bf16 {  // bfloat16: the upper half of an fp32
+    uint16_t bits;
+};
+
+inline float to_float(float x) { return x; }
+inline float to_float(Bf16 x) {
+    const uint32_t wide = static_cast<uint32_t>(x.bits) << 16;
+    float out;
+    std::memcpy(&out, &wide, sizeof(out));
+    return out;
+}
+inline void store(float* at, float x) { *at = x; }
+inline void store(Bf16* at, float x) {  // round to nearest even, as torch's conversion does
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    at->bits = std::isnan(x) ? 0x7fc0 : static_cast<uint16_t>((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+
+#ifdef LORAKIT_AVX2
+inline __m256 load8(const float* at) { return _mm256_loadu_ps(at); }
+inline __m256 load8(const Bf16* at) {
+    const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(at));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+#endif
+
 struct Strides {  // in elements; the last dimension of every tensor is contiguous
     int64_t q_row, q_head, k_row, k_head, k_col, v_row, v_head, v_col, o_row, o_head;
 };
 
 // scores[g * length + col] = q_g . k_col; more than 3 heads go 3 at a time (the row's keys are in
 // cache by then), so that the accumulators fit in 16 vector registers
-template <int64_t G, int64_t D>
-void dot_products(const float* q, const float* k, int64_t k_col, int64_t length, float* scores) {
+template <int64_t G, int64_t D, typename T>
+void dot_products(const float* q, const T* k, int64_t k_col, int64_t length, float* scores) {
     if constexpr (G > 3) {
         dot_products<3, D>(q, k, k_col, length, scores);
         dot_products<G - 3, D>(q + 3 * D, k, k_col, length, scores + 3 * length);
@@ -60,7 +87,7 @@ void dot_products(const float* q, const float* k, int64_t k_col, int64_t length,
                 for (int c = 0; c < 4; ++c) sums[g][c] = _mm256_setzero_ps();
             for (int64_t i = 0; i < D; i += 8) {
                 __m256 keys[4];
-                for (int c = 0; c < 4; ++c) keys[c] = _mm256_loadu_ps(k + (col + c) * k_col + i);
+                for (int c = 0; c < 4; ++c) keys[c] = load8(k + (col + c) * k_col + i);
                 if (i % 16 == 0)  // the columns a few steps ahead: each row's block is a short stream
                     for (int c = 0; c < 4; ++c) __builtin_prefetch(k + (col + c + 16) * k_col + i);
                 for (int64_t g = 0; g < G; ++g) {
@@ -81,15 +108,15 @@ void dot_products(const float* q, const float* k, int64_t k_col, int64_t length,
         for (int64_t g = 0; g < G; ++g) {
             float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-            for (int64_t i = 0; i < D; ++i) dot += q[g * D + i] * k[col * k_col + i];
+            for (int64_t i = 0; i < D; ++i) dot += q[g * D + i] * to_float(k[col * k_col + i]);
             scores[g * length + col] = dot;
         }
 }
 
 // out_g = sum over columns of p[g * length + col] * v_col, 32 (or 8) of D at a time, 3 heads at a
 // time: the G x 32 accumulators stay in registers
-template <int64_t G, int64_t D>
-void weighted_values(const float* p, const float* v, int64_t v_col, int64_t length, float* out, int64_t o_head) {
+template <int64_t G, int64_t D, typename T>
+void weighted_values(const float* p, const T* v, int64_t v_col, int64_t length, T* out, int64_t o_head) {
     if constexpr (G > 3) {
         weighted_values<3, D>(p, v, v_col, length, out, o_head);
         weighted_values<G - 3, D>(p + 3 * length, v, v_col, length, out + 3 * o_head, o_head);
@@ -99,30 +126,31 @@ void weighted_values(const float* p, const float* v, int64_t v_col, int64_t leng
     for (int64_t part = 0; part < D; part += SLICE) {
         float sums[G][SLICE] = {};
         for (int64_t col = 0; col < length; ++col) {
-            const float* values = v + col * v_col + part;
+            const T* values = v + col * v_col + part;
             __builtin_prefetch(values + 16 * v_col);
             for (int64_t g = 0; g < G; ++g) {
                 const float weight = p[g * length + col];
 #pragma omp simd
-                for (int64_t i = 0; i < SLICE; ++i) sums[g][i] += weight * values[i];
+                for (int64_t i = 0; i < SLICE; ++i) sums[g][i] += weight * to_float(values[i]);
             }
         }
-        for (int64_t g = 0; g < G; ++g) std::memcpy(out + g * o_head + part, sums[g], SLICE * sizeof(float));
+        for (int64_t g = 0; g < G; ++g)
+            for (int64_t i = 0; i < SLICE; ++i) store(out + g * o_head + part + i, sums[g][i]);
     }
 }
 
-template <int64_t G, int64_t D>
-void attend(const float* q, const float* k, const float* v, float* out, const Strides& s, const int64_t* lengths,
-            int64_t rows, int64_t kv_heads, float scale) {
+template <int64_t G, int64_t D, typename T>
+void attend(const T* q, const T* k, const T* v, T* out, const Strides& s, const int64_t* lengths, int64_t rows,
+            int64_t kv_heads, float scale) {
     std::vector<float> scores;
     float query[G * D];
     for (int64_t row = 0; row < rows; ++row) {
         const int64_t length = lengths[row];
         scores.resize(G * length);
         for (int64_t head = 0; head < kv_heads; ++head) {
-            const float* q_first = q + row * s.q_row + head * G * s.q_head;
+            const T* q_first = q + row * s.q_row + head * G * s.q_head;
             for (int64_t g = 0; g < G; ++g)
-                for (int64_t i = 0; i < D; ++i) query[g * D + i] = q_first[g * s.q_head + i] * scale;
+                for (int64_t i = 0; i < D; ++i) query[g * D + i] = to_float(q_first[g * s.q_head + i]) * scale;
             dot_products<G, D>(query, k + row * s.k_row + head * s.k_head, s.k_col, length, scores.data());
             for (int64_t g = 0; g < G; ++g) {  // softmax over the row's columns
                 float* p = scores.data() + g * length;
@@ -145,50 +173,52 @@ void attend(const float* q, const float* k, const float* v, float* out, const St
     }
 }
 
-using Kernel = void (*)(const float*, const float*, const float*, float*, const Strides&, const int64_t*, int64_t,
-                        int64_t, float);
+template <typename T>
+using Kernel = void (*)(const T*, const T*, const T*, T*, const Strides&, const int64_t*, int64_t, int64_t, float);
 
-template <int64_t D>
-Kernel for_groups(int64_t groups) {
+template <int64_t D, typename T>
+Kernel<T> for_groups(int64_t groups) {
     switch (groups) {
-        case 1: return attend<1, D>;
-        case 2: return attend<2, D>;
-        case 3: return attend<3, D>;
-        case 4: return attend<4, D>;
-        case 5: return attend<5, D>;
-        case 6: return attend<6, D>;
-        case 7: return attend<7, D>;
-        case 8: return attend<8, D>;
+        case 1: return attend<1, D, T>;
+        case 2: return attend<2, D, T>;
+        case 3: return attend<3, D, T>;
+        case 4: return attend<4, D, T>;
+        case 5: return attend<5, D, T>;
+        case 6: return attend<6, D, T>;
+        case 7: return attend<7, D, T>;
+        case 8: return attend<8, D, T>;
         default: return nullptr;
     }
 }
 
-Kernel kernel_for(int64_t groups, int64_t dim) {
+template <typename T>
+Kernel<T> kernel_for(int64_t groups, int64_t dim) {
     switch (dim) {
-        case 64: return for_groups<64>(groups);
-        case 80: return for_groups<80>(groups);
-        case 96: return for_groups<96>(groups);
-        case 128: return for_groups<128>(groups);
-        case 256: return for_groups<256>(groups);
+        case 64: return for_groups<64, T>(groups);
+        case 80: return for_groups<80, T>(groups);
+        case 96: return for_groups<96, T>(groups);
+        case 128: return for_groups<128, T>(groups);
+        case 256: return for_groups<256, T>(groups);
         default: return nullptr;
     }
 }
 
 // Any other group count or head size: the same steps with plain loops (correct, not tuned)
-void attend_any(const float* q, const float* k, const float* v, float* out, const Strides& s, const int64_t* lengths,
-                int64_t rows, int64_t kv_heads, int64_t groups, int64_t dim, float scale) {
+template <typename T>
+void attend_any(const T* q, const T* k, const T* v, T* out, const Strides& s, const int64_t* lengths, int64_t rows,
+                int64_t kv_heads, int64_t groups, int64_t dim, float scale) {
     std::vector<float> scores, sums(dim);
     for (int64_t row = 0; row < rows; ++row) {
         const int64_t length = lengths[row];
         scores.resize(length);
         for (int64_t head = 0; head < kv_heads * groups; ++head) {
-            const float* query = q + row * s.q_row + head * s.q_head;
-            const float* keys = k + row * s.k_row + (head / groups) * s.k_head;
-            const float* values = v + row * s.v_row + (head / groups) * s.v_head;
+            const T* query = q + row * s.q_row + head * s.q_head;
+            const T* keys = k + row * s.k_row + (head / groups) * s.k_head;
+            const T* values = v + row * s.v_row + (head / groups) * s.v_head;
             float top = -INFINITY;
             for (int64_t col = 0; col < length; ++col) {
                 float dot = 0.0f;
-                for (int64_t i = 0; i < dim; ++i) dot += query[i] * keys[col * s.k_col + i];
+                for (int64_t i = 0; i < dim; ++i) dot += to_float(query[i]) * to_float(keys[col * s.k_col + i]);
                 scores[col] = dot * scale;
                 top = std::max(top, scores[col]);
             }
@@ -196,17 +226,27 @@ void attend_any(const float* q, const float* k, const float* v, float* out, cons
             for (int64_t col = 0; col < length; ++col) total += scores[col] = exp_nonpositive(scores[col] - top);
             std::fill(sums.begin(), sums.end(), 0.0f);
             for (int64_t col = 0; col < length; ++col)
-                for (int64_t i = 0; i < dim; ++i) sums[i] += scores[col] * values[col * s.v_col + i];
-            float* o = out + row * s.o_row + head * s.o_head;
-            for (int64_t i = 0; i < dim; ++i) o[i] = sums[i] / total;
+                for (int64_t i = 0; i < dim; ++i) sums[i] += scores[col] * to_float(values[col * s.v_col + i]);
+            T* o = out + row * s.o_row + head * s.o_head;
+            for (int64_t i = 0; i < dim; ++i) store(o + i, sums[i] / total);
         }
     }
+}
+
+template <typename T>
+void run(const T* q, const T* k, const T* v, T* out, const Strides& strides, const int64_t* lengths, int64_t rows,
+         int64_t kv_heads, int64_t groups, int64_t dim, float scale) {
+    const Kernel<T> kernel = kernel_for<T>(groups, dim);
+    if (kernel != nullptr)
+        kernel(q, k, v, out, strides, lengths, rows, kv_heads, scale);
+    else
+        attend_any(q, k, v, out, strides, lengths, rows, kv_heads, groups, dim, scale);
 }
 
 }  // namespace
 
 extern "C" int64_t lorakit_decode_attention_tuned(int64_t groups, int64_t dim) {
-    return kernel_for(groups, dim) != nullptr;
+    return kernel_for<float>(groups, dim) != nullptr;
 }
 
 extern "C" int64_t lorakit_decode_attention_vectorised() {
@@ -217,17 +257,18 @@ extern "C" int64_t lorakit_decode_attention_vectorised() {
 #endif
 }
 
-// q: rows x (kv_heads * groups) heads x dim; k, v: rows x kv_heads x columns x dim;
-// out: rows x heads x dim.
-extern "C" void lorakit_decode_attention_f32(const float* q, int64_t q_row, int64_t q_head, const float* k,
-                                             int64_t k_row, int64_t k_head, int64_t k_col, const float* v,
-                                             int64_t v_row, int64_t v_head, int64_t v_col, float* out, int64_t o_row,
-                                             int64_t o_head, const int64_t* lengths, int64_t rows, int64_t kv_heads,
-                                             int64_t groups, int64_t dim, float scale) {
+// q: rows x (kv_heads * groups) heads x dim; k, v: rows x kv_heads x columns x dim; out: rows x heads
+// x dim; all of one element type, `bf16` saying which (0: fp32, 1: bfloat16).
+extern "C" void lorakit_decode_attention(const void* q, int64_t q_row, int64_t q_head, const void* k, int64_t k_row,
+                                         int64_t k_head, int64_t k_col, const void* v, int64_t v_row, int64_t v_head,
+                                         int64_t v_col, void* out, int64_t o_row, int64_t o_head,
+                                         const int64_t* lengths, int64_t rows, int64_t kv_heads, int64_t groups,
+                                         int64_t dim, float scale, int64_t bf16) {
     const Strides strides{q_row, q_head, k_row, k_head, k_col, v_row, v_head, v_col, o_row, o_head};
-    const Kernel kernel = kernel_for(groups, dim);
-    if (kernel != nullptr)
-        kernel(q, k, v, out, strides, lengths, rows, kv_heads, scale);
+    if (bf16)
+        run(static_cast<const Bf16*>(q), static_cast<const Bf16*>(k), static_cast<const Bf16*>(v),
+            static_cast<Bf16*>(out), strides, lengths, rows, kv_heads, groups, dim, scale);
     else
-        attend_any(q, k, v, out, strides, lengths, rows, kv_heads, groups, dim, scale);
+        run(static_cast<const float*>(q), static_cast<const float*>(k), static_cast<const float*>(v),
+            static_cast<float*>(out), strides, lengths, rows, kv_heads, groups, dim, scale);
 }

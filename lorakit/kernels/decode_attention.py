@@ -1,12 +1,12 @@
-"""Attention for a decoding step over per-row cache lengths, fp32 on CPU (decode_attention.cpp).
+"""Attention for a decoding step over per-row cache lengths, fp32 or bf16 on CPU (decode_attention.cpp).
 
 In a server's decoding step every row has one new query token and its own number of cached
 columns. torch's SDPA takes that as a padded 4-D mask: every row is read up to the widest row's
 width (1.9× the real columns on the serving anchor workload), through a CPU flash kernel made for
 many query tokens that reads the cache at 8-10 GB/s on a core that streams 37 GB/s. The kernel here
-reads each row's own columns once for all the query heads that share a key/value head: 2-2.3× SDPA
-a layer at one thread on this AVX2 CPU (``benchmarks/decode_attention.py``, BENCHMARKS.md,
-issue 26). It runs on one thread; a caller with more threads keeps SDPA (see ``MAX_THREADS``).
+reads each row's own columns once for all the query heads that share a key/value head, bf16 ones
+widened to fp32 as they are loaded (``benchmarks/decode_attention.py``, BENCHMARKS.md, issue 26).
+It runs on one thread; a caller with more threads keeps SDPA (see ``MAX_THREADS``).
 
 It is C++ compiled at first use with the machine's C++ compiler (``$CXX``, else ``c++`` / ``g++``)
 into a cache folder and loaded through ctypes: no Python or torch headers, so the build takes about
@@ -33,6 +33,7 @@ from ..errors import LoraError
 SOURCE = Path(__file__).with_name("decode_attention.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-fno-math-errno", "-std=c++17",
          "-shared", "-fPIC")
+DTYPES = (torch.float32, torch.bfloat16)
 # At 2 threads SDPA a layer still took longer than the kernel on one (0.52-0.82 against 0.42-0.68 ms,
 # 24 rows); with more threads SDPA's parallel loop is left to win.
 MAX_THREADS = 2
@@ -43,10 +44,10 @@ class DecodeAttention:
 
     def __init__(self, library: ctypes.CDLL, path: Path):
         self.path = path
-        self._attend = library.lorakit_decode_attention_f32
+        self._attend = library.lorakit_decode_attention
         self._attend.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 2, ctypes.c_void_p, *[ctypes.c_int64] * 3,
                                  ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, *[ctypes.c_int64] * 2,
-                                 ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_float]
+                                 ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_float, ctypes.c_int64]
         self._attend.restype = None
         self._tuned = library.lorakit_decode_attention_tuned
         self._tuned.argtypes = [ctypes.c_int64, ctypes.c_int64]
@@ -55,10 +56,10 @@ class DecodeAttention:
 
     @staticmethod
     def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-        """Whether it runs these (batch, heads, tokens, dim) tensors: fp32 on CPU, one query token,
-        heads a whole multiple of the key/value heads, each head's vector contiguous."""
+        """Whether it runs these (batch, heads, tokens, dim) tensors: all fp32 or all bf16 on CPU, one
+        query token, heads a whole multiple of the key/value heads, each head's vector contiguous."""
         heads, kv_heads = query.shape[1], key.shape[1]
-        return (query.dtype == key.dtype == value.dtype == torch.float32 and query.device.type == "cpu"
+        return (query.dtype == key.dtype == value.dtype and query.dtype in DTYPES and query.device.type == "cpu"
                 and query.shape[2] == 1 and heads % kv_heads == 0
                 and query.stride(3) == key.stride(3) == value.stride(3) == 1)
 
@@ -82,7 +83,7 @@ class DecodeAttention:
                      key.data_ptr(), key.stride(0), key.stride(1), key.stride(2),
                      value.data_ptr(), value.stride(0), value.stride(1), value.stride(2),
                      out.data_ptr(), out.stride(0), out.stride(2),
-                     lengths.data_ptr(), rows, kv_heads, heads // kv_heads, dim, scale)
+                     lengths.data_ptr(), rows, kv_heads, heads // kv_heads, dim, scale, query.dtype == torch.bfloat16)
         return out
 
 

@@ -1,11 +1,11 @@
-"""Decoding steps' attention through lorakit's kernel (kernels/decode_attention.py) on an fp32 CPU model.
+"""Decoding steps' attention through lorakit's kernel (kernels/decode_attention.py) on a CPU model.
 
 A decoding step gives every running row one query token over its own cached columns. Through SDPA
 that is a padded 4-D mask: each row is read up to the widest row's width by a flash kernel made for
 long queries. While a worker's forward has a decode plan active (``decoding``), the attention
 function (attention.grouped_sdpa) hands one-token queries to the kernel with each row's length
-instead. The plan is only set where the kernel measured faster: an fp32 CPU model and a forward on
-at most ``MAX_THREADS`` threads (the server's two workers run one thread each).
+instead. The plan is only set where the kernel measured faster: an fp32 or bf16 CPU model and a
+forward on at most ``MAX_THREADS`` threads (the server's two workers run one thread each).
 
 ``use_decode_kernel`` builds the kernel (about a second, once per machine; cached beside the
 converted models) and proves it on the model first: a decoding step of two rows of different
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..hub.models import cache_dir
-from ..kernels.decode_attention import MAX_THREADS, DecodeAttention, load
+from ..kernels.decode_attention import DTYPES, MAX_THREADS, DecodeAttention, load
 from .attention import EXTRAS, NAME, register_attention, set_decode_plan
 from .checks import same_logits
 from .slot_cache import SlotCache, cache_keyword
@@ -73,8 +73,9 @@ def use_decode_kernel(model, setting: str = "auto") -> tuple[DecodeAttention | N
     if setting == "off":
         return None, "SDPA (--decode-kernel off)"
     reference = next(model.parameters())
-    if reference.dtype != torch.float32 or reference.device.type != "cpu":
-        return None, f"SDPA (the kernel is for fp32 on CPU; this model is {reference.dtype} on {reference.device.type})"
+    if reference.dtype not in DTYPES or reference.device.type != "cpu":
+        return None, (f"SDPA (the kernel is for fp32 or bf16 on CPU; this model is {reference.dtype} on "
+                      f"{reference.device.type})")
     current = model.config._attn_implementation
     if current not in ("sdpa", NAME):
         return None, f"SDPA (the model runs {current!r} attention)"
@@ -93,7 +94,7 @@ def use_decode_kernel(model, setting: str = "auto") -> tuple[DecodeAttention | N
         model.set_attn_implementation(current)
         return None, "SDPA (this model's decoding step through the kernel differs from SDPA's)"
     note = "" if kernel.vectorised else ", not vectorised on this CPU"
-    return kernel, (f"lorakit's kernel, each row over its own columns (fp32, forwards on up to {MAX_THREADS} "
+    return kernel, (f"lorakit's kernel, each row over its own columns (forwards on up to {MAX_THREADS} "
                     f"threads{note}; --decode-kernel off for SDPA)")
 
 

@@ -37,19 +37,24 @@ def sdpa_reference(query, key, value, lengths, scale):
 SHAPES = [(9, 3, 64), (32, 32, 128), (32, 8, 128), (32, 32, 80), (8, 1, 256), (6, 3, 96), (4, 2, 8), (12, 1, 16)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("heads,kv_heads,dim", SHAPES, ids=lambda v: str(v))
-def test_each_row_attends_to_its_own_columns_as_sdpa_with_the_padded_mask(kernel, heads, kv_heads, dim):
+def test_each_row_attends_to_its_own_columns_as_sdpa_with_the_padded_mask(kernel, heads, kv_heads, dim, dtype):
     torch.manual_seed(heads + dim)
     rows, capacity = 7, 96
     # a slot cache's layer: slots x kv_heads x capacity x dim, read as a view of the first rows and columns
-    keys, values = torch.randn(rows + 2, kv_heads, capacity, dim), torch.randn(rows + 2, kv_heads, capacity, dim)
+    keys, values = (torch.randn(rows + 2, kv_heads, capacity, dim).to(dtype) for _ in range(2))
     lengths = torch.tensor([1, 5, 40, 73, 2, 73, 33])
     width = int(lengths.max())
-    query = torch.randn(rows, 1, heads, dim).transpose(1, 2)  # strided, as transformers hands it over
+    query = torch.randn(rows, 1, heads, dim).to(dtype).transpose(1, 2)  # strided, as transformers hands it over
     key, value = keys[:rows, :, :width], values[:rows, :, :width]
     assert kernel.supports(query, key, value)
     got = kernel.attend(query, key, value, lengths, width, dim ** -0.5)
-    torch.testing.assert_close(got, sdpa_reference(query, key, value, lengths, dim ** -0.5), atol=2e-6, rtol=1e-5)
+    assert got.dtype == dtype
+    # bf16: the same inputs in fp32 through SDPA, within the rounding of the bf16 result
+    expected = sdpa_reference(query.float(), key.float(), value.float(), lengths, dim ** -0.5)
+    tolerance = dict(atol=2e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-3, rtol=2 ** -8)
+    torch.testing.assert_close(got.float(), expected, **tolerance)
     assert kernel.tuned(heads // kv_heads, dim) == (heads // kv_heads <= 8 and dim in (64, 80, 96, 128, 256))
 
 
@@ -64,7 +69,9 @@ def test_columns_past_a_rows_length_are_never_read(kernel):
 
 def test_what_it_does_not_take():
     query, key = torch.randn(2, 9, 1, 64), torch.randn(2, 3, 8, 64)
-    assert not DecodeAttention.supports(query.bfloat16(), key.bfloat16(), key.bfloat16())
+    assert DecodeAttention.supports(query.bfloat16(), key.bfloat16(), key.bfloat16())
+    assert not DecodeAttention.supports(query.half(), key.half(), key.half())
+    assert not DecodeAttention.supports(query, key.bfloat16(), key.bfloat16())  # one dtype for all
     assert not DecodeAttention.supports(torch.randn(2, 9, 3, 64), key, key)  # three query tokens
     assert not DecodeAttention.supports(torch.randn(2, 8, 1, 64), key, key)  # 8 heads over 3
     assert not DecodeAttention.supports(query, key.transpose(2, 3).contiguous().transpose(2, 3), key)

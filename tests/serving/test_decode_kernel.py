@@ -1,6 +1,6 @@
-"""Decoding steps through lorakit's attention kernel: used for an fp32 CPU model once it gives
-SDPA's logits, replies equal offline `generate` with it on and off, and everything else (bf16, a
-model whose decoding differs, --decode-kernel off, more threads) keeps SDPA, saying why."""
+"""Decoding steps through lorakit's attention kernel: used for an fp32 or bf16 CPU model once it
+gives SDPA's logits, replies equal offline `generate` with it on and off, and everything else (fp16,
+a model whose decoding differs, --decode-kernel off, more threads) keeps SDPA, saying why."""
 
 import shutil
 
@@ -17,8 +17,9 @@ from tests.helpers import Recorder, make_engine, offline, tiny_llama
 pytestmark = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler here")
 
 
-def test_an_fp32_model_takes_the_kernel_once_its_decoding_step_matches_sdpa():
-    model = tiny_llama()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_model_takes_the_kernel_once_its_decoding_step_matches_sdpa(dtype):
+    model = tiny_llama().to(dtype)
     use_grouped_attention(model)
     kernel, note = use_decode_kernel(model)
     assert isinstance(kernel, DecodeAttention) and note.startswith("lorakit's kernel")
@@ -38,8 +39,8 @@ def test_a_kernel_that_gives_other_logits_is_refused_and_the_model_left_as_it_wa
 
 def test_sdpa_stays_where_the_kernel_does_not_apply():
     assert use_decode_kernel(tiny_llama(), "off") == (None, "SDPA (--decode-kernel off)")
-    kernel, note = use_decode_kernel(tiny_llama().to(torch.bfloat16))
-    assert kernel is None and "fp32 on CPU" in note
+    kernel, note = use_decode_kernel(tiny_llama().to(torch.float16))
+    assert kernel is None and "fp32 or bf16 on CPU" in note
     eager = tiny_llama()
     eager.set_attn_implementation("eager")
     kernel, note = use_decode_kernel(eager)
