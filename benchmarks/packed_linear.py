@@ -38,6 +38,7 @@ def main() -> None:
 
     from lorakit.hub.models import load_model
     from lorakit.kernels.packed_linear import PackedLinear, pack_linears, packable, unpack_linears
+    from lorakit.kernels.packed_linear import row_step as packed_linear_row_step
 
     rows_list = [int(r) for r in args.rows.split(",")]
     smollm, _ = load_model("smollm2-135m", "lm")
@@ -58,7 +59,7 @@ def main() -> None:
                     cells = []
                     if packable(linear):
                         pack_linears(linear)
-                        low, high = linear.packed_rows
+                        steps = linear.packed_steps
                     for rows in rows_list:
                         x = torch.randn(rows, fan_in)
                         plain = median_ms(lambda: F.linear(x, linear.weight))
@@ -67,7 +68,7 @@ def main() -> None:
                             continue
                         packed = median_ms(lambda: torch.ops.mkldnn._linear_pointwise(
                             x, linear.packed_weight(), None, "none", [], ""))
-                        cells.append(f"{rows}{'*' if low <= rows <= high else ''}: {plain:.3f}/{packed:.3f} "
+                        cells.append(f"{rows}{'*' if packed_linear_row_step(rows) in steps else ''}: {plain:.3f}/{packed:.3f} "
                                      f"({plain / packed:.2f})")
                     print(f"  {fan_in:>5} → {fan_out:<6} " + "  ".join(cells), flush=True)
             print(f"{title}: one-token forward of R rows, ms, torch's linears / pack_linears (ratio), two rounds")

@@ -27,12 +27,29 @@ from torch import nn
 
 from .versions import change_key
 
-# Where the packed product measured faster at both 1 and 2 threads (fp32; tuned on SmolLM2-135M's
-# shapes, checked on a LLaMA of other shapes; benchmarks/packed_linear.py, BENCHMARKS.md, issue 26):
+# Where the packed product measured faster at both 1 and 2 threads on an AVX2 EPYC (fp32; tuned on
+# SmolLM2-135M's shapes, checked on a LLaMA of other shapes; benchmarks/packed_linear.py,
+# BENCHMARKS.md, issue 26): the rule when nothing was measured on the CPU at hand (``calibrate``).
 SMALL_WEIGHT = 256 * 1024  # fewer weight elements: oneDNN's cost per call outweighs its GEMM
 LARGE_WEIGHT = 8 * 2**20  # LM-head-sized weights: faster at every row count up to LARGE_ROWS
 ROWS = (2, 8)  # rows (tokens in the batch) for the weights in between
 LARGE_ROWS = (1, 128)
+# Row counts ``calibrate`` times, each standing for the counts above the one before (3-4 rows run as
+# 4 do); past the last one, as the last. LM-head-sized weights stop at 128: a server's forwards keep
+# the logits of a few tokens a row.
+ROW_STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+CALIBRATE_GAIN = 1.1  # packed where it measured at least this much faster (a margin for timing noise)
+
+
+def row_step(rows: int) -> int:
+    """The smallest of ROW_STEPS at or above ``rows`` (the last one past it)."""
+    return min(1 << max(rows - 1, 0).bit_length(), ROW_STEPS[-1])
+
+
+def default_steps(weight_elements: int) -> frozenset[int]:
+    """The row steps the fixed rule packs, for a weight of this many elements."""
+    low, high = LARGE_ROWS if weight_elements >= LARGE_WEIGHT else ROWS
+    return frozenset(step for step in ROW_STEPS if low <= step <= high)
 
 
 def packing_available() -> bool:
@@ -51,9 +68,9 @@ class PackedLinear(nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         rows = input.numel() // self.in_features if input.dim() else 0
-        low, high = self.packed_rows
         # (a model moved to another device or dtype after packing takes torch's path too)
-        if not low <= rows <= high or torch.is_grad_enabled() or input.dtype != torch.float32 or not input.is_cpu:
+        if (row_step(rows) not in self.packed_steps or torch.is_grad_enabled() or input.dtype != torch.float32
+                or not input.is_cpu):
             return F.linear(input, self.weight, self.bias)
         out = torch.ops.mkldnn._linear_pointwise(input.reshape(rows, self.in_features), self.packed_weight(),
                                                  self.bias, "none", [], "")
@@ -76,18 +93,61 @@ class PackedLinear(nn.Linear):
         return state
 
 
-def pack_linears(model: nn.Module) -> int:
+def pack_linears(model: nn.Module, steps: dict[tuple[int, int], frozenset[int]] | None = None) -> int:
     """Turn every ``packable`` module of ``model`` into a ``PackedLinear`` and pack its weight now;
-    the number of weight elements packed (the extra memory, in fp32 elements)."""
+    the number of weight elements packed (the extra memory, in fp32 elements). ``steps``: the row
+    steps each (in, out) shape multiplies packed (``calibrate``'s), else the fixed rule's."""
     total = 0
     for module in model.modules():
         if packable(module):
             module.__class__ = PackedLinear
-            large = module.weight.numel() >= LARGE_WEIGHT
-            module.packed_rows = LARGE_ROWS if large else ROWS
+            shape = (module.in_features, module.out_features)
+            module.packed_steps = steps[shape] if steps and shape in steps else default_steps(module.weight.numel())
             module.packed_weight()
             total += module.weight.numel()
     return total
+
+
+def set_packed_steps(model: nn.Module, steps: dict[tuple[int, int], frozenset[int]]) -> None:
+    """Give the PackedLinear modules of ``model`` these row steps per (in, out) shape (others: none)."""
+    for module in model.modules():
+        if type(module) is PackedLinear:
+            module.packed_steps = steps.get((module.in_features, module.out_features), frozenset())
+
+
+def calibrate(model: nn.Module, repeats: int = 5) -> dict[tuple[int, int], frozenset[int]]:
+    """Time F.linear against the packed product for each distinct ``packable`` shape of ``model``
+    at each of ROW_STEPS (on this thread's torch threads, the two taking turns, medians): the steps
+    where packed measured at least CALIBRATE_GAIN faster. Which one wins depends on the CPU: on an
+    AVX2 EPYC MKL wins at 16-64 rows for mid-sized weights, on an AVX512 one oneDNN wins 2x almost
+    everywhere (MKL takes no AVX512 path on AMD). About a second for SmolLM2-135M."""
+    import time
+
+    shapes = {(m.in_features, m.out_features): m.weight.numel() for m in model.modules() if packable(m)}
+    found = {}
+    with torch.inference_mode():
+        for (fan_in, fan_out), elements in shapes.items():
+            torch.manual_seed(0)
+            weight = torch.randn(fan_out, fan_in) * fan_in ** -0.5
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+            wins = set()
+            for step in ROW_STEPS:
+                if elements >= LARGE_WEIGHT and step > LARGE_ROWS[1]:
+                    break
+                x = torch.randn(step, fan_in)
+                paths = (lambda: F.linear(x, weight), lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+                times = ([], [])
+                for round_ in range(repeats + 1):
+                    for path, spent in zip(paths, times):
+                        start = time.perf_counter()
+                        path()
+                        if round_:  # the first round warms up
+                            spent.append(time.perf_counter() - start)
+                plain, ours = (sorted(t)[len(t) // 2] for t in times)
+                if plain >= CALIBRATE_GAIN * ours:
+                    wins.add(step)
+            found[(fan_in, fan_out)] = frozenset(wins)
+    return found
 
 
 def unpack_linears(model: nn.Module) -> None:
@@ -96,7 +156,7 @@ def unpack_linears(model: nn.Module) -> None:
         if type(module) is PackedLinear:
             module.__class__ = nn.Linear
             module.__dict__.pop("_packed", None)
-            module.__dict__.pop("packed_rows", None)
+            module.__dict__.pop("packed_steps", None)
 
 
 def packed_elements(model: nn.Module) -> int:

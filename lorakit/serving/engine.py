@@ -90,7 +90,8 @@ class Engine:
         self.counters = Counters(waiting=self.waiting, loaded_adapters=lambda: len(self.adapters))
         self.stats, self.prometheus = self.counters.stats, self.counters.prometheus
         # before the worker starts, so nothing runs on the model meanwhile (packed_weights.py)
-        self.packed_weights, self.packed_weights_note = use_packed_weights(self.model, packed_weights)
+        self.packed_weights, self.packed_weights_note = use_packed_weights(self.model, packed_weights,
+                                                                           self.threads_per_worker)
         self.packed_prefill, self.packed_prefill_note = False, "off (static batching pads its prompts)"
         self.decode_kernel, self.decode_kernel_note = None, "SDPA (static batching)"
         if scheduler == "continuous":

@@ -1,11 +1,14 @@
-"""The served fp32 base's linear weights packed for small batches (kernels/packed_linear.py).
+"""The served fp32 base's linear weights packed for oneDNN (kernels/packed_linear.py).
 
-A server's decoding steps multiply a few rows at a time, where torch's MKL path is slow on some CPUs
-and oneDNN's packed weights are 1.2-2× faster (BENCHMARKS.md, issue 26). ``use_packed_weights``
-packs them when the engine starts: for ``auto`` only where it pays and fits (an fp32 model on CPU,
-torch built with oneDNN, the extra copy under half of the memory available), then checks one
-small-batch forward against the unpacked model and unpacks (saying so) when they differ or it
-fails. It returns what it did in one line, which ``lorakit serve`` prints at start.
+torch's fp32 ``F.linear`` runs through MKL, which is slow on some CPUs: for a few rows on an AVX2
+EPYC (oneDNN's packed weights 1.2-2× faster there), and at every row count on an AVX512 EPYC, where
+MKL takes no AVX512 path (oneDNN 2.2-2.4×, prefill included; BENCHMARKS.md, issue 26). Which row
+counts gain depends on the CPU, so ``use_packed_weights`` measures them when the engine starts
+(``calibrate``, about a second, at the threads a worker runs on) and packs the weights for those: for
+``auto`` only where it pays and fits (an fp32 model on CPU, torch built with oneDNN, the extra copy
+under half of the memory available), then checks a forward with every packed weight in use against
+the unpacked model and unpacks (saying so) when they differ or it fails. It returns what it did in
+one line, which ``lorakit serve`` prints at start.
 """
 
 from __future__ import annotations
@@ -15,15 +18,17 @@ import logging
 import torch
 
 from ..hub.low_memory import available_bytes
-from ..kernels.packed_linear import ROWS, pack_linears, packed_elements, packing_available, unpack_linears
+from ..kernels.packed_linear import (ROW_STEPS, calibrate, pack_linears, packed_elements, packing_available,
+                                     set_packed_steps, unpack_linears)
 from .checks import same_logits
 
 log = logging.getLogger("lorakit.serving")
 SETTINGS = ("auto", "on", "off")  # lorakit serve --packed-weights
 
 
-def use_packed_weights(model, setting: str = "auto") -> tuple[bool, str]:
-    """Pack ``model``'s fp32 linear weights per ``setting`` (auto, on, off): whether it did, and
+def use_packed_weights(model, setting: str = "auto", threads: int | None = None) -> tuple[bool, str]:
+    """Pack ``model``'s fp32 linear weights per ``setting`` (auto, on, off) for the row counts where
+    they measured faster on ``threads`` torch threads (default: this thread's): whether it did, and
     a line saying what it did and why."""
     if setting == "off":
         return False, "off (--packed-weights off)"
@@ -38,21 +43,46 @@ def use_packed_weights(model, setting: str = "auto") -> tuple[bool, str]:
                        "available; --packed-weights on forces them)")
     reference = next(model.parameters())
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    # one sequence (a classifier without a pad token takes no batch) of a length that every packed
-    # module multiplies through its packed copy
-    rows = ROWS[0]
+    # one short sequence (a classifier without a pad token takes no batch), every packed module
+    # through its packed copy for the check
+    rows = 5
     ids = (torch.arange(1, rows + 1).view(1, rows) % config.vocab_size).to(reference.device)
+    before_threads = torch.get_num_threads()
     try:
+        if threads:
+            torch.set_num_threads(threads)
+        steps = calibrate(model)
         with torch.inference_mode():
             before = model(input_ids=ids).logits
-            pack_linears(model)
+            pack_linears(model, steps={shape: frozenset(ROW_STEPS) for shape in steps})
             after = model(input_ids=ids).logits
+        set_packed_steps(model, steps)
     except Exception as exc:  # noqa: BLE001 - any failure: keep torch's linears
         unpack_linears(model)
+        torch.set_num_threads(before_threads)
         log.warning("packed weights are not usable with this model (%s); serving with torch's own linears", exc)
         return False, f"off (a forward through them failed: {exc})"
+    torch.set_num_threads(before_threads)
     if not same_logits(after, before, reference.dtype):
         unpack_linears(model)
         log.warning("packed weights gave other logits for this model; serving with torch's own linears")
         return False, "off (they gave other logits for this model)"
-    return True, f"on ({extra / 2**20:.0f} MB more: decoding steps' linears through oneDNN; --packed-weights off)"
+    gaining = sorted(steps.items(), key=lambda item: -len(item[1]))
+    where = ", ".join(f"{i}x{o}: {_steps_text(s)}" for (i, o), s in gaining)
+    return True, (f"on ({extra / 2**20:.0f} MB more; oneDNN where it measured faster here, rows by weight shape: "
+                  f"{where}; --packed-weights off)")
+
+
+def _steps_text(steps: frozenset[int]) -> str:
+    """Row steps as ranges of row counts: {2, 4, 8} -> '2-8', {} -> 'none'."""
+    if not steps:
+        return "none"
+    ordered = [step for step in ROW_STEPS if step in steps]
+    runs, start = [], ordered[0]
+    for before, step in zip(ordered, ordered[1:] + [None]):
+        if step is None or ROW_STEPS.index(step) != ROW_STEPS.index(before) + 1:
+            low = 1 if start == ROW_STEPS[0] else ROW_STEPS[ROW_STEPS.index(start) - 1] + 1
+            high = "" if before == ROW_STEPS[-1] else str(before)
+            runs.append(f"{low}-{high}" if high != str(low) else str(low))
+            start = step
+    return ",".join(runs)

@@ -87,10 +87,30 @@ def test_which_modules_are_packed():
     model = nn.Sequential(nn.Linear(1024, 256), nn.Linear(256, 16))
     assert packed_elements(model) == 1024 * 256 and pack_linears(model) == 1024 * 256
     assert [type(m) for m in model] == [PackedLinear, nn.Linear]
-    assert model[0].packed_rows == packed_linear.ROWS
+    assert model[0].packed_steps == {2, 4, 8}                             # the fixed rule's ROWS
     head = nn.Linear(1024, 8 * 2**10)
     pack_linears(head)
-    assert head.packed_rows == packed_linear.LARGE_ROWS
+    assert head.packed_steps == {1, 2, 4, 8, 16, 32, 64, 128}             # LARGE_ROWS
+
+
+def test_row_counts_go_by_the_step_at_or_above_them():
+    assert [packed_linear.row_step(r) for r in (0, 1, 2, 3, 4, 5, 9, 500, 512, 513, 5000)] == \
+        [1, 1, 2, 4, 4, 8, 16, 512, 512, 512, 512]
+
+
+def test_calibration_keeps_the_steps_where_packed_measured_faster(monkeypatch):
+    model = nn.Sequential(nn.Linear(1024, 256), nn.Linear(256, 16))  # the second is too small to pack
+    steps = packed_linear.calibrate(model, repeats=1)
+    assert set(steps) == {(1024, 256)} and steps[(1024, 256)] <= set(packed_linear.ROW_STEPS)
+    # a packed product that takes far longer than F.linear is never chosen
+    real = torch.ops.mkldnn._linear_pointwise
+    slow = lambda *a: [real(*a) for _ in range(20)][-1]  # noqa: E731
+    monkeypatch.setattr(packed_linear.torch.ops.mkldnn, "_linear_pointwise", slow, raising=False)
+    assert packed_linear.calibrate(model, repeats=1) == {(1024, 256): frozenset()}
+    pack_linears(model, steps={(1024, 256): frozenset({4})})
+    assert model[0].packed_steps == {4}
+    packed_linear.set_packed_steps(model, {})
+    assert model[0].packed_steps == frozenset()
 
 
 def test_a_packed_model_copies_saves_and_unpacks_as_before(every_size):
