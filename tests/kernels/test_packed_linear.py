@@ -100,7 +100,9 @@ def test_row_counts_go_by_the_step_at_or_above_them():
 
 def test_calibration_keeps_the_steps_where_packed_measured_faster(monkeypatch):
     model = nn.Sequential(nn.Linear(1024, 256), nn.Linear(256, 16))  # the second is too small to pack
+    state = torch.get_rng_state()
     steps = packed_linear.calibrate(model, repeats=1)
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator untouched (sampling seeds)
     assert set(steps) == {(1024, 256)} and steps[(1024, 256)] <= set(packed_linear.ROW_STEPS)
     # a packed product that takes far longer than F.linear is never chosen
     real = torch.ops.mkldnn._linear_pointwise
