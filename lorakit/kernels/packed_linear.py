@@ -39,6 +39,9 @@ LARGE_ROWS = (1, 128)
 # the logits of a few tokens a row.
 ROW_STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 CALIBRATE_GAIN = 1.1  # packed where it measured at least this much faster (a margin for timing noise)
+# Measured, thinner weights can gain too (SmolLM2's 576 -> 192 KV projections: oneDNN 1.7-2.4x MKL
+# from 32 rows up on an AVX512 EPYC, never faster on the AVX2 one)
+CALIBRATE_MIN = 64 * 1024
 
 
 def row_step(rows: int) -> int:
@@ -56,10 +59,11 @@ def packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def packable(module: nn.Module) -> bool:
-    """A plain fp32 CPU ``nn.Linear`` whose weight is large enough to gain from packing."""
+def packable(module: nn.Module, minimum: int | None = None) -> bool:
+    """A plain fp32 CPU ``nn.Linear`` whose weight is large enough to gain from packing (``minimum``
+    elements; SMALL_WEIGHT when nothing was measured)."""
     return (type(module) is nn.Linear and module.weight.dtype == torch.float32
-            and module.weight.device.type == "cpu" and module.weight.numel() >= SMALL_WEIGHT)
+            and module.weight.device.type == "cpu" and module.weight.numel() >= (minimum or SMALL_WEIGHT))
 
 
 class PackedLinear(nn.Linear):
@@ -94,25 +98,39 @@ class PackedLinear(nn.Linear):
 
 
 def pack_linears(model: nn.Module, steps: dict[tuple[int, int], frozenset[int]] | None = None) -> int:
-    """Turn every ``packable`` module of ``model`` into a ``PackedLinear`` and pack its weight now;
-    the number of weight elements packed (the extra memory, in fp32 elements). ``steps``: the row
-    steps each (in, out) shape multiplies packed (``calibrate``'s), else the fixed rule's."""
+    """Turn ``packable`` modules of ``model`` into ``PackedLinear`` and pack their weights now; the
+    number of weight elements packed (the extra memory, in fp32 elements). ``steps``: the row steps
+    each (in, out) shape multiplies packed (``calibrate``'s; shapes with none stay plain), else the
+    fixed rule's."""
     total = 0
     for module in model.modules():
-        if packable(module):
-            module.__class__ = PackedLinear
-            shape = (module.in_features, module.out_features)
-            module.packed_steps = steps[shape] if steps and shape in steps else default_steps(module.weight.numel())
-            module.packed_weight()
-            total += module.weight.numel()
+        if steps is None:
+            if not packable(module):
+                continue
+            chosen = default_steps(module.weight.numel())
+        else:
+            chosen = steps.get((module.in_features, module.out_features)) if packable(module, CALIBRATE_MIN) else None
+            if not chosen:
+                continue
+        module.__class__ = PackedLinear
+        module.packed_steps = chosen
+        module.packed_weight()
+        total += module.weight.numel()
     return total
 
 
-def set_packed_steps(model: nn.Module, steps: dict[tuple[int, int], frozenset[int]]) -> None:
-    """Give the PackedLinear modules of ``model`` these row steps per (in, out) shape (others: none)."""
+def set_packed_steps(model: nn.Module, steps: dict[tuple[int, int], frozenset[int]]) -> int:
+    """Give the PackedLinear modules of ``model`` these row steps per (in, out) shape; those with
+    none become plain ``nn.Linear`` again (their copies freed). The weight elements still packed."""
+    total = 0
     for module in model.modules():
         if type(module) is PackedLinear:
             module.packed_steps = steps.get((module.in_features, module.out_features), frozenset())
+            if module.packed_steps:
+                total += module.weight.numel()
+            else:
+                _unpack(module)
+    return total
 
 
 def calibrate(model: nn.Module, repeats: int = 5) -> dict[tuple[int, int], frozenset[int]]:
@@ -123,7 +141,8 @@ def calibrate(model: nn.Module, repeats: int = 5) -> dict[tuple[int, int], froze
     everywhere (MKL takes no AVX512 path on AMD). About a second for SmolLM2-135M."""
     import time
 
-    shapes = {(m.in_features, m.out_features): m.weight.numel() for m in model.modules() if packable(m)}
+    shapes = {(m.in_features, m.out_features): m.weight.numel() for m in model.modules()
+              if packable(m, CALIBRATE_MIN)}
     found = {}
     with torch.inference_mode():
         for (fan_in, fan_out), elements in shapes.items():
@@ -154,11 +173,16 @@ def unpack_linears(model: nn.Module) -> None:
     """Undo ``pack_linears``: plain ``nn.Linear`` modules again, their packed copies freed."""
     for module in model.modules():
         if type(module) is PackedLinear:
-            module.__class__ = nn.Linear
-            module.__dict__.pop("_packed", None)
-            module.__dict__.pop("packed_steps", None)
+            _unpack(module)
 
 
-def packed_elements(model: nn.Module) -> int:
-    """Weight elements ``pack_linears`` would copy (to check the memory before packing)."""
-    return sum(m.weight.numel() for m in model.modules() if packable(m))
+def _unpack(module: PackedLinear) -> None:
+    module.__class__ = nn.Linear
+    module.__dict__.pop("_packed", None)
+    module.__dict__.pop("packed_steps", None)
+
+
+def packed_elements(model: nn.Module, measured: bool = False) -> int:
+    """Weight elements ``pack_linears`` would copy at most (to check the memory before packing):
+    with the fixed rule, or (``measured``) wherever ``calibrate`` may find a gain."""
+    return sum(m.weight.numel() for m in model.modules() if packable(m, CALIBRATE_MIN if measured else None))

@@ -32,7 +32,7 @@ def use_packed_weights(model, setting: str = "auto", threads: int | None = None)
     a line saying what it did and why."""
     if setting == "off":
         return False, "off (--packed-weights off)"
-    elements = packed_elements(model)
+    elements = packed_elements(model, measured=True)
     if not packing_available():
         return False, "off (this torch has no oneDNN)"
     if not elements:
@@ -56,7 +56,7 @@ def use_packed_weights(model, setting: str = "auto", threads: int | None = None)
             before = model(input_ids=ids).logits
             pack_linears(model, steps={shape: frozenset(ROW_STEPS) for shape in steps})
             after = model(input_ids=ids).logits
-        set_packed_steps(model, steps)
+        extra = set_packed_steps(model, steps) * 4
     except Exception as exc:  # noqa: BLE001 - any failure: keep torch's linears
         unpack_linears(model)
         torch.set_num_threads(before_threads)
@@ -67,6 +67,8 @@ def use_packed_weights(model, setting: str = "auto", threads: int | None = None)
         unpack_linears(model)
         log.warning("packed weights gave other logits for this model; serving with torch's own linears")
         return False, "off (they gave other logits for this model)"
+    if not extra:
+        return False, "off (oneDNN's packed product measured no faster than torch's linears here)"
     gaining = sorted(steps.items(), key=lambda item: -len(item[1]))
     where = ", ".join(f"{i}x{o}: {_steps_text(s)}" for (i, o), s in gaining)
     return True, (f"on ({extra / 2**20:.0f} MB more; oneDNN where it measured faster here, rows by weight shape: "

@@ -99,20 +99,24 @@ def test_row_counts_go_by_the_step_at_or_above_them():
 
 
 def test_calibration_keeps_the_steps_where_packed_measured_faster(monkeypatch):
-    model = nn.Sequential(nn.Linear(1024, 256), nn.Linear(256, 16))  # the second is too small to pack
+    # the second is under the fixed rule's size but measured; the third too small even to measure
+    model = nn.Sequential(nn.Linear(1024, 256), nn.Linear(576, 192), nn.Linear(256, 16))
     state = torch.get_rng_state()
     steps = packed_linear.calibrate(model, repeats=1)
     assert torch.equal(torch.get_rng_state(), state)  # the global generator untouched (sampling seeds)
-    assert set(steps) == {(1024, 256)} and steps[(1024, 256)] <= set(packed_linear.ROW_STEPS)
+    assert set(steps) == {(1024, 256), (576, 192)} and steps[(1024, 256)] <= set(packed_linear.ROW_STEPS)
+    pack_linears(model, steps={(1024, 256): frozenset({4}), (576, 192): frozenset()})
+    assert [type(m) for m in model] == [PackedLinear, nn.Linear, nn.Linear]  # no steps: left plain
+    unpack_linears(model)
     # a packed product that takes far longer than F.linear is never chosen
     real = torch.ops.mkldnn._linear_pointwise
     slow = lambda *a: [real(*a) for _ in range(20)][-1]  # noqa: E731
     monkeypatch.setattr(packed_linear.torch.ops.mkldnn, "_linear_pointwise", slow, raising=False)
-    assert packed_linear.calibrate(model, repeats=1) == {(1024, 256): frozenset()}
-    pack_linears(model, steps={(1024, 256): frozenset({4})})
-    assert model[0].packed_steps == {4}
-    packed_linear.set_packed_steps(model, {})
-    assert model[0].packed_steps == frozenset()
+    assert packed_linear.calibrate(model, repeats=1) == {(1024, 256): frozenset(), (576, 192): frozenset()}
+    pack_linears(model, steps={(1024, 256): frozenset({4}), (576, 192): frozenset({2})})
+    assert model[0].packed_steps == {4} and model[1].packed_steps == {2}
+    assert packed_linear.set_packed_steps(model, {(1024, 256): frozenset({8})}) == 1024 * 256
+    assert model[0].packed_steps == {8} and type(model[1]) is nn.Linear  # no steps left: unpacked
 
 
 def test_a_packed_model_copies_saves_and_unpacks_as_before(every_size):
