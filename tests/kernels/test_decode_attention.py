@@ -118,3 +118,21 @@ def test_a_failed_build_says_why_and_leaves_no_library(tmp_path, monkeypatch):
     assert built is None and how.startswith("its build failed")
     assert not any((tmp_path / "kernels").glob("*.so"))
     load.cache_clear()
+
+
+def test_two_threads_at_once_get_their_own_results(kernel):
+    """The server's two workers call it at the same time (ctypes lets go of the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(1)
+    jobs = []
+    for rows in (5, 9):
+        key, value = torch.randn(rows, 3, 300, 64), torch.randn(rows, 3, 300, 64)
+        jobs.append((torch.randn(rows, 9, 1, 64), key, value, torch.randint(1, 301, (rows,))))
+    alone = [kernel.attend(q, k, v, n, int(n.max()), 0.125) for q, k, v, n in jobs]
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(20):
+            together = list(pool.map(lambda job: kernel.attend(job[0], job[1], job[2], job[3], int(job[3].max()), 0.125),
+                                     jobs))
+            for got, expected in zip(together, alone):
+                assert torch.equal(got, expected)
