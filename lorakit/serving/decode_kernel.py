@@ -24,7 +24,7 @@ from ..hub.models import cache_dir
 from ..kernels.decode_attention import DTYPES, MAX_THREADS, DecodeAttention, load
 from .attention import EXTRAS, NAME, register_attention, set_decode_plan
 from .checks import same_logits
-from .slot_cache import SlotCache, cache_keyword
+from .slot_cache import SlotCache, cache_keyword, slot_forward
 
 log = logging.getLogger("lorakit.serving")
 SETTINGS = ("auto", "off")
@@ -108,9 +108,7 @@ def _kernel_equals_sdpa(model, kernel: DecodeAttention) -> bool:
     cache = SlotCache(model.config, len(prompts), reference.dtype, reference.device)
     with torch.inference_mode():
         for slot, ids in enumerate(prompts):
-            mask = cache.plan(slice(slot, slot + 1), torch.tensor([0]), len(ids))
-            model(input_ids=ids.unsqueeze(0).to(reference.device), attention_mask=mask, use_cache=True,
-                  position_ids=torch.arange(len(ids), device=reference.device).unsqueeze(0), **{keyword: cache})
+            slot_forward(model, cache, slot, ids)
         starts = torch.tensor([len(ids) for ids in prompts])
         step = {"input_ids": torch.tensor([[5], [9]], device=reference.device), "use_cache": True,
                 "position_ids": starts.unsqueeze(1).to(reference.device), keyword: cache}

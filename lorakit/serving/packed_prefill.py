@@ -23,7 +23,7 @@ import torch
 
 from .attention import NAME, register_attention, set_packed_plan
 from .checks import same_logits
-from .slot_cache import PackedPlan, SlotCache, cache_keyword
+from .slot_cache import PackedPlan, SlotCache, cache_keyword, slot_forward
 
 log = logging.getLogger("lorakit.serving")
 SETTINGS = ("auto", "off")
@@ -78,9 +78,7 @@ def _packed_equals_plain(model) -> bool:
     with torch.inference_mode():
         plain = [model(input_ids=ids.unsqueeze(0).to(reference.device)).logits[0, -1] for ids in (first, second)]
         cache = SlotCache(model.config, 2, reference.dtype, reference.device)
-        mask = cache.plan(slice(1, 2), torch.tensor([0]), 2)
-        model(input_ids=second[:2].unsqueeze(0).to(reference.device), attention_mask=mask, use_cache=True,
-              position_ids=torch.arange(2, device=reference.device).unsqueeze(0), **{keyword: cache})
+        slot_forward(model, cache, 1, second[:2])
         plan = cache.plan_packed(0, [0, 2], [len(first), len(second) - 2])
         with packing(plan):
             out = model(input_ids=torch.cat([first, second[2:]]).unsqueeze(0).to(reference.device),

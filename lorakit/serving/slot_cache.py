@@ -216,6 +216,17 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def slot_forward(model, cache: SlotCache, slot: int, ids: torch.Tensor, start: int = 0):
+    """One plain forward of ``ids`` (1-D) into slot ``slot`` of ``cache`` from column ``start`` on, as
+    the scheduler runs a prompt chunk; the model's output. The start-up checks build their slot
+    caches with it."""
+    device = next(model.parameters()).device
+    mask = cache.plan(slice(slot, slot + 1), torch.tensor([start]), len(ids))
+    return model(input_ids=ids.unsqueeze(0).to(device), attention_mask=mask, use_cache=True,
+                 position_ids=torch.arange(start, start + len(ids), device=device).unsqueeze(0),
+                 **{cache_keyword(model): cache})
+
+
 def slot_cache_fits(model, max_length: int) -> bool:
     """Whether the model writes its keys and values through ``Cache.update`` and takes a 4-D mask as
     given: a short prompt fed in two pieces through a SlotCache must give one plain forward's logits
@@ -232,12 +243,8 @@ def slot_cache_fits(model, max_length: int) -> bool:
         with torch.inference_mode():
             plain = model(input_ids=ids).logits[0, -1]
             cache = SlotCache(model.config, 1, reference.dtype, reference.device)
-            for start, stop in ((0, 3), (3, 5)):
-                mask = cache.plan(slice(0, 1), torch.tensor([start]), stop - start)
-                out = model(input_ids=ids[:, start:stop], attention_mask=mask, use_cache=True,
-                            position_ids=torch.arange(start, stop, device=reference.device).unsqueeze(0),
-                            **{cache_keyword(model): cache})
-            pieces = out.logits[0, -1]
+            slot_forward(model, cache, 0, ids[0, :3])
+            pieces = slot_forward(model, cache, 0, ids[0, 3:], start=3).logits[0, -1]
     except Exception:  # noqa: BLE001 - any failure means "does not fit"
         return False
     return same_logits(pieces, plain, reference.dtype)

@@ -13,7 +13,7 @@ from lorakit.serving.packed_prefill import packing, placeholder_mask, use_packed
 from lorakit.serving.prefill_groups import adapter_groups
 from lorakit.serving.prefix_cache import BLOCK
 from lorakit.serving.requests import Request
-from lorakit.serving.slot_cache import PackedPlan, SlotCache, cache_keyword, slot_cache_fits
+from lorakit.serving.slot_cache import PackedPlan, SlotCache, cache_keyword, slot_cache_fits, slot_forward
 from tests.helpers import Recorder, make_engine, offline, tiny_llama
 from tests.zoo import ZOO
 
@@ -28,9 +28,7 @@ def packed_logits(model, prompts, prefixes):
     with torch.inference_mode():
         for slot, (ids, prefix) in enumerate(zip(prompts, prefixes)):
             if prefix:
-                mask = cache.plan(slice(slot, slot + 1), torch.tensor([0]), prefix)
-                model(input_ids=ids[:prefix].unsqueeze(0), attention_mask=mask, use_cache=True,
-                      position_ids=torch.arange(prefix).unsqueeze(0), **{keyword: cache})
+                slot_forward(model, cache, slot, ids[:prefix])
         plan = cache.plan_packed(0, prefixes, [len(ids) - prefix for ids, prefix in zip(prompts, prefixes)])
         with packing(plan):
             out = model(input_ids=torch.cat([ids[prefix:] for ids, prefix in zip(prompts, prefixes)]).unsqueeze(0),
