@@ -21,6 +21,8 @@ reads a stale copy. The results equal ``F.linear``'s up to fp32 rounding.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -139,8 +141,6 @@ def calibrate(model: nn.Module, repeats: int = 5) -> dict[tuple[int, int], froze
     where packed measured at least CALIBRATE_GAIN faster. Which one wins depends on the CPU: on an
     AVX2 EPYC MKL wins at 16-64 rows for mid-sized weights, on an AVX512 one oneDNN wins 2x almost
     everywhere (MKL takes no AVX512 path on AMD). About a second for SmolLM2-135M."""
-    import time
-
     shapes = {(m.in_features, m.out_features): m.weight.numel() for m in model.modules()
               if packable(m, CALIBRATE_MIN)}
     found = {}
@@ -154,7 +154,8 @@ def calibrate(model: nn.Module, repeats: int = 5) -> dict[tuple[int, int], froze
                 if elements >= LARGE_WEIGHT and step > LARGE_ROWS[1]:
                     break
                 x = torch.randn(step, fan_in, generator=numbers)
-                paths = (lambda: F.linear(x, weight), lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+                paths = (lambda: F.linear(x, weight),
+                         lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
                 times = ([], [])
                 for round_ in range(repeats + 1):
                     for path, spent in zip(paths, times):

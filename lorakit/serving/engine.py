@@ -34,10 +34,10 @@ import torch
 from ..kernels.packed_linear import unpack_linears
 from .attention import use_grouped_attention
 from .continuous import ContinuousBatcher
+from .decode_kernel import SETTINGS as DECODE_KERNEL_SETTINGS, use_decode_kernel
 from .locks import ModelLock
 from .metrics import Counters
 from .openmp import release_threads
-from .decode_kernel import SETTINGS as DECODE_KERNEL_SETTINGS, use_decode_kernel
 from .packed_prefill import SETTINGS as PACKED_PREFILL_SETTINGS, use_packed_prefill
 from .packed_weights import SETTINGS as PACKED_SETTINGS, use_packed_weights
 from .pool import AdapterPool

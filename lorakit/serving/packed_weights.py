@@ -59,10 +59,10 @@ def use_packed_weights(model, setting: str = "auto", threads: int | None = None)
         extra = set_packed_steps(model, steps) * 4
     except Exception as exc:  # noqa: BLE001 - any failure: keep torch's linears
         unpack_linears(model)
-        torch.set_num_threads(before_threads)
         log.warning("packed weights are not usable with this model (%s); serving with torch's own linears", exc)
         return False, f"off (a forward through them failed: {exc})"
-    torch.set_num_threads(before_threads)
+    finally:
+        torch.set_num_threads(before_threads)
     if not same_logits(after, before, reference.dtype):
         unpack_linears(model)
         log.warning("packed weights gave other logits for this model; serving with torch's own linears")
@@ -76,15 +76,15 @@ def use_packed_weights(model, setting: str = "auto", threads: int | None = None)
 
 
 def _steps_text(steps: frozenset[int]) -> str:
-    """Row steps as ranges of row counts: {2, 4, 8} -> '2-8', {} -> 'none'."""
-    if not steps:
-        return "none"
-    ordered = [step for step in ROW_STEPS if step in steps]
-    runs, start = [], ordered[0]
-    for before, step in zip(ordered, ordered[1:] + [None]):
-        if step is None or ROW_STEPS.index(step) != ROW_STEPS.index(before) + 1:
-            low = 1 if start == ROW_STEPS[0] else ROW_STEPS[ROW_STEPS.index(start) - 1] + 1
-            high = "" if before == ROW_STEPS[-1] else str(before)
-            runs.append(f"{low}-{high}" if high != str(low) else str(low))
-            start = step
-    return ",".join(runs)
+    """Row steps as ranges of the row counts they stand for: {2, 4, 8} -> '2-8', {1, 2, ..., 512} -> '1-'
+    (no upper end: the last step stands for every count past it), {} -> 'none'."""
+    ranges: list[list[int]] = []
+    for low, step in zip((1, *(before + 1 for before in ROW_STEPS)), ROW_STEPS):
+        if step not in steps:
+            continue
+        if ranges and ranges[-1][1] == low - 1:
+            ranges[-1][1] = step
+        else:
+            ranges.append([low, step])
+    return ",".join(f"{low}-" if high == ROW_STEPS[-1] else f"{low}-{high}" if high != low else str(low)
+                    for low, high in ranges) or "none"
