@@ -32,12 +32,9 @@ def anchor_lengths(count: int, seed: int = 0) -> list[int]:
     """``count`` rows' cached columns: an anchor prompt's tokens plus 0-31 generated ones."""
     from lorakit.hub.models import load_model
 
-    from .serving import anchor_messages
+    from .serving import anchor_prompt_ids
     _, tokenizer = load_model("smollm2-135m", "lm")
-    prompts = []
-    for messages in anchor_messages(64):
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        prompts.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    prompts = [len(ids) for ids in anchor_prompt_ids(tokenizer, 64)]
     rng = random.Random(seed)
     return [rng.choice(prompts) + rng.randrange(32) for _ in range(count)]
 

@@ -54,6 +54,16 @@ def anchor_messages(count: int) -> list[list[dict]]:
     return [[{"role": "user", "content": f"Summarise this review in a few words: {r['text']}"}] for r in reviews]
 
 
+def anchor_prompt_ids(tokenizer, count: int) -> list[list[int]]:
+    """The token ids the anchor workload's first ``count`` requests give the engine (chat template
+    applied, generation prompt added)."""
+    prompts = []
+    for messages in anchor_messages(count):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    return prompts
+
+
 # One client for every request, as a load generator keeps its connections: a new httpx client
 # per request builds an SSL context (~23 ms of CPU each), which on these 2 cores took CPU from
 # whichever server was being measured, most of it in the first burst of 64.

@@ -47,7 +47,7 @@ def main() -> None:
     from lorakit.serving import Engine, Limits, continuous
     from lorakit.serving.requests import Request
 
-    from .serving import anchor_messages, make_adapters
+    from .serving import anchor_prompt_ids, make_adapters
 
     torch.set_num_threads(2)
     spent, fed = collections.Counter(), collections.Counter()
@@ -74,10 +74,7 @@ def main() -> None:
 
     base, tokenizer = load_model("smollm2-135m", "lm", dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     base.eval()
-    prompts = []
-    for messages in anchor_messages(args.requests):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    prompts = anchor_prompt_ids(tokenizer, args.requests)
     with tempfile.TemporaryDirectory() as tmp:
         names = make_adapters(base, Path(tmp), args.adapters) if args.adapters else []
         engine = Engine(copy.deepcopy(base), tokenizer, base_name="base", adapter_dir=tmp,

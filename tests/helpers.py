@@ -188,6 +188,19 @@ def submit(engine, name, adapter, prompt, max_tokens, events):
     return recorder
 
 
+def answers_as_offline(engine, causal_dir, adapter_dir, jobs):
+    """Queue ``jobs`` ((adapter or "base", prompt, max_tokens) each) at once, so that one turn
+    admits them all whatever the threads' timing, and assert that every reply equals offline
+    `generate` with its adapter."""
+    recorders = [Recorder(f"r{i}", []) for i in range(len(jobs))]
+    engine.submit_all([Request("generate", engine.check_model(engine.base_name if a == "base" else a),
+                               engine.tokenizer(prompt)["input_ids"], recorder, max_new_tokens=n)
+                       for recorder, (a, prompt, n) in zip(recorders, jobs)])
+    for recorder, (adapter, prompt, n) in zip(recorders, jobs):
+        assert recorder.finished.wait(60) and recorder.error is None, recorder.error
+        assert recorder.result["text"] == offline(causal_dir, adapter_dir, adapter, prompt, max_new_tokens=n)
+
+
 def make_engine(causal_dir, adapter_dir, **kw):
     """An engine over the tiny causal model with adapters alpha and beta loaded."""
     return build_engine(causal_dir, {"alpha": adapter_dir / "alpha", "beta": adapter_dir / "beta"},

@@ -11,8 +11,7 @@ from lorakit.kernels.decode_attention import DecodeAttention
 from lorakit.serving import decode_kernel
 from lorakit.serving.attention import use_grouped_attention
 from lorakit.serving.decode_kernel import decoding, use_decode_kernel
-from lorakit.serving.requests import Request
-from tests.helpers import Recorder, make_engine, offline, tiny_llama
+from tests.helpers import answers_as_offline, make_engine, tiny_llama
 
 pytestmark = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler here")
 
@@ -77,13 +76,7 @@ def test_replies_through_the_kernel_equal_offline_generate(causal_dir, adapter_d
         rows_seen.clear()  # the start-up check's step
         jobs = [("alpha", "the film was really good and the plot", 9), ("base", "a movie", 12),
                 ("beta", "the actor is quite lovely and the music is very", 7), ("base", "the plot was dull", 10)]
-        recorders = [Recorder(f"r{i}", []) for i in range(len(jobs))]
-        engine.submit_all([Request("generate", engine.check_model(engine.base_name if a == "base" else a),
-                                   engine.tokenizer(prompt)["input_ids"], recorder, max_new_tokens=n)
-                           for recorder, (a, prompt, n) in zip(recorders, jobs)])
-        for recorder, (adapter, prompt, n) in zip(recorders, jobs):
-            assert recorder.finished.wait(60) and recorder.error is None, recorder.error
-            assert recorder.result["text"] == offline(causal_dir, adapter_dir, adapter, prompt, max_new_tokens=n)
+        answers_as_offline(engine, causal_dir, adapter_dir, jobs)
     finally:
         engine.close()
     if setting == "off":

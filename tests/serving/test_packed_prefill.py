@@ -12,9 +12,8 @@ from lorakit.serving.attention import use_grouped_attention
 from lorakit.serving.packed_prefill import packing, placeholder_mask, use_packed_prefill
 from lorakit.serving.prefill_groups import adapter_groups
 from lorakit.serving.prefix_cache import BLOCK
-from lorakit.serving.requests import Request
 from lorakit.serving.slot_cache import PackedPlan, SlotCache, cache_keyword, slot_cache_fits, slot_forward
-from tests.helpers import Recorder, make_engine, offline, tiny_llama
+from tests.helpers import answers_as_offline, make_engine, tiny_llama
 from tests.zoo import ZOO
 
 SHARED = "the film was really good and the plot was very dull but the actor is quite lovely and the music "
@@ -101,14 +100,7 @@ def test_packed_and_padded_engines_answer_as_offline_generate(causal_dir, adapte
         jobs = [("alpha", SHARED + "a", 6), ("base", "a movie is very", 5), ("beta", "the plot", 6),
                 ("alpha", "the actor is quite lovely and the film", 6), ("base", SHARED, 4)]
         for round_ in (jobs, [(a, SHARED + "so the film is", n) for a, _, n in jobs[:2]]):
-            recorders = [Recorder(f"r{i}", []) for i in range(len(round_))]
-            # queued at once, so one turn admits them all whatever the threads' timing
-            engine.submit_all([Request("generate", engine.check_model(engine.base_name if a == "base" else a),
-                                       engine.tokenizer(prompt)["input_ids"], recorder, max_new_tokens=n)
-                               for recorder, (a, prompt, n) in zip(recorders, round_)])
-            for recorder, (adapter, prompt, n) in zip(recorders, round_):
-                assert recorder.finished.wait(60) and recorder.error is None, recorder.error
-                assert recorder.result["text"] == offline(causal_dir, adapter_dir, adapter, prompt, max_new_tokens=n)
+            answers_as_offline(engine, causal_dir, adapter_dir, round_)
     finally:
         engine.close()
     if setting == "off":
