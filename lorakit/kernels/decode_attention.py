@@ -40,7 +40,7 @@ MAX_THREADS = 2
 
 
 class DecodeAttention:
-    """The loaded kernel: ``attend(query, key, value, lengths, scale)``."""
+    """The loaded kernel: ``attend(query, key, value, lengths, longest, scale)``."""
 
     def __init__(self, library: ctypes.CDLL, path: Path):
         self.path = path

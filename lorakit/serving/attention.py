@@ -84,6 +84,23 @@ def register_attention() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)  # the masks SDPA takes
 
 
+def proved_on_grouped_sdpa(model, prove, what: str, otherwise: str) -> bool:
+    """Switch ``model`` (on transformers' SDPA or already on grouped_sdpa, which the per-thread
+    plans above need) to grouped_sdpa and run ``prove(model)``: True keeps it; False, or an
+    exception (logged: ``what`` is not usable, ``otherwise``), switches the model back."""
+    current = model.config._attn_implementation
+    register_attention()
+    model.set_attn_implementation(NAME)  # for a model without grouped heads it is plain SDPA otherwise
+    try:
+        fits = prove(model)
+    except Exception as exc:  # noqa: BLE001 - any failure: the model as it was
+        log.warning("%s is not usable with this model (%s); %s", what, exc, otherwise)
+        fits = False
+    if not fits:
+        model.set_attn_implementation(current)
+    return fits
+
+
 def use_grouped_attention(model) -> bool:
     """Switch ``model`` (on transformers' SDPA attention) to grouped_sdpa when it has grouped KV
     heads and gives the same logits through a masked forward; True if it switched."""

@@ -22,7 +22,7 @@ import torch
 
 from ..hub.models import cache_dir
 from ..kernels.decode_attention import DTYPES, MAX_THREADS, DecodeAttention, load
-from .attention import EXTRAS, NAME, register_attention, set_decode_plan
+from .attention import EXTRAS, NAME, proved_on_grouped_sdpa, set_decode_plan
 from .checks import same_logits
 from .slot_cache import SlotCache, cache_keyword, slot_forward
 
@@ -83,15 +83,8 @@ def use_decode_kernel(model, setting: str = "auto") -> tuple[DecodeAttention | N
     if kernel is None:
         log.warning("the decoding kernel is not usable here: %s; decoding steps use SDPA", how)
         return None, f"SDPA (the kernel: {how})"
-    register_attention()
-    model.set_attn_implementation(NAME)
-    try:
-        fits = _kernel_equals_sdpa(model, kernel)
-    except Exception as exc:  # noqa: BLE001 - any failure: keep SDPA
-        log.warning("the decoding kernel is not usable with this model (%s); decoding steps use SDPA", exc)
-        fits = False
-    if not fits:
-        model.set_attn_implementation(current)
+    if not proved_on_grouped_sdpa(model, lambda m: _kernel_equals_sdpa(m, kernel), "the decoding kernel",
+                                  "decoding steps use SDPA"):
         return None, "SDPA (this model's decoding step through the kernel differs from SDPA's)"
     note = "" if kernel.vectorised else ", not vectorised on this CPU"
     return kernel, (f"lorakit's kernel, each row over its own columns (forwards on up to {MAX_THREADS} "

@@ -17,15 +17,13 @@ cached prefix, against each prompt's plain forward) and otherwise leaves the pad
 from __future__ import annotations
 
 import contextlib
-import logging
 
 import torch
 
-from .attention import NAME, register_attention, set_packed_plan
+from .attention import NAME, proved_on_grouped_sdpa, set_packed_plan
 from .checks import same_logits
 from .slot_cache import PackedPlan, SlotCache, cache_keyword, slot_forward
 
-log = logging.getLogger("lorakit.serving")
 SETTINGS = ("auto", "off")
 
 
@@ -55,15 +53,7 @@ def use_packed_prefill(model, setting: str = "auto") -> tuple[bool, str]:
     current = model.config._attn_implementation
     if current not in ("sdpa", NAME):
         return False, f"off (the model runs {current!r} attention; packed prefill needs sdpa)"
-    register_attention()
-    model.set_attn_implementation(NAME)  # for a model without grouped heads it is plain SDPA otherwise
-    try:
-        fits = _packed_equals_plain(model)
-    except Exception as exc:  # noqa: BLE001 - any failure: keep padded prefill
-        log.warning("packed prefill is not usable with this model (%s); prompts are padded", exc)
-        fits = False
-    if not fits:
-        model.set_attn_implementation(current)
+    if not proved_on_grouped_sdpa(model, _packed_equals_plain, "packed prefill", "prompts are padded"):
         return False, "off (this model's packed forward differs from its plain one; prompts are padded)"
     return True, "on (prompts of one forward laid end to end, no padding; --packed-prefill off)"
 
