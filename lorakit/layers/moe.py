@@ -10,6 +10,7 @@ PEFT keeps old configs (and "all-linear") meaning the same layers by rewriting s
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from torch import nn
 
@@ -27,32 +28,51 @@ MOE_FUSED = {"mixtral": {"gate_up_proj": ["w1", "w3"]}, "qwen2_moe": {"gate_up_p
 
 
 def moe_family(model_type: str | None) -> str | None:
-    """The MoE family whose conversion applies, looked up as PEFT does (transformers' own table)."""
+    """The MoE family whose conversion applies, decided as PEFT does: transformers must convert the
+    model's checkpoints (v5 fused them), and the family must be one PEFT maps (transformers' table
+    plus Mixtral and Qwen2-MoE, which PEFT adds because newer transformers dropped them from it)."""
     try:
         from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN as patterns
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     except ImportError:  # older transformers: no fused experts, nothing to convert
         return None
-    family = {**patterns, "mixtral": "mixtral"}.get(model_type)
+    if get_checkpoint_conversion_mapping(model_type) is None:
+        return None
+    family = {**patterns, "mixtral": "mixtral", "qwen2_moe": "qwen2_moe"}.get(model_type)
     return family if family in MOE_TARGET_MAPPING else None
 
 
-def convert_moe_config(config: LoraConfig, model_type: str | None, linear_leaf_names) -> LoraConfig:
+def convert_moe_config(config: LoraConfig, model_type: str | None, modules, linear_leaf_names) -> LoraConfig:
     """Rewrite expert/router module names into target_parameters (PEFT's v4→v5 conversion).
 
-    ``linear_leaf_names()`` gives the leaf names "all-linear" selects, needed only for that case."""
+    ``modules`` are the model's (path, module) pairs as the plain model has them; ``linear_leaf_names()``
+    gives the leaf names "all-linear" selects. As PEFT >= 0.22: a string (regex or "all-linear") is
+    first resolved to leaf names; a name whose modules are all linear layers (a shared expert's
+    ``down_proj``) stays a module target and also adapts the fused parameter of that name if the
+    model has one outside linear layers; a fused pair keeps its per-branch scaling by doubling r and alpha."""
     family = moe_family(model_type)
-    spec = config.target_modules
-    if family is None or (isinstance(spec, str) and spec != "all-linear"):
-        return config  # a regex stays a regex: it matches the v5 modules as written
+    if family is None:
+        return config
     mapping = MOE_TARGET_MAPPING[family]
-    names = set(linear_leaf_names()) | set(mapping) if spec == "all-linear" else set(spec or [])
+    modules = [(path, innermost(module)) for path, module in modules]
+    names = _resolve_string(config, modules, mapping, linear_leaf_names)
+    if not names:
+        return config  # nothing matched: left for the usual "matched no module" error
+    non_linear_params = [f"{path}.{n}" for path, module in modules if not isinstance(module, nn.Linear)
+                         for n, _ in module.named_parameters(recurse=False)]
     params, remaining, matched = set(config.target_parameters or []), set(), {}
     for name in names:
         old = next((o for o in mapping if name == o or name.endswith(f".{o}")), None)
         if old is None:
             remaining.add(name)
             continue
-        params.add(mapping[old])
+        new_name = name.replace(old, mapping[old])
+        owners = [module for path, module in modules if path == name or path.endswith(f".{name}")]
+        if owners and all(isinstance(module, nn.Linear) for module in owners):
+            remaining.add(name)  # real linear layers of that name (a shared expert) keep their LoRA
+            if not any(p == new_name or p.endswith(f".{new_name}") for p in non_linear_params):
+                continue
+        params.add(new_name)
         matched.setdefault(mapping[old], set()).add(old)
     rank_pattern, alpha_pattern = dict(config.rank_pattern), dict(config.alpha_pattern)
     for fused, parts in MOE_FUSED[family].items():
@@ -63,10 +83,44 @@ def convert_moe_config(config: LoraConfig, model_type: str | None, linear_leaf_n
         if len(present) == len(parts) > 1:
             rank_pattern[rf".*\.{fused}"] = config.r * len(parts)
             alpha_pattern[rf".*\.{fused}"] = config.lora_alpha * len(parts)
-    if params == set(config.target_parameters or []):
-        return config
     return dataclasses.replace(config, target_modules=sorted(remaining), target_parameters=sorted(params),
                                rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+
+
+def _resolve_string(config: LoraConfig, modules, mapping, linear_leaf_names) -> set[str]:
+    """target_modules as a set of names. "all-linear" is the linear layers' leaf names plus every v4 name
+    of the family (its experts and router were linear in v4). A regex becomes the leaf names of the
+    module and parameter paths it matches, plus the v4 names it would match inside a fused parameter's
+    owner (``...experts.gate_proj`` for ``...experts.gate_up_proj``); PEFT does the same, and so a regex
+    on such a model widens to every layer with those leaf names."""
+    spec = config.target_modules
+    if not isinstance(spec, str):
+        return set(spec or [])
+    if spec == "all-linear":
+        return set(linear_leaf_names()) | set(mapping)
+    keys = [path for path, _ in modules] + [f"{path}.{n}" for path, module in modules
+                                             for n, _ in module.named_parameters(recurse=False)]
+    matched = {key.rsplit(".", 1)[-1] for key in keys if _matches(config, key)}
+    owners: dict[str, set[str]] = {}
+    for path, module in modules:
+        for n, _ in module.named_parameters(recurse=False):
+            if n != "weight":
+                owners.setdefault(n, set()).add(path)
+    for old, new in mapping.items():
+        if old not in matched and any(_matches(config, f"{owner}.{old}") for owner in owners.get(new, ())):
+            matched.add(old)
+    return matched
+
+
+def _matches(config: LoraConfig, key: str) -> bool:
+    """PEFT's check of one key against a string target_modules, with its exclusions."""
+    excluded = config.exclude_modules
+    if excluded and (re.fullmatch(excluded, key) if isinstance(excluded, str)
+                     else any(key == e or key.endswith(f".{e}") for e in excluded)):
+        return False
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.modules_to_save or []):
+        return False
+    return re.fullmatch(config.target_modules, key) is not None
 
 
 def find_param_targets(model: nn.Module, config: LoraConfig, modules) -> list[tuple[str, list[str]]]:

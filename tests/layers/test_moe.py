@@ -87,3 +87,29 @@ def test_a_model_without_adaptable_layers_is_refused_clearly():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     with pytest.raises(lk.TargetNotFoundError, match="matched no module"):
         lk.inject(model, lk.LoraConfig(target_modules="all-linear"))
+
+
+QWEN_MOE = BY_NAME["qwen2-moe"]
+
+
+@pytest.mark.parametrize("targets", [
+    "all-linear",                                  # the fused experts and the router join the linear layers
+    ["down_proj", "q_proj"],                       # a shared expert's linear down_proj keeps its LoRA, and the
+                                                   # experts' fused down_proj of the same name is adapted too
+    ["gate_proj", "up_proj"],                      # a fused pair: r and alpha double on gate_up_proj
+    r"model\.layers\.0\.(self_attn\.q_proj|mlp\.experts\.gate_proj|mlp\.experts\.up_proj)",  # a regex widens to leaf names
+], ids=["all-linear", "shared-and-routed", "fused-pair", "regex"])
+def test_moe_targets_convert_as_peft_does(targets):
+    """PEFT >= 0.22 rewrites v4 expert names on transformers-v5 Qwen2-MoE; lorakit picks the same layers."""
+    torch.manual_seed(0)
+    base = QWEN_MOE.build()
+    fields = dict(r=2, lora_alpha=4, target_modules=targets)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**fields))
+    ours = lk.inject(copy.deepcopy(base), lk.LoraConfig(**fields))
+    adapted = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                     if isinstance(m, peft.tuners.lora.LoraLayer))
+    assert sorted(n for n, m in ours.named_modules() if isinstance(m, lk.LoraLayer)) == adapted
+    assert any(".experts" in n for n in adapted), "the case must reach the fused experts"
+    config, their_config = ours._lorakit_registry.configs["default"], theirs.peft_config["default"]
+    assert set(config.target_parameters) == set(their_config.target_parameters)
+    assert config.rank_pattern == their_config.rank_pattern and config.alpha_pattern == their_config.alpha_pattern

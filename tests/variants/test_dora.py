@@ -12,7 +12,20 @@ from tests.helpers import perturb_trainable, run_arch
 from tests.zoo import BY_NAME, ZOO
 
 ATOL = 1e-5
-DORA_ARCHS = [pytest.param(a, id=a.name) for a in ZOO if a.name != "mixtral-moe"]  # PEFT: no DoRA on parameters
+# PEFT has no DoRA on parameters, and on transformers-v5 MoE models "all-linear" adapts the fused experts' parameters
+DORA_ARCHS = [pytest.param(a, id=a.name) for a in ZOO if a.kind != "moe"]
+
+
+@pytest.mark.parametrize("arch", [a for a in ZOO if a.kind == "moe"], ids=lambda a: a.name)
+def test_dora_on_moe_all_linear_is_refused_as_peft_refuses_it(arch):
+    torch.manual_seed(0)
+    base = arch.build()
+    with pytest.raises(ValueError, match="use_dora"):
+        peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**arch.config(use_dora=True)))
+    before = [n for n, _ in base.named_modules()]
+    with pytest.raises(lk.ConfigError, match="target_parameters cannot use DoRA"):
+        lk.inject(base, lk.LoraConfig(**arch.config(use_dora=True)))
+    assert [n for n, _ in base.named_modules()] == before
 
 
 @pytest.mark.parametrize("arch", DORA_ARCHS)
