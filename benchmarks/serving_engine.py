@@ -40,6 +40,8 @@ def main() -> None:
                         help="lorakit serve --packed-prefill (default: the engine's own default)")
     parser.add_argument("--decode-kernel", choices=["auto", "off"],
                         help="lorakit serve --decode-kernel (default: the engine's own default)")
+    parser.add_argument("--lora-kernel", choices=["auto", "off"],
+                        help="lorakit serve --lora-kernel (default: the engine's own default)")
     args = parse_with_checkout(parser)
     import torch
 
@@ -82,10 +84,12 @@ def main() -> None:
                         **({"workers": args.workers} if args.workers > 1 else {}),
                         **({"packed_weights": args.packed_weights} if args.packed_weights else {}),
                         **({"packed_prefill": args.packed_prefill} if args.packed_prefill else {}),
-                        **({"decode_kernel": args.decode_kernel} if args.decode_kernel else {}))
+                        **({"decode_kernel": args.decode_kernel} if args.decode_kernel else {}),
+                        **({"lora_kernel": args.lora_kernel} if args.lora_kernel else {}))
         print("packed weights:", getattr(engine, "packed_weights_note", "(this checkout has none)"))
         print("packed prefill:", getattr(engine, "packed_prefill_note", "(this checkout has none)"))
         print("decoding attention:", getattr(engine, "decode_kernel_note", "(this checkout has none)"))
+        print("adapters in decoding steps:", getattr(engine, "lora_kernel_note", "(this checkout has none)"))
         for name in names:
             engine.pool.load(name)
 

@@ -20,10 +20,12 @@ def _serve(args: argparse.Namespace) -> int:
     engine = build_engine(args.model, parse_adapter_specs(args.adapter or []), args.adapter_dir, limits, dtype,
                           args.max_loaded_adapters, args.scheduler, args.prefill_chunk, args.prefix_cache_mb,
                           qlora=args.qlora, workers=workers, packed_weights=args.packed_weights,
-                          packed_prefill=args.packed_prefill, decode_kernel=args.decode_kernel)
+                          packed_prefill=args.packed_prefill, decode_kernel=args.decode_kernel,
+                          lora_kernel=args.lora_kernel)
     print(f"packed weights: {engine.packed_weights_note}")
     print(f"packed prefill: {engine.packed_prefill_note}")
     print(f"decoding attention: {engine.decode_kernel_note}")
+    print(f"adapters in decoding steps: {engine.lora_kernel_note}")
     print(f"serving {engine.base_name} with adapters {engine.adapters or '(none)'} on http://{args.host}:{args.port}")
     serve(engine, args.host, args.port, args.api_key or os.environ.get("LORAKIT_API_KEY"))
     return 0
@@ -75,6 +77,11 @@ def add_commands(sub) -> None:
                             "columns, instead of SDPA over the padded mask; auto (default): on for an fp32 or bf16 CPU base "
                             "when a C++ compiler builds it (once, about a second) and its logits equal SDPA's; "
                             "said at start")
+    serve.add_argument("--lora-kernel", default="auto", choices=["auto", "off"],
+                       help="decoding steps over rows of different adapters: each row's LoRA term through lorakit's "
+                            "C++ kernel (its own adapter only) instead of two GEMMs over every loaded adapter; auto "
+                            "(default): on for an fp32 or bf16 CPU base when a C++ compiler builds it and its sums "
+                            "equal torch's; said at start")
     serve.add_argument("--prefix-cache-mb", type=float, default=256,
                        help="memory for keys and values of shared prompt prefixes (chat templates, system prompts), "
                             "reused by later requests with the same adapter; 0 turns it off; hit rate in /metrics")

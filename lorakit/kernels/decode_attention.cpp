@@ -13,6 +13,8 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "bf16.h"
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define LORAKIT_AVX2 1
@@ -39,23 +41,9 @@ inline float exp_nonpositive(float x) {
     return p * power;
 }
 
-struct Bf16 {  // bfloat16: the upper half of an fp32
-    uint16_t bits;
-};
-
-inline float to_float(float x) { return x; }
-inline float to_float(Bf16 x) {
-    const uint32_t wide = static_cast<uint32_t>(x.bits) << 16;
-    float out;
-    std::memcpy(&out, &wide, sizeof(out));
-    return out;
-}
-inline void store(float* at, float x) { *at = x; }
-inline void store(Bf16* at, float x) {  // round to nearest even, as torch's conversion does
-    uint32_t bits;
-    std::memcpy(&bits, &x, sizeof(bits));
-    at->bits = std::isnan(x) ? 0x7fc0 : static_cast<uint16_t>((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
-}
+using lorakit::Bf16;
+using lorakit::store;
+using lorakit::to_float;
 
 #ifdef LORAKIT_AVX2
 inline __m256 load8(const float* at) { return _mm256_loadu_ps(at); }

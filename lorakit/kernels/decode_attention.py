@@ -8,31 +8,22 @@ reads each row's own columns once for all the query heads that share a key/value
 widened to fp32 as they are loaded (``benchmarks/decode_attention.py``, BENCHMARKS.md, issue 26).
 It runs on one thread; a caller with more threads keeps SDPA (see ``MAX_THREADS``).
 
-It is C++ compiled at first use with the machine's C++ compiler (``$CXX``, else ``c++`` / ``g++``)
-into a cache folder and loaded through ctypes: no Python or torch headers, so the build takes about
-a second, and a machine without a compiler keeps SDPA (``load`` says why). The library is built for
-the CPU it runs on (``-march=native``), so the cached file's name carries the CPU's flags.
+It is C++ compiled at first use (kernels/native.py): a machine without a compiler keeps SDPA
+(``load`` says why).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..errors import LoraError
+from . import native
 
 SOURCE = Path(__file__).with_name("decode_attention.cpp")
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-fno-math-errno", "-std=c++17",
-         "-shared", "-fPIC")
 DTYPES = (torch.float32, torch.bfloat16)
 # At 2 threads SDPA a layer still took longer than the kernel on one (0.52-0.82 against 0.42-0.68 ms,
 # 24 rows); with more threads SDPA's parallel loop is left to win.
@@ -88,43 +79,12 @@ class DecodeAttention:
 
 
 def library_name() -> str:
-    """The cached library's file name: the source, the flags and the CPU it is built for."""
-    digest = hashlib.sha256(SOURCE.read_bytes())
-    digest.update(" ".join(FLAGS).encode())
-    digest.update(f"{platform.machine()} {_cpu_flags()}".encode())
-    return f"decode_attention-{digest.hexdigest()[:16]}.so"
+    """The cached library's file name (native.library_name)."""
+    return native.library_name(SOURCE)
 
 
 @functools.cache
 def load(folder: str) -> tuple[DecodeAttention | None, str]:
     """The kernel, built into ``folder`` if it is not there yet, or None and why not."""
-    if platform.system() != "Linux":
-        return None, f"not built on {platform.system()} (Linux only)"
-    path = Path(folder) / library_name()
-    if not path.exists():
-        compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-        if not compiler:
-            return None, "no C++ compiler found (set CXX, or install g++)"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as scratch:  # built aside, then renamed: never half a file
-            built = Path(scratch) / path.name
-            try:
-                result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True,
-                                        text=True)
-            except OSError as exc:  # CXX names no program
-                return None, f"its compiler did not run ({exc})"
-            if result.returncode != 0:
-                return None, f"its build failed ({compiler}: {result.stderr.strip().splitlines()[-1:]})"
-            os.replace(built, path)
-    try:
-        return DecodeAttention(ctypes.CDLL(str(path)), path), f"built in {path}"
-    except OSError as exc:
-        return None, f"its library did not load ({exc})"
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next((line for line in info if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return ""
+    library, path, how = native.build(SOURCE, folder)
+    return (DecodeAttention(library, path) if library is not None else None), how

@@ -141,8 +141,16 @@ class LoraLinear(ModulePairLayer):
         # activation to the adapters' fp32 and back; a fifth of a mixed prefill's time in bf16.
         grad = torch.is_grad_enabled()
         low = x3.dtype if x3.dtype in (torch.bfloat16, torch.float16) and not grad else None
-        together = (mixed.concatenated(batch, low or mixed.A_stack.dtype)
-                    if x3.shape[1] == 1 and not self.training else None)
+        one_token = x3.shape[1] == 1 and not self.training
+        kernel = mixed.shared.get("kernel") if one_token and not grad else None
+        if kernel is not None and x3.dtype == result.dtype and self.accumulates_in_place(result):
+            # one token per row through lorakit's kernel: each row only its own adapter's A and B
+            A, B, slots = mixed.per_slot(batch, low or mixed.A_stack.dtype)
+            x2, out = x3.reshape(batch, -1), result.view(batch, -1)
+            if kernel.supports(out, x2, A):
+                kernel.add(out, x2, A, B, slots)
+                return result
+        together = mixed.concatenated(batch, low or mixed.A_stack.dtype) if one_token else None
         if together is not None:  # one token per row (decoding): all adapters in two GEMMs
             A_cat, B_cat, own = together
             h = torch.mm(x.reshape(batch, -1).to(A_cat.dtype), A_cat).mul_(own.view(batch, -1))

@@ -77,11 +77,9 @@ class MixedRows:
         slots, in_dim, rank = self.A_stack.shape
         if (slots - 1) * rank > CONCAT_COLUMNS:
             return None
-        key = (self.A_stack.data_ptr(), self.B_stack.data_ptr(), dtype)
-        if self.buffers.get("concatenated", (None,))[0] != key:  # once per set of stacks and dtype
-            A_cat = self.A_stack[1:].permute(1, 0, 2).reshape(in_dim, -1).to(dtype).contiguous()
-            B_cat = self.B_stack[1:].reshape(-1, self.B_stack.shape[2]).to(dtype)
-            self.buffers["concatenated"] = (key, A_cat, B_cat)
+        A_cat, B_cat = self._derived("concatenated", dtype, lambda: (
+            self.A_stack[1:].permute(1, 0, 2).reshape(in_dim, -1).to(dtype).contiguous(),
+            self.B_stack[1:].reshape(-1, self.B_stack.shape[2]).to(dtype)))
         # the mask depends only on the rows, the slot count and the rank: one per block, not per
         # layer (built in each of 120 layers it was a sixth of a small decoding step's LoRA cost)
         mask_key = ("mask", batch, slots, rank, dtype, self.A_stack.device)
@@ -89,8 +87,28 @@ class MixedRows:
             own = (self.rows_for(batch).view(-1, 1) - 1) == torch.arange((slots - 1) * rank,
                                                                           device=self.A_stack.device) // rank
             self.shared[mask_key] = own.to(dtype).unsqueeze(1)
-        _, A_cat, B_cat = self.buffers["concatenated"]
         return A_cat, B_cat, self.shared[mask_key]
+
+    def per_slot(self, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For the mixed-LoRA kernel (kernels/mixed_lora.py): each slot's A (slots×r×in) and s·Bᵀ
+        (slots×r×out), contiguous in ``dtype`` and converted once per set of stacks, and each row's
+        slot with the base's rows as -1 (nothing to add)."""
+        A, B = self._derived("per_slot", dtype, lambda: (
+            self.A_stack.transpose(1, 2).to(dtype).contiguous(), self.B_stack.to(dtype).contiguous()))
+        key = ("kernel slots", batch)
+        if key not in self.shared:  # one per block, shared by the layers
+            self.shared[key] = torch.where(self.rows_for(batch) > 0, self.rows_for(batch), -1).to(torch.int64)
+        return A, B, self.shared[key]
+
+    def _derived(self, name: str, dtype: torch.dtype, build) -> tuple[torch.Tensor, ...]:
+        """Tensors derived from the stacks, built once per set of stacks and dtype. The stacks
+        themselves are kept in the key and compared by identity: a data pointer could be reused by
+        a later set of stacks once the old one is freed."""
+        cached = self.buffers.get(name)
+        if cached is None or cached[0] is not self.A_stack or cached[1] is not self.B_stack or cached[2] != dtype:
+            cached = (self.A_stack, self.B_stack, dtype, *build())
+            self.buffers[name] = cached
+        return cached[3:]
 
     def _outputs(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         # Fresh multi-MB tensors on every block cost page faults, so they are kept and reused;
@@ -105,13 +123,15 @@ class MixedRows:
 
 
 @contextlib.contextmanager
-def mixed_batch(model: nn.Module, adapter_names: list[str], stack: list[str] | None = None) -> Iterator[nn.Module]:
+def mixed_batch(model: nn.Module, adapter_names: list[str], stack: list[str] | None = None,
+                kernel=None) -> Iterator[nn.Module]:
     """Inside the block, row i of every batch uses ``adapter_names[i]`` ("__base__" = no adapter).
 
     The batch must have len(adapter_names) rows, or a multiple of it when ``generate`` repeats each
     row for beams / num_return_sequences. ``stack``: the adapters to stack (a superset of the rows'
     names); a caller entering many blocks over changing rows (a server's decoding steps) passes
-    the same list each time so that every block reuses one set of stacks.
+    the same list each time so that every block reuses one set of stacks. ``kernel``: a
+    kernels.mixed_lora.MixedLora for the LoRA term of one-token steps (a server's decoding steps on CPU).
     """
     names = check_names(model, adapter_names, allow_base=True)
     if not names:
@@ -131,7 +151,7 @@ def mixed_batch(model: nn.Module, adapter_names: list[str], stack: list[str] | N
     slot = {BASE: 0, **{n: i for i, n in enumerate(distinct, start=1)}}
     row_slots = torch.tensor([slot[n] for n in names])
     on_device: dict[torch.device, torch.Tensor] = {}
-    shared: dict = {}
+    shared: dict = {"kernel": kernel}
     slot_names = tuple(distinct)
     for _, layer in layers:
         stacks = layer.mixed_stacks(distinct)

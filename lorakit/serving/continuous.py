@@ -32,6 +32,7 @@ import lorakit as lk
 
 from ..model.state import BASE
 from .decode_kernel import decoding
+from .lora_kernel import lora_kernel_for_threads
 from .decoding import _eos_ids, _pick, _Row, classify_batch
 from .openmp import release_threads
 from .packed_prefill import packing, placeholder_mask
@@ -256,7 +257,8 @@ class ContinuousBatcher:
         if len(set(names)) == 1 and lk.active_adapters(model) == names[:1]:
             return contextlib.nullcontext()  # every row uses the active adapter: the plain forward
         # every loaded adapter is stacked, so steps over changing rows reuse one set of stacks
-        return lk.mixed_batch(model, names, stack=lk.list_adapters(model))
+        return lk.mixed_batch(model, names, stack=lk.list_adapters(model),
+                              kernel=lora_kernel_for_threads(self.engine.lora_kernel))
 
     def _decode_step(self) -> None:
         rows = self.running

@@ -35,6 +35,7 @@ from ..kernels.packed_linear import unpack_linears
 from .attention import use_grouped_attention
 from .continuous import ContinuousBatcher
 from .decode_kernel import SETTINGS as DECODE_KERNEL_SETTINGS, use_decode_kernel
+from .lora_kernel import SETTINGS as LORA_KERNEL_SETTINGS, use_lora_kernel
 from .locks import ModelLock
 from .metrics import Counters
 from .openmp import release_threads
@@ -56,7 +57,7 @@ class Engine:
                  labels: list[str] | None = None, limits: Limits = Limits(), max_loaded_adapters: int | None = None,
                  scheduler: str = "continuous", prefill_chunk: int = 256, prefix_cache_mb: float = 256,
                  workers: int = 1, packed_weights: str = "auto", packed_prefill: str = "auto",
-                 decode_kernel: str = "auto"):
+                 decode_kernel: str = "auto", lora_kernel: str = "auto"):
         if scheduler not in ("continuous", "static"):
             raise ServingError(f"unknown scheduler {scheduler!r}; choose continuous or static")
         if prefill_chunk < 1:
@@ -73,6 +74,8 @@ class Engine:
         if decode_kernel not in DECODE_KERNEL_SETTINGS:
             raise ServingError(f"decode_kernel must be one of {', '.join(DECODE_KERNEL_SETTINGS)}, "
                                f"got {decode_kernel!r}")
+        if lora_kernel not in LORA_KERNEL_SETTINGS:
+            raise ServingError(f"lora_kernel must be one of {', '.join(LORA_KERNEL_SETTINGS)}, got {lora_kernel!r}")
         self.model, self.tokenizer, self.base_name, self.labels, self.limits = model.eval(), tokenizer, base_name, labels, limits
         if prefix_cache_mb < 0:
             raise ServingError(f"prefix_cache_mb must be 0 (off) or more, got {prefix_cache_mb}")
@@ -94,8 +97,9 @@ class Engine:
                                                                            self.threads_per_worker)
         self.packed_prefill, self.packed_prefill_note = False, "off (static batching pads its prompts)"
         self.decode_kernel, self.decode_kernel_note = None, "SDPA (static batching)"
+        self.lora_kernel, self.lora_kernel_note = None, "torch's GEMMs (static batching)"
         if scheduler == "continuous":
-            self._check_continuous(packed_prefill, decode_kernel)
+            self._check_continuous(packed_prefill, decode_kernel, lora_kernel)
         self.running = True
         # the caller's OpenMP team (built while it loaded the model) would keep the workers' teams
         # from spinning between operations: free it (serving/openmp.py)
@@ -200,7 +204,7 @@ class Engine:
                 self.finish(request)
 
     # --- the worker ----------------------------------------------------------------------------
-    def _check_continuous(self, packed_prefill: str, decode_kernel: str) -> None:
+    def _check_continuous(self, packed_prefill: str, decode_kernel: str, lora_kernel: str) -> None:
         """Which of the continuous scheduler's speed-ups this model takes, each proved by a forward
         (the slot cache itself, or static batching when it does not fit); before the worker starts."""
         use_grouped_attention(self.model)  # the slot cache's masked forwards, without repeat_kv
@@ -212,9 +216,11 @@ class Engine:
         elif self.labels is not None:
             self.packed_prefill_note = "off (a classifier generates nothing to prefill)"
             self.decode_kernel_note = "SDPA (a classifier decodes nothing)"
+            self.lora_kernel_note = "torch's GEMMs (a classifier decodes nothing)"
         else:
             self.packed_prefill, self.packed_prefill_note = use_packed_prefill(self.model, packed_prefill)
             self.decode_kernel, self.decode_kernel_note = use_decode_kernel(self.model, decode_kernel)
+            self.lora_kernel, self.lora_kernel_note = use_lora_kernel(self.model, lora_kernel)
 
     def _work(self) -> None:
         if self.scheduler == "continuous":

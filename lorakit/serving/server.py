@@ -89,7 +89,8 @@ def build_engine(model_name: str, adapters: dict[str, Path], adapter_dir: str | 
                  limits: Limits = Limits(), dtype: str = "fp32", max_loaded_adapters: int | None = None,
                  scheduler: str = "continuous", prefill_chunk: int = 256, prefix_cache_mb: float = 256,
                  qlora: bool = False, workers: int = 1, packed_weights: str = "auto",
-                 packed_prefill: str = "auto", decode_kernel: str = "auto") -> Engine:
+                 packed_prefill: str = "auto", decode_kernel: str = "auto",
+                 lora_kernel: str = "auto") -> Engine:
     """Load the base model once (a classifier when the adapters were trained with task classify;
     4-bit when they were trained with QLoRA, or with ``qlora``) in ``dtype``, and every --adapter
     onto it. A 4-bit base is read straight into 4 bits (hub/low_memory.py)."""
@@ -121,7 +122,8 @@ def build_engine(model_name: str, adapters: dict[str, Path], adapter_dir: str | 
     engine = Engine(model, tokenizer, base_name=Path(model_name).name or model_name, adapter_dir=adapter_dir,
                     labels=labels, limits=limits, max_loaded_adapters=max_loaded_adapters, scheduler=scheduler,
                     prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb, workers=workers,
-                    packed_weights=packed_weights, packed_prefill=packed_prefill, decode_kernel=decode_kernel)
+                    packed_weights=packed_weights, packed_prefill=packed_prefill, decode_kernel=decode_kernel,
+                    lora_kernel=lora_kernel)
     for name, path in adapters.items():
         engine.pool.add_start_adapter(name, path)
     return engine

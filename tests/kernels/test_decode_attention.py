@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.errors import LoraError
-from lorakit.kernels import decode_attention
+from lorakit.kernels import decode_attention, native
 from lorakit.kernels.decode_attention import DecodeAttention, library_name, load
 
 pytestmark = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler here")
@@ -102,7 +102,7 @@ def test_without_a_compiler_it_says_so_and_leaves_nothing(tmp_path, monkeypatch)
     built, how = load(str(tmp_path / "named"))
     assert built is None and "did not run" in how and "no-such-compiler" in how
     monkeypatch.delenv("CXX")
-    monkeypatch.setattr(decode_attention.shutil, "which", lambda name: None)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
     built, how = load(str(tmp_path / "none"))
     assert built is None and how.startswith("no C++ compiler found")
     assert not list(tmp_path.rglob("*.so"))

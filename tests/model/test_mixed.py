@@ -254,3 +254,48 @@ def test_adapters_made_under_inference_mode_serve_mixed_batches(ids):
                 together = logits(model, ids)
         for row, name in enumerate(names):
             torch.testing.assert_close(together[row], per_adapter(model, ids, name)[row], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not (__import__("shutil").which("c++") or __import__("shutil").which("g++")),
+                    reason="no C++ compiler here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_one_token_rows_through_the_lora_kernel_equal_each_adapter_alone(ids, tmp_path, dtype, monkeypatch):
+    """lk.mixed_batch(kernel=...): one-token rows take the kernel (and not the GEMMs), longer
+    forwards keep torch's path; every row equals its adapter alone."""
+    from lorakit.kernels.mixed_lora import MixedLora, load
+    from lorakit.model import mixed as mixed_module
+
+    kernel, how = load(str(tmp_path))
+    assert kernel is not None, how
+    model = three_adapters("llama").to(dtype)
+    model.eval()
+    names = ["c", "a", lk.BASE, "b"]
+    calls = {"kernel": 0, "gemms": 0}
+    add, concatenated = MixedLora.add, mixed_module.MixedRows.concatenated
+
+    def counted_add(self, *args):
+        calls["kernel"] += 1
+        return add(self, *args)
+
+    def counted_gemms(self, *args):
+        calls["gemms"] += 1
+        return concatenated(self, *args)
+    monkeypatch.setattr(MixedLora, "add", counted_add)
+    monkeypatch.setattr(mixed_module.MixedRows, "concatenated", counted_gemms)
+    with torch.no_grad():
+        step = ids[:, :1]
+        with lk.mixed_batch(model, names, stack=["a", "b", "c"], kernel=kernel):
+            through_kernel = model(input_ids=step).logits
+        assert calls == {"kernel": calls["kernel"], "gemms": 0} and calls["kernel"] > 0
+        with lk.mixed_batch(model, names, stack=["a", "b", "c"]):
+            through_gemms = model(input_ids=step).logits
+        with lk.mixed_batch(model, names, stack=["a", "b", "c"], kernel=kernel):
+            kernel_calls = calls["kernel"]
+            longer = model(input_ids=ids).logits  # several tokens a row: the gather, not the kernel
+            assert calls["kernel"] == kernel_calls
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    torch.testing.assert_close(through_kernel, through_gemms, **tolerance)
+    with torch.no_grad():
+        for row, name in enumerate(names):
+            torch.testing.assert_close(through_kernel[row], per_adapter(model, step, name)[row], **tolerance)
+            torch.testing.assert_close(longer[row], per_adapter(model, ids, name)[row], **tolerance)
