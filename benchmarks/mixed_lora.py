@@ -16,7 +16,6 @@ adapters x rank <= CONCAT_COLUMNS (lorakit/model/mixed.py), the gather everywher
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import tempfile
 import time
@@ -106,7 +105,7 @@ def steps(kernel, rounds: int = 12) -> None:
             for _ in range(rounds):
                 for case, context in cases.items():
                     state = copy.deepcopy(cache)
-                    with context() if context else contextlib.nullcontext():
+                    with context():
                         start = time.perf_counter()
                         model(step, past_key_values=state, use_cache=True)
                         times[case].append(time.perf_counter() - start)

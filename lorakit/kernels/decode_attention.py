@@ -24,7 +24,6 @@ from ..errors import LoraError
 from . import native
 
 SOURCE = Path(__file__).with_name("decode_attention.cpp")
-DTYPES = (torch.float32, torch.bfloat16)
 # At 2 threads SDPA a layer still took longer than the kernel on one (0.52-0.82 against 0.42-0.68 ms,
 # 24 rows); with more threads SDPA's parallel loop is left to win.
 MAX_THREADS = 2
@@ -50,7 +49,7 @@ class DecodeAttention:
         """Whether it runs these (batch, heads, tokens, dim) tensors: all fp32 or all bf16 on CPU, one
         query token, heads a whole multiple of the key/value heads, each head's vector contiguous."""
         heads, kv_heads = query.shape[1], key.shape[1]
-        return (query.dtype == key.dtype == value.dtype and query.dtype in DTYPES and query.device.type == "cpu"
+        return (query.dtype == key.dtype == value.dtype and query.dtype in native.DTYPES and query.device.type == "cpu"
                 and query.shape[2] == 1 and heads % kv_heads == 0
                 and query.stride(3) == key.stride(3) == value.stride(3) == 1)
 

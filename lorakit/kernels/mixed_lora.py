@@ -19,7 +19,6 @@ from ..errors import LoraError
 from . import native
 
 SOURCE = Path(__file__).with_name("mixed_lora.cpp")
-DTYPES = (torch.float32, torch.bfloat16)
 
 
 class MixedLora:
@@ -34,9 +33,9 @@ class MixedLora:
         self.max_rank = library.lorakit_mixed_lora_max_rank()
 
     def supports(self, result: torch.Tensor, x: torch.Tensor, A: torch.Tensor) -> bool:
-        """Whether it runs these 2-D tensors: one dtype of ``DTYPES`` on CPU, rows contiguous, and
+        """Whether it runs these 2-D tensors: one dtype of ``native.DTYPES`` on CPU, rows contiguous, and
         a rank it holds."""
-        return (result.dtype == x.dtype == A.dtype and x.dtype in DTYPES and x.device.type == "cpu"
+        return (result.dtype == x.dtype == A.dtype and x.dtype in native.DTYPES and x.device.type == "cpu"
                 and result.dim() == x.dim() == 2 and result.stride(1) == x.stride(1) == 1
                 and A.shape[1] <= self.max_rank)
 
@@ -45,7 +44,7 @@ class MixedLora:
         """result[i] += B[slots[i]] @ A[slots[i]] @ x[i] in place, for rows with slots[i] >= 0.
         result (rows, out), x (rows, in) as ``supports`` takes them; A (slots, r, in) and B (slots,
         r, out) contiguous in x's dtype; slots contiguous int64, each below A's slots (as
-        ``MixedRows.per_slot`` builds them)."""
+        ``MixedRows.per_slot`` builds them). ``torch_reference`` computes the same with torch."""
         rows, in_dim = x.shape
         # checked on every call of 120 layers a step, so only what the stacks' own build does not fix
         if (A.shape[2] != in_dim or B.shape[:2] != A.shape[:2] or B.shape[2] != result.shape[1] or len(slots) != rows
@@ -56,6 +55,18 @@ class MixedLora:
         self._add(x.data_ptr(), x.stride(0), rows, in_dim, A.data_ptr(), B.data_ptr(), rank, result.shape[1],
                   slots.data_ptr(), result.data_ptr(), result.stride(0), x.dtype == torch.bfloat16)
         return result
+
+
+def torch_reference(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                    slots: torch.Tensor) -> torch.Tensor:
+    """What ``MixedLora.add`` computes, with torch, row by row, into a new tensor: the r-wide
+    intermediate rounded to x's dtype, as two GEMMs in that dtype round it."""
+    expected = result.float().clone()
+    for row, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            h = (A[slot].float() @ x[row].float()).to(x.dtype).float()
+            expected[row] += B[slot].float().T @ h
+    return expected.to(result.dtype)
 
 
 @functools.cache

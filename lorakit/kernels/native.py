@@ -19,8 +19,11 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
 HERE = Path(__file__).parent
 HEADERS = (HERE / "bf16.h",)
+DTYPES = (torch.float32, torch.bfloat16)  # the element types every kernel takes (bf16 through bf16.h)
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-fno-math-errno", "-std=c++17",
          "-shared", "-fPIC")
 
@@ -68,3 +71,11 @@ def cpu_flags() -> str:
             return next((line for line in info if line.startswith(("flags", "Features"))), "")
     except OSError:
         return ""
+
+
+def refusal(model) -> str | None:
+    """Why a model's kernels cannot run here (a dtype other than ``DTYPES``, or not on CPU), or None."""
+    reference = next(model.parameters())
+    if reference.dtype in DTYPES and reference.device.type == "cpu":
+        return None
+    return f"the kernel is for fp32 or bf16 on CPU; this model is {reference.dtype} on {reference.device.type}"

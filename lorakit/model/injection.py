@@ -98,10 +98,11 @@ def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str, stri
         # as PEFT: the classification head names join modules_to_save (whichever the model has)
         heads = [n for n in CLASSIFIER_HEAD_NAMES if n not in user_save]
         config = dataclasses.replace(config, modules_to_save=user_save + heads)
-    config = convert_moe_config(config, model_type, list(iter_base_modules(model)), lambda: sorted(
+    modules = list(iter_base_modules(model))
+    config = convert_moe_config(config, model_type, modules, lambda: sorted(
         {p.rsplit(".", 1)[-1] for p in find_targets(model, dataclasses.replace(config, target_parameters=None))}))
     targets = find_targets(model, config)
-    param_targets = find_param_targets(model, config, list(iter_base_modules(model)))
+    param_targets = find_param_targets(model, config, modules)
     if config.target_modules == "all-linear":
         config = dataclasses.replace(config, target_modules=minimal_suffixes(model, targets))
     find_modules_to_save(model, user_save, strict=strict)  # the user's own names must match something

@@ -90,14 +90,14 @@ class MixedRows:
         return A_cat, B_cat, self.shared[mask_key]
 
     def per_slot(self, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For the mixed-LoRA kernel (kernels/mixed_lora.py): each slot's A (slots×r×in) and s·Bᵀ
-        (slots×r×out), contiguous in ``dtype`` and converted once per set of stacks, and each row's
-        slot with the base's rows as -1 (nothing to add)."""
+        """For the mixed-LoRA kernel (kernels/mixed_lora.py): each adapter's A (adapters×r×in) and
+        s·Bᵀ (adapters×r×out), contiguous in ``dtype`` and converted once per set of stacks, and each
+        row's adapter index, -1 for the base's rows (nothing to add)."""
         A, B = self._derived("per_slot", dtype, lambda: (
-            self.A_stack.transpose(1, 2).to(dtype).contiguous(), self.B_stack.to(dtype).contiguous()))
+            self.A_stack[1:].transpose(1, 2).to(dtype).contiguous(), self.B_stack[1:].to(dtype).contiguous()))
         key = ("kernel slots", batch)
-        if key not in self.shared:  # one per block, shared by the layers
-            self.shared[key] = torch.where(self.rows_for(batch) > 0, self.rows_for(batch), -1).to(torch.int64)
+        if key not in self.shared:  # one per block, shared by the layers; slot 0 (the base) becomes -1
+            self.shared[key] = self.rows_for(batch) - 1
         return A, B, self.shared[key]
 
     def _derived(self, name: str, dtype: torch.dtype, build) -> tuple[torch.Tensor, ...]:

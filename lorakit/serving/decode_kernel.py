@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..hub.models import cache_dir
-from ..kernels.decode_attention import DTYPES, MAX_THREADS, DecodeAttention, load
+from ..kernels import native
+from ..kernels.decode_attention import MAX_THREADS, DecodeAttention, load
 from .attention import EXTRAS, NAME, proved_on_grouped_sdpa, set_decode_plan
 from .checks import same_logits
 from .slot_cache import SlotCache, cache_keyword, slot_forward
@@ -72,10 +73,9 @@ def use_decode_kernel(model, setting: str = "auto") -> tuple[DecodeAttention | N
     Needs the slot cache (the caller has checked it fits) and transformers' SDPA attention."""
     if setting == "off":
         return None, "SDPA (--decode-kernel off)"
-    reference = next(model.parameters())
-    if reference.dtype not in DTYPES or reference.device.type != "cpu":
-        return None, (f"SDPA (the kernel is for fp32 or bf16 on CPU; this model is {reference.dtype} on "
-                      f"{reference.device.type})")
+    refused = native.refusal(model)
+    if refused:
+        return None, f"SDPA ({refused})"
     current = model.config._attn_implementation
     if current not in ("sdpa", NAME):
         return None, f"SDPA (the model runs {current!r} attention)"

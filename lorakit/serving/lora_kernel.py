@@ -15,7 +15,8 @@ import logging
 import torch
 
 from ..hub.models import cache_dir
-from ..kernels.mixed_lora import DTYPES, MixedLora, load
+from ..kernels import native
+from ..kernels.mixed_lora import MixedLora, load, torch_reference
 
 log = logging.getLogger("lorakit.serving")
 SETTINGS = ("auto", "off")
@@ -32,15 +33,14 @@ def use_lora_kernel(model, setting: str = "auto") -> tuple[MixedLora | None, str
     saying so."""
     if setting == "off":
         return None, "torch's GEMMs (--lora-kernel off)"
-    reference = next(model.parameters())
-    if reference.dtype not in DTYPES or reference.device.type != "cpu":
-        return None, (f"torch's GEMMs (the kernel is for fp32 or bf16 on CPU; this model is {reference.dtype} on "
-                      f"{reference.device.type})")
+    refused = native.refusal(model)
+    if refused:
+        return None, f"torch's GEMMs ({refused})"
     kernel, how = load(str(cache_dir() / "kernels"))
     if kernel is None:
         log.warning("the mixed LoRA kernel is not usable here: %s; adapters' decoding steps use torch's GEMMs", how)
         return None, f"torch's GEMMs (the kernel: {how})"
-    if not kernel_equals_torch(kernel, reference.dtype):
+    if not kernel_equals_torch(kernel, next(model.parameters()).dtype):
         log.warning("the mixed LoRA kernel's sums differ from torch's here; adapters' decoding steps use torch's GEMMs")
         return None, "torch's GEMMs (the kernel's sums differ from torch's on this CPU)"
     return kernel, (f"lorakit's kernel, each row through its own adapter (forwards on up to {MAX_THREADS} "
@@ -48,8 +48,8 @@ def use_lora_kernel(model, setting: str = "auto") -> tuple[MixedLora | None, str
 
 
 def kernel_equals_torch(kernel: MixedLora, dtype: torch.dtype) -> bool:
-    """Random stacks of three adapters, five rows (one on the base): the kernel's result against
-    torch's in ``dtype`` (the intermediate rounded to it, as two GEMMs in that dtype would)."""
+    """Random stacks of four adapters, five rows (one on the base): the kernel's result against
+    torch's in ``dtype`` (kernels.mixed_lora.torch_reference)."""
     gen = torch.Generator().manual_seed(0)
     slots_, rank, in_dim, out = 4, 8, 72, 100  # widths off the kernel's 16-lane blocks: the tails run too
     A = torch.randn(slots_, rank, in_dim, generator=gen).to(dtype)
@@ -57,11 +57,6 @@ def kernel_equals_torch(kernel: MixedLora, dtype: torch.dtype) -> bool:
     x = torch.randn(5, in_dim, generator=gen).to(dtype)
     start = torch.randn(5, out, generator=gen).to(dtype)
     slots = torch.tensor([1, -1, 3, 2, 1])
-    expected = start.float().clone()
-    for row, slot in enumerate(slots.tolist()):
-        if slot >= 0:
-            h = (A[slot].float() @ x[row].float()).to(dtype).float()
-            expected[row] += B[slot].float().T @ h
     got = kernel.add(start.clone(), x, A, B, slots).float()
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
-    return bool(torch.allclose(got, expected.to(dtype).float(), rtol=tolerance, atol=tolerance))
+    return bool(torch.allclose(got, torch_reference(start, x, A, B, slots).float(), rtol=tolerance, atol=tolerance))

@@ -2,7 +2,6 @@
 tuned loops cover and the plain loop for the rest, rows of different lengths in a slot-cache-like
 strided buffer, built once into a cache folder, and a clear refusal without a compiler."""
 
-import shutil
 
 import pytest
 import torch
@@ -11,8 +10,9 @@ import torch.nn.functional as F
 from lorakit.errors import LoraError
 from lorakit.kernels import decode_attention, native
 from lorakit.kernels.decode_attention import DecodeAttention, library_name, load
+from tests.helpers import needs_compiler
 
-pytestmark = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler here")
+pytestmark = needs_compiler
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,16 @@
 """The mixed-adapter LoRA kernel against torch: fp32 and bf16, ranks and widths off its 16-lane
 blocks, rows on the base, strided rows, two threads at once, and what it refuses."""
 
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from lorakit.errors import LoraError
-from lorakit.kernels.mixed_lora import load
+from lorakit.kernels.mixed_lora import load, torch_reference as reference
+from tests.helpers import needs_compiler
 
-pytestmark = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler here")
+pytestmark = needs_compiler
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +25,6 @@ def stacks(slots, rank, in_dim, out, dtype, seed=0):
     A = torch.randn(slots, rank, in_dim, generator=gen).to(dtype)
     B = (torch.randn(slots, rank, out, generator=gen) * 0.1).to(dtype)
     return A, B
-
-
-def reference(result, x, A, B, slots):
-    """torch, row by row: the r-wide intermediate rounded to the dtype, as its two GEMMs round it."""
-    expected = result.float().clone()
-    for row, slot in enumerate(slots.tolist()):
-        if slot >= 0:
-            h = (A[slot].float() @ x[row].float()).to(x.dtype).float()
-            expected[row] += B[slot].float().T @ h
-    return expected.to(result.dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

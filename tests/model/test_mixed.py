@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import lorakit as lk
-from tests.helpers import FAMILIES, logits, randomize_lora, tiny_bert, tiny_llama
+from tests.helpers import FAMILIES, logits, needs_compiler, randomize_lora, tiny_bert, tiny_llama
 
 
 def three_adapters(family):
@@ -256,8 +256,7 @@ def test_adapters_made_under_inference_mode_serve_mixed_batches(ids):
             torch.testing.assert_close(together[row], per_adapter(model, ids, name)[row], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not (__import__("shutil").which("c++") or __import__("shutil").which("g++")),
-                    reason="no C++ compiler here")
+@needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_one_token_rows_through_the_lora_kernel_equal_each_adapter_alone(ids, tmp_path, dtype, monkeypatch):
     """lk.mixed_batch(kernel=...): one-token rows take the kernel (and not the GEMMs), longer

@@ -2,7 +2,6 @@
 gives SDPA's logits, replies equal offline `generate` with it on and off, and everything else (fp16,
 a model whose decoding differs, --decode-kernel off, more threads) keeps SDPA, saying why."""
 
-import shutil
 
 import pytest
 import torch
@@ -11,9 +10,9 @@ from lorakit.kernels.decode_attention import DecodeAttention
 from lorakit.serving import decode_kernel
 from lorakit.serving.attention import use_grouped_attention
 from lorakit.serving.decode_kernel import decoding, use_decode_kernel
-from tests.helpers import answers_as_offline, make_engine, tiny_llama
+from tests.helpers import answers_as_offline, make_engine, needs_compiler, tiny_llama
 
-pytestmark = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler here")
+pytestmark = needs_compiler
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -2,7 +2,6 @@
 engine once its sums equal torch's, replies equal offline `generate` with it on and off, and
 --lora-kernel off, fp16, a kernel whose sums differ or more threads keep torch's GEMMs, saying why."""
 
-import shutil
 
 import pytest
 import torch
@@ -10,9 +9,9 @@ import torch
 from lorakit.kernels.mixed_lora import MixedLora
 from lorakit.serving import ServingError, lora_kernel
 from lorakit.serving.lora_kernel import lora_kernel_for_threads, use_lora_kernel
-from tests.helpers import answers_as_offline, make_engine, tiny_llama
+from tests.helpers import answers_as_offline, make_engine, needs_compiler, tiny_llama
 
-pytestmark = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler here")
+pytestmark = needs_compiler
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
