@@ -37,7 +37,8 @@ import httpx
 import torch
 
 from lorakit.hub.models import load_model
-from lorakit.serving.server import cpuinfo_value, native_bf16, resolve_dtype
+from lorakit.kernels.cpu import cpuinfo_value, native_bf16
+from lorakit.serving.server import resolve_dtype
 
 from .common import print_table
 from .serving import anchor_messages, make_adapters, run

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .cpu import matmul
 from .lora import compute_dtype
 
 IGNORE_INDEX = -100
@@ -57,7 +58,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_logits = probs.scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
                     grad_logits = grad_logits.to(dtype)
                     if want_dh:
-                        torch.mm(grad_logits, w, out=grad_hidden[rows])
+                        grad_hidden[rows] = matmul(grad_logits, w)
                     if want_dw:
                         grad_weight.addmm_(grad_logits.t().float(), h[rows].float() * row_weight[rows, None])
             underflow = valid & ~torch.isfinite(row_loss)
@@ -81,9 +82,10 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """hidden·weightᵀ. fp32 on CPU: in slices of the vocabulary, which keeps each GEMM's packed
-    weight block in cache (the GEMM measured 1.2x faster for a 32k vocabulary; no gain in bf16)."""
+    weight block in cache (the GEMM measured 1.2x faster for a 32k vocabulary; no gain in bf16).
+    bf16 on a CPU without a bf16 unit: multiplied in fp32 (cpu.matmul)."""
     if hidden.device.type != "cpu" or hidden.dtype != torch.float32:
-        return hidden @ weight.t()
+        return matmul(hidden, weight.t())
     out = hidden.new_empty(hidden.shape[0], weight.shape[0])
     for start in range(0, weight.shape[0], VOCAB_SLICE):
         torch.mm(hidden, weight[start:start + VOCAB_SLICE].t(), out=out[:, start:start + VOCAB_SLICE])

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LoraError
+from .cpu import matmul
 
 NF4_CODE = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
                          -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
@@ -156,13 +157,13 @@ class _Matmul4bit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer):
         ctx.layer = layer
-        return x @ layer.dequantized_weight(x.dtype).T
+        return matmul(x, layer.dequantized_weight(x.dtype).T)
 
     @staticmethod
     def backward(ctx, grad_out):
         if not ctx.needs_input_grad[0]:
             return None, None
-        return grad_out @ ctx.layer.dequantized_weight(grad_out.dtype), None
+        return matmul(grad_out, ctx.layer.dequantized_weight(grad_out.dtype)), None
 
 
 def requantize_warning() -> None:

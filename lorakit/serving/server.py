@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..kernels.cpu import native_bf16
 from .engine import Engine, Limits
 
 
@@ -25,25 +26,6 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
 
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-BF16_UNITS = ("amx_bf16", "avx512_bf16")  # CPU flags of native bf16 matrix instructions
-
-
-def cpuinfo_value(key: str, cpuinfo: str = "/proc/cpuinfo") -> str | None:
-    """The first ``key : value`` line of /proc/cpuinfo (``flags``, ``model name``), or None where
-    there is none (or not Linux)."""
-    try:
-        return next((line.split(":", 1)[1].strip() for line in Path(cpuinfo).read_text().splitlines()
-                     if line.split(":", 1)[0].strip() == key), None)
-    except OSError:
-        return None
-
-
-def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> str | None:
-    """The CPU's native bf16 matrix unit (AMX-BF16 or AVX512-BF16), or None (or not Linux): where
-    there is one, bf16 matmuls run 2-3x fp32's (BENCHMARKS.md, issue 26); elsewhere bf16 is emulated
-    and slower than fp32."""
-    flags = (cpuinfo_value("flags", cpuinfo) or "").split()
-    return next((unit for unit in BF16_UNITS if unit in flags), None)
 
 
 def resolve_dtype(dtype: str) -> tuple[str, str]:

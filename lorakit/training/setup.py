@@ -11,6 +11,7 @@ import torch
 import lorakit as lk
 
 from ..errors import ConfigError
+from ..kernels.cpu import native_bf16
 from ..kernels.nf4 import is_quantized
 from .distributed import Distributed
 from .options import TrainOptions
@@ -103,6 +104,10 @@ def prepare_model(model, options: TrainOptions, total_steps: int | None = None, 
         lk.inject(model, options.lora_config(total_steps, token_indices))
     if options.bf16:  # frozen base in bf16 (a QLoRA base: what is not 4-bit); LoRA weights and heads stay fp32
         lk.cast_base(model, torch.bfloat16)
+        if next(model.parameters()).device.type == "cpu" and native_bf16() is None:
+            warnings.warn("--bf16 on a CPU without a bf16 unit (no AMX-BF16 or AVX512-BF16): the 4-bit base and the "
+                          "loss multiply in fp32, but every other bf16 product is emulated, several times slower "
+                          "than fp32; here --bf16 saves memory, not time (drop it to train in fp32)", stacklevel=2)
     return model
 
 

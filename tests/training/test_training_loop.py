@@ -115,6 +115,15 @@ def test_bf16_base_trains_fp32_adapters(classifier_dir, reviews_csv, tmp_path):
     assert summary["steps"] == 6 and all(l == l for l in losses(tmp_path / "bf16"))
 
 
+@pytest.mark.parametrize("unit", [None, "avx512_bf16"])
+def test_bf16_on_a_cpu_without_a_bf16_unit_says_it_saves_memory_not_time(unit, classifier_dir, reviews_csv, tmp_path,
+                                                                         monkeypatch, recwarn):
+    monkeypatch.setattr("lorakit.training.setup.native_bf16", lambda: unit)
+    Trainer(train_options(classifier_dir, reviews_csv, tmp_path / "bf16", bf16=True), quiet=True)
+    said = [str(w.message) for w in recwarn if "bf16 unit" in str(w.message)]
+    assert said == ([] if unit else [said[0]]) and (unit or "saves memory, not time" in said[0])
+
+
 def test_too_little_data_for_one_step(classifier_dir, reviews_csv, tmp_path):
     with pytest.raises(ConfigError, match="fewer than one step"):
         train(train_options(classifier_dir, reviews_csv, tmp_path / "x", batch_size=200), quiet=True)
