@@ -3,6 +3,7 @@
     python -m benchmarks.serving_engine [--dtype bf16 --adapters 8 --max-batch 64]
     python -m benchmarks.serving_engine --lorakit /path/to/other/checkout   # the same on another commit
     python -m benchmarks.serving_engine --dtype fp32 --packed-weights off    # fp32 without packed weights
+    python -m benchmarks.serving_engine --cold       # the burst meets an empty prefix cache (a fresh server)
 
 benchmarks/serving.py's 64 chat requests (max_tokens 32, greedy, SmolLM2-135M-Instruct), handed to
 ``Engine.submit_all`` at once, request i on adapter i mod N (N=0: the base model). Prints generated
@@ -40,6 +41,8 @@ def main() -> None:
                         help="lorakit serve --packed-prefill (default: the engine's own default)")
     parser.add_argument("--decode-kernel", choices=["auto", "off"],
                         help="lorakit serve --decode-kernel (default: the engine's own default)")
+    parser.add_argument("--cold", action="store_true",
+                        help="empty the prefix cache after the warm-up: the burst meets a fresh server")
     parser.add_argument("--lora-kernel", choices=["auto", "off"],
                         help="lorakit serve --lora-kernel (default: the engine's own default)")
     args = parse_with_checkout(parser)
@@ -111,6 +114,10 @@ def main() -> None:
             done.wait()
             return time.perf_counter() - start, results
         answer(4, 4)  # warm-up: first forwards, the adapters' stacks
+        if args.cold:
+            with engine.prefix_cache.lock:
+                engine.prefix_cache.entries.clear()
+                engine.prefix_cache.bytes = engine.prefix_cache.queried = engine.prefix_cache.hit = 0
         spent.clear()
         fed.clear()
         before = resource.getrusage(resource.RUSAGE_SELF)

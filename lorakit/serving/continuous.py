@@ -175,11 +175,11 @@ class ContinuousBatcher:
         return _Active(_Row(request, self.engine.tokenizer, self.eos_ids, self.engine.counters.prometheus.token))
 
     # --- forwards ------------------------------------------------------------------------------
-    def _forward(self, rows: list[_Active], first_slot: int, ids: torch.Tensor, starts: torch.Tensor,
+    def _forward(self, adapters: list[str], first_slot: int, ids: torch.Tensor, starts: torch.Tensor,
                  last: torch.Tensor | None = None):
         """Logits of each row's last new token (or of column ``last[row]`` of the new tokens)."""
         tokens = ids.shape[1]
-        mask = self._plan(lambda cache: cache.plan(slice(first_slot, first_slot + len(rows)), starts, tokens))
+        mask = self._plan(lambda cache: cache.plan(slice(first_slot, first_slot + len(adapters)), starts, tokens))
         positions = starts.unsqueeze(1) + torch.arange(tokens)
         # The columns whose logits are wanted, always as an index tensor: an int makes transformers
         # slice the hidden states to a strided view, and the LM head's matmul over a strided
@@ -188,7 +188,7 @@ class ContinuousBatcher:
         keep = torch.tensor([tokens - 1]) if last is None else torch.unique(last)
         # one token a row (a decoding step): each row's attention over its own columns (decode_kernel.py)
         context = decoding(self.engine.decode_kernel, starts) if tokens == 1 else contextlib.nullcontext()
-        out = self._run([a.request.adapter for a in rows], context, input_ids=ids, attention_mask=mask,
+        out = self._run(adapters, context, input_ids=ids, attention_mask=mask,
                         position_ids=positions, logits_to_keep=keep)
         if last is None:
             return out.logits[:, -1]
@@ -236,19 +236,43 @@ class ContinuousBatcher:
             reference = next(self.engine.model.parameters())
             self.cache = SlotCache(self.engine.model.config, self.max_batch, reference.dtype, reference.device)
 
-    def _restore_prefix(self, owner: tuple, prompt: list[int], slot: int) -> int:
-        """Copy the cached blocks ``prompt`` starts with into ``slot``; how many tokens they cover."""
+    def _restore_prefix(self, owner: tuple, prompt: list[int], slot: int, end: int | None = None) -> int:
+        """Copy the cached blocks ``prompt`` starts with (up to ``end``) into ``slot``; how many
+        tokens they cover. Only a request's own prompt (no ``end``) counts in the hit rate."""
         self._ensure_cache()
-        blocks = self.prefix_cache.lookup(owner, prompt)
+        blocks = self.prefix_cache.lookup(owner, prompt, end, count=end is None)
         if blocks:
             self.cache.write(slot, 0, torch.cat(blocks, dim=3))
         return len(blocks) * BLOCK
 
-    def _store_prefix(self, owner: tuple, prompt: list[int], slot: int) -> None:
-        """After ``prompt`` is prefilled in ``slot``: its whole blocks not cached yet go in."""
-        for start in self.prefix_cache.missing(owner, prompt):
+    def _store_prefix(self, owner: tuple, prompt: list[int], slot: int, end: int | None = None) -> None:
+        """After ``prompt`` (up to ``end``) is prefilled in ``slot``: its whole blocks not cached yet go in."""
+        for start in self.prefix_cache.missing(owner, prompt, end):
             self.prefix_cache.add(owner, prompt, start, self.cache.read(slot, start, start + BLOCK))
         self.engine.counters.prefix(self.prefix_cache)
+
+    def _prefill_shared_prefixes(self, adapters: list[str], owners: list[tuple], prompts: list[list[int]],
+                                 first: int) -> None:
+        """Before newcomers' forward: the leading blocks two or more of them share and the prefix
+        cache lacks, computed once (one row each, in the newcomers' first slots) and put in the
+        cache, so that every one of them then starts after them. The anchor workload's first burst
+        fed its 34-token system prompt once per request before (BENCHMARKS.md, issue 26)."""
+        shared = self.prefix_cache.shared_uncached(list(zip(owners, prompts)))
+        if not shared:
+            return
+        rows = []  # (adapter, owner, prompt, cached start, end), the i-th in slot first + i
+        for i, end in shared:
+            start = self._restore_prefix(owners[i], prompts[i], first + len(rows), end)
+            if start < end:  # (another worker may have cached it meanwhile)
+                rows.append((adapters[i], owners[i], prompts[i], start, end))
+        if not rows:
+            return
+        fed = [prompt[start:end] for _, _, prompt, start, end in rows]
+        width = max(map(len, fed))
+        ids = torch.tensor([f + [f[-1]] * (width - len(f)) for f in fed])
+        self._forward([row[0] for row in rows], first, ids, torch.tensor([row[3] for row in rows]))
+        for slot, (_, owner, prompt, _, end) in enumerate(rows, start=first):
+            self._store_prefix(owner, prompt, slot, end)
 
     def _adapters(self, names: list[str]):
         model = self.engine.model
@@ -264,7 +288,7 @@ class ContinuousBatcher:
         rows = self.running
         ids = torch.tensor([[a.next_token] for a in rows])
         starts = torch.tensor([a.length for a in rows])
-        logits = self._forward(rows, 0, ids, starts)
+        logits = self._forward([a.request.adapter for a in rows], 0, ids, starts)
         self.engine.counters.step(len(rows))
         greedy = logits.max(-1).indices.tolist()  # one op for the batch; max is faster than argmax on CPU
         finished = []
@@ -291,6 +315,7 @@ class ContinuousBatcher:
         prompts = [list(key[1]) for key in groups]
         owners = [self.engine.adapter_version(key[0]) for key in groups]
         try:
+            self._prefill_shared_prefixes([key[0] for key in groups], owners, prompts, first)
             starts = [self._restore_prefix(owner, prompt, first + source)
                       for source, (owner, prompt) in enumerate(zip(owners, prompts))]
             fed = [p[s:] for p, s in zip(prompts, starts)]
@@ -299,7 +324,7 @@ class ContinuousBatcher:
             else:
                 width = max(len(f) for f in fed)
                 ids = torch.tensor([f + [f[-1]] * (width - len(f)) for f in fed])
-                logits = self._forward([members[0] for members in groups.values()], first, ids, torch.tensor(starts),
+                logits = self._forward([key[0] for key in groups], first, ids, torch.tensor(starts),
                                        last=torch.tensor([len(f) - 1 for f in fed]))
             for source, (owner, prompt) in enumerate(zip(owners, prompts)):
                 self._store_prefix(owner, prompt, first + source)
@@ -333,7 +358,7 @@ class ContinuousBatcher:
         if active.length == 0:  # its first chunk: start after the cached blocks it begins with
             active.length = self._restore_prefix(owner, prompt, slot)
         chunk = prompt[active.length: active.length + self._chunk_size()]
-        logits = self._forward([active], slot, torch.tensor([chunk]), torch.tensor([active.length]))
+        logits = self._forward([active.request.adapter], slot, torch.tensor([chunk]), torch.tensor([active.length]))
         active.length += len(chunk)
         if active.length < len(prompt):
             return

@@ -14,11 +14,18 @@ reached. Several serving workers share one cache, so every method holds its lock
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import torch
 
 BLOCK = 16  # tokens per entry: vLLM's block size; small enough to catch short shared prefixes
+
+
+def _ends(prompt: list[int], end: int | None = None) -> range:
+    """Where the whole blocks of ``prompt`` end, never the block holding its last token (its logits
+    give the first new token), and none past ``end``."""
+    last = len(prompt) - 1 if end is None else min(end, len(prompt) - 1)
+    return range(BLOCK, last + 1, BLOCK)
 
 
 def _key(owner: tuple, prompt: list[int], end: int) -> tuple:
@@ -35,32 +42,56 @@ class PrefixCache:
         self.hit = 0      # of those, tokens taken from the cache
         self.lock = threading.Lock()
 
-    def lookup(self, owner: tuple, prompt: list[int]) -> list[torch.Tensor]:
-        """The cached blocks ``prompt`` starts with, in order (count their tokens with ``BLOCK``)."""
+    def lookup(self, owner: tuple, prompt: list[int], end: int | None = None, count: bool = True) -> list[torch.Tensor]:
+        """The cached blocks ``prompt`` starts with, in order (count their tokens with ``BLOCK``),
+        up to ``end`` if given; ``count``: whether the lookup counts in the hit rate (a request's
+        prompt does, the engine's own work on a shared prefix does not)."""
         with self.lock:
-            return self._lookup(owner, prompt)
+            blocks = []
+            if self.max_bytes > 0:
+                for stop in _ends(prompt, end):
+                    key = _key(owner, prompt, stop)
+                    if key not in self.entries:
+                        break
+                    self.entries.move_to_end(key)
+                    blocks.append(self.entries[key])
+            if count:
+                self.queried += len(prompt)
+                self.hit += len(blocks) * BLOCK
+            return blocks
 
-    def _lookup(self, owner: tuple, prompt: list[int]) -> list[torch.Tensor]:
-        blocks = []
-        if self.max_bytes > 0:
-            for end in range(BLOCK, len(prompt), BLOCK):  # never the block holding the last token
-                key = _key(owner, prompt, end)
-                if key not in self.entries:
-                    break
-                self.entries.move_to_end(key)
-                blocks.append(self.entries[key])
-        self.queried += len(prompt)
-        self.hit += len(blocks) * BLOCK
-        return blocks
-
-    def missing(self, owner: tuple, prompt: list[int]) -> list[int]:
+    def missing(self, owner: tuple, prompt: list[int], end: int | None = None) -> list[int]:
         """Where the blocks of ``prompt`` that are not cached yet start (only whole blocks that end
-        before its last token)."""
+        before its last token, and by ``end`` if given)."""
         if self.max_bytes <= 0:
             return []
         with self.lock:
-            return [end - BLOCK for end in range(BLOCK, len(prompt), BLOCK)
-                    if _key(owner, prompt, end) not in self.entries]
+            return [stop - BLOCK for stop in _ends(prompt, end) if _key(owner, prompt, stop) not in self.entries]
+
+    def shared_uncached(self, prompts: list[tuple[tuple, list[int]]]) -> list[tuple[int, int]]:
+        """Leading whole blocks that two or more of these (owner, prompt) pairs share and the cache
+        lacks: ``(i, end)`` for each, meaning prompt i's first ``end`` tokens. Computed once and
+        cached before the prompts' own forward, each prompt then starts after them; otherwise a
+        burst of requests computes its shared prefix (a chat template's system prompt) once per
+        request in that forward, since nothing is cached until it ends. The longest such prefix of
+        each prompt, none that another one returned already contains."""
+        if self.max_bytes <= 0:
+            return []
+        sharing = Counter(_key(owner, prompt, stop) for owner, prompt in prompts for stop in _ends(prompt))
+        longest: dict[tuple, tuple[int, int]] = {}
+        for i, (owner, prompt) in enumerate(prompts):
+            shared = 0
+            for stop in _ends(prompt):
+                if sharing[_key(owner, prompt, stop)] < 2:
+                    break
+                shared = stop
+            if shared:
+                longest.setdefault(_key(owner, prompt, shared), (i, shared))
+        with self.lock:
+            wanted = [key for key in longest if key not in self.entries]
+        return [longest[key] for key in wanted
+                if not any(other[0] == key[0] and len(other[1]) > len(key[1]) and other[1][:len(key[1])] == key[1]
+                           for other in wanted)]
 
     def add(self, owner: tuple, prompt: list[int], start: int, block: torch.Tensor) -> None:
         with self.lock:

@@ -125,6 +125,42 @@ def test_prefix_cache_evicts_least_recently_used_and_never_caches_the_last_token
     assert cache.lookup("b", prompt) == []
 
 
+def test_shared_uncached_finds_each_longest_prefix_shared_by_two_or_more_once():
+    cache = PrefixCache(max_bytes=2**20)
+    system, other = list(range(2 * BLOCK)), list(range(100, 100 + 2 * BLOCK))
+    prompts = [("a", system + [1] * BLOCK + [7]),   # shares 3 blocks with the next one
+               ("a", system + [1] * BLOCK + [8, 9]),
+               ("a", system + [2] * BLOCK + [7]),   # shares 2 blocks with the two above: contained in theirs
+               ("b", system + [1] * BLOCK + [7]),   # another owner: alone
+               ("a", other + [5]),                  # alone
+               ("a", system[:BLOCK])]               # a single block holds its last token: never cached
+    assert cache.shared_uncached(prompts) == [(0, 3 * BLOCK)]
+    assert cache.shared_uncached(prompts[2:]) == []
+    assert cache.shared_uncached([prompts[2], prompts[0], prompts[3]]) == [(0, 2 * BLOCK)]
+    block = torch.zeros(1)
+    for start in range(0, 3 * BLOCK, BLOCK):
+        cache.add("a", prompts[0][1], start, block)
+    assert cache.shared_uncached(prompts) == []  # cached already
+    assert cache.lookup("a", prompts[1][1], end=2 * BLOCK, count=False) == [block, block]
+    assert cache.queried == cache.hit == 0
+    assert cache.missing("a", prompts[3][1], end=2 * BLOCK) == []
+    assert PrefixCache(max_bytes=0).shared_uncached(prompts) == []
+
+
+def test_a_burst_sharing_a_prefix_computes_it_once_and_replies_match_offline(make, causal_dir, adapter_dir):
+    """Five prompts sharing their first blocks arrive at once: with nothing cached, the shared
+    blocks are computed in a forward of their own and every prompt takes them from the cache."""
+    engine = make()
+    jobs = [(adapter, SHARED + ending) for adapter in ("alpha", "base") for ending in ENDINGS]
+    texts = run_all(engine, jobs)
+    ids = [engine.tokenizer(prompt)["input_ids"] for _, prompt in jobs]
+    common = next(n for n in range(min(map(len, ids)) + 1) if n == min(map(len, ids)) or len({i[n] for i in ids}) > 1)
+    assert common >= BLOCK
+    assert engine.metrics()["prefix_cache"]["hit_tokens"] == len(jobs) * (common // BLOCK) * BLOCK
+    for (adapter, prompt), text in zip(jobs, texts):
+        assert text == offline(causal_dir, adapter_dir, adapter, prompt), (adapter, prompt)
+
+
 def test_rows_with_different_starts_prefill_together(causal_dir):
     """Two prompts, one of them after 4 already-cached tokens, in one forward: each gives the logits
     of its own plain forward."""
