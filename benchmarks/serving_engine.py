@@ -117,7 +117,7 @@ def main() -> None:
         if args.cold:
             with engine.prefix_cache.lock:
                 engine.prefix_cache.entries.clear()
-                engine.prefix_cache.bytes = engine.prefix_cache.queried = engine.prefix_cache.hit = 0
+                engine.prefix_cache.bytes = 0  # (its counters run on: /metrics counts on from them)
         spent.clear()
         fed.clear()
         before = resource.getrusage(resource.RUSAGE_SELF)
@@ -125,6 +125,9 @@ def main() -> None:
         after = resource.getrusage(resource.RUSAGE_SELF)
         metrics = engine.metrics()
         engine.close()
+    failed = [r for r in results if not isinstance(r, dict)]
+    if failed:
+        raise SystemExit(f"{len(failed)} requests failed, the first: {failed[0]}")
     tokens = sum(r["completion_tokens"] for r in results)
     print(f"{args.dtype}, {args.adapters or 'no'} adapters, max batch {args.max_batch}: {seconds:.2f} s, {tokens} "
           f"tokens, {tokens / seconds:.1f} tokens/s; prompt tokens {sum(map(len, prompts))}")
