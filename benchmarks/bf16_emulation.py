@@ -1,5 +1,6 @@
-"""QLoRA with bf16 compute on a CPU without a bf16 unit: its big products in emulated bf16 (as
-before kernels/cpu.py) against fp32 (``cpu.matmul``), side by side in one process.
+"""LoRA and QLoRA with bf16 compute on a CPU without a bf16 unit: the frozen base's products in
+emulated bf16 (as before kernels/cpu.py) against fp32 (``cpu.matmul`` / ``cpu.linear``), side by side
+in one process.
 
     python -m benchmarks.bf16_emulation [--batch-size 2 --seq-len 96 --r 16 --repeats 3]
 
@@ -8,6 +9,7 @@ LoRA on its seven projections, round-robin:
   - QLoRA, bf16 compute, bf16 products: the 4-bit base and the loss multiply in bf16 (what torch
     does on its own; emulated where the CPU has no AMX-BF16 / AVX512-BF16);
   - QLoRA, bf16 compute, as lorakit runs it (fp32 products where bf16 is emulated);
+  - LoRA on a bf16 base (--bf16), the same two ways;
   - QLoRA, fp32 compute; and LoRA on the fp32 base (the floors).
 On a CPU with a bf16 unit the first two are the same path.
 """
@@ -65,8 +67,11 @@ def main() -> None:
     torch.manual_seed(0)
     ids = torch.randint(0, base.config.vocab_size, (args.batch_size, args.seq_len))
     bf16_model = qlora(torch.bfloat16)
+    lora_bf16 = lk.cast_base(lk.inject(copy.deepcopy(base), config), torch.bfloat16).train()
     cases = {"QLoRA bf16, bf16 products": step_fn(bf16_model, ids, True, products_in_bf16=True),
              "QLoRA bf16, as lorakit runs it": step_fn(bf16_model, ids, True),
+             "LoRA bf16 base, bf16 products": step_fn(lora_bf16, ids, True, products_in_bf16=True),
+             "LoRA bf16 base, as lorakit runs it": step_fn(lora_bf16, ids, True),
              "QLoRA fp32": step_fn(qlora(torch.float32), ids, False),
              "LoRA, fp32 base": step_fn(lk.inject(copy.deepcopy(base), config).train(), ids, False)}
     times = interleaved(cases, repeats=args.repeats)

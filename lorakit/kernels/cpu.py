@@ -8,6 +8,7 @@ import functools
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 BF16_UNITS = ("amx_bf16", "avx512_bf16")  # CPU flags of native bf16 matrix instructions
 
@@ -35,12 +36,25 @@ def _this_cpu_has_native_bf16() -> bool:
     return native_bf16() is not None
 
 
+def emulated_bf16(x: torch.Tensor) -> bool:
+    """Whether a bf16 product of ``x`` would run emulated: bf16 on a CPU without a bf16 unit."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not _this_cpu_has_native_bf16()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` in ``x``'s dtype, in fp32 where that is emulated bf16 (as ``matmul``)."""
+    if emulated_bf16(x):
+        with torch.autocast("cpu", enabled=False):
+            return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(torch.bfloat16)
+    return F.linear(x, weight, bias)
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b``, except that bf16 CPU operands on a CPU without a bf16 unit are multiplied in fp32
     (outside autocast, which would cast them back) and the product rounded back to bf16: the same
     operand values and fp32 accumulation as torch's own bf16 product, at fp32's speed (an SmolLM2
     projection's backward product at 182 rows on an AVX2 EPYC: 140-280 ms in bf16, 2.5-4 ms so)."""
-    if a.dtype == torch.bfloat16 and a.device.type == "cpu" and not _this_cpu_has_native_bf16():
+    if emulated_bf16(a):
         with torch.autocast("cpu", enabled=False):
             return (a.float() @ b.float()).to(torch.bfloat16)
     return a @ b

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .cpu import linear, matmul
+
 
 class FusedLoraLinear(torch.autograd.Function):
     """The whole layer in ``dtype`` (x's dtype, or autocast's): a 16-bit base with fp32 LoRA
@@ -24,7 +26,7 @@ class FusedLoraLinear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):  # the casts below are the autocast ones
             xc, Ac, Bc = x.to(dtype), A.to(dtype), B.to(dtype)
             base_weight = weight.T if transposed else weight  # Conv1D stores in×out
-            out = F.linear(xc, base_weight.to(dtype), None if bias is None else bias.to(dtype))
+            out = linear(xc, base_weight.to(dtype), None if bias is None else bias.to(dtype))
             mask = dropout_mask(xc, p) if p > 0 else None
             x_kept = xc * mask if mask is not None else xc
             h = F.linear(x_kept, Ac) * (scaling / (1 - p))  # the 1/(1-p) of dropout folded into the scaling
@@ -48,7 +50,7 @@ class FusedLoraLinear(torch.autograd.Function):
             x_kept = x2 * mask.reshape(x2.shape) if mask is not None else x2
             grad_A = (dh.t() @ x_kept).mul_(1 / (1 - p)).to(A.dtype)
         if ctx.needs_input_grad[0]:
-            grad_x = dy @ (weight.T if ctx.transposed else weight).to(dtype)
+            grad_x = matmul(dy, (weight.T if ctx.transposed else weight).to(dtype))
             if mask is None:
                 grad_x.addmm_(dh, A.to(dtype))
             else:
@@ -119,7 +121,7 @@ class SharedMemberOutput(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, h, B, dtype: torch.dtype):
         with torch.autocast(x.device.type, enabled=False):
-            out = F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+            out = linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
             out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]).to(dtype), B.to(dtype).t())
         ctx.save_for_backward(weight, h, B)
         ctx.dtype, ctx.x_dtype, ctx.h_dtype = dtype, x.dtype, h.dtype
@@ -132,7 +134,7 @@ class SharedMemberOutput(torch.autograd.Function):
         dy = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype)
         grad_x = grad_bias = grad_h = grad_B = None
         if ctx.needs_input_grad[0]:
-            grad_x = (dy @ weight.to(ctx.dtype)).view(*grad_out.shape[:-1], -1).to(ctx.x_dtype)
+            grad_x = matmul(dy, weight.to(ctx.dtype)).view(*grad_out.shape[:-1], -1).to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = dy.sum(0).to(ctx.bias_dtype)
         if ctx.needs_input_grad[3]:
