@@ -49,12 +49,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b``, except that bf16 CPU operands on a CPU without a bf16 unit are multiplied in fp32
-    (outside autocast, which would cast them back) and the product rounded back to bf16: the same
-    operand values and fp32 accumulation as torch's own bf16 product, at fp32's speed (an SmolLM2
-    projection's backward product at 182 rows on an AVX2 EPYC: 140-280 ms in bf16, 2.5-4 ms so)."""
+def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.matmul(a, b, out=out)``, except that bf16 CPU operands on a CPU without a bf16 unit are
+    multiplied in fp32 (outside autocast, which would cast them back) and the product rounded back to
+    bf16: the same operand values and fp32 accumulation as torch's own bf16 product, at fp32's speed
+    (an SmolLM2 projection's backward product at 182 rows on an AVX2 EPYC: 140-280 ms in bf16, 2.5-4
+    ms so)."""
     if emulated_bf16(a):
         with torch.autocast("cpu", enabled=False):
-            return (a.float() @ b.float()).to(torch.bfloat16)
-    return a @ b
+            product = (a.float() @ b.float()).to(torch.bfloat16)
+        return product if out is None else out.copy_(product)
+    return torch.matmul(a, b, out=out)

@@ -58,7 +58,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_logits = probs.scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
                     grad_logits = grad_logits.to(dtype)
                     if want_dh:
-                        grad_hidden[rows] = matmul(grad_logits, w)
+                        matmul(grad_logits, w, out=grad_hidden[rows])
                     if want_dw:
                         grad_weight.addmm_(grad_logits.t().float(), h[rows].float() * row_weight[rows, None])
             underflow = valid & ~torch.isfinite(row_loss)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .cpu import cpuinfo_value
+
 HERE = Path(__file__).parent
 HEADERS = (HERE / "bf16.h",)
 DTYPES = (torch.float32, torch.bfloat16)  # the element types every kernel takes (bf16 through bf16.h)
@@ -66,11 +68,8 @@ def build(source: Path, folder: str) -> tuple[ctypes.CDLL | None, Path | None, s
 
 
 def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next((line for line in info if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return ""
+    """The CPU's feature flags (x86 ``flags``, Arm ``Features``), or '' where /proc/cpuinfo has none."""
+    return cpuinfo_value("flags") or cpuinfo_value("Features") or ""
 
 
 def refusal(model) -> str | None:

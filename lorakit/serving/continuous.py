@@ -267,9 +267,7 @@ class ContinuousBatcher:
                 rows.append((adapters[i], owners[i], prompts[i], start, end))
         if not rows:
             return
-        fed = [prompt[start:end] for _, _, prompt, start, end in rows]
-        width = max(map(len, fed))
-        ids = torch.tensor([f + [f[-1]] * (width - len(f)) for f in fed])
+        ids = _right_padded([prompt[start:end] for _, _, prompt, start, end in rows])
         self._forward([row[0] for row in rows], first, ids, torch.tensor([row[3] for row in rows]))
         for slot, (_, owner, prompt, _, end) in enumerate(rows, start=first):
             self._store_prefix(owner, prompt, slot, end)
@@ -322,9 +320,7 @@ class ContinuousBatcher:
             if self.engine.packed_prefill:  # one adapter (adapter_groups), no padding
                 logits = self._forward_packed(newcomers[0].request.adapter, first, fed, starts)
             else:
-                width = max(len(f) for f in fed)
-                ids = torch.tensor([f + [f[-1]] * (width - len(f)) for f in fed])
-                logits = self._forward([key[0] for key in groups], first, ids, torch.tensor(starts),
+                logits = self._forward([key[0] for key in groups], first, _right_padded(fed), torch.tensor(starts),
                                        last=torch.tensor([len(f) - 1 for f in fed]))
             for source, (owner, prompt) in enumerate(zip(owners, prompts)):
                 self._store_prefix(owner, prompt, first + source)
@@ -454,3 +450,10 @@ class ContinuousBatcher:
             for active in rows:
                 if not active.answered:
                     self._fail(active, ServingError(f"generation failed: {exc}", 500))
+
+
+def _right_padded(fed: list[list[int]]) -> torch.Tensor:
+    """Rows of token ids as one tensor, each padded on the right with its own last token up to the
+    longest: the padding columns lie past the row's length, never attended to, overwritten as it grows."""
+    width = max(map(len, fed))
+    return torch.tensor([f + [f[-1]] * (width - len(f)) for f in fed])

@@ -12,7 +12,8 @@ from lorakit.kernels.lora import FusedLoraLinear, SharedMemberOutput
 from lorakit.kernels.losses import linear_cross_entropy
 from lorakit.kernels.nf4 import Linear4bit
 
-PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default}
+PRODUCTS = {getattr(op, overload) for op in (torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.addmm)
+            for overload in ("default", "out")}  # out: a product written into a given tensor
 
 
 class ProductDtypes(TorchDispatchMode):
