@@ -16,6 +16,16 @@ hf_logging.set_verbosity_error()
 warnings.filterwarnings("ignore", message=".*target_modules entries matched no module.*")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def packed_calibration_file(tmp_path_factory):
+    """The suite keeps its packed-weight calibrations (serving/packed_calibration.py) in a file of
+    its own: tests that fake oneDNN's timings must not write the user's, nor read it."""
+    path = tmp_path_factory.mktemp("calibration") / "packed-weights.json"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("lorakit.serving.packed_calibration.calibration_file", lambda: path)
+        yield path
+
+
 @pytest.fixture
 def ids():
     torch.manual_seed(123)

@@ -67,7 +67,9 @@ def add_commands(sub) -> None:
     serve.add_argument("--packed-weights", default="auto", choices=["auto", "on", "off"],
                        help="a copy of the fp32 base's linear weights packed for oneDNN, which multiplies the few rows "
                             "of a decoding step faster than torch's default path on some CPUs; auto (default): on for "
-                            "an fp32 base when the copy takes under half of the memory available; said at start")
+                            "an fp32 base when the copy takes under half of the memory available, for the row counts "
+                            "where it measured faster (once per machine, kept in the lorakit cache directory's "
+                            "packed-weights.json); said at start")
     serve.add_argument("--packed-prefill", default="auto", choices=["auto", "off"],
                        help="prefill the prompts of one forward laid end to end in one row instead of padded to the "
                             "longest (continuous scheduler); auto (default): on when the model's packed forward "

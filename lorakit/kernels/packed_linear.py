@@ -135,14 +135,22 @@ def set_packed_steps(model: nn.Module, steps: dict[tuple[int, int], frozenset[in
     return total
 
 
-def calibrate(model: nn.Module, repeats: int = 5) -> dict[tuple[int, int], frozenset[int]]:
+def calibrated_shapes(model: nn.Module) -> set[tuple[int, int]]:
+    """The (in, out) shapes of ``model``'s weights that ``calibrate`` measures."""
+    return {(m.in_features, m.out_features) for m in model.modules() if packable(m, CALIBRATE_MIN)}
+
+
+def calibrate(model: nn.Module, repeats: int = 5,
+              skip: frozenset[tuple[int, int]] = frozenset()) -> dict[tuple[int, int], frozenset[int]]:
     """Time F.linear against the packed product for each distinct ``packable`` shape of ``model``
-    at each of ROW_STEPS (on this thread's torch threads, the two taking turns, medians): the steps
-    where packed measured at least CALIBRATE_GAIN faster. Which one wins depends on the CPU: on an
-    AVX2 EPYC MKL wins at 16-64 rows for mid-sized weights, on an AVX512 one oneDNN wins 2x almost
-    everywhere (MKL takes no AVX512 path on AMD). About a second for SmolLM2-135M."""
+    not in ``skip`` at each of ROW_STEPS (on this thread's torch threads, the two taking turns,
+    medians): the steps where packed measured at least CALIBRATE_GAIN faster. Which one wins depends
+    on the CPU: on an AVX2 EPYC MKL wins at 16-64 rows for mid-sized weights, on an AVX512 one
+    oneDNN wins 2x almost everywhere (MKL takes no AVX512 path on AMD). 4-5 s for SmolLM2-135M's
+    shapes and 33 s for LLaMA-7B's on one thread of the AVX2 EPYC, so a server keeps what it
+    measured (serving/packed_calibration.py)."""
     shapes = {(m.in_features, m.out_features): m.weight.numel() for m in model.modules()
-              if packable(m, CALIBRATE_MIN)}
+              if packable(m, CALIBRATE_MIN) and (m.in_features, m.out_features) not in skip}
     found = {}
     with torch.inference_mode():
         for (fan_in, fan_out), elements in shapes.items():

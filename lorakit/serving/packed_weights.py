@@ -4,7 +4,8 @@ torch's fp32 ``F.linear`` runs through MKL, which is slow on some CPUs: for a fe
 EPYC (oneDNN's packed weights 1.2-2× faster there), and at every row count on an AVX512 EPYC, where
 MKL takes no AVX512 path (oneDNN 2.2-2.4×, prefill included; BENCHMARKS.md, issue 26). Which row
 counts gain depends on the CPU, so ``use_packed_weights`` measures them when the engine starts
-(``calibrate``, about a second, at the threads a worker runs on) and packs the weights for those: for
+(``calibrate``, at the threads a worker runs on, once per machine: packed_calibration.py) and packs the
+weights for those: for
 ``auto`` only where it pays and fits (an fp32 model on CPU, torch built with oneDNN, the extra copy
 under half of the memory available), then checks a forward with every packed weight in use against
 the unpacked model and unpacks (saying so) when they differ or it fails. It returns what it did in
@@ -18,9 +19,10 @@ import logging
 import torch
 
 from ..hub.low_memory import available_bytes
-from ..kernels.packed_linear import (ROW_STEPS, calibrate, pack_linears, packed_elements, packing_available,
-                                     set_packed_steps, unpack_linears)
+from ..kernels.packed_linear import (ROW_STEPS, pack_linears, packed_elements, packing_available, set_packed_steps,
+                                     unpack_linears)
 from .checks import same_logits
+from .packed_calibration import measured_steps
 
 log = logging.getLogger("lorakit.serving")
 SETTINGS = ("auto", "on", "off")  # lorakit serve --packed-weights
@@ -51,7 +53,7 @@ def use_packed_weights(model, setting: str = "auto", threads: int | None = None)
     try:
         if threads:
             torch.set_num_threads(threads)
-        steps = calibrate(model)
+        steps, how = measured_steps(model)
         with torch.inference_mode():
             before = model(input_ids=ids).logits
             pack_linears(model, steps={shape: frozenset(ROW_STEPS) for shape in steps})
@@ -68,11 +70,11 @@ def use_packed_weights(model, setting: str = "auto", threads: int | None = None)
         log.warning("packed weights gave other logits for this model; serving with torch's own linears")
         return False, "off (they gave other logits for this model)"
     if not extra:
-        return False, "off (oneDNN's packed product measured no faster than torch's linears here)"
+        return False, f"off (oneDNN's packed product measured no faster than torch's linears here; {how})"
     gaining = sorted(steps.items(), key=lambda item: -len(item[1]))
     where = ", ".join(f"{i}x{o}: {_steps_text(s)}" for (i, o), s in gaining)
     return True, (f"on ({extra / 2**20:.0f} MB more; oneDNN where it measured faster here, rows by weight shape: "
-                  f"{where}; --packed-weights off)")
+                  f"{where}; {how}; --packed-weights off)")
 
 
 def _steps_text(steps: frozenset[int]) -> str:
