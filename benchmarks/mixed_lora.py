@@ -25,6 +25,7 @@ import torch
 import lorakit as lk
 from lorakit.hub.models import load_model
 from lorakit.kernels.mixed_lora import load
+from lorakit.serving.slot_cache import cache_keyword
 
 from .common import print_table
 
@@ -99,7 +100,9 @@ def steps(kernel, rounds: int = 12) -> None:
             cases["8 adapters, kernel"] = lambda: lk.mixed_batch(model, row_names, stack=names, kernel=kernel)
         with torch.inference_mode():
             with lk.disable_adapters(model):
-                cache = model(torch.randint(100, 20000, (12, 200)), use_cache=True).past_key_values
+                out = model(torch.randint(100, 20000, (12, 200)), use_cache=True)
+                keyword = cache_keyword(model)  # `cache` in recent transformers, `past_key_values` before
+                cache = out[keyword] if keyword in out else out.past_key_values
             step = torch.randint(100, 20000, (12, 1))
             times: dict[str, list[float]] = {case: [] for case in cases}
             for _ in range(rounds):
@@ -107,7 +110,7 @@ def steps(kernel, rounds: int = 12) -> None:
                     state = copy.deepcopy(cache)
                     with context():
                         start = time.perf_counter()
-                        model(step, past_key_values=state, use_cache=True)
+                        model(step, use_cache=True, **{keyword: state})
                         times[case].append(time.perf_counter() - start)
         middle = {case: sorted(t)[2:-2] for case, t in times.items()}
         base = sum(middle["base"]) / len(middle["base"])
