@@ -137,7 +137,13 @@ class AdapterPool:
                     self._detach(victim)
                     self._attach(name, path)
                     return
-                swap.apply()
+                try:
+                    swap.apply()
+                except Exception as exc:
+                    # the victim holds some of the new values now: dropped, it comes back whole
+                    # from its file when a request names it (a failed load leaves no half-written adapter)
+                    self._detach(victim)
+                    raise ServingError(f"adapter {name!r} cannot be loaded: {exc}", 500) from exc
                 lk.rename_adapter(self.model, victim, name)
                 self.last_used.pop(victim, None)
                 self._loaded(name)

@@ -8,8 +8,9 @@ import time
 import httpx
 import pytest
 
-from lorakit.serving import BackgroundServer, Limits, build_engine
-from tests.helpers import complete, offline
+from lorakit.io.hotswap import Hotswap
+from lorakit.serving import BackgroundServer, Limits, ServingError, build_engine
+from tests.helpers import complete, offline, submit
 
 
 def paced_engine(causal_dir, adapters=None, step_s=0.02, **engine_kwargs):
@@ -205,3 +206,29 @@ def test_unload_reload_loop_never_fails_a_request(causal_dir, adapter_dir):  # n
             churner.join(60)
         assert [r.status_code for r in replies] == [200] * 40, [r.text for r in replies if r.status_code != 200][:3]
         assert len(engine.adapters) <= 2
+
+
+def test_a_swap_that_fails_halfway_leaves_no_half_written_adapter(causal_dir, adapter_dir, monkeypatch):  # noqa: F811
+    """gamma is hot-swapped into idle alpha's tensors; when the copy fails after changing some of
+    them, the request gets the reason and alpha is dropped, so that it comes back whole from its
+    file: every later reply equals offline generate."""
+    engine = build_engine(causal_dir, {}, adapter_dir=str(adapter_dir), max_loaded_adapters=1)
+    try:
+        first = submit(engine, "alpha", "alpha", "a movie is very", 6, [])
+        assert first.finished.wait(60) and first.error is None
+
+        def halfway(swap):
+            layer = next(iter(swap.held.values()))
+            layer.lora_pair(swap.adapter_name)[1].data.add_(1.0)  # one of alpha's tensors changed...
+            raise RuntimeError("out of memory")  # ...then the copy fails
+        monkeypatch.setattr(Hotswap, "apply", halfway)
+        with pytest.raises(ServingError, match="adapter 'gamma' cannot be loaded: out of memory"):
+            submit(engine, "gamma", "gamma", "a movie is very", 6, [])
+        assert engine.pool.resident() == []
+        monkeypatch.undo()
+        for adapter in ("alpha", "gamma", "alpha"):
+            recorder = submit(engine, adapter, adapter, "a movie is very", 6, [])
+            assert recorder.finished.wait(60) and recorder.error is None, recorder.error
+            assert recorder.result["text"] == offline(causal_dir, adapter_dir, adapter, "a movie is very", 6)
+    finally:
+        engine.close()
