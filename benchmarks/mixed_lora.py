@@ -25,7 +25,7 @@ import torch
 import lorakit as lk
 from lorakit.hub.models import load_model
 from lorakit.kernels.mixed_lora import load
-from lorakit.serving.slot_cache import cache_keyword
+from lorakit.serving.slot_cache import cache_keyword, returned_cache
 
 from .common import print_table
 
@@ -102,7 +102,7 @@ def steps(kernel, rounds: int = 12) -> None:
             with lk.disable_adapters(model):
                 out = model(torch.randint(100, 20000, (12, 200)), use_cache=True)
                 keyword = cache_keyword(model)  # `cache` in recent transformers, `past_key_values` before
-                cache = out[keyword] if keyword in out else out.past_key_values
+                cache = returned_cache(out, keyword)
             step = torch.randint(100, 20000, (12, 1))
             times: dict[str, list[float]] = {case: [] for case in cases}
             for _ in range(rounds):

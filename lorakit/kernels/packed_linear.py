@@ -149,8 +149,7 @@ def calibrate(model: nn.Module, repeats: int = 5,
     oneDNN wins 2x almost everywhere (MKL takes no AVX512 path on AMD). 4-5 s for SmolLM2-135M's
     shapes and 33 s for LLaMA-7B's on one thread of the AVX2 EPYC, so a server keeps what it
     measured (serving/packed_calibration.py)."""
-    shapes = {(m.in_features, m.out_features): m.weight.numel() for m in model.modules()
-              if packable(m, CALIBRATE_MIN) and (m.in_features, m.out_features) not in skip}
+    shapes = {(fan_in, fan_out): fan_in * fan_out for fan_in, fan_out in calibrated_shapes(model) - skip}
     found = {}
     with torch.inference_mode():
         for (fan_in, fan_out), elements in shapes.items():

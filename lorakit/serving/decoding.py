@@ -10,7 +10,7 @@ import torch
 import lorakit as lk
 
 from ..model.state import BASE
-from .slot_cache import cache_keyword
+from .slot_cache import cache_keyword, returned_cache
 
 
 def _adapter_block(engine, names: list[str]):
@@ -134,7 +134,7 @@ def generate_batch(engine, requests) -> None:
             positions = positions[:, -1:] + 1
             out = model(input_ids=torch.tensor(next_ids, device=device).unsqueeze(1), attention_mask=mask,
                         position_ids=positions, use_cache=True,
-                        **{keyword: out[keyword] if keyword in out else out.past_key_values})
+                        **{keyword: returned_cache(out, keyword)})
     for row in rows:
         engine.counters.prompt(len(row.request.prompt_ids))
         engine.counters.completion(len(row.tokens))

@@ -23,6 +23,7 @@ from ..hub.models import cache_dir
 from ..io.atomic import staged_file
 from ..kernels import packed_linear
 from ..kernels.cpu import cpuinfo_value
+from ..kernels.native import cpu_flags
 
 log = logging.getLogger("lorakit.serving")
 FILE = "packed-weights.json"
@@ -37,8 +38,7 @@ def calibration_file() -> Path:
 def machine_key() -> str:
     """What a measurement holds for: the CPU, torch (its MKL and oneDNN), this thread's torch
     threads, and the calibration's settings (a change to them measures again)."""
-    cpu = hashlib.sha256(f"{cpuinfo_value('model name')}|{cpuinfo_value('flags') or cpuinfo_value('Features')}"
-                         .encode()).hexdigest()[:16]
+    cpu = hashlib.sha256(f"{cpuinfo_value('model name')}|{cpu_flags()}".encode()).hexdigest()[:16]
     return (f"cpu={cpu} torch={torch.__version__} threads={torch.get_num_threads()} "
             f"gain={packed_linear.CALIBRATE_GAIN} steps={','.join(map(str, packed_linear.ROW_STEPS))}")
 
@@ -62,11 +62,12 @@ def measured_steps(model) -> tuple[Steps, str]:
     try:
         with staged_file(path) as staging:
             Path(staging).write_text(json.dumps({**everything, key: kept}, indent=1, sort_keys=True))
+        how = f"measured now, kept in {path}"
     except Exception as exc:  # noqa: BLE001 - a cache that cannot be written only costs time
         log.warning("could not keep the packed-weights calibration in %s (%s); the next start measures again",
                     path, exc)
-        return {**known, **new}, "measured now"
-    return {**known, **new}, f"measured now, kept in {path}"
+        how = "measured now"
+    return {**known, **new}, how
 
 
 def _read(path: Path) -> dict:

@@ -216,6 +216,12 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def returned_cache(out, keyword: str):
+    """The KV cache a forward's output carries: under ``keyword`` where the model returns it so,
+    as ``past_key_values`` otherwise."""
+    return out[keyword] if keyword in out else out.past_key_values
+
+
 def slot_forward(model, cache: SlotCache, slot: int, ids: torch.Tensor, start: int = 0):
     """One plain forward of ``ids`` (1-D) into slot ``slot`` of ``cache`` from column ``start`` on, as
     the scheduler runs a prompt chunk; the model's output. The start-up checks build their slot
