@@ -17,7 +17,8 @@ alpha_pattern, as loading it does (PEFT's swap matches those patterns against th
 key, so a patterned module keeps the default rank's scaling); and DoRA adapters swap (PEFT's raises
 KeyError on the magnitude's key). tests/io/test_hotswap.py shows both. Adapters with saved modules,
 trainable tokens, base-layer tensors, AdaLoRA or parameter targets are refused before anything
-changes: load them with ``lk.load_adapter``.
+changes (the adapter swapped out, too, where it has saved modules or token rows): load them with
+``lk.load_adapter``.
 """
 
 from __future__ import annotations
@@ -63,6 +64,13 @@ class Hotswap:
     targets: set[str]
     held: dict[str, LoraLayer]  # the adapter's layers by path
     assignments: list  # ((path, attr), tensor) as io/checkpoint.match_tensors pairs them
+
+    def changes_structure(self) -> bool:
+        """Whether applying builds modules (a module's rank changes). Without that, ``apply`` only
+        writes the adapter's values and scalings, then drops the mixed-batch caches built from
+        them: forwards of other adapters may run meanwhile (a server swaps beside them)."""
+        return any(path in self.targets and layer.rank(self.adapter_name) != self.config.rank_for(path)
+                   for path, layer in self.held.items())
 
     def apply(self) -> None:
         name, config = self.adapter_name, self.config

@@ -203,7 +203,9 @@ class LoraLayer(nn.Module):
         self.clear_mixed_cache()
 
     def clear_mixed_cache(self) -> None:
-        """Drop the stacked adapters and row buffers kept for mixed batches."""
+        """Drop the stacked adapters and row buffers kept for mixed batches. A stack being built by
+        another thread meanwhile is dropped at its next use too (the generation it read is old)."""
+        self.__dict__["_mixed_generation"] = self.__dict__.get("_mixed_generation", 0) + 1
         self.__dict__.pop("_mixed_cache", None)
         self.__dict__.pop("_row_buffers", None)
 
@@ -279,19 +281,25 @@ class LoraLayer(nn.Module):
         """
         names = tuple(slot_names)
         scalings = tuple(self.scaling.get(n) for n in names)
+        # read before anything else: an adapter overwritten while this builds (a server's hot swap,
+        # which runs beside forwards of other adapters) bumps it, and the next block rebuilds
+        generation = self.__dict__.get("_mixed_generation", 0)
         cached = self.__dict__.get("_mixed_cache")
         # the version check runs on every block (a Python loop over the parameters was a third of
         # entering a block over 120 layers)
-        if cached is not None and cached[0] == names and cached[1] == scalings and versions(cached[2]) == cached[3]:
+        if (cached is not None and cached[0] == names and cached[1] == scalings and cached[5] == generation
+                and versions(cached[2]) == cached[3]):
             return cached[4]
         held = set(self.adapter_names)
         present = [n for n in names if n in held]
         params = [p for n in present for p in self.adapter_parameters(n)]
-        stacks = MixedStacks(*self._build_stacks(list(names), present), self.dora_scale_stack(list(names)))
-        if stacks.scale is not None:  # DoRA's scales also read the base weight (a merge round trip rounds it)
+        dora = any(self.variants[n].has_magnitude for n in present)
+        if dora:  # DoRA's scales also read the base weight (a merge round trip rounds it)
             params.append(self.base_layer.packed if self.quantized else self.base_layer.weight)
         params = tracked(params)  # adapters loaded under inference_mode have no version counter
-        self.__dict__["_mixed_cache"] = (names, scalings, params, versions(params), stacks)
+        seen = versions(params)  # before the values are read, for the same reason as the generation
+        stacks = MixedStacks(*self._build_stacks(list(names), present), self.dora_scale_stack(list(names)))
+        self.__dict__["_mixed_cache"] = (names, scalings, params, seen, stacks, generation)
         return stacks
 
     def dora_scale_stack(self, slot_names: list[str]) -> torch.Tensor | None:

@@ -274,6 +274,7 @@ class ContinuousBatcher:
 
     def _adapters(self, names: list[str]):
         model = self.engine.model
+        names = self.engine.pool.model_names(names)
         if all(n == BASE for n in names):
             return lk.disable_adapters(model) if self.engine.has_adapters() else contextlib.nullcontext()
         if len(set(names)) == 1 and lk.active_adapters(model) == names[:1]:

@@ -18,7 +18,7 @@ def _adapter_block(engine, names: list[str]):
         if engine.has_adapters():
             return lk.disable_adapters(engine.model)
         return contextlib.nullcontext()
-    return lk.mixed_batch(engine.model, names)
+    return lk.mixed_batch(engine.model, engine.pool.model_names(names))
 
 
 def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:

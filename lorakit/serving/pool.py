@@ -7,12 +7,18 @@ pinned: they are evicted like the others and come back from their path when a re
 again, so the cap holds exactly and no name ever becomes unknown.
 
 Locks, outermost first: ``loading`` (one load or eviction at a time), ``model_lock`` (taken alone
-here while adapters change; the engine's forwards share it), ``idle`` (guards ``in_use``,
+here while the model's modules change; the engine's forwards share it), ``idle`` (guards ``in_use``,
 ``draining`` and the line; notified whenever any of them changes).
+
+Requests name adapters; the model holds each one under a name of its own (``model_name``), the same
+at first. When an idle adapter's tensors are lent to the next one (a hot swap), only the names'
+mapping changes: renaming the model's adapter would change its modules, which needs every forward
+to stop, while writing an idle adapter's values does not (no row of a forward in flight uses it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -42,6 +48,7 @@ class AdapterPool:
         self.loading = threading.RLock()
         self.line: deque[object] = deque()  # requests waiting for room to load their adapter
         self.loads: dict[str, int] = {}  # how many times each name was loaded: tells one load from the next
+        self.in_model: dict[str, str] = {}  # adapter name -> the name the model holds it under
 
     # --- what is there -------------------------------------------------------------------------
     @property
@@ -51,10 +58,20 @@ class AdapterPool:
 
     def resident(self) -> list[str]:
         """Every adapter in memory, those being unloaded included (they still take room)."""
+        named = {inside: name for name, inside in self.in_model.items()}
+        return [named.get(inside, inside) for inside in self._held()]
+
+    def _held(self) -> list[str]:
+        """The model's own names of the adapters it holds."""
         try:
             return lk.list_adapters(self.model)
         except LoraError:
             return []
+
+    def model_names(self, names: list[str]) -> list[str]:
+        """The model's names for the adapters of a forward's rows (BASE stays BASE). The rows'
+        adapters are in use, so their names cannot change while the forward runs."""
+        return [self.in_model.get(name, name) for name in names]
 
     def known(self, name: str) -> bool:
         """Can ``name`` be loaded by name: given at start, or an adapter of --adapter-dir?"""
@@ -102,10 +119,14 @@ class AdapterPool:
 
     def _attach(self, name: str, path: Path) -> None:
         """Load ``name`` into the model; the caller holds the model lock."""
+        inside, taken = name, set(self._held())
+        while inside in taken:  # the model holds another adapter under this name (a swap lent it)
+            inside += "_"
         try:
-            lk.load_adapter(self.model, path, adapter_name=name)
+            lk.load_adapter(self.model, path, adapter_name=inside)
         except LoraError as exc:
             raise ServingError(f"adapter {name!r} cannot be loaded: {exc}", 422) from None
+        self.in_model[name] = inside
         self._loaded(name)
 
     def _loaded(self, name: str) -> None:
@@ -114,45 +135,47 @@ class AdapterPool:
         release_threads()  # an OpenMP team this (HTTP) thread built for the copies would slow the engine's
 
     def _replace(self, victim: str, name: str, path: Path) -> None:
-        """Evict idle ``victim`` and load ``name`` in one turn of the model lock: every exclusive turn
-        waits for the forwards in flight and stops new ones, so one turn, not two. The caller holds
-        the loading lock, under which requests are counted in use: the victim stays idle.
+        """Evict idle ``victim`` for ``name``. The caller holds the loading lock, under which
+        requests are counted in use: the victim stays idle, and no other load or eviction runs.
 
-        Where ``name`` fits the victim's modules (no module the victim lacks, the same DoRA,
-        rsLoRA and dropout settings: the common case of many adapters trained alike), it is
-        hot-swapped into the victim's tensors (lk.hotswap_adapter) and the victim renamed, instead of
-        building ``name``'s modules, which held the lock for most of a turn (BENCHMARKS.md, issue
-        26); anything else is evicted and loaded. The swap is prepared before the lock: the loading
-        lock, which this thread holds, keeps every other load and eviction out meanwhile, and the
-        victim, draining, can be neither unloaded nor used."""
+        Where ``name`` fits the victim's modules (no module the victim lacks, the same ranks, DoRA,
+        rsLoRA and dropout settings: the common case of many adapters trained alike), its weights
+        are written into the victim's tensors (lk.hotswap_adapter) while forwards run: they use
+        other adapters, and a turn of the model lock alone would wait for every forward in flight
+        and stop both workers meanwhile (BENCHMARKS.md, issue 26). A swap that changes ranks builds
+        modules, so it takes the lock; anything else is evicted and loaded in one turn of it."""
         with self.idle:
             self.draining.add(victim)  # requests naming it meanwhile wait, then load it again
         try:
-            try:  # read and checked while forwards run: only the copy takes the lock
-                swap = prepare_hotswap(self.model, path, victim)
+            inside = self.in_model[victim]
+            try:  # read and checked while forwards run
+                swap = prepare_hotswap(self.model, path, inside)
             except LoraError:  # it does not fit: evict and load
                 swap = None
-            with self.model_lock:
-                if swap is None:
+            if swap is None:
+                with self.model_lock:
                     self._detach(victim)
                     self._attach(name, path)
-                    return
-                try:
+                return
+            try:
+                with self.model_lock if swap.changes_structure() else contextlib.nullcontext():
                     swap.apply()
-                except Exception as exc:
-                    # the victim holds some of the new values now: dropped, it comes back whole
-                    # from its file when a request names it (a failed load leaves no half-written adapter)
+            except Exception as exc:
+                # the victim holds some of the new values now: dropped, it comes back whole from
+                # its file when a request names it (a failed load leaves no half-written adapter)
+                with self.model_lock:
                     self._detach(victim)
-                    raise ServingError(f"adapter {name!r} cannot be loaded: {exc}", 500) from exc
-                lk.rename_adapter(self.model, victim, name)
-                self.last_used.pop(victim, None)
-                self._loaded(name)
+                raise ServingError(f"adapter {name!r} cannot be loaded: {exc}", 500) from exc
+            del self.in_model[victim]
+            self.in_model[name] = inside
+            self.last_used.pop(victim, None)
+            self._loaded(name)
         finally:
             self._end_draining(victim)
 
     def _detach(self, name: str) -> None:
         """Drop ``name`` from the model; the caller holds the model lock."""
-        lk.delete_adapter(self.model, name)
+        lk.delete_adapter(self.model, self.in_model.pop(name, name))
         self.last_used.pop(name, None)
 
     def _end_draining(self, name: str) -> None:

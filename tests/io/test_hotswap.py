@@ -77,18 +77,19 @@ def test_mixed_batches_after_a_swap_use_the_new_weights(ids, tmp_path):
     assert torch.allclose(mixed, logits(fresh, ids), atol=1e-5)
 
 
-REFUSED = {  # the second adapter, and the error
-    "other use_dora": (dict(FIRST, use_dora=True), lk.ConfigError),
-    "other dropout": (dict(FIRST, lora_dropout=0.1), lk.ConfigError),
-    "a module the first lacks": (dict(FIRST, target_modules=["q_proj", "k_proj"]), lk.AdapterMismatchError),
-    "saved modules": (dict(FIRST, modules_to_save=["lm_head"]), lk.LoraError),
+REFUSED = {  # the adapter loaded, the one swapped in, and the error
+    "other use_dora": (FIRST, dict(FIRST, use_dora=True), lk.ConfigError),
+    "other dropout": (FIRST, dict(FIRST, lora_dropout=0.1), lk.ConfigError),
+    "a module the first lacks": (FIRST, dict(FIRST, target_modules=["q_proj", "k_proj"]), lk.AdapterMismatchError),
+    "saved modules": (FIRST, dict(FIRST, modules_to_save=["lm_head"]), lk.LoraError),
+    "saved modules in the adapter swapped out": (dict(FIRST, modules_to_save=["lm_head"]), FIRST, lk.LoraError),
 }
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
 def test_a_refused_swap_names_the_reason_and_leaves_the_model_as_it_was(case, ids, tmp_path):
-    second, error = REFUSED[case]
-    save_peft(tmp_path / "first", 1, **FIRST)
+    first, second, error = REFUSED[case]
+    save_peft(tmp_path / "first", 1, **first)
     save_peft(tmp_path / "second", 2, **second)
     model = lk.load_adapter(tiny_llama(), tmp_path / "first")
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -131,6 +133,34 @@ def test_stacks_follow_weight_updates_and_readded_adapters(ids):
     with lk.mixed_batch(model, names):
         third = logits(model, ids)
     assert torch.allclose(third[2], per_adapter(model, ids, "b")[2], atol=1e-5)
+
+
+@pytest.mark.parametrize("tracked", [True, False], ids=["version counters", "inference tensors"])
+def test_stacks_built_while_an_adapter_is_overwritten_are_built_again(tracked):
+    """A server writes an idle adapter's values while another thread builds the stacks (a hot swap
+    beside forwards): the stacks that read the old values are not kept past the swap's end."""
+    # adapters loaded under inference mode have no version counters to notice the write
+    with contextlib.nullcontext() if tracked else torch.inference_mode():
+        model = three_adapters("llama")
+    layer = model.model.layers[0].self_attn.q_proj
+    names = ["a", "b"]
+    build = layer._build_stacks
+
+    def build_then_swap(slot_names, present):
+        stacks = build(slot_names, present)  # the old values of b read
+        with torch.inference_mode() if not tracked else torch.no_grad():  # the swap writes b, then ends
+            layer.lora_pair("b")[1].add_(1.0)
+        layer.clear_mixed_cache()
+        return stacks
+
+    layer._build_stacks = build_then_swap
+    stale = layer.mixed_stacks(names)
+    del layer._build_stacks
+    fresh = layer.mixed_stacks(names)
+    A, B = layer.factors("b")
+    assert fresh is not stale
+    assert torch.equal(fresh.B[2, :B.shape[1]], (B.t() * layer.scaling["b"]).to(fresh.B.dtype))
+    assert layer.mixed_stacks(names) is fresh  # and kept from then on
 
 
 def test_layers_without_any_of_the_blocks_adapters_stay_base(ids):

@@ -341,3 +341,36 @@ def test_an_evicted_adapter_of_the_same_shape_lends_its_tensors_to_the_next_and_
         assert pool.loads == {"alpha": 2, "gamma": 1, "beta": 1} and pool.adapters == ["alpha"]
     finally:
         engine.close()
+
+
+def test_a_hot_swap_runs_beside_forwards_in_flight_and_names_stay_apart(causal_dir, adapter_dir):  # noqa: F811
+    """Lending idle alpha's tensors to gamma writes values no forward in flight reads, so it does not
+    wait for the forwards (a turn of the model lock would: it stops every worker meanwhile). The
+    model keeps holding gamma under alpha's name; alpha loaded afresh then gets a name of its own.
+    Every reply equals offline generate with its adapter."""
+    engine = build_engine(causal_dir, {}, adapter_dir=str(adapter_dir), max_loaded_adapters=2)
+    pool = engine.pool
+
+    def answers(adapter):
+        recorder = submit(engine, adapter, adapter, "a movie is very", 6, [])
+        assert recorder.finished.wait(60) and recorder.error is None
+        assert recorder.result["text"] == offline(causal_dir, adapter_dir, adapter, "a movie is very", 6)
+        while pool.in_use.get(adapter, 0):  # the worker releases after replying
+            time.sleep(0.01)
+
+    try:
+        answers("alpha")
+        answers("beta")  # DoRA: it does not fit alpha's tensors, and alpha is now the one to go
+        with engine.model_lock.shared():  # a forward in flight
+            swap = threading.Thread(target=pool.acquire, args=("gamma",), daemon=True)
+            swap.start()
+            swap.join(30)
+            assert not swap.is_alive()  # done without waiting for the forward
+        pool.release("gamma")
+        assert pool.in_model["gamma"] == "alpha" and sorted(pool.adapters) == ["beta", "gamma"]
+        answers("gamma")
+        answers("alpha")  # beta goes (it does not fit alpha's file): alpha is built under another name
+        assert pool.in_model == {"gamma": "alpha", "alpha": "alpha_"} and sorted(pool.adapters) == ["alpha", "gamma"]
+        answers("gamma")
+    finally:
+        engine.close()
