@@ -74,7 +74,6 @@ class Hotswap:
 
     def apply(self) -> None:
         name, config = self.adapter_name, self.config
-        rebuilt = set()
         with torch.no_grad():
             for path, layer in self.held.items():
                 if path not in self.targets:  # as PEFT: what the new adapter leaves out adds nothing
@@ -87,17 +86,13 @@ class Hotswap:
                     layer.create_pair(name, rank, A.dtype, A.device)
                     for tensor in layer.lora_pair(name):
                         tensor.requires_grad_(A.requires_grad)
-                    rebuilt.add(path)
                 layer.scaling[name] = config.scaling_for(path)
             for (path, attr), tensor in self.assignments:
                 target = tensor_target(self.model, path, attr, name)
                 target.copy_(tensor.to(dtype=target.dtype, device=target.device))
-        for path, layer in self.held.items():  # after every write: a stack built meanwhile is built again
+        for layer in self.held.values():
             layer.variants[name].forget_values(layer, name)
-            if path in rebuilt:
-                layer.clear_mixed_cache()
-            else:
-                layer.adapter_overwritten(name)
+            layer.clear_mixed_cache()
         registry(self.model).configs[name] = config
 
 

@@ -25,19 +25,6 @@ from .per_thread import PerThread, thread_buffers
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-class _KeptStacks(NamedTuple):
-    """A layer's stacks and what they were built from (``LoraLayer.mixed_stacks``)."""
-
-    names: tuple[str, ...]
-    scalings: tuple
-    params: list[torch.Tensor]  # the stacked adapters' tensors that have version counters
-    owners: tuple[str, ...]     # the adapter of each of those tensors
-    seen: list[int]             # their versions, read before their values
-    stacks: "MixedStacks"
-    generation: int             # the layer's adapters (added, removed, renamed), read before the values
-    marks: tuple[int, ...]      # per name, how many times it was overwritten in place, likewise
-
-
 class MixedStacks(NamedTuple):
     """One layer's adapters stacked for mixed batches (model/mixed.py): slots×in×r Aᵀ, slots×r×out
     s·Bᵀ, each slot's dropout, and DoRA's per-slot output scales (None when no adapter uses DoRA)."""
@@ -46,13 +33,6 @@ class MixedStacks(NamedTuple):
     B: torch.Tensor
     dropout: torch.Tensor
     scale: torch.Tensor | None
-
-
-def scaled(B: torch.Tensor, scales: list[float], dtype: torch.dtype) -> torch.Tensor:
-    """Stacked Bᵀ (slots×r×out) times each slot's scaling: s·B in fp32 arithmetic, rounded once to
-    ``dtype``, as B * s computes it."""
-    scale = torch.tensor(scales, dtype=torch.float32, device=B.device).view(-1, 1, 1)
-    return (B * scale).to(dtype)
 
 
 def conv1d_class():
@@ -227,12 +207,6 @@ class LoraLayer(nn.Module):
         another thread meanwhile is dropped at its next use too (the generation it read is old)."""
         self.__dict__["_mixed_generation"] = self.__dict__.get("_mixed_generation", 0) + 1
         self.__dict__.pop("_mixed_cache", None)
-
-    def adapter_overwritten(self, name: str) -> None:
-        """Adapter ``name``'s values (and scaling) were written in place, its shapes unchanged (a
-        hot swap): the next mixed batch rebuilds only its slot of the kept stacks."""
-        marks = self.__dict__.setdefault("_overwritten", {})
-        marks[name] = marks.get(name, 0) + 1
         self.__dict__.pop("_row_buffers", None)
 
     def row_buffers(self) -> dict:
@@ -307,62 +281,26 @@ class LoraLayer(nn.Module):
         """
         names = tuple(slot_names)
         scalings = tuple(self.scaling.get(n) for n in names)
-        # read before the values: an adapter changed while this builds (a server's hot swap, which
-        # runs beside forwards of other adapters) changes them, and the next block rebuilds
+        # read before anything else: an adapter overwritten while this builds (a server's hot swap,
+        # which runs beside forwards of other adapters) bumps it, and the next block rebuilds
         generation = self.__dict__.get("_mixed_generation", 0)
-        overwritten = self.__dict__.get("_overwritten", {})
-        marks = tuple(overwritten.get(n, 0) for n in names)
-        kept: _KeptStacks | None = self.__dict__.get("_mixed_cache")
-        if kept is not None and kept.names == names and kept.generation == generation:
-            # the version check runs on every block (a Python loop over the parameters was a third
-            # of entering a block over 120 layers)
-            seen = versions(kept.params)
-            if kept.marks == marks and kept.scalings == scalings and seen == kept.seen:
-                return kept.stacks
-            refreshed = self._refresh_slots(kept, marks, scalings, seen)
-            if refreshed is not None:
-                self.__dict__["_mixed_cache"] = refreshed
-                return refreshed.stacks
+        cached = self.__dict__.get("_mixed_cache")
+        # the version check runs on every block (a Python loop over the parameters was a third of
+        # entering a block over 120 layers)
+        if (cached is not None and cached[0] == names and cached[1] == scalings and cached[5] == generation
+                and versions(cached[2]) == cached[3]):
+            return cached[4]
         held = set(self.adapter_names)
         present = [n for n in names if n in held]
-        owned = [(n, p) for n in present for p in self.adapter_parameters(n)]
-        if any(self.variants[n].has_magnitude for n in present):
-            # DoRA's scales also read the base weight (a merge round trip rounds it)
-            owned.append(("", self.base_layer.packed if self.quantized else self.base_layer.weight))
-        params = tracked([p for _, p in owned])  # adapters loaded under inference_mode have no version counter
-        counted = {id(p) for p in params}
-        owned = [(n, p) for n, p in owned if id(p) in counted]
+        params = [p for n in present for p in self.adapter_parameters(n)]
+        dora = any(self.variants[n].has_magnitude for n in present)
+        if dora:  # DoRA's scales also read the base weight (a merge round trip rounds it)
+            params.append(self.base_layer.packed if self.quantized else self.base_layer.weight)
+        params = tracked(params)  # adapters loaded under inference_mode have no version counter
         seen = versions(params)  # before the values are read, for the same reason as the generation
         stacks = MixedStacks(*self._build_stacks(list(names), present), self.dora_scale_stack(list(names)))
-        self.__dict__["_mixed_cache"] = _KeptStacks(names, scalings, params, tuple(n for n, _ in owned), seen,
-                                                    stacks, generation, marks)
+        self.__dict__["_mixed_cache"] = (names, scalings, params, seen, stacks, generation)
         return stacks
-
-    def _refresh_slots(self, kept: _KeptStacks, marks, scalings, seen) -> _KeptStacks | None:
-        """The kept stacks with the slots of adapters overwritten in place since rebuilt (new
-        tensors: forwards in flight keep reading the old ones), or None when more changed than
-        that (a full rebuild). A server's hot swap changes one adapter of eight: one slot instead
-        of the layer's every slot, in each of SmolLM2's 120 layers, on every worker."""
-        changed = {n for n, old, new in zip(kept.names, kept.marks, marks) if old != new}
-        changed |= {n for n, old, new in zip(kept.owners, kept.seen, seen) if old != new}
-        held = set(self.adapter_names)
-        if (not changed or kept.stacks.scale is not None or "" in changed or not changed <= held
-                or any(old != new for n, old, new in zip(kept.names, kept.scalings, scalings) if n not in changed)):
-            return None
-        A_stack, B_stack, rates = kept.stacks.A.clone(), kept.stacks.B.clone(), kept.stacks.dropout.clone()
-        r_max, dtype = A_stack.shape[2], A_stack.dtype
-        with torch.no_grad():
-            for name in changed:
-                A, B = self.factors(name)
-                if A.shape[0] > r_max:
-                    return None
-                slot = kept.names.index(name) + 1
-                A_T, B_T = self._padded_pair(A, B, r_max, dtype)
-                A_stack[slot] = A_T
-                B_stack[slot] = scaled(B_T.unsqueeze(0), [self.scaling[name]], dtype)[0]
-                rates[slot] = self.dropout_rate[name]
-        return kept._replace(scalings=scalings, seen=seen, stacks=MixedStacks(A_stack, B_stack, rates, None),
-                             marks=marks)
 
     def dora_scale_stack(self, slot_names: list[str]) -> torch.Tensor | None:
         """Per slot, DoRA's m/‖W0 + s·B·A‖ (ones for the base and plain LoRA adapters); None when no
@@ -398,21 +336,18 @@ class LoraLayer(nn.Module):
                     scales.append(0.0)
                     rates.append(0.0)
                     continue
-                A_T, B_T = self._padded_pair(*pairs[name], r_max, dtype)
-                A_parts.append(A_T)
-                B_parts.append(B_T)
+                A, B = pairs[name]
+                missing = r_max - A.shape[0]  # ranks padded with zero columns / rows
+                A, B = A.to(dtype), B.to(dtype)
+                A_parts.append(F.pad(A.T, (0, missing)) if missing else A.T)
+                B_parts.append(F.pad(B.T, (0, 0, 0, missing)) if missing else B.T)
                 scales.append(self.scaling[name])
                 rates.append(self.dropout_rate[name])
             A_stack = torch.stack(A_parts)
-            B_stack = scaled(torch.stack(B_parts), scales, dtype)
+            # s·B in fp32 arithmetic, rounded once to the adapters' dtype, as B * s computes it
+            scale = torch.tensor(scales, dtype=torch.float32, device=device).view(-1, 1, 1)
+            B_stack = (torch.stack(B_parts) * scale).to(dtype)
         return A_stack, B_stack, torch.tensor(rates, dtype=dtype, device=device)
-
-    @staticmethod
-    def _padded_pair(A: torch.Tensor, B: torch.Tensor, r_max: int, dtype: torch.dtype):
-        """Aᵀ (in×r_max) and Bᵀ (r_max×out) in ``dtype``, ranks padded with zero columns / rows."""
-        missing = r_max - A.shape[0]
-        A, B = A.to(dtype), B.to(dtype)
-        return (F.pad(A.T, (0, missing)) if missing else A.T), (F.pad(B.T, (0, 0, 0, missing)) if missing else B.T)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
