@@ -10,10 +10,11 @@ Locks, outermost first: ``loading`` (one load or eviction at a time), ``model_lo
 here while the model's modules change; the engine's forwards share it), ``idle`` (guards ``in_use``,
 ``draining`` and the line; notified whenever any of them changes).
 
-Requests name adapters; the model holds each one under a name of its own (``model_name``), the same
-at first. When an idle adapter's tensors are lent to the next one (a hot swap), only the names'
-mapping changes: renaming the model's adapter would change its modules, which needs every forward
-to stop, while writing an idle adapter's values does not (no row of a forward in flight uses it).
+Requests name adapters; the model holds each one under a name of its own (``in_model``,
+``model_names``), the same at first. When an idle adapter's tensors are lent to the next one (a
+hot swap), only the names' mapping changes: renaming the model's adapter would change its modules,
+which needs every forward to stop, while writing an idle adapter's values does not (no row of a
+forward in flight uses it).
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ class AdapterPool:
         with self.idle:
             self.draining.add(victim)  # requests naming it meanwhile wait, then load it again
         try:
-            inside = self.in_model[victim]
+            inside = self.in_model.get(victim, victim)
             try:  # read and checked while forwards run
                 swap = prepare_hotswap(self.model, path, inside)
             except LoraError:  # it does not fit: evict and load
@@ -166,7 +167,7 @@ class AdapterPool:
                 with self.model_lock:
                     self._detach(victim)
                 raise ServingError(f"adapter {name!r} cannot be loaded: {exc}", 500) from exc
-            del self.in_model[victim]
+            self.in_model.pop(victim, None)
             self.in_model[name] = inside
             self.last_used.pop(victim, None)
             self._loaded(name)
