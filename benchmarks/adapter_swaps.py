@@ -3,9 +3,8 @@
     python -m benchmarks.adapter_swaps [--cases merged8,spread8,preloaded100,resident8] [--rounds 2]
     python -m benchmarks.adapter_swaps --cases resident8 --lorakit /path/to/other/checkout
 
-``benchmarks.serving_load``'s 32 requests at 1.5/s over loopback (SmolLM2-135M, fp32 as --dtype auto
-picks on a CPU without a bf16 unit, 2 workers, max batch 16, at most 8 rows for merged8), one case
-after another, each round in the same order:
+``benchmarks.serving_load``'s 32 requests at 1.5/s over loopback (SmolLM2-135M in fp32, 2 workers, max
+batch 16, at most 8 rows for merged8), one case after another, each round in the same order:
   merged8       - one adapter merged into the base, at most 8 rows (the ceiling with 8 adapter slots);
   spread8       - the requests mapped onto 8 adapters, all loaded before the timing: LoRA, no loads;
   preloaded100  - 100 adapters, all resident and loaded before the timing: no loads, no slot waits;

@@ -69,8 +69,11 @@ class Hotswap:
         """Whether applying builds modules (a module's rank changes). Without that, ``apply`` only
         writes the adapter's values and scalings, then drops the mixed-batch caches built from
         them: forwards of other adapters may run meanwhile (a server swaps beside them)."""
-        return any(path in self.targets and layer.rank(self.adapter_name) != self.config.rank_for(path)
-                   for path, layer in self.held.items())
+        return any(self._rank_changes(path, layer) for path, layer in self.held.items())
+
+    def _rank_changes(self, path: str, layer: LoraLayer) -> bool:
+        """The new adapter adapts ``path`` at another rank than the held one: its A and B are built anew."""
+        return path in self.targets and layer.rank(self.adapter_name) != self.config.rank_for(path)
 
     def apply(self) -> None:
         name, config = self.adapter_name, self.config
@@ -80,10 +83,9 @@ class Hotswap:
                     for tensor in layer.lora_pair(name):
                         tensor.zero_()
                     continue
-                rank = config.rank_for(path)
-                if layer.rank(name) != rank:
+                if self._rank_changes(path, layer):
                     A = layer.lora_pair(name)[0]
-                    layer.create_pair(name, rank, A.dtype, A.device)
+                    layer.create_pair(name, config.rank_for(path), A.dtype, A.device)
                     for tensor in layer.lora_pair(name):
                         tensor.requires_grad_(A.requires_grad)
                 layer.scaling[name] = config.scaling_for(path)

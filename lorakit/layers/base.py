@@ -293,8 +293,8 @@ class LoraLayer(nn.Module):
         held = set(self.adapter_names)
         present = [n for n in names if n in held]
         params = [p for n in present for p in self.adapter_parameters(n)]
-        dora = any(self.variants[n].has_magnitude for n in present)
-        if dora:  # DoRA's scales also read the base weight (a merge round trip rounds it)
+        if any(self.uses_dora(n) for n in present):
+            # DoRA's scales also read the base weight (a merge round trip rounds it)
             params.append(self.base_layer.packed if self.quantized else self.base_layer.weight)
         params = tracked(params)  # adapters loaded under inference_mode have no version counter
         seen = versions(params)  # before the values are read, for the same reason as the generation
